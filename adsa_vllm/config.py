@@ -1,0 +1,75 @@
+"""ADSA settings: one validated dataclass, resolved per sequence into a `BlockLayout` (pure Python, no vLLM).
+
+Global knobs come from ``--additional-config '{"adsa": {...}}'``; a request may override them with
+``SamplingParams(extra_args={"adsa": {...}})``. Every error names the offending key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+POLICIES = ("topk_v", "streaming", "random", "attention_mass")
+KEEP_DIRECTIONS = ("diverse", "similar")
+SUPPORTED_BLOCK_SIZES = (16, 32)
+
+
+class ADSAConfigError(ValueError):
+    """Invalid ADSA settings; the message says which key is wrong and what would be valid."""
+
+
+@dataclass(frozen=True)
+class ADSAConfig:
+    # Kept KV per sequence. int: tokens; float in (0, 1]: fraction of the image tokens; None: never evict.
+    budget: int | float | None = 0.5
+    # Tokens always kept from the start. None: the condition tokens plus the first image row (global style).
+    prefix: int | None = None
+    # Most recent tokens always kept. None: one image row + 1, so the token above the query is always present.
+    local: int | None = None
+    # How the older ("previous") blocks compete for the rest of the budget.
+    policy: str = "topk_v"
+    # topk_v only: keep the blocks whose values are least similar to the rest ("diverse", the paper's Eq. 4
+    # as its reviewers read it) or the most similar ones ("similar", the paper's prose). Measure both.
+    keep: str = "diverse"
+    # Minimum decode steps between two selections. None: block_size (one selection per new block).
+    refresh: int | None = None
+    # Seed of the random policy.
+    seed: int = 0
+
+    def __post_init__(self):
+        b = self.budget
+        if b is not None:
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ADSAConfigError(f"adsa.budget={b!r}: use a token count (int), a fraction in (0, 1], or null")
+            if isinstance(b, float) and not 0.0 < b <= 1.0:
+                raise ADSAConfigError(f"adsa.budget={b}: a fractional budget must lie in (0, 1]; "
+                                      "give larger budgets as a token count")
+            if isinstance(b, int) and b <= 0:
+                raise ADSAConfigError(f"adsa.budget={b}: a token budget must be positive")
+        if self.policy not in POLICIES:
+            raise ADSAConfigError(f"adsa.policy={self.policy!r} is unknown; choose one of {', '.join(POLICIES)}")
+        if self.keep not in KEEP_DIRECTIONS:
+            raise ADSAConfigError(f"adsa.keep={self.keep!r} is unknown; choose 'diverse' or 'similar'")
+        for name in ("prefix", "local", "refresh"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "prefix" else 1)):
+                raise ADSAConfigError(f"adsa.{name}={v!r}: must be a positive token/step count or null")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ADSAConfig":
+        return cls().merged(d)
+
+    def merged(self, overrides: dict | None) -> "ADSAConfig":
+        if not overrides:
+            return self
+        if not isinstance(overrides, dict):
+            raise ADSAConfigError(f"adsa settings must be a JSON object, got {type(overrides).__name__}")
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ADSAConfigError(f"unknown adsa setting(s) {unknown}; valid keys are {sorted(valid)}")
+        return dataclasses.replace(self, **overrides)
+
+    def layout(self, *, block_size: int, cls_token_num: int, grid_size: int) -> "BlockLayout":
+        from adsa_vllm.policy.layout import BlockLayout
+        return BlockLayout.from_config(self, block_size=block_size, cls_token_num=cls_token_num, grid_size=grid_size)

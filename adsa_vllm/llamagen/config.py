@@ -1,0 +1,145 @@
+"""LlamaGen model hyper-parameters, shared by the vLLM model, the plain-PyTorch reference and the converter.
+
+Pure Python (no torch, no vLLM): a model folder's ``config.json`` is a transformers ``LlamaConfig`` (``model_type:
+"llama"``, so vLLM's config loader needs no custom class) plus the LlamaGen fields below, and
+``architectures: ["LlamaGenForCausalLM"]`` routes it to this plugin.
+
+Token layout (c2i): the prompt is ``cls_token_num`` condition ids, each ``codebook_size + class_id`` with ``class_id``
+in ``[0, num_classes]`` (``num_classes`` itself is the null class used for classifier-free guidance); the model then
+emits exactly ``grid_size**2`` image-token ids in ``[0, codebook_size)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dataclasses import dataclass
+
+ARCHITECTURE = "LlamaGenForCausalLM"
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass(frozen=True)
+class LlamaGenConfig:
+    dim: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    codebook_size: int = 16384
+    num_classes: int = 1000
+    cls_token_num: int = 1
+    grid_size: int = 16
+    model_type: str = "c2i"
+
+    def __post_init__(self):
+        if self.dim % self.n_head:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim={self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.model_type != "c2i":
+            raise ValueError(f"model_type={self.model_type!r}: only 'c2i' (class-conditional) is supported")
+        if self.grid_size < 1 or self.cls_token_num < 1:
+            raise ValueError("grid_size and cls_token_num must be >= 1")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def max_seq_len(self) -> int:
+        """Prompt + every image token (the last image token is emitted but never fed back)."""
+        return self.cls_token_num + self.image_tokens
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Codebook ids, then one id per class, then the null class."""
+        return self.codebook_size + self.num_classes + 1
+
+    def class_token(self, class_id: int) -> int:
+        if not 0 <= class_id <= self.num_classes:
+            raise ValueError(
+                f"class id {class_id} is out of range: valid ids are 0..{self.num_classes - 1} "
+                f"(and {self.num_classes} for the null/unconditional class)")
+        return self.codebook_size + class_id
+
+    def prompt(self, class_id: int) -> list[int]:
+        return [self.class_token(class_id)] * self.cls_token_num
+
+    # ---- config.json (a transformers LlamaConfig with extra fields) ----
+    def to_hf_dict(self) -> dict:
+        d = {
+            "architectures": [ARCHITECTURE],
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.kv_heads,
+            "intermediate_size": self.ffn_hidden,
+            "vocab_size": self.input_vocab_size,
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_base,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float32",
+            "llamagen": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+        }
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "LlamaGenConfig":
+        if "llamagen" not in d:
+            raise ValueError("config.json has no 'llamagen' section: is this a LlamaGen model folder? "
+                             "Convert official checkpoints with `python -m adsa_vllm.convert`.")
+        return cls(**d["llamagen"])
+
+
+# Official LlamaGen sizes (FoundationVision/LlamaGen autoregressive/models/gpt.py GPT_models).
+PRESETS: dict[str, dict] = {
+    "B": dict(dim=768, n_layer=12, n_head=12),
+    "L": dict(dim=1024, n_layer=24, n_head=16),
+    "XL": dict(dim=1280, n_layer=36, n_head=20),
+    "XXL": dict(dim=1536, n_layer=48, n_head=24),
+    "XXXL": dict(dim=2560, n_layer=48, n_head=40),
+    "1B": dict(dim=2048, n_layer=22, n_head=32),
+    "3B": dict(dim=3200, n_layer=24, n_head=32),
+}
+
+
+def preset(name: str, **overrides) -> LlamaGenConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown LlamaGen preset {name!r}; choose one of {sorted(PRESETS)}")
+    return LlamaGenConfig(**{**PRESETS[name], **overrides})
+
+
+def grid_for_image_size(image_size: int, downsample: int = 16) -> int:
+    grid = image_size // downsample
+    if grid * downsample != image_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the tokenizer downsample {downsample}")
+    return grid
+
+
+__all__ = ["ARCHITECTURE", "LlamaGenConfig", "PRESETS", "preset", "find_multiple", "grid_for_image_size"]

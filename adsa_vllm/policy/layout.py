@@ -1,0 +1,108 @@
+"""Which logical KV blocks of a sequence are prefix, local window, or candidates for top-k eviction.
+
+Block j holds positions [j*bs, (j+1)*bs). At a decode step the query sits at position t and its own K/V is written
+into the *tail* block t // bs before attention, so the tail is always kept. Everything here is integer math on
+positions, identical for the vLLM path and the plain-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adsa_vllm.config import SUPPORTED_BLOCK_SIZES, ADSAConfig, ADSAConfigError
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    block_size: int
+    prefix_tokens: int
+    local_tokens: int
+    budget_blocks: int     # most blocks kept right after a selection (prefix + local + top-k)
+    refresh: int           # minimum decode steps between two selections
+    seq_len: int           # longest sequence (condition + image tokens)
+    policy: str
+    keep: str
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: ADSAConfig, *, block_size: int, cls_token_num: int, grid_size: int) -> "BlockLayout":
+        if block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ADSAConfigError(f"block size {block_size} is not supported by ADSA; use --block-size 16 or 32 "
+                                  "(one block is the unit of eviction)")
+        image_tokens = grid_size * grid_size
+        seq_len = cls_token_num + image_tokens
+        prefix = cfg.prefix if cfg.prefix is not None else cls_token_num + grid_size
+        local = cfg.local if cfg.local is not None else grid_size + 1
+        if prefix < cls_token_num:
+            raise ADSAConfigError(f"adsa.prefix={prefix} would evict condition tokens; use at least "
+                                  f"{cls_token_num} (the condition length)")
+        if local < 2:
+            raise ADSAConfigError(f"adsa.local={local}: the window must hold at least the query and its predecessor")
+        if cfg.budget is None:
+            budget_tokens = seq_len
+        elif isinstance(cfg.budget, float):
+            budget_tokens = int(cfg.budget * image_tokens)
+        else:
+            budget_tokens = cfg.budget
+        refresh = cfg.refresh if cfg.refresh is not None else block_size
+        layout = cls(block_size=block_size, prefix_tokens=prefix, local_tokens=local,
+                     budget_blocks=min(budget_tokens, cdiv(seq_len, block_size) * block_size) // block_size,
+                     refresh=refresh, seq_len=seq_len, policy=cfg.policy, keep=cfg.keep, seed=cfg.seed)
+        if layout.topk_blocks < 0:
+            raise ADSAConfigError(
+                f"adsa.budget={cfg.budget!r} gives {layout.budget_blocks} blocks of {block_size} tokens, fewer than "
+                f"prefix ({layout.prefix_blocks} blocks for {prefix} tokens) + local window "
+                f"({layout.local_blocks} blocks for {local} tokens); raise the budget to at least "
+                f"{(layout.prefix_blocks + layout.local_blocks) * block_size} tokens or shrink prefix/local")
+        return layout
+
+    # ---- static sizes ----
+    @property
+    def prefix_blocks(self) -> int:
+        return cdiv(self.prefix_tokens, self.block_size)
+
+    @property
+    def local_blocks(self) -> int:
+        """Most blocks the window [t-local+1, t] can touch (it includes the tail)."""
+        return cdiv(self.local_tokens - 1, self.block_size) + 1
+
+    @property
+    def topk_blocks(self) -> int:
+        return self.budget_blocks - self.prefix_blocks - self.local_blocks
+
+    @property
+    def max_blocks(self) -> int:
+        return cdiv(self.seq_len, self.block_size)
+
+    @property
+    def evicts(self) -> bool:
+        return self.budget_blocks < self.max_blocks
+
+    @property
+    def slack_blocks(self) -> int:
+        """Blocks a sequence may hold above the budget: the new tail block allocated by the scheduler in the step
+        whose selection evicts (returned one step later), plus the blocks that can enter the candidate set between
+        two selections when refresh > block_size."""
+        return max(1, cdiv(self.refresh, self.block_size))
+
+    @property
+    def held_bound(self) -> int:
+        """Upper bound on the KV blocks a sequence ever holds (what admission reserves)."""
+        return min(self.max_blocks, self.budget_blocks + self.slack_blocks) if self.evicts else self.max_blocks
+
+    # ---- per position ----
+    def num_blocks(self, pos: int) -> int:
+        """Logical blocks in use once position `pos` is written."""
+        return pos // self.block_size + 1
+
+    def local_start(self, pos: int) -> int:
+        """First logical block of the local window of a query at `pos`."""
+        return max(0, pos - self.local_tokens + 1) // self.block_size
+
+    def candidate_range(self, pos: int) -> range:
+        """Blocks that compete for the top-k slots when the query is at `pos`: complete, not prefix, not local."""
+        return range(self.prefix_blocks, max(self.prefix_blocks, self.local_start(pos)))

@@ -1,0 +1,84 @@
+"""Per-sequence eviction state machine, shared verbatim by the vLLM worker and the plain-PyTorch reference.
+
+Protocol for a sequence whose query is at position `pos` (one step = one single-token forward):
+  1. `begin_step(pos)`  -> logical blocks evicted now. If the previous forward scored the candidates for `pos`,
+     keep the `topk_blocks` best and evict the rest. Evictions are permanent (the blocks go back to the pool).
+  2. `kept_blocks(pos)` -> the logical blocks this forward attends to (prefix, top-k survivors, window, tail).
+  3. `scoring_request(pos)` -> the candidates of the *next* position if a selection is due there, else None.
+     The caller then scores them inside this forward (every layer, `add_layer_scores`), and the next
+     `begin_step` selects. Scoring during the forward lets the attention-mass policy use the real query.
+A selection is due at `pos` when the candidates outnumber the top-k slots and at least `refresh` steps have passed
+since the last selection; so right after any selection the sequence holds at most `budget_blocks`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adsa_vllm.policy.base import BlockScorer, ScoreInputs
+from adsa_vllm.policy.layout import BlockLayout
+
+
+def top_blocks(block_index: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (into block_index) of the k best blocks; ties go to the more recent block. Deterministic."""
+    order = torch.argsort(block_index, descending=True, stable=True)
+    order = order[torch.argsort(scores[order], descending=True, stable=True)]
+    return order[:k]
+
+
+class SequenceTracker:
+    def __init__(self, layout: BlockLayout, scorer: BlockScorer):
+        self.layout = layout
+        self.scorer = scorer
+        self.evicted: set[int] = set()
+        self.last_selection: int | None = None
+        self._pending_pos: int | None = None
+        self._pending_blocks: list[int] = []
+        self._pending_scores: torch.Tensor | None = None
+
+    # 1.
+    def begin_step(self, pos: int) -> list[int]:
+        if self._pending_pos != pos or self._pending_scores is None:
+            self._clear_pending()
+            return []
+        blocks = torch.tensor(self._pending_blocks, dtype=torch.int64)
+        keep = set(blocks[top_blocks(blocks, self._pending_scores.cpu(), self.layout.topk_blocks)].tolist())
+        newly = [b for b in self._pending_blocks if b not in keep]
+        self.evicted.update(newly)
+        self.last_selection = pos
+        self._clear_pending()
+        return newly
+
+    # 2.
+    def kept_blocks(self, pos: int) -> list[int]:
+        return [j for j in range(self.layout.num_blocks(pos)) if j not in self.evicted]
+
+    # 3.
+    def scoring_request(self, pos: int) -> list[int] | None:
+        nxt = pos + 1
+        if nxt >= self.layout.seq_len or not self.layout.evicts:
+            return None
+        if self.last_selection is not None and nxt - self.last_selection < self.layout.refresh:
+            return None
+        cands = [j for j in self.layout.candidate_range(nxt) if j not in self.evicted]
+        if len(cands) <= self.layout.topk_blocks:
+            return None
+        self._pending_pos, self._pending_blocks, self._pending_scores = nxt, cands, None
+        return cands
+
+    def add_layer_scores(self, scores: torch.Tensor) -> None:
+        """Add one layer's (or an already summed batch of layers') scores for the requested candidates."""
+        s = scores.detach().to(torch.float32)
+        self._pending_scores = s if self._pending_scores is None else self._pending_scores + s
+
+    def score_layer(self, keys, values, query, pos: int, scale: float) -> None:
+        """Convenience for callers holding the candidate blocks of one layer as [n, bs, Hkv, D] tensors."""
+        idx = torch.tensor(self._pending_blocks, dtype=torch.int64, device=values.device)
+        self.add_layer_scores(self.scorer.score(ScoreInputs(keys, values, query, idx, pos, scale)))
+
+    @property
+    def pending_blocks(self) -> list[int]:
+        return self._pending_blocks
+
+    def _clear_pending(self):
+        self._pending_pos, self._pending_blocks, self._pending_scores = None, [], None
