@@ -19,10 +19,12 @@ class AttentionMass(BlockScorer):
     needs_query = True
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        n, bs, hkv, d = x.keys.shape
-        q = x.query.float()                                             # [H, D]
-        k = x.keys.float().reshape(n * bs, hkv, d)
-        k = k.repeat_interleave(q.shape[0] // hkv, dim=1)               # [n*bs, H, D]
-        logits = torch.einsum("hd,thd->ht", q, k) * x.scale             # [H, n*bs]
-        mass = logits.softmax(dim=-1).reshape(-1, n, bs).sum(-1)        # [H, n]
-        return mass.mean(0)
+        r, c, bs, hkv, d = x.keys.shape
+        q = x.query.float()                                                     # [R, H, D]
+        k = x.keys.float().reshape(r, c * bs, hkv, d)
+        k = k.repeat_interleave(q.shape[1] // hkv, dim=2)                       # [R, C*bs, H, D]
+        logits = torch.einsum("rhd,rthd->rht", q, k) * x.scale                  # [R, H, C*bs]
+        tok_valid = x.valid[:, None, :, None].expand(r, 1, c, bs).reshape(r, 1, c * bs)
+        logits = logits.masked_fill(~tok_valid, float("-inf"))
+        mass = logits.softmax(dim=-1).reshape(r, -1, c, bs).sum(-1)             # [R, H, C]
+        return mass.mean(1)

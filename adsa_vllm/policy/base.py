@@ -1,8 +1,10 @@
-"""A block scorer rates candidate KV blocks of one layer; higher = keep. Pure torch, no vLLM.
+"""A block scorer rates candidate KV blocks; higher = keep. Pure torch, no vLLM.
 
-Every scorer sees the same inputs (shapes below) and returns one float32 score per candidate block, averaged over
-heads. The tracker sums the scores over layers (one block id spans every layer, so one decision serves them all).
-Subclasses implement only `score()` (kvpress style); `registry` maps config names to classes.
+Scorers work on a batch of R sequences at once (the vLLM worker scores every sequence due for a selection in one
+call per layer; the reference passes R=1). Candidates are padded to C blocks per row; `valid` marks real ones.
+A scorer returns one float32 score per (row, candidate), averaged over heads; the tracker sums them over layers
+(one block id spans every layer, so one decision serves them all). Subclasses implement only `score()`
+(kvpress style); `BlockScorer.registry` maps config names to classes.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import torch
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    keys: torch.Tensor           # [n, block_size, num_kv_heads, head_dim], candidate blocks of one layer
-    values: torch.Tensor         # [n, block_size, num_kv_heads, head_dim]
-    query: torch.Tensor | None   # [num_heads, head_dim], the decode query (post-RoPE); None unless needs_query
-    block_index: torch.Tensor    # [n] int64 logical block indices
-    position: int                # position of the query
+    keys: torch.Tensor           # [R, C, block_size, num_kv_heads, head_dim] candidate blocks of one layer (post-RoPE)
+    values: torch.Tensor         # [R, C, block_size, num_kv_heads, head_dim]
+    valid: torch.Tensor          # [R, C] bool, False on padding
+    block_index: torch.Tensor    # [R, C] int64 logical block indices
+    positions: torch.Tensor      # [R] int64 position of each row's query
+    query: torch.Tensor | None   # [R, num_heads, head_dim] decode queries (post-RoPE); None unless needs_query
     scale: float                 # softmax scale of the attention
 
 
@@ -34,7 +37,7 @@ class BlockScorer:
             BlockScorer.registry[cls.name] = cls
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        """[n] float32 scores for the n candidate blocks of one layer; higher means keep."""
+        """[R, C] float32 scores; higher means keep. Entries where `valid` is False are ignored by the caller."""
         raise NotImplementedError
 
 

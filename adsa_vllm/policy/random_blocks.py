@@ -21,8 +21,9 @@ class RandomBlocks(BlockScorer):
     seed: int = 0
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        h = x.block_index.to(torch.int64).cpu() * 2654435761 + (x.position * 40503 + self.seed * 97 + 12345)
+        h = x.block_index.to(torch.int64) * 2654435761 + (x.positions.to(torch.int64)[:, None] * 40503
+                                                          + self.seed * 97 + 12345)
         for _ in range(3):  # xorshift-multiply rounds, kept in 31 bits so int64 never overflows
             h = (h ^ (h >> 13)) & _MASK
             h = (h * 1103515245 + 12345) & _MASK
-        return (h.to(torch.float32) / _MASK).to(x.values.device)
+        return h.to(torch.float32) / _MASK

@@ -72,9 +72,14 @@ class SequenceTracker:
         self._pending_scores = s if self._pending_scores is None else self._pending_scores + s
 
     def score_layer(self, keys, values, query, pos: int, scale: float) -> None:
-        """Convenience for callers holding the candidate blocks of one layer as [n, bs, Hkv, D] tensors."""
-        idx = torch.tensor(self._pending_blocks, dtype=torch.int64, device=values.device)
-        self.add_layer_scores(self.scorer.score(ScoreInputs(keys, values, query, idx, pos, scale)))
+        """Score one layer for a single sequence: keys/values [n, bs, Hkv, D] of the requested candidates (in
+        `pending_blocks` order), query [H, D] or None."""
+        dev = values.device
+        idx = torch.tensor([self._pending_blocks], dtype=torch.int64, device=dev)
+        x = ScoreInputs(keys=keys[None], values=values[None], valid=torch.ones_like(idx, dtype=torch.bool),
+                        block_index=idx, positions=torch.tensor([pos], device=dev),
+                        query=None if query is None else query[None], scale=scale)
+        self.add_layer_scores(self.scorer.score(x)[0])
 
     @property
     def pending_blocks(self) -> list[int]:
