@@ -1,0 +1,187 @@
+"""Plain-PyTorch LlamaGen (class-conditional), numerically faithful to the official model.
+
+Mirrors FoundationVision/LlamaGen `autoregressive/models/gpt.py` (reimplemented, not copied): fused `wqkv`,
+SwiGLU feed-forward, RMSNorm computed in float32, 2D RoPE on interleaved pairs with zero rotation tables for the
+condition tokens (so their queries and keys are exactly zero), no biases, no dropout (inference only).
+Parameter names equal the official state-dict keys, so `state_dict()` is the official checkpoint format.
+
+This is the ground truth the vLLM model is tested against; it must never import vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adsa_vllm.llamagen.config import LlamaGenConfig
+
+# Called inside every layer once its K/V are in the cache: (layer_idx, q [B, H, S, D] post-RoPE).
+LayerHook = Callable[[int, torch.Tensor], None]
+
+
+def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000.0, cls_token_num: int = 1
+                            ) -> torch.Tensor:
+    """[cls_token_num + grid_size**2, head_dim // 2, 2] (cos, sin) tables, row-major over the image grid.
+
+    The first head_dim // 4 rotation pairs turn with the row index, the next head_dim // 4 with the column index,
+    each with frequencies base**(-4k / head_dim). Condition positions get cos = sin = 0 (official behaviour).
+    """
+    quarter = head_dim // 4
+    inv = 1.0 / (base ** (torch.arange(0, head_dim // 2, 2)[:quarter].float() / (head_dim // 2)))
+    angles = torch.outer(torch.arange(grid_size).float(), inv)                       # [G, D/4]
+    rows = angles[:, None, :].expand(grid_size, grid_size, quarter)
+    cols = angles[None, :, :].expand(grid_size, grid_size, quarter)
+    grid = torch.cat([rows, cols], dim=-1)                                           # [G, G, D/2]
+    table = torch.stack([grid.cos(), grid.sin()], dim=-1).flatten(0, 1)              # [G*G, D/2, 2]
+    return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2), table])
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]). x: [B, S, H, D]; freqs: [S, D/2, 2]. Computed in float32."""
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)                                     # [B, S, H, D/2, 2]
+    f = freqs.view(1, xp.shape[1], 1, xp.shape[3], 2)
+    cos, sin = f[..., 0], f[..., 1]
+    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        # Normalise in float32 then cast back *before* the weight multiply, like the official model.
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim, self.dim = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def project(self, x: torch.Tensor, freqs: torch.Tensor):
+        """x: [B, S, dim] -> q [B, S, H, D], k, v [B, S, Hkv, D]; q and k are post-RoPE."""
+        b, s, _ = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
+        q = apply_rotary_emb(q.view(b, s, self.n_head, self.head_dim), freqs)
+        k = apply_rotary_emb(k.view(b, s, self.n_kv_head, self.head_dim), freqs)
+        return q, k, v.view(b, s, self.n_kv_head, self.head_dim)
+
+    def forward(self, x, freqs, pos=None, cache=None, mask=None, hook=None, layer_idx=0):
+        """x: [B, S, dim]; pos: [S] int64 positions; cache: (k, v) each [B, Hkv, L, D], written in place at `pos`;
+        mask: [B, 1, S, L] (or [B, 1, S, S] without cache) bool, True = attend. No cache and no mask: causal."""
+        b, s, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, freqs))               # [B, heads, S, D]
+        if cache is not None:
+            cache[0][:, :, pos] = k
+            cache[1][:, :, pos] = v
+            k, v = cache
+            if hook is not None:
+                hook(layer_idx, q)
+        rep = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(out.transpose(1, 2).reshape(b, s, self.dim))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, freqs, **attn_kw):
+        h = x + self.attention(self.attention_norm(x), freqs, **attn_kw)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding; row `num_classes` is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+
+class LlamaGenReference(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.codebook_size, cfg.dim)
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
+        # Not a registered buffer, so the state dict stays exactly the official parameter set.
+        self.freqs_cis = precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0, std: float = 0.02) -> "LlamaGenReference":
+        """Deterministic N(0, std) init of every matrix (output included: the official zero init would make all
+        logits equal); norm weights stay 1. Drawn in float32 in sorted-name order, so the values do not depend
+        on the module's dtype or device."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in sorted(self.named_parameters(), key=lambda kv: kv[0]):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond: [B] class ids in [0, num_classes] -> [B, cls_token_num, dim] (the class repeated, as the
+        prompt holds `cls_token_num` copies of the class token)."""
+        e = self.cls_embedding.embedding_table(cond)
+        return e[:, None, :].expand(-1, self.cfg.cls_token_num, -1)
+
+    def forward_hidden(self, h: torch.Tensor, pos: torch.Tensor, caches=None, mask=None,
+                       hook: LayerHook | None = None) -> torch.Tensor:
+        """h: [B, S, dim] input embeddings at positions pos [S] -> float32 logits [B, S, codebook_size].
+
+        caches: per layer (k, v) [B, Hkv, L, D] static cache (written at `pos`); mask: [B, 1, S, L] bool.
+        """
+        freqs = self.freqs_cis.to(h.device)[pos]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs, pos=pos, cache=None if caches is None else caches[i], mask=mask, hook=hook,
+                      layer_idx=i)
+        return self.output(self.norm(h)).float()
+
+    def forward_full(self, idx: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced causal forward (training / checks). idx: [B, n] image tokens (n <= grid**2 - 1 when
+        targets are the next tokens), cond: [B] class ids -> logits [B, n + 1, V]: entry i predicts image token i.
+
+        mask: optional [B, T + n, T + n] bool (True = attend) replacing the causal mask, T = cls_token_num.
+        """
+        h = torch.cat([self.embed_cond(cond), self.tok_embeddings(idx)], dim=1)
+        pos = torch.arange(h.shape[1], device=h.device)
+        logits = self.forward_hidden(h, pos, mask=None if mask is None else mask[:, None])
+        return logits[:, self.cfg.cls_token_num - 1:]
+
+
+__all__ = ["LlamaGenReference", "precompute_freqs_cis_2d", "apply_rotary_emb", "RMSNorm", "LayerHook"]
