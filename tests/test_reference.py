@@ -102,13 +102,23 @@ def test_cfg_scale_one_equals_conditional_and_guidance_formula():
     assert len(guided.trackers or []) == 0
 
 
-def test_adsa_without_budget_is_full_attention():
-    m = tiny(16)
+@pytest.mark.parametrize("grid,cls", [(16, 1), (16, 2), (4, 1)])
+def test_adsa_without_budget_is_full_attention(grid, cls):
+    m = tiny(grid, cls)
     full = generate(m, [1, 4], greedy=True, return_logprobs=True)
-    res = generate(m, [1, 4], greedy=True, return_logprobs=True, adsa=ADSAConfig(budget=None))
-    assert torch.equal(full.tokens, res.tokens)
-    torch.testing.assert_close(full.logprobs, res.logprobs, atol=1e-5, rtol=0)
-    assert len(res.trackers) == 2 and all(not t.evicted for t in res.trackers)
+    everything = (grid * grid + cls + 15) // 16 * 16      # whole-sequence budget (layout rejects it on grid 4)
+    for adsa in [ADSAConfig(budget=None)] + ([ADSAConfig(budget=everything)] if grid > 4 else []):
+        res = generate(m, [1, 4], greedy=True, return_logprobs=True, adsa=adsa)
+        assert torch.equal(full.tokens, res.tokens) and res.trackers is None
+        torch.testing.assert_close(full.logprobs, res.logprobs, atol=0, rtol=0)
+
+
+@pytest.mark.xfail(reason="BlockLayout floors budget=None (seq_len tokens) to whole blocks, so it evicts a block "
+                          "when seq_len % block_size != 0, and rejects small grids; the reference skips the layout")
+@pytest.mark.parametrize("grid,cls", [(16, 2), (24, 1), (4, 1)])
+def test_layout_budget_none_never_evicts(grid, cls):
+    assert not ADSAConfig(budget=None).layout(block_size=16, cls_token_num=cls, grid_size=grid).evicts
+    assert not ADSAConfig(budget=1024).layout(block_size=16, cls_token_num=cls, grid_size=grid).evicts
 
 
 @pytest.mark.parametrize("policy", ["streaming", "topk_v", "attention_mass", "random"])

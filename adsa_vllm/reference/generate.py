@@ -26,7 +26,8 @@ from adsa_vllm.reference.model import LlamaGenReference
 class GenerationResult:
     tokens: torch.Tensor                          # [B, n] int64 image-token ids in [0, codebook_size)
     logprobs: torch.Tensor | None = None          # [B, n, V] float32 log_softmax of the guided logits
-    trackers: list[SequenceTracker] | None = None  # one per row: B, or 2B under CFG (conditional rows first)
+    trackers: list[SequenceTracker] | None = None  # one per row: B, or 2B under CFG (conditional rows first);
+    #                                                None when nothing is evicted (no adsa, budget None or large)
 
 
 class _Decoder:
@@ -44,8 +45,11 @@ class _Decoder:
                         torch.zeros(shape, dtype=model.dtype, device=dev)) for _ in range(cfg.n_layer)]
         self.slots = torch.arange(length, device=dev)
         self.trackers: list[SequenceTracker] | None = None
-        if adsa is not None:
-            layout = adsa.layout(block_size=block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+        # budget None means "never evict": no layout at all (BlockLayout floors a None budget to whole blocks,
+        # which can still evict one block or even reject small grids).
+        layout = None if adsa is None or adsa.budget is None else adsa.layout(
+            block_size=block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+        if layout is not None and layout.evicts:
             self.trackers = [SequenceTracker(layout, make_scorer(layout.policy, keep=layout.keep, seed=layout.seed))
                              for _ in conds]
         self._requests: list[tuple[int, SequenceTracker, torch.Tensor]] = []
