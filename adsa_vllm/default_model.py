@@ -1,0 +1,74 @@
+"""The embedded default model: the folder `adsa-vllm` serves when no model is named.
+
+For now a tiny randomly initialised LlamaGen (fixed seed, so the same bytes everywhere), written on first use into
+the cache: $ADSA_CACHE_DIR/default-<hash> (default ~/.cache/adsa-vllm/default-<hash>), the hash covering the
+config, seed and init. A trained checkpoint shipped in the package (adsa_vllm/default_model/, see pyproject's
+package-data) takes precedence once it exists. `default_model_dir()` stays the single entry point. No vLLM import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from adsa_vllm.llamagen.config import LlamaGenConfig
+
+DEFAULT_CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, codebook_size=512, num_classes=10, grid_size=16)
+DEFAULT_SEED = 0
+# Large enough that greedy decoding is well separated (the official std 0.02 gives near-uniform logits here).
+DEFAULT_STD = 0.1
+_FORMAT = 1  # bump when the init or the file layout changes, so stale cache folders are not reused
+_SHIPPED = Path(__file__).with_name("default_model")
+
+
+def make_random_model_dir(out_dir: str | Path, cfg: LlamaGenConfig, seed: int = 0, std: float = 0.02,
+                          dtype: str = "float32") -> Path:
+    """Write a deterministic random LlamaGen (config.json + model.safetensors) into out_dir; returns it."""
+    from adsa_vllm.convert import save_model_folder
+    from adsa_vllm.reference.model import LlamaGenReference
+    model = LlamaGenReference(cfg).init_random_(seed, std)
+    return save_model_folder(model, cfg, out_dir, dtype)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ADSA_CACHE_DIR") or Path.home() / ".cache" / "adsa-vllm")
+
+
+def _fingerprint() -> str:
+    blob = json.dumps({"cfg": DEFAULT_CONFIG.to_hf_dict(), "seed": DEFAULT_SEED, "std": DEFAULT_STD,
+                       "format": _FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def default_model_dir() -> Path:
+    """Folder of the default model (config.json + model.safetensors), created on first use."""
+    if _complete(_SHIPPED):
+        return _SHIPPED
+    target = cache_root() / f"default-{_fingerprint()}"
+    if _complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a private temp folder, then rename: concurrent first uses never see a half-written model.
+    tmp = Path(tempfile.mkdtemp(prefix=".default-", dir=target.parent))
+    try:
+        make_random_model_dir(tmp, DEFAULT_CONFIG, DEFAULT_SEED, DEFAULT_STD)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _complete(target):  # lost a race to another writer: fine if theirs is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_SEED", "DEFAULT_STD", "cache_root", "default_model_dir",
+           "make_random_model_dir"]

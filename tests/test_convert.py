@@ -1,0 +1,110 @@
+"""Official checkpoint -> model folder conversion, and the embedded default model (CPU, fast)."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from adsa_vllm import convert as conv
+from adsa_vllm.default_model import DEFAULT_CONFIG, default_model_dir, make_random_model_dir
+from adsa_vllm.llamagen.config import LlamaGenConfig, preset
+from adsa_vllm.reference import LlamaGenReference, generate
+
+CFG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, codebook_size=64, num_classes=10, grid_size=4)
+
+
+def official_model(cfg=CFG, seed=1):
+    return LlamaGenReference(cfg).init_random_(seed, 0.2).eval()
+
+
+def wrap_plain(sd):
+    return {"model": sd, "steps": 100}
+
+
+def wrap_ddp_with_buffers(sd):
+    inner = {f"module.{k}": v for k, v in sd.items()}
+    inner["module.freqs_cis"] = torch.zeros(17, 8, 2)
+    inner["module.layers.0.attention.kv_cache.k_cache"] = torch.zeros(2, 4, 24, 16)
+    return {"model": inner}
+
+
+def wrap_compiled(sd):
+    return {"state_dict": {f"_orig_mod.{k}": v for k, v in sd.items()}}
+
+
+@pytest.mark.parametrize("wrap", [wrap_plain, wrap_ddp_with_buffers, wrap_compiled, lambda sd: sd])
+def test_round_trip_gives_identical_greedy_tokens(tmp_path, wrap):
+    ref = official_model()
+    torch.save(wrap(ref.state_dict()), tmp_path / "c2i.pt")
+    out = conv.convert(tmp_path / "c2i.pt", tmp_path / "folder", n_head=4, grid_size=4)
+    loaded = conv.load_reference(out)
+    assert loaded.cfg == CFG
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaGenForCausalLM"]
+    for k, v in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    a, b = generate(ref, [3, 7], greedy=True), generate(loaded, [3, 7], greedy=True)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_cli_gqa_bfloat16_and_untrusted_pickle_fallback(tmp_path, capsys):
+    cfg = LlamaGenConfig(dim=64, n_layer=2, n_head=4, n_kv_head=2, codebook_size=64, num_classes=10, grid_size=4)
+    ref = official_model(cfg)
+    # Official training checkpoints also pickle an argparse Namespace, which weights_only loading refuses.
+    torch.save({"model": ref.state_dict(), "args": argparse.Namespace(lr=1e-4)}, tmp_path / "c2i.pt")
+    with pytest.warns(UserWarning, match="weights_only"):
+        conv.main([str(tmp_path / "c2i.pt"), str(tmp_path / "out"), "--n-head", "4", "--image-size", "64",
+                   "--dtype", "bfloat16"])
+    assert "wrote" in capsys.readouterr().out
+    loaded = conv.load_reference(tmp_path / "out")
+    assert loaded.cfg == cfg and loaded.cfg.kv_heads == 2 and loaded.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_missing_heads_and_grid_errors_name_the_fix(tmp_path):
+    torch.save({"model": official_model().state_dict()}, tmp_path / "c2i.pt")
+    with pytest.raises(conv.ConversionError, match="--n-head"):
+        conv.convert(tmp_path / "c2i.pt", tmp_path / "o", grid_size=4)
+    with pytest.raises(conv.ConversionError, match="--image-size"):
+        conv.convert(tmp_path / "c2i.pt", tmp_path / "o", n_head=4)
+    with pytest.raises(SystemExit) as e:
+        conv.main([str(tmp_path / "c2i.pt"), str(tmp_path / "o"), "--grid-size", "4"])
+    assert e.value.code == 2
+
+
+def test_wrong_shapes_are_reported_by_key(tmp_path):
+    sd = official_model().state_dict()
+    sd["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 100)
+    torch.save({"model": sd}, tmp_path / "bad.pt")
+    with pytest.raises(conv.ConversionError, match=r"layers\.1\.feed_forward\.w2\.weight"):
+        conv.convert(tmp_path / "bad.pt", tmp_path / "o", n_head=4, grid_size=4)
+    with pytest.raises(conv.ConversionError, match="--preset B means dim=768"):
+        conv.convert(tmp_path / "bad.pt", tmp_path / "o", preset="B", grid_size=4)
+    sd = official_model().state_dict()
+    del sd["norm.weight"]
+    with pytest.raises(conv.ConversionError, match="missing keys.*norm.weight"):
+        conv.infer_config(sd, n_head=4, grid_size=4)
+    with pytest.raises(conv.ConversionError, match="--n-head"):
+        conv.infer_config(official_model().state_dict(), n_head=5, grid_size=4)   # 64 % 5 != 0
+
+
+def test_official_sizes_are_recognised_without_n_head():
+    with torch.device("meta"):  # shapes only: no memory for a 111M-parameter model
+        sd = LlamaGenReference(preset("B", grid_size=16)).state_dict()
+    cfg = conv.infer_config(sd, image_size=384)
+    assert (cfg.n_head, cfg.grid_size, cfg.codebook_size, cfg.num_classes) == (12, 24, 16384, 1000)
+
+
+def test_default_model_is_deterministic_and_loadable(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADSA_CACHE_DIR", str(tmp_path / "cache"))
+    first = default_model_dir()
+    assert first.parent == tmp_path / "cache" and first.name.startswith("default-")
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    assert default_model_dir() == first and (first / "model.safetensors").stat().st_mtime_ns == mtime
+    from adsa_vllm.default_model import DEFAULT_SEED, DEFAULT_STD
+    again = make_random_model_dir(tmp_path / "again", DEFAULT_CONFIG, DEFAULT_SEED, DEFAULT_STD)
+    for name in ("config.json", "model.safetensors"):
+        assert (again / name).read_bytes() == (first / name).read_bytes()
+    model = conv.load_reference(first)
+    assert model.cfg == DEFAULT_CONFIG
+    assert generate(model, [0], greedy=True, max_new_tokens=8).tokens.shape == (1, 8)
