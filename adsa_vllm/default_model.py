@@ -2,7 +2,7 @@
 
 For now a tiny randomly initialised LlamaGen (fixed seed, so the same bytes everywhere), written on first use into
 the cache: $ADSA_CACHE_DIR/default-<hash> (default ~/.cache/adsa-vllm/default-<hash>), the hash covering the
-config, seed and init. A trained checkpoint shipped in the package (adsa_vllm/default_model/, see pyproject's
+config, seed and init. A trained checkpoint shipped in the package (adsa_vllm/assets/, see pyproject's
 package-data) takes precedence once it exists. `default_model_dir()` stays the single entry point. No vLLM import.
 """
 
@@ -22,7 +22,7 @@ DEFAULT_SEED = 0
 # Large enough that greedy decoding is well separated (the official std 0.02 gives near-uniform logits here).
 DEFAULT_STD = 0.1
 _FORMAT = 1  # bump when the init or the file layout changes, so stale cache folders are not reused
-_SHIPPED = Path(__file__).with_name("default_model")
+_SHIPPED = Path(__file__).with_name("assets")
 
 
 def make_random_model_dir(out_dir: str | Path, cfg: LlamaGenConfig, seed: int = 0, std: float = 0.02,

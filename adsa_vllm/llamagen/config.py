@@ -86,6 +86,17 @@ class LlamaGenConfig:
                 f"(and {self.num_classes} for the null/unconditional class)")
         return self.codebook_size + class_id
 
+    def check_prompt(self, ids: list[int]) -> None:
+        """Raise ValueError naming the valid form unless `ids` is a condition prompt of this model."""
+        lo, hi = self.codebook_size, self.codebook_size + self.num_classes
+        if len(ids) != self.cls_token_num or any(not lo <= i <= hi for i in ids):
+            bad = [i - lo for i in ids if not lo <= i <= hi]
+            raise ValueError(
+                f"a LlamaGen prompt is {self.cls_token_num} condition token id(s) codebook_size + class_id = "
+                f"{lo} + class_id, with class_id in 0..{self.num_classes - 1} ({self.num_classes} = null class "
+                f"for CFG), i.e. ids {lo}..{hi}; got {len(ids)} id(s)"
+                + (f" with class ids {bad[:4]} out of range" if bad else ""))
+
     def prompt(self, class_id: int) -> list[int]:
         return [self.class_token(class_id)] * self.cls_token_num
 

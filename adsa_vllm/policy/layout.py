@@ -42,17 +42,19 @@ class BlockLayout:
                                   f"{cls_token_num} (the condition length)")
         if local < 2:
             raise ADSAConfigError(f"adsa.local={local}: the window must hold at least the query and its predecessor")
+        max_blocks = cdiv(seq_len, block_size)
         if cfg.budget is None:
             budget_tokens = seq_len
         elif isinstance(cfg.budget, float):
             budget_tokens = int(cfg.budget * image_tokens)
         else:
             budget_tokens = cfg.budget
+        # A budget that covers the whole sequence keeps every block (no rounding down to whole blocks).
+        budget_blocks = max_blocks if budget_tokens >= seq_len else budget_tokens // block_size
         refresh = cfg.refresh if cfg.refresh is not None else block_size
-        layout = cls(block_size=block_size, prefix_tokens=prefix, local_tokens=local,
-                     budget_blocks=min(budget_tokens, cdiv(seq_len, block_size) * block_size) // block_size,
+        layout = cls(block_size=block_size, prefix_tokens=prefix, local_tokens=local, budget_blocks=budget_blocks,
                      refresh=refresh, seq_len=seq_len, policy=cfg.policy, keep=cfg.keep, seed=cfg.seed)
-        if layout.topk_blocks < 0:
+        if layout.evicts and layout.topk_blocks < 0:
             raise ADSAConfigError(
                 f"adsa.budget={cfg.budget!r} gives {layout.budget_blocks} blocks of {block_size} tokens, fewer than "
                 f"prefix ({layout.prefix_blocks} blocks for {prefix} tokens) + local window "

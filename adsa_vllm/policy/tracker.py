@@ -56,7 +56,8 @@ class SequenceTracker:
     # 3.
     def scoring_request(self, pos: int) -> list[int] | None:
         nxt = pos + 1
-        if nxt >= self.layout.seq_len or not self.layout.evicts:
+        # The last image token (position seq_len - 1) is emitted but never fed, so no step runs there.
+        if nxt >= self.layout.seq_len - 1 or not self.layout.evicts:
             return None
         if self.last_selection is not None and nxt - self.last_selection < self.layout.refresh:
             return None

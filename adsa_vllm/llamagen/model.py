@@ -1,0 +1,175 @@
+"""LlamaGen (FoundationVision/LlamaGen, c2i) as a vLLM 0.26 model: `LlamaGenForCausalLM`.
+
+Same building blocks as vLLM's Llama (fused QKV, merged gate/up, fused residual RMSNorm, torch.compile), so its
+throughput can be compared with a plain Llama of the same shape. What differs from Llama:
+  * embedding: ids < codebook_size are image tokens (tok_embeddings); larger ids are condition tokens
+    (codebook_size + class_id -> cls_embedding row class_id; the last row is the null class). Chosen per token,
+    so prefill and decode rows can share a batch (LlamaGen's own vLLM fork switched per batch).
+  * 2D RoPE with zeroed condition positions (rope2d.py).
+  * logits: only the codebook is scored; the condition ids get -inf, so sampling can never emit them.
+  * attention: `adsa_vllm.worker.layer.make_attention` returns the ADSA layer when ADSA is enabled.
+Weights keep the official names (config.json + safetensors written by `adsa_vllm.convert`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+from adsa_vllm.llamagen.config import LlamaGenConfig
+from adsa_vllm.llamagen.rope2d import apply_rope_2d, rope_2d_table
+from adsa_vllm.worker.layer import make_attention, make_runtime
+
+
+class LlamaGenAttention(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, runtime, prefix: str):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.num_heads = cfg.n_head // tp
+        self.num_kv_heads = max(1, cfg.kv_heads // tp)
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.wqkv = QKVParallelLinear(cfg.dim, self.head_dim, cfg.n_head, cfg.kv_heads, bias=False,
+                                      prefix=f"{prefix}.wqkv")
+        self.wo = RowParallelLinear(cfg.n_head * self.head_dim, cfg.dim, bias=False, prefix=f"{prefix}.wo")
+        self.attn = make_attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
+                                   vllm_config=vllm_config, runtime=runtime, prefix=f"{prefix}.attn")
+
+    def forward(self, cos_sin: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.wqkv(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = apply_rope_2d(q, cos_sin), apply_rope_2d(k, cos_sin)
+        out, _ = self.wo(self.attn(q, k, v))
+        return out
+
+
+class LlamaGenFeedForward(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig, prefix: str):
+        super().__init__()
+        self.w13 = MergedColumnParallelLinear(cfg.dim, [cfg.ffn_hidden] * 2, bias=False, prefix=f"{prefix}.w13")
+        self.w2 = RowParallelLinear(cfg.ffn_hidden, cfg.dim, bias=False, prefix=f"{prefix}.w2")
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.w13(x)
+        x, _ = self.w2(self.act(x))
+        return x
+
+
+class LlamaGenBlock(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, runtime, prefix: str):
+        super().__init__()
+        self.attention = LlamaGenAttention(cfg, vllm_config, runtime, f"{prefix}.attention")
+        self.feed_forward = LlamaGenFeedForward(cfg, f"{prefix}.feed_forward")
+        self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, cos_sin, h, residual):
+        if residual is None:
+            residual, h = h, self.attention_norm(h)
+        else:
+            h, residual = self.attention_norm(h, residual)
+        h = self.attention(cos_sin, h)
+        h, residual = self.ffn_norm(h, residual)
+        return self.feed_forward(h), residual
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})
+class LlamaGenTransformer(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        cfg = LlamaGenConfig.from_hf_dict(vllm_config.model_config.hf_config.to_dict())
+        self.cfg = cfg
+        self.runtime = make_runtime(vllm_config, cfg)
+        self.tok_embeddings = VocabParallelEmbedding(cfg.codebook_size, cfg.dim)
+        self.cls_embedding = VocabParallelEmbedding(cfg.num_classes + 1, cfg.dim)
+        self.layers = nn.ModuleList(LlamaGenBlock(cfg, vllm_config, self.runtime, f"{prefix}.layers.{i}")
+                                    for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.register_buffer("rope", rope_2d_table(cfg.grid_size, cfg.head_dim, cfg.rope_base,
+                                                   cfg.cls_token_num), persistent=False)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = self.cfg.codebook_size
+        is_cond = input_ids >= n
+        img = self.tok_embeddings(torch.where(is_cond, 0, input_ids))
+        cond = self.cls_embedding(torch.where(is_cond, input_ids - n, 0))
+        return torch.where(is_cond[:, None], cond, img)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        cos_sin = self.rope[positions]
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(cos_sin, h, residual)
+        h, _ = self.norm(h, residual)
+        return h
+
+
+class LlamaGenForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        self.model = LlamaGenTransformer(vllm_config=vllm_config, prefix="model")
+        cfg = self.model.cfg
+        self.cfg = cfg
+        self.output = ParallelLMHead(cfg.codebook_size, cfg.dim, prefix="output")
+        self.logits_processor = LogitsProcessor(cfg.codebook_size)
+        self.num_cond_ids = cfg.input_vocab_size - cfg.codebook_size
+
+    @property
+    def adsa_runtime(self):
+        return self.model.runtime
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        logits = self.logits_processor(self.output, hidden_states)
+        if logits is None:
+            return None
+        pad = logits.new_full((logits.shape[0], self.num_cond_ids), float("-inf"))
+        return torch.cat([logits[:, : self.cfg.codebook_size], pad], dim=-1)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        q, kv = self.cfg.n_head * self.cfg.head_dim, self.cfg.kv_heads * self.cfg.head_dim
+        for name, w in weights:
+            for target, shards in _route(name, q, kv, w):
+                p = params[target]
+                loader = getattr(p, "weight_loader", default_weight_loader)
+                for shard_id, piece in shards:
+                    loader(p, piece) if shard_id is None else loader(p, piece, shard_id)
+                loaded.add(target)
+        return loaded
+
+
+def _route(name: str, q: int, kv: int, w: torch.Tensor):
+    """Official LlamaGen weight name -> [(parameter name, [(shard id, tensor)])]; [] for buffers we recompute."""
+    if name.endswith(("freqs_cis", "causal_mask")) or ".kv_cache." in name:
+        return []
+    if name == "output.weight":
+        return [("output.weight", [(None, w)])]
+    if name == "cls_embedding.embedding_table.weight":
+        return [("model.cls_embedding.weight", [(None, w)])]
+    if name.endswith("attention.wqkv.weight"):
+        qw, kw, vw = w.split([q, kv, kv], dim=0)
+        return [("model." + name, [("q", qw), ("k", kw), ("v", vw)])]
+    if name.endswith(("feed_forward.w1.weight", "feed_forward.w3.weight")):
+        shard = 0 if ".w1." in name else 1
+        return [("model." + name.replace(".w1.", ".w13.").replace(".w3.", ".w13."), [(shard, w)])]
+    return [("model." + name, [(None, w)])]

@@ -1,0 +1,35 @@
+"""`register()`: the `vllm.general_plugins` entry point. vLLM calls it in every process it starts (API server,
+EngineCore, workers, the model-inspection subprocess); it must be idempotent and must not touch CUDA.
+"""
+
+from __future__ import annotations
+
+ARCH = "LlamaGenForCausalLM"
+_done = False
+
+
+def register() -> None:
+    global _done
+    if _done:
+        return
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    import patches
+
+    patches.apply_all()
+    if ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCH, "adsa_vllm.llamagen.model:LlamaGenForCausalLM")
+
+    # Fill the registry with vLLM's built-ins first: it registers them lazily only while it is empty, so a
+    # worker that registered ADSASpec first would never learn FullAttentionSpec.
+    KVCacheSpecRegistry._ensure_registered()
+    from adsa_vllm.engine.manager import ADSAManager
+    from adsa_vllm.engine.spec import ADSASpec
+    KVCacheSpecRegistry.register(ADSASpec, ADSAManager, uniform_type_base_spec=FullAttentionSpec)
+
+    from adsa_vllm.engine.config_hook import LlamaGenConfigHook
+    MODELS_CONFIG_MAP[ARCH] = LlamaGenConfigHook
+    _done = True

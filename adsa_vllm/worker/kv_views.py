@@ -1,0 +1,43 @@
+"""Read whole K/V blocks out of a paged cache, for scoring. One function per inner kernel's layout.
+
+Returned shapes: keys, values [n, block_size, num_kv_heads, head_dim] for the n requested physical blocks.
+  * CPU_ATTN: tensor (nb, H, bs, 2D) reinterpreted as (nb, H, 2bs, D); the first half holds keys *transposed*
+    ([D, bs] per block and head, for the vectorised kernels), the second half values [bs, D]. The layout is
+    checked once against the kernel's own writer (`check_cpu_layout`), so a kernel change fails loudly.
+  * FLASH_ATTN / TRITON_ATTN / FLEX_ATTENTION: logical (nb, H, bs, 2D), K then V in the last dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, backend: str, head_size: int):
+    if backend == "CPU_ATTN":
+        nb, h, bs, _ = kv_cache.shape
+        blocks = kv_cache.view(nb, h, 2 * bs, head_size)[block_ids]           # [n, H, 2bs, D]
+        keys = blocks[:, :, :bs].reshape(-1, h, head_size, bs).permute(0, 3, 1, 2)
+        values = blocks[:, :, bs:].permute(0, 2, 1, 3)
+        return keys, values
+    blocks = kv_cache[block_ids].transpose(1, 2)                               # [n, bs, H, 2D]
+    return blocks[..., :head_size], blocks[..., head_size:]
+
+
+@functools.lru_cache(maxsize=None)
+def check_cpu_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> None:
+    """Write known K/V with the CPU kernel's writer and read them back through `gather_blocks`."""
+    from vllm import _custom_ops as ops
+    h, nb = 2, 3
+    cache = torch.zeros(nb, h, block_size, 2 * head_size, dtype=dtype)
+    key_cache, value_cache = cache.view(nb, h, 2 * block_size, head_size).chunk(2, dim=2)
+    k = torch.randn(block_size, h, head_size).to(dtype)
+    v = torch.randn(block_size, h, head_size).to(dtype)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.arange(block_size) + block_size, isa,
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    rk, rv = gather_blocks(cache, torch.tensor([1]), "CPU_ATTN", head_size)
+    if not (torch.equal(rk[0], k) and torch.equal(rv[0], v)):
+        raise NotImplementedError(
+            f"ADSA cannot read the CPU KV layout of ISA {isa!r} ({dtype}, block {block_size}); "
+            "run with --dtype float32 or --block-size 16, whose layouts are supported")

@@ -1,0 +1,133 @@
+"""Worker-process ADSA state: one `SequenceTracker` per live request, and the evictions to report.
+
+The attention metadata builder sees rows of block ids, not request ids. A row is identified by the physical id of
+its first KV block: prefix blocks are never evicted and prefix caching is off, so that id is unique among live
+requests. The worker feeds request lifecycle events from each SchedulerOutput (`on_schedule`), which binds
+request id, per-request settings and first block together; a preempted request restarts with a fresh tracker.
+
+Protocol with the scheduler (worker-authoritative, see adsa_vllm/engine/manager.py): the builder decides an
+eviction *before* the forward that would have read the block, so the worker never reads it again; the eviction
+rides back on this step's ModelRunnerOutput and the scheduler frees the block only after this step has finished.
+A block can therefore never be reallocated while any worker still reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adsa_vllm.config import ADSAConfig
+from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
+from adsa_vllm.settings import request_overrides
+
+
+@dataclass
+class LiveSequence:
+    req_id: str
+    first_block: int
+    tracker: SequenceTracker
+    params: object = None    # SamplingParams, kept so a resumed request keeps its per-request settings
+
+
+@dataclass
+class ScoringBatch:
+    """Sequences scored in this step's forward; every ADSA layer adds its scores into `acc` ([R, C] on device)."""
+    sequences: list[LiveSequence]
+    num_candidates: list[int]
+    token_index: torch.Tensor    # [R] row of each sequence's decode query in the batch
+    block_ids: torch.Tensor      # [R, C] physical block ids (padding: the null block 0)
+    block_index: torch.Tensor    # [R, C] logical block indices
+    valid: torch.Tensor          # [R, C]
+    positions: torch.Tensor      # [R]
+    acc: torch.Tensor            # [R, C] float32
+    layers_done: int = 0
+
+
+@dataclass
+class ADSARuntime:
+    defaults: ADSAConfig
+    block_size: int
+    cls_token_num: int
+    grid_size: int
+    num_layers: int = 1                          # a ScoringBatch counts only once every layer has scored it
+    tp_group: object = None                      # all-reduce group for scores under tensor parallelism
+    _by_req: dict = field(default_factory=dict)
+    _by_block: dict = field(default_factory=dict)
+    _layouts: dict = field(default_factory=dict)
+    _scorers: dict = field(default_factory=dict)
+    _outbox: dict = field(default_factory=dict)
+    pending: list = field(default_factory=list)  # ScoringBatches of the last forward, absorbed by the next build
+    stats: dict = field(default_factory=lambda: {"evicted_blocks": 0, "selections": 0})
+
+    def layout_for(self, extra_args: dict | None) -> BlockLayout:
+        cfg = self.defaults.merged(request_overrides(extra_args))
+        if cfg not in self._layouts:
+            self._layouts[cfg] = cfg.layout(block_size=self.block_size, cls_token_num=self.cls_token_num,
+                                            grid_size=self.grid_size)
+        return self._layouts[cfg]
+
+    def _scorer(self, layout: BlockLayout):
+        # One scorer instance per setting, so the builder can score all rows sharing it in one batched call.
+        key = (layout.policy, layout.keep, layout.seed)
+        if key not in self._scorers:
+            self._scorers[key] = make_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
+        return self._scorers[key]
+
+    # ---- lifecycle, from SchedulerOutput ----
+    def on_schedule(self, so) -> None:
+        for rid in so.finished_req_ids:
+            self._drop(rid)
+        for rid in so.preempted_req_ids or ():
+            self._drop(rid)
+        for nr in so.scheduled_new_reqs:
+            self._start(nr.req_id, nr.sampling_params, nr.block_ids[0][0])
+        cached = so.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            if rid in cached.resumed_req_ids and cached.new_block_ids[i]:
+                params = self._by_req[rid].params if rid in self._by_req else None
+                self._start(rid, params, cached.new_block_ids[i][0][0])
+
+    def _start(self, req_id: str, params, first_block: int) -> None:
+        self._drop(req_id)
+        layout = self.layout_for(getattr(params, "extra_args", None))
+        seq = LiveSequence(req_id, first_block, SequenceTracker(layout, self._scorer(layout)), params)
+        self._by_req[req_id] = seq
+        self._by_block[first_block] = seq
+
+    def _drop(self, req_id: str) -> None:
+        seq = self._by_req.pop(req_id, None)
+        if seq is not None and self._by_block.get(seq.first_block) is seq:
+            del self._by_block[seq.first_block]
+
+    def sequence_for(self, first_block: int) -> LiveSequence | None:
+        return self._by_block.get(first_block)
+
+    # ---- scores of the previous forward ----
+    def absorb_scores(self) -> None:
+        for batch in self.pending:
+            if batch.layers_done != self.num_layers:
+                continue  # no complete forward ran (profiling, dummy batch): the trackers ask again next step
+            acc = batch.acc
+            if self.tp_group is not None:
+                acc = self.tp_group.all_reduce(acc)
+            acc = acc.cpu()
+            for i, seq in enumerate(batch.sequences):
+                if self._by_req.get(seq.req_id) is seq:
+                    seq.tracker.add_layer_scores(acc[i, : batch.num_candidates[i]])
+        self.pending = []
+
+    # ---- evictions to report ----
+    def record_evictions(self, seq: LiveSequence, blocks: list[int]) -> None:
+        if blocks:
+            self._outbox.setdefault(seq.req_id, []).extend(blocks)
+            self.stats["evicted_blocks"] += len(blocks)
+            self.stats["selections"] += 1
+
+    def drain_evictions(self) -> dict[str, list[int]]:
+        out, self._outbox = self._outbox, {}
+        return out
+
+    @property
+    def live_requests(self) -> int:
+        return len(self._by_req)

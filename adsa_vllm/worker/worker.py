@@ -1,0 +1,73 @@
+"""Worker classes that connect the model's `ADSARuntime` to the step loop (installed by the config hook).
+
+Before each step the runtime learns which requests started, resumed, were preempted or finished (from the
+SchedulerOutput); after the step, the evictions its builder decided ride back to the scheduler as
+`ModelRunnerOutput.adsa_evictions` (ModelRunnerOutput is a plain dataclass, pickled with its __dict__). Under
+tensor parallelism every rank decides the same evictions (scores are all-reduced); rank 0's report is the one the
+scheduler receives.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+
+class ADSAWorkerMixin:
+    _adsa_rt = False  # unresolved
+
+    def _adsa_runtime(self):
+        if self._adsa_rt is False:
+            model = self.model_runner.get_model()
+            model = getattr(model, "unwrap", lambda: model)()
+            self._adsa_rt = getattr(model, "adsa_runtime", None)
+        return self._adsa_rt
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        runtime = self._adsa_runtime()
+        if runtime is not None:
+            runtime.on_schedule(scheduler_output)
+        return self._attach(super().execute_model(scheduler_output, *args, **kwargs))
+
+    def sample_tokens(self, *args, **kwargs):
+        return self._attach(super().sample_tokens(*args, **kwargs))
+
+    def _attach(self, output):
+        runtime = self._adsa_runtime()
+        if runtime is None or not isinstance(output, ModelRunnerOutput):
+            return output
+        evictions = runtime.drain_evictions()
+        if evictions:
+            if output is EMPTY_MODEL_RUNNER_OUTPUT:
+                output = copy.copy(output)  # never mutate the shared singleton
+            output.adsa_evictions = evictions
+        return output
+
+
+@functools.cache
+def _cpu_worker():
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    class ADSACPUWorker(ADSAWorkerMixin, CPUWorker):
+        pass
+    return ADSACPUWorker
+
+
+@functools.cache
+def _gpu_worker():
+    from vllm.v1.worker.gpu_worker import Worker
+
+    class ADSAGPUWorker(ADSAWorkerMixin, Worker):
+        pass
+    return ADSAGPUWorker
+
+
+def __getattr__(name):
+    # Resolved lazily by qualname ("adsa_vllm.worker.worker.ADSACPUWorker"): only the platform's base is imported.
+    if name == "ADSACPUWorker":
+        return _cpu_worker()
+    if name == "ADSAGPUWorker":
+        return _gpu_worker()
+    raise AttributeError(name)

@@ -1,0 +1,25 @@
+"""Changes vLLM itself lacks, one small module each (vllm-ascend `patch/` style).
+
+Every module declares TARGET, WHY, VLLM_VERSIONS (the versions it was written and tested against), RETIRED_BY
+(the upstream change that makes it unnecessary) and an idempotent `apply()` that keeps the original callable and
+refuses to run on an untested vLLM version. `patches/README.md` is the ledger; tests/test_patches.py checks that
+the ledger and these modules agree and that each patch really takes effect through vLLM's own entry points.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+PATCHES = ("patches.attention_backend_name", "patches.llamagen_request_validation")
+
+
+def apply_all() -> None:
+    for name in PATCHES:
+        importlib.import_module(name).apply()
+
+
+def check_version(versions: tuple[str, ...], patch: str) -> None:
+    import vllm
+    if vllm.__version__.split("+")[0] not in versions:
+        raise RuntimeError(f"{patch} was written for vLLM {', '.join(versions)}, found {vllm.__version__}; "
+                           "check patches/README.md for whether it is still needed before enabling it")
