@@ -17,7 +17,7 @@ from pathlib import Path
 
 from adsa_vllm.llamagen.config import LlamaGenConfig
 
-DEFAULT_CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, codebook_size=512, num_classes=10, grid_size=16)
+DEFAULT_CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
 DEFAULT_SEED = 0
 # Large enough that greedy decoding is well separated (the official std 0.02 gives near-uniform logits here).
 DEFAULT_STD = 0.1

@@ -115,6 +115,10 @@ class LlamaGenConfig:
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_base,
             "tie_word_embeddings": False,
+            # Image tokens have no end-of-sequence: without these, LlamaConfig's defaults (eos 2) stop generation.
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
             "torch_dtype": "float32",
             "llamagen": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
         }
