@@ -35,6 +35,8 @@ class SequenceTracker:
         self._pending_pos: int | None = None
         self._pending_blocks: list[int] = []
         self._pending_scores: torch.Tensor | None = None
+        self._kept_key: tuple[int, int] | None = None
+        self._kept: list[int] = []
 
     # 1.
     def begin_step(self, pos: int) -> list[int]:
@@ -51,7 +53,12 @@ class SequenceTracker:
 
     # 2.
     def kept_blocks(self, pos: int) -> list[int]:
-        return [j for j in range(self.layout.num_blocks(pos)) if j not in self.evicted]
+        # Called for every decode row at every step: recompute only when a block was added or evicted.
+        key = (self.layout.num_blocks(pos), len(self.evicted))
+        if key != self._kept_key:
+            self._kept_key = key
+            self._kept = [j for j in range(key[0]) if j not in self.evicted]
+        return self._kept
 
     # 3.
     def scoring_request(self, pos: int) -> list[int] | None:

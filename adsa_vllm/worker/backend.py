@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, CommonAttentionMetadata
 
@@ -105,22 +106,23 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, block_size: int
 
 def _compact(cm: CommonAttentionMetadata, kept_rows: dict[int, list[int]], seq_lens: list[int], bs: int):
     bt = cm.block_table_tensor
-    idx = torch.arange(bt.shape[1]).repeat(bt.shape[0], 1)
-    new_lens = list(seq_lens)
+    idx = np.broadcast_to(np.arange(bt.shape[1], dtype=np.int64), bt.shape).copy()
+    new_lens = np.asarray(seq_lens, dtype=np.int64)
     for row, kept in kept_rows.items():
-        idx[row, : len(kept)] = torch.tensor(kept)
+        idx[row, : len(kept)] = kept
         idx[row, len(kept):] = 0          # never read: beyond the compacted seq_len
         new_lens[row] = (len(kept) - 1) * bs + (seq_lens[row] - 1) % bs + 1
-    lens_cpu = torch.tensor(new_lens, dtype=cm.seq_lens.dtype)
+    lens_cpu = torch.from_numpy(new_lens).to(cm.seq_lens.dtype)
     seq_lens = cm.seq_lens.clone()
     seq_lens[: len(new_lens)] = lens_cpu.to(seq_lens.device, non_blocking=True)
     upper = cm.seq_lens_cpu_upper_bound
     if upper is not None:
         upper = upper.clone()
         upper[: len(new_lens)] = lens_cpu.to(upper.dtype)
-    return cm.replace(block_table_tensor=torch.gather(bt, 1, idx.to(bt.device, non_blocking=True)),
-                      seq_lens=seq_lens, max_seq_len=max(new_lens), seq_lens_cpu_upper_bound=upper,
-                      _seq_lens_cpu=None, _num_computed_tokens_cpu=None, _num_computed_tokens_cache=None)
+    new_bt = torch.gather(bt, 1, torch.from_numpy(idx).to(bt.device, non_blocking=True))
+    return cm.replace(block_table_tensor=new_bt, seq_lens=seq_lens, max_seq_len=int(new_lens.max()),
+                      seq_lens_cpu_upper_bound=upper, _seq_lens_cpu=None, _num_computed_tokens_cpu=None,
+                      _num_computed_tokens_cache=None)
 
 
 def _scoring_batch(runtime: ADSARuntime, cm: CommonAttentionMetadata, scored, token_base: int) -> ScoringBatch:

@@ -1,0 +1,122 @@
+"""Offline decode throughput: LlamaGen vs a plain Llama of the same shape, and full attention vs ADSA.
+
+Each mode runs in its own subprocess (a clean GPU / engine), all within one invocation, so the ratios compare runs
+on the same machine minutes apart. Weights are vLLM dummy weights (throughput does not depend on their values).
+
+  python benchmarks/throughput.py --preset XL --grid 32 --num-seqs 256 --kv-gib 8 \
+      --modes llama llamagen adsa --out benchmarks/results/throughput_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def write_config(kind: str, preset: str, grid: int, out: Path) -> Path:
+    from adsa_vllm.llamagen.config import preset as make_preset
+    cfg = make_preset(preset, grid_size=grid)
+    d = cfg.to_hf_dict()
+    if kind == "llama":  # same shape, stock architecture, 1D RoPE, codebook-sized vocabulary
+        d = {k: v for k, v in d.items() if k != "llamagen"}
+        d.update(architectures=["LlamaForCausalLM"], vocab_size=cfg.codebook_size)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(d))
+    return out
+
+
+def run_mode(args) -> dict:
+    """Child process: build one engine, generate, print one JSON line."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from adsa_vllm.llamagen.config import preset as make_preset
+    cfg = make_preset(args.preset, grid_size=args.grid)
+    model_dir = write_config("llama" if args.mode == "llama" else "llamagen", args.preset, args.grid,
+                             Path(tempfile.mkdtemp()) / args.mode)
+    kw = dict(model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.num_seqs,
+              kv_cache_memory_bytes=int(args.kv_gib * (1 << 30)), block_size=16, seed=0,
+              max_model_len=cfg.max_seq_len, enforce_eager=args.eager)
+    if args.mode == "llama":
+        kw["skip_tokenizer_init"] = True
+    if args.mode == "adsa":
+        kw.update(attention_backend="adsa",
+                  additional_config={"adsa": {"budget": args.budget, "policy": args.policy}})
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    startup = time.perf_counter() - t0
+    n = cfg.image_tokens
+    prompts = [{"prompt_token_ids": cfg.prompt(i % cfg.num_classes) if args.mode != "llama" else [i % 1000]}
+               for i in range(args.num_seqs)]
+    sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+    llm.generate(prompts[: min(8, len(prompts))], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
+                                                                  detokenize=False), use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    res = {"mode": args.mode, "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
+           "startup_s": startup, "num_seqs": args.num_seqs, "image_tokens": n,
+           "num_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks}
+    if hasattr(sched, "adsa_stats"):
+        st = sched.adsa_stats()
+        res.update(num_preemptions=st["num_preemptions"], max_running=st.get("max_running"),
+                   total_freed_blocks=st.get("total_freed_blocks"))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="XL")
+    ap.add_argument("--grid", type=int, default=32, help="image tokens per side (32 -> 1024 tokens)")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--kv-gib", type=float, default=8.0)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--policy", default="topk_v")
+    ap.add_argument("--eager", action="store_true", help="disable torch.compile and CUDA graphs")
+    ap.add_argument("--modes", nargs="+", default=["llama", "llamagen", "adsa"])
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.mode:
+        print("RESULT " + json.dumps(run_mode(args)), flush=True)
+        return
+    results = []
+    for mode in args.modes:
+        cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:]
+                                                            if a not in args.modes and a != "--modes"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+            raise SystemExit(f"mode {mode} failed (rc {proc.returncode})")
+        results.append(json.loads(line[0][7:]))
+        print(json.dumps(results[-1]), flush=True)
+    by = {r["mode"]: r for r in results}
+    ratios = {}
+    if "llama" in by and "llamagen" in by:
+        ratios["llamagen_over_llama"] = by["llamagen"]["tok_per_s"] / by["llama"]["tok_per_s"]
+    if "llamagen" in by and "adsa" in by:
+        ratios["adsa_over_full"] = by["adsa"]["tok_per_s"] / by["llamagen"]["tok_per_s"]
+    report = {"args": {k: v for k, v in vars(args).items() if k != "mode"}, "results": results, "ratios": ratios}
+    try:
+        import torch
+        report["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    print(json.dumps(ratios))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
