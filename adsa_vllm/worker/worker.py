@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 
 
 class ADSAWorkerMixin:
@@ -36,14 +36,25 @@ class ADSAWorkerMixin:
 
     def _attach(self, output):
         runtime = self._adsa_runtime()
-        if runtime is None or not isinstance(output, ModelRunnerOutput):
+        if runtime is None or not isinstance(output, ModelRunnerOutput | AsyncModelRunnerOutput):
             return output
         evictions = runtime.drain_evictions()
-        if evictions:
-            if output is EMPTY_MODEL_RUNNER_OUTPUT:
-                output = copy.copy(output)  # never mutate the shared singleton
-            output.adsa_evictions = evictions
-        return output
+        if not evictions:
+            return output
+        if isinstance(output, AsyncModelRunnerOutput):
+            # The V2 runner (GPU default) returns an AsyncOutput even with synchronous scheduling; the executor
+            # calls get_output() right after, so attach there.
+            get_output = output.get_output
+            output.get_output = lambda: _with_evictions(get_output(), evictions)
+            return output
+        return _with_evictions(output, evictions)
+
+
+def _with_evictions(output: ModelRunnerOutput, evictions: dict) -> ModelRunnerOutput:
+    if output is EMPTY_MODEL_RUNNER_OUTPUT:
+        output = copy.copy(output)  # never mutate the shared singleton
+    output.adsa_evictions = evictions
+    return output
 
 
 @functools.cache
