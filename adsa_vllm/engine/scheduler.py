@@ -3,15 +3,19 @@
 1. Evictions: the worker's report rides on ModelRunnerOutput (`adsa_evictions`: req id -> logical blocks);
    `update_from_output` hands it to `ADSAManager.evict` *before* the step's results are processed, so the freed
    blocks are in the pool for the very next `schedule()`.
-2. Admission with a per-request bound: vLLM's gate counts only the tokens a request has now (1 for c2i), so it
-   would admit far more sequences than can grow, then preempt them (recompute!). Here a waiting request is admitted
-   only if the free pool covers its whole bound plus the growth every running request may still need:
-       free - watermark >= bound(new) + sum over running r of (bound(r) - held(r)).
-   With ADSA the bound is budget + slack blocks, not the full sequence: that is where the extra capacity comes from.
+2. Admission by exact lookahead: vLLM's gate counts only the tokens a request has now (1 for c2i), so it admits
+   far more sequences than can grow, then preempts them (recompute!). Image requests always run to max_tokens and
+   grow one token per step, so the blocks every running request will hold at each future step are known:
+       held_r(t) = min(bound_r, cdiv(len_r + t + 1, bs))   while len_r + t < final_len_r, else 0.
+   A waiting request is admitted only if the peak over t of the sum (with it) fits the pool minus the watermark.
+   That rules out preemption (held never exceeds bound, see ADSAManager) while letting staggered requests share
+   the blocks that finished requests give back. With ADSA the bound is budget + slack blocks, not the whole
+   sequence: that is where the extra capacity comes from.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
@@ -53,22 +57,28 @@ class ADSAScheduler(Scheduler):
 
     # ---- admission ----
     def _allocate_slots(self, request, *args, **kwargs):
-        if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
-            reserve = sum(self._growth(r.request_id) for r in self.running if r is not request)
-            need = self._growth(request.request_id)
-            watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
-            if need + reserve + watermark > self.kv_cache_manager.block_pool.get_num_free_blocks():
-                return None
+        if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and not self._fits(request):
+            return None
         return self._stock_allocate_slots(request, *args, **kwargs)
 
-    def _growth(self, req_id: str) -> int:
-        """Blocks the request may still take from the pool before it finishes (max over KV groups)."""
-        growth = 0
-        for m in self.adsa_managers:
-            entry = m.requests.get(req_id)
-            if entry is not None:
-                growth = max(growth, entry.bound - m.held_blocks(req_id))
-        return max(growth, 0)
+    def _fits(self, new_request) -> bool:
+        m = self.adsa_managers[0]
+        pool = m.block_pool
+        reqs = [r for r in self.running if r is not new_request] + [new_request]
+        entries = [m.requests.get(r.request_id) for r in reqs]
+        if any(e is None for e in entries):
+            return True  # not an ADSA-registered request: leave it to vLLM's own gate
+        length = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
+        final = np.array([r.num_prompt_tokens + (r.max_tokens or 0) for r in reqs], dtype=np.int64)
+        bound = np.array([e.bound for e in entries], dtype=np.int64)
+        horizon = int(max(1, (final - length).max()))
+        t = np.arange(horizon, dtype=np.int64)[None, :]
+        tokens = length[:, None] + t + 1
+        held = np.minimum(bound[:, None], -(-tokens // m.block_size))
+        demand = np.where(tokens <= final[:, None], held, 0).sum(0).max()
+        capacity = pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in reqs)
+        watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
+        return demand + watermark <= capacity
 
     # ---- evictions ----
     def schedule(self, *args, **kwargs):
