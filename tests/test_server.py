@@ -28,7 +28,6 @@ from adsa_vllm.reference.generate import generate
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 120
 # adsa_vllm/settings.py request_overrides rejects the JSON-string form vllm_xargs forces (see adsa_vllm/client.py).
-KNOWN_XARGS_BUG = "must be a dict of ADSA settings"
 
 
 def _free_port() -> int:
@@ -126,19 +125,12 @@ def test_bad_adsa_setting_gets_400_naming_the_policies(server):
     cfg = server["cfg"]
     msg = _reject(server, image_request(cfg, 0, adsa={"policy": "nope"}, temperature=0.0))
     _serves_good_request(server)
-    if KNOWN_XARGS_BUG in msg:
-        pytest.xfail("adsa_vllm/settings.py request_overrides does not decode the JSON string vllm_xargs carries")
     assert "nope" in msg and "topk_v" in msg and "streaming" in msg, msg
 
 
 def test_per_request_adsa_override(server):
     cfg = server["cfg"]
-    try:
-        images = generate_via_server(server["base"], [1], cfg=cfg, temperature=0.0, timeout=60,
-                                     adsa={"budget": 0.25, "policy": "streaming"})
-    except ServerError as e:
-        if e.status == 400 and KNOWN_XARGS_BUG in e.message:
-            pytest.xfail("adsa_vllm/settings.py request_overrides does not decode the JSON string vllm_xargs carries")
-        raise
+    images = generate_via_server(server["base"], [1], cfg=cfg, temperature=0.0, timeout=60,
+                                 adsa={"budget": 0.25, "policy": "streaming"})
     assert images[0] == _reference(server["model_dir"], 1, budget=0.25, policy="streaming")
     assert images[0] != _reference(server["model_dir"], 1, budget=0.5)
