@@ -46,9 +46,9 @@ def run_mode(args) -> dict:
               max_model_len=cfg.max_seq_len, enforce_eager=args.eager)
     if args.mode == "llama":
         kw["skip_tokenizer_init"] = True
-    if args.mode == "adsa":
-        kw.update(attention_backend="adsa",
-                  additional_config={"adsa": {"budget": args.budget, "policy": args.policy}})
+    if args.mode.startswith("adsa"):
+        budget = None if args.mode == "adsa-full" else args.budget   # adsa-full: ADSA scheduler, no eviction
+        kw.update(attention_backend="adsa", additional_config={"adsa": {"budget": budget, "policy": args.policy}})
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
@@ -58,19 +58,52 @@ def run_mode(args) -> dict:
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
     llm.generate(prompts[: min(8, len(prompts))], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
                                                                   detokenize=False), use_tqdm=False)  # warm-up
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    batch_sizes, preemptions = _watch(sched)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    sched = llm.llm_engine.engine_core.engine_core.scheduler
     res = {"mode": args.mode, "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
            "startup_s": startup, "num_seqs": args.num_seqs, "image_tokens": n,
-           "num_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks}
+           "num_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks,
+           "mean_running": sum(batch_sizes) / max(1, len(batch_sizes)), "max_running": max(batch_sizes),
+           "steps": len(batch_sizes), "num_preemptions": preemptions[0]}
     if hasattr(sched, "adsa_stats"):
-        st = sched.adsa_stats()
-        res.update(num_preemptions=st["num_preemptions"], max_running=st.get("max_running"),
-                   total_freed_blocks=st.get("total_freed_blocks"))
+        res["total_freed_blocks"] = sched.adsa_stats().get("total_freed_blocks")
+    if args.profile and args.mode == "adsa":
+        res["profile"] = _profile(llm, prompts[: args.num_seqs], cfg.image_tokens, args.profile)
     return res
+
+
+def _watch(sched):
+    """Record the running batch size per step and count preemptions (works for the stock scheduler too)."""
+    sizes, preempted = [], [0]
+    schedule, preempt = sched.schedule, sched._preempt_request
+
+    def schedule_and_record(*a, **k):
+        out = schedule(*a, **k)
+        sizes.append(len(sched.running))
+        return out
+
+    def count_preemption(*a, **k):
+        preempted[0] += 1
+        return preempt(*a, **k)
+    sched.schedule, sched._preempt_request = schedule_and_record, count_preemption
+    return sizes, preempted
+
+
+def _profile(llm, prompts, n, path) -> str:
+    """Top host-side ops of a short run (where the per-step time goes)."""
+    import torch
+    from vllm import SamplingParams
+    sp = SamplingParams(temperature=0.0, max_tokens=min(n, 128), ignore_eos=True, detokenize=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, sp, use_tqdm=False)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    Path(path).write_text(table)
+    return path
 
 
 def main():
@@ -83,7 +116,9 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--policy", default="topk_v")
     ap.add_argument("--eager", action="store_true", help="disable torch.compile and CUDA graphs")
-    ap.add_argument("--modes", nargs="+", default=["llama", "llamagen", "adsa"])
+    ap.add_argument("--modes", nargs="+", default=["llama", "llamagen", "adsa"],
+                    help="llama | llamagen (stock vLLM) | adsa-full (ADSA scheduler, no eviction) | adsa")
+    ap.add_argument("--profile", help="write a torch.profiler table of a short ADSA-mode run to this path")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--out")
     args = ap.parse_args()

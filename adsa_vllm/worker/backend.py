@@ -147,7 +147,7 @@ def _scoring_batch(runtime: ADSARuntime, cm: CommonAttentionMetadata, scored, to
         sequences=seqs, num_candidates=[len(cands) for *_, cands in scored], token_index=token_index,
         block_ids=block_ids, block_index=index_dev, valid=valid.to(dev),
         positions=torch.tensor([pos for _, _, pos, _ in scored], device=dev),
-        acc=torch.zeros(r, c, dtype=torch.float32, device=dev))
+        acc=torch.zeros(r, c, dtype=torch.float32, device=dev), groups=_groups_by_scorer(seqs, dev))
 
 
 def score_layer(batch: ScoringBatch, query: torch.Tensor, kv_cache: torch.Tensor, backend: str,
@@ -160,26 +160,24 @@ def score_layer(batch: ScoringBatch, query: torch.Tensor, kv_cache: torch.Tensor
     keys, values = gather_blocks(kv_cache, batch.block_ids.reshape(-1), backend, head_size)
     keys = keys.reshape((r, c) + tuple(keys.shape[1:]))
     values = values.reshape((r, c) + tuple(values.shape[1:]))
-    queries = query[batch.token_index]
-    for scorer, sel in _group_by_scorer(batch):
+    for scorer, sel in batch.groups:
         x = ScoreInputs(keys=keys[sel], values=values[sel], valid=batch.valid[sel],
                         block_index=batch.block_index[sel], positions=batch.positions[sel],
-                        query=queries[sel] if scorer.needs_query else None, scale=scale)
+                        query=query[batch.token_index[sel]] if scorer.needs_query else None, scale=scale)
         batch.acc[sel] += scorer.score(x)
     batch.layers_done += 1
 
 
-def _group_by_scorer(batch: ScoringBatch):
-    """Requests may override the policy: score each group of rows with its own scorer."""
+def _groups_by_scorer(sequences, device):
+    """Requests may override the policy: the rows of each scorer, scored in one call per layer."""
     groups: dict[int, tuple[object, list[int]]] = {}
-    for i, seq in enumerate(batch.sequences):
+    for i, seq in enumerate(sequences):
         s = seq.tracker.scorer
         groups.setdefault(id(s), (s, []))[1].append(i)
     if len(groups) == 1:
         (scorer, _), = groups.values()
         return [(scorer, slice(None))]
-    dev = batch.acc.device
-    return [(s, torch.tensor(rows, device=dev)) for s, rows in groups.values()]
+    return [(s, torch.tensor(rows, device=device)) for s, rows in groups.values()]
 
 
 @functools.lru_cache

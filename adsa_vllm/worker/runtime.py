@@ -41,6 +41,7 @@ class ScoringBatch:
     valid: torch.Tensor          # [R, C]
     positions: torch.Tensor      # [R]
     acc: torch.Tensor            # [R, C] float32
+    groups: list                 # [(scorer, row selector)]: rows sharing a scorer are scored in one call
     layers_done: int = 0
 
 
