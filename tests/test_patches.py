@@ -1,0 +1,159 @@
+"""patches/: the ledger (patches/README.md) agrees with the modules, every patch is idempotent, refuses untested
+vLLM versions, and really takes effect through vLLM's own entry points (config conversion, InputProcessor)."""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from pathlib import Path
+
+import pytest
+
+import patches
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "patches" / "README.md"
+MODULES = [importlib.import_module(name) for name in patches.PATCHES]
+MODULE_IDS = [m.__name__ for m in MODULES]
+
+
+# ====================================================================== ledger and declarations
+
+@pytest.mark.parametrize("mod", MODULES, ids=MODULE_IDS)
+def test_module_declares_target_why_versions_retired_by_apply(mod):
+    import vllm
+    assert isinstance(mod.TARGET, str) and mod.TARGET.strip()
+    assert isinstance(mod.WHY, str) and len(mod.WHY) > 40
+    assert isinstance(mod.VLLM_VERSIONS, tuple) and all(isinstance(v, str) for v in mod.VLLM_VERSIONS)
+    assert vllm.__version__.split("+")[0] in mod.VLLM_VERSIONS, "patch not declared for the installed vLLM"
+    assert isinstance(mod.RETIRED_BY, str) and mod.RETIRED_BY.strip()
+    assert callable(mod.apply)
+
+
+def test_every_patch_module_is_listed():
+    on_disk = {p.stem for p in (ROOT / "patches").glob("*.py") if p.stem != "__init__"}
+    assert {n.split(".", 1)[1] for n in patches.PATCHES} == on_disk, "patches.PATCHES and patches/*.py disagree"
+
+
+def test_readme_ledger_exists():
+    assert README.is_file(), "patches/README.md (the ledger of vLLM patches) is missing"
+
+
+@pytest.mark.parametrize("mod", MODULES, ids=MODULE_IDS)
+def test_readme_ledger_names_each_patch_and_its_target(mod):
+    if not README.is_file():
+        pytest.fail("patches/README.md (the ledger of vLLM patches) is missing")
+    text = README.read_text()
+    short = mod.__name__.split(".", 1)[1]
+    assert short in text or mod.__name__ in text, f"{mod.__name__} is not in patches/README.md"
+    # TARGET may list several callables separated by commas: each must be in the ledger.
+    for target in (t.strip() for t in mod.TARGET.split(",")):
+        assert target in text or target.rsplit(".", 1)[-1] in text, f"TARGET {target!r} of {short} not in README"
+    for v in mod.VLLM_VERSIONS:
+        assert v in text
+
+
+# ====================================================================== apply()
+
+def test_apply_is_idempotent():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.engine.input_processor import InputProcessor
+    patches.apply_all()
+    members = list(AttentionBackendEnum._member_names_)
+    value_map = dict(AttentionBackendEnum._value2member_map_)
+    methods = (InputProcessor._validate_model_inputs, InputProcessor._validate_params)
+    for _ in range(3):
+        patches.apply_all()
+        for mod in MODULES:
+            mod.apply()
+    assert list(AttentionBackendEnum._member_names_) == members and members.count("ADSA") == 1
+    assert dict(AttentionBackendEnum._value2member_map_) == value_map
+    assert (InputProcessor._validate_model_inputs, InputProcessor._validate_params) == methods
+    # The originals are kept, and are vLLM's (not a wrapper of a wrapper).
+    orig_inputs, orig_params = InputProcessor._adsa_orig
+    assert orig_inputs.__module__ == orig_params.__module__ == "vllm.v1.engine.input_processor"
+
+
+def test_check_version_refuses_untested_vllm():
+    with pytest.raises(RuntimeError, match=r"written for vLLM 0\.0\.1, found .*patches/README\.md"):
+        patches.check_version(("0.0.1",), "patches.demo")
+    import vllm
+    patches.check_version((vllm.__version__.split("+")[0],), "patches.demo")   # no error
+
+
+def test_adsa_enum_member_behaves_like_a_member():
+    patches.apply_all()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
+    m = E["ADSA"]
+    assert E.ADSA is m and isinstance(m, E) and m in list(E) and m.name == "ADSA"
+    assert E(m.value) is m
+    assert pickle.loads(pickle.dumps(m)) is m
+    assert pickle.loads(pickle.dumps({"backend": m, "other": E["CPU_ATTN"]})) == {"backend": m,
+                                                                               "other": E["CPU_ATTN"]}
+
+
+# ====================================================================== through vLLM's own factories
+
+def test_attention_config_parses_adsa_string():
+    patches.apply_all()
+    from vllm.config import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    assert AttentionConfig(backend="adsa").backend is AttentionBackendEnum["ADSA"]
+    assert AttentionConfig(backend="ADSA").backend is AttentionBackendEnum["ADSA"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(model16):
+    return model16[0]
+
+
+def test_engine_args_convert_adsa_backend(model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+    vc = EngineArgs(model=str(model_dir), attention_backend="adsa", dtype="float32").create_engine_config()
+    backend = vc.attention_config.backend
+    assert backend is None or backend.name != "ADSA", "ADSA must wrap a real kernel, not be the kernel"
+    assert vc.additional_config["adsa"]["enabled"] is True
+    assert vc.scheduler_config.scheduler_cls == "adsa_vllm.engine.scheduler.ADSAScheduler"
+    assert vc.cache_config.block_size == 16 and not vc.cache_config.enable_prefix_caching
+    assert vc.parallel_config.worker_cls.startswith("adsa_vllm.worker.worker.ADSA")
+    assert vc.model_config.skip_tokenizer_init
+
+
+def test_engine_args_without_adsa_stay_stock(model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+    vc = EngineArgs(model=str(model_dir), dtype="float32").create_engine_config()
+    assert not vc.additional_config.get("adsa", {}).get("enabled")
+    assert "adsa_vllm" not in str(vc.scheduler_config.scheduler_cls)
+    assert "adsa_vllm" not in str(vc.parallel_config.worker_cls)
+
+
+def _processor(model_dir, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+    vc = EngineArgs(model=str(model_dir), dtype="float32", **kw).create_engine_config()
+    return InputProcessor(vc)
+
+
+def _process(proc, ids, **params):
+    from vllm import SamplingParams
+    return proc.process_inputs("req", {"prompt_token_ids": ids}, SamplingParams(**params),
+                               supported_tasks=("generate",))
+
+
+def test_input_processor_rejects_bad_class_id(model_dir):
+    proc = _processor(model_dir)
+    with pytest.raises(ValueError, match=r"512\.\.522.*class ids \[88\] out of range"):
+        _process(proc, [600], max_tokens=4)
+    with pytest.raises(ValueError, match=r"got 0 id\(s\)"):
+        _process(proc, [], max_tokens=4)
+    with pytest.raises(ValueError, match=r"max_tokens=300 is outside the image: this model emits 1\.\.256"):
+        _process(proc, [513], max_tokens=300)
+    req = _process(proc, [513], max_tokens=256)
+    assert list(req.prompt_token_ids) == [513]
+
+
+def test_input_processor_rejects_bad_adsa_override_only_with_adsa_on(model_dir):
+    bad = dict(max_tokens=4, extra_args={"adsa": {"policy": "nope"}})
+    with pytest.raises(ValueError, match=r"adsa\.policy='nope' is unknown"):
+        _process(_processor(model_dir, attention_backend="adsa"), [513], **bad)
+    _process(_processor(model_dir), [513], **bad)   # ADSA off: the settings are not looked at
