@@ -32,7 +32,10 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
 
         if vllm_config.additional_config is None:
             vllm_config.additional_config = {}
-        adsa_raw = vllm_config.additional_config.setdefault("adsa", {})
+        adsa_raw = vllm_config.additional_config.get("adsa") or {}
+        if not isinstance(adsa_raw, dict):
+            raise ADSAConfigError('--additional-config "adsa" must be a JSON object, e.g. {"adsa": {"budget": 0.5}}')
+        vllm_config.additional_config["adsa"] = adsa_raw
         attn = vllm_config.attention_config
         if attn.backend is not None and attn.backend.name == ADSA_BACKEND_NAME:
             adsa_raw["enabled"] = True

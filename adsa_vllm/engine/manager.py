@@ -37,8 +37,9 @@ class ADSAManager(FullAttentionManager):
 
     # ---- request lifecycle (called by ADSAScheduler) ----
     def register(self, req_id: str, overrides: dict | None, max_len: int) -> RequestKV:
+        """max_len: prompt + max_tokens. The last sampled token is never fed back, so it needs no KV slot."""
         layout = self.kv_cache_spec.layout(overrides)
-        full = cdiv(min(max_len, layout.seq_len), self.block_size)
+        full = cdiv(min(max_len, layout.seq_len) - 1, self.block_size)
         entry = RequestKV(layout=layout, bound=min(layout.held_bound, full))
         self.requests[req_id] = entry
         return entry

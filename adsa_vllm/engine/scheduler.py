@@ -6,7 +6,8 @@
 2. Admission by exact lookahead: vLLM's gate counts only the tokens a request has now (1 for c2i), so it admits
    far more sequences than can grow, then preempts them (recompute!). Image requests always run to max_tokens and
    grow one token per step, so the blocks every running request will hold at each future step are known:
-       held_r(t) = min(bound_r, cdiv(len_r + t + 1, bs))   while len_r + t < final_len_r, else 0.
+       held_r(t) = min(bound_r, cdiv(len_r + t + 1, bs))   while len_r + t + 1 < final_len_r, else 0
+   (a request of final length L stores L - 1 tokens: its last sampled token is never fed back).
    A waiting request is admitted only if the peak over t of the sum (with it) fits the pool minus the watermark.
    That rules out preemption (held never exceeds bound, see ADSAManager) while letting staggered requests share
    the blocks that finished requests give back. With ADSA the bound is budget + slack blocks, not the whole
@@ -75,7 +76,7 @@ class ADSAScheduler(Scheduler):
         t = np.arange(horizon, dtype=np.int64)[None, :]
         tokens = length[:, None] + t + 1
         held = np.minimum(bound[:, None], -(-tokens // m.block_size))
-        demand = np.where(tokens <= final[:, None], held, 0).sum(0).max()
+        demand = np.where(tokens < final[:, None], held, 0).sum(0).max()
         capacity = pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in reqs)
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
         return demand + watermark <= capacity

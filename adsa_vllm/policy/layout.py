@@ -42,11 +42,11 @@ class BlockLayout:
                                   f"{cls_token_num} (the condition length)")
         if local < 2:
             raise ADSAConfigError(f"adsa.local={local}: the window must hold at least the query and its predecessor")
-        max_blocks = cdiv(seq_len, block_size)
+        max_blocks = cdiv(seq_len - 1, block_size)
         if cfg.budget is None:
             budget_tokens = seq_len
-        elif isinstance(cfg.budget, float):
-            budget_tokens = int(cfg.budget * image_tokens)
+        elif isinstance(cfg.budget, float):  # a fraction of the image; 1.0 keeps everything
+            budget_tokens = seq_len if cfg.budget >= 1.0 else int(cfg.budget * image_tokens)
         else:
             budget_tokens = cfg.budget
         # A budget that covers the whole sequence keeps every block (no rounding down to whole blocks).
@@ -78,7 +78,8 @@ class BlockLayout:
 
     @property
     def max_blocks(self) -> int:
-        return cdiv(self.seq_len, self.block_size)
+        """Blocks of a whole sequence: positions 0..seq_len-2 (the last image token is emitted, never fed back)."""
+        return cdiv(self.seq_len - 1, self.block_size)
 
     @property
     def evicts(self) -> bool:

@@ -1,0 +1,179 @@
+"""Fashion-MNIST data, the batched quality measurement and (once shipped) the trained model's ADSA ordering.
+
+Pure torch/numpy, no vLLM. The dataset-dependent test is skipped where `dataset-fashion-mnist` is not installed;
+the ordering test is skipped until a trained Fashion-MNIST LlamaGen ships in adsa_vllm/assets/.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adsa_vllm.config import ADSAConfig
+from adsa_vllm.data import fashion_mnist as fm
+from adsa_vllm.llamagen.config import LlamaGenConfig
+from adsa_vllm.reference import LlamaGenReference, generate, score_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "adsa_vllm" / "assets"
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+quality = _load_benchmark("quality")
+
+
+def tiny(grid=16, cls=1, seed=0) -> LlamaGenReference:
+    cfg = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=fm.NUM_LEVELS, num_classes=10,
+                         cls_token_num=cls, grid_size=grid)
+    return LlamaGenReference(cfg).init_random_(seed, 0.2).eval()
+
+
+# ---- data ----
+def test_tokenize_round_trip_error_bound():
+    K = fm.NUM_LEVELS
+    # every grey level (both directions), then random pixels, as three 28x28 images
+    x = np.concatenate([np.arange(256), np.arange(256)[::-1],
+                        np.random.default_rng(0).integers(0, 256, 784 * 3 - 512)])
+    x = x.astype(np.uint8).reshape(3, 28, 28)
+    t = fm.tokenize(x)
+    assert t.dtype == np.int64 and t.shape == (3, 784) and t.min() >= 0 and t.max() == K - 1
+    y = fm.detokenize(t)
+    assert y.dtype == np.uint8 and y.shape == (3, 28, 28)
+    # Rounding to the nearest of K evenly spaced levels: error <= half a step, black and white exact.
+    assert np.abs(y.astype(int) - x.astype(int)).max() <= 255 / (K - 1) / 2
+    assert fm.detokenize(fm.tokenize(np.zeros((28, 28), np.uint8))).max() == 0
+    assert fm.detokenize(fm.tokenize(np.full((28, 28), 255, np.uint8))).min() == 255
+    # tokens are a fixed point, and torch input works too
+    assert np.array_equal(fm.tokenize(fm.detokenize(torch.as_tensor(t))), t)
+
+
+def _write_idx(path: Path, arr: np.ndarray, gz: bool):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    (path.with_name(path.name + ".gz").write_bytes(gzip.compress(data)) if gz else path.write_bytes(data))
+
+
+def test_locate_and_load_from_env(monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    for split, (img, lab) in fm._FILES.items():
+        n = 5 if split == "train" else 3
+        _write_idx(tmp_path / img, rng.integers(0, 256, (n, 28, 28)), gz=split == "train")   # gzip and raw
+        _write_idx(tmp_path / lab, rng.integers(0, 10, (n,)), gz=False)
+    monkeypatch.setenv(fm.ENV_VAR, str(tmp_path))
+    x, y = fm.load("test")
+    assert x.shape == (3, 28, 28) and y.shape == (3,) and x.dtype == np.uint8
+    assert fm.load("train")[0].shape == (5, 28, 28)
+
+
+def test_missing_data_names_the_debian_package(monkeypatch, tmp_path):
+    monkeypatch.setenv(fm.ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(fm.FashionMNISTNotFound, match=r"apt-get install dataset-fashion-mnist") as e:
+        fm.load("train")
+    assert "nowhere" in str(e.value) and fm.ENV_VAR in str(e.value)
+
+
+def test_real_data_quantization_if_installed():
+    try:
+        x, y = fm.load("test")
+    except fm.FashionMNISTNotFound:
+        pytest.skip("dataset-fashion-mnist not installed")
+    assert x.shape == (10000, 28, 28) and np.bincount(y).tolist() == [1000] * 10
+    rep = fm.quantization_report(x[:2000], levels=(fm.NUM_LEVELS,))
+    assert rep[fm.NUM_LEVELS]["psnr_db"] > 37.0     # the number the docstring's choice of K rests on
+
+
+# ---- quality.py ----
+def test_bits_per_token_full_attention_equals_direct_forward():
+    m = tiny(grid=28)
+    tokens = torch.randint(0, fm.NUM_LEVELS, (3, 784), generator=torch.Generator().manual_seed(0))
+    labels = np.array([0, 4, 10])
+    with torch.no_grad():
+        logits = m.forward_full(tokens[:, :-1], torch.as_tensor(labels))     # [B, 784, K], entry i -> token i
+    direct = -logits.log_softmax(-1).gather(-1, tokens[..., None]).mean().item() / math.log(2)
+    for adsa in (None, ADSAConfig(budget=None)):
+        assert quality.bits_per_token(m, labels, tokens, adsa, batch=2) == pytest.approx(direct, abs=1e-5)
+    # and the reference function agrees (same teacher-forced semantics)
+    assert quality.bits_per_token(m, labels, tokens, None, exact=True) == pytest.approx(direct, abs=1e-5)
+
+
+def test_budget_below_prefix_and_window_is_reported_not_run():
+    cfg = tiny(grid=28).cfg
+    why = quality.check_layout(ADSAConfig(budget=0.10), cfg, 16)
+    assert why is not None and "raise the budget" in why
+    assert quality.check_layout(ADSAConfig(budget=0.25), cfg, 16) is None
+
+
+@pytest.mark.parametrize("cls", [1, 2])
+def test_batched_scoring_matches_reference_trackers(cls):
+    m = tiny(grid=16, cls=cls)
+    tokens = torch.randint(0, fm.NUM_LEVELS, (3, 256), generator=torch.Generator().manual_seed(1))
+    c = [1, 5, 10]
+    for label in quality.POLICIES:
+        adsa = quality.adsa_config(label, 0.5)
+        ref = score_tokens(m, c, tokens, adsa=adsa, return_result=True)
+        lp, dec = quality.fast_score(m, c, tokens, adsa=adsa, max_chunk=37, return_state=True)
+        assert dec.selections > 0
+        torch.testing.assert_close(lp, ref.logprobs, atol=1e-4, rtol=0)
+        assert [t.evicted for t in ref.trackers] == dec.evicted_sets(), label
+
+
+def test_batched_sampling_matches_reference_generate():
+    m = tiny(grid=16)
+    for adsa in (None, quality.adsa_config("topk_v_diverse", 0.5), quality.adsa_config("attention_mass", 0.5)):
+        kw = dict(cfg_scale=2.0, top_k=8, seed=3, adsa=adsa)
+        assert torch.equal(quality.fast_generate(m, [1, 2, 9], **kw), generate(m, [1, 2, 9], **kw).tokens)
+
+
+def test_fid_is_zero_on_identical_features_and_grows_with_a_shift():
+    clf = _load_benchmark("classifier")
+    f = np.random.default_rng(0).normal(size=(500, 8))
+    assert abs(clf.fid(f, f)) < 1e-6
+    assert clf.fid(f, f + 1.0) == pytest.approx(8.0, rel=1e-6)   # |mu shift|^2, same covariance
+
+
+# ---- the trained model (skipped until the lead ships it) ----
+# Measured ordering claim at budget 0.5 on the shipped model. TOLERANCE (bits/token) bounds how much worse ADSA
+# topk_v may be than full attention. It is a placeholder that must be replaced by a number justified by the measured
+# results (benchmarks/results/fashion_quality.json: topk_v_diverse delta_vs_full at 0.5, plus a few delta_se, since
+# this test sees only ORDERING_IMAGES images).
+TOLERANCE = 0.05
+ORDERING_IMAGES = 8       # keeps the test < 20 s on a 2-core CPU with the 5.3M-parameter model
+
+
+def _shipped_fashion_model() -> Path | None:
+    if not ((ASSETS / "config.json").is_file() and (ASSETS / "model.safetensors").is_file()):
+        return None
+    g = json.loads((ASSETS / "config.json").read_text()).get("llamagen", {})
+    return ASSETS if (g.get("grid_size"), g.get("codebook_size")) == (fm.GRID_SIZE, fm.NUM_LEVELS) else None
+
+
+@pytest.mark.skipif(_shipped_fashion_model() is None, reason="no trained Fashion-MNIST LlamaGen in adsa_vllm/assets")
+def test_shipped_model_adsa_ordering_at_half_budget():
+    from adsa_vllm.convert import load_reference
+    try:
+        x, y = fm.load("test")
+    except fm.FashionMNISTNotFound:
+        pytest.skip("dataset-fashion-mnist not installed")
+    m = load_reference(_shipped_fashion_model(), dtype=torch.float32)
+    tokens = torch.as_tensor(fm.tokenize(x[:ORDERING_IMAGES]))
+    labels = y[:ORDERING_IMAGES].astype(np.int64)
+    bits = {lab: quality.bits_per_token(m, labels, tokens, None if lab == "full" else quality.adsa_config(lab, 0.5))
+            for lab in ("full", "topk_v_diverse", "streaming", "random")}
+    assert bits["topk_v_diverse"] <= bits["streaming"], bits
+    assert bits["topk_v_diverse"] <= bits["random"], bits
+    assert bits["topk_v_diverse"] - bits["full"] <= TOLERANCE, bits
