@@ -70,6 +70,7 @@ class ADSAConfig:
             raise ADSAConfigError(f"unknown adsa setting(s) {unknown}; valid keys are {sorted(valid)}")
         return dataclasses.replace(self, **overrides)
 
-    def layout(self, *, block_size: int, cls_token_num: int, grid_size: int) -> "BlockLayout":
+    def layout(self, *, block_size: int, cls_token_num: int, grid_size: int, lag: int = 0) -> "BlockLayout":
         from adsa_vllm.policy.layout import BlockLayout
-        return BlockLayout.from_config(self, block_size=block_size, cls_token_num=cls_token_num, grid_size=grid_size)
+        return BlockLayout.from_config(self, block_size=block_size, cls_token_num=cls_token_num, grid_size=grid_size,
+                                       lag=lag)

@@ -3,6 +3,7 @@
 Besides the `ADSAConfig` fields the "adsa" object takes:
   enabled        -- turn ADSA on (``--attention-backend adsa`` sets it);
   inner_backend  -- the paged kernel ADSA wraps (e.g. "FLASH_ATTN", "TRITON_ATTN"); default: the platform's choice.
+  async_lag      -- set by the config hook, not by users: async scheduling returns evicted blocks one step later.
 Per-request overrides use the same `ADSAConfig` keys under ``SamplingParams.extra_args["adsa"]``.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from adsa_vllm.config import ADSAConfig, ADSAConfigError
 
-ENGINE_KEYS = ("enabled", "inner_backend")
+ENGINE_KEYS = ("enabled", "inner_backend", "async_lag")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ADSASettings:
     enabled: bool
     inner_backend: str | None
     defaults: ADSAConfig
+    async_lag: bool = False
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "ADSASettings":
@@ -30,7 +32,8 @@ class ADSASettings:
         raw = dict(raw)
         enabled = bool(raw.pop("enabled", False))
         inner = raw.pop("inner_backend", None)
-        return cls(enabled=enabled, inner_backend=inner, defaults=ADSAConfig.from_dict(raw))
+        lag = bool(raw.pop("async_lag", False))
+        return cls(enabled=enabled, inner_backend=inner, defaults=ADSAConfig.from_dict(raw), async_lag=lag)
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "ADSASettings":

@@ -7,12 +7,15 @@ the result is pickled to EngineCore and workers).
   is reset to the kernel ADSA wraps (`adsa.inner_backend`, default the platform's choice), so every later
   consumer of the backend setting sees a real kernel.
 * With ADSA on: validate the settings now (clear startup errors), block size 16 unless the user chose one,
-  prefix caching off (holes in block lists and hashed prefixes do not mix), synchronous scheduling (the
-  eviction report of step s must be applied before step s+1 is scheduled), and install ADSAScheduler and the
-  ADSA worker.
+  prefix caching off (holes in block lists and hashed prefixes do not mix), and install the ADSA scheduler
+  (the async variant when async scheduling is on: GPU default) and the ADSA worker. On GPU the V1 model runner is
+  chosen unless the user set VLLM_USE_V2_MODEL_RUNNER: it exposes the batch order on the host, so the builder never
+  waits on the GPU (see worker/runtime.py).
 """
 
 from __future__ import annotations
+
+import os
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
@@ -56,11 +59,19 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                                  grid_size=model_cfg.grid_size)
         cache.enable_prefix_caching = False
         model_config.disable_cascade_attn = True  # a cascade prefix would be read through uncompacted tables
-        vllm_config.scheduler_config.async_scheduling = False
-        vllm_config.scheduler_config.scheduler_cls = "adsa_vllm.engine.scheduler.ADSAScheduler"
+        from vllm.platforms import current_platform
+        sched = vllm_config.scheduler_config
+        if current_platform.is_cpu():
+            sched.async_scheduling = False  # the CPU platform forces it off anyway
+        elif sched.async_scheduling is None:
+            sched.async_scheduling = True
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        sched.scheduler_cls = ("adsa_vllm.engine.scheduler.ADSAAsyncScheduler" if sched.async_scheduling
+                               else "adsa_vllm.engine.scheduler.ADSAScheduler")
+        additional = vllm_config.additional_config["adsa"]
+        additional["async_lag"] = bool(sched.async_scheduling)
         parallel = vllm_config.parallel_config
         if parallel.worker_cls == "auto":
-            from vllm.platforms import current_platform
             parallel.worker_cls = ("adsa_vllm.worker.worker.ADSACPUWorker" if current_platform.is_cpu()
                                    else "adsa_vllm.worker.worker.ADSAGPUWorker")
 

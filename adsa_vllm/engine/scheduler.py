@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import numpy as np
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
@@ -24,7 +25,7 @@ from adsa_vllm.engine.manager import ADSAManager
 from adsa_vllm.settings import request_overrides
 
 
-class ADSAScheduler(Scheduler):
+class ADSASchedulerMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         managers = self.kv_cache_manager.coordinator.single_type_managers
@@ -113,3 +114,12 @@ class ADSAScheduler(Scheduler):
         return {"enabled": True, "num_preemptions": self.num_preemptions, "max_running": self.max_running,
                 "total_freed_blocks": m.total_freed, "free_blocks": m.block_pool.get_num_free_blocks(),
                 "requests": per_request}
+
+
+class ADSAScheduler(ADSASchedulerMixin, Scheduler):
+    """Synchronous scheduling (CPU, or --no-async-scheduling)."""
+
+
+class ADSAAsyncScheduler(ADSASchedulerMixin, AsyncScheduler):
+    """Async scheduling (GPU default): step s+1 is scheduled before step s's output arrives, so evictions are
+    returned one step later; the layouts count that step in their slack (`async_lag`)."""

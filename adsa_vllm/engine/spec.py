@@ -22,6 +22,7 @@ class ADSASpec(FullAttentionSpec):
     adsa_settings: str          # JSON of the engine-wide ADSAConfig
     cls_token_num: int
     grid_size: int
+    lag: int = 0                # async scheduling returns evicted blocks one step later (see BlockLayout.lag)
 
     @property
     def defaults(self) -> ADSAConfig:
@@ -29,24 +30,25 @@ class ADSASpec(FullAttentionSpec):
 
     def layout(self, overrides: dict | None = None):
         return self.defaults.merged(overrides).layout(block_size=self.block_size, cls_token_num=self.cls_token_num,
-                                                      grid_size=self.grid_size)
+                                                      grid_size=self.grid_size, lag=self.lag)
 
     @classmethod
-    def from_full(cls, spec: FullAttentionSpec, defaults: ADSAConfig, cls_token_num: int, grid_size: int):
+    def from_full(cls, spec: FullAttentionSpec, defaults: ADSAConfig, cls_token_num: int, grid_size: int,
+                  lag: int = 0):
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
         return cls(**fields, adsa_settings=json.dumps(dataclasses.asdict(defaults), sort_keys=True),
-                   cls_token_num=cls_token_num, grid_size=grid_size)
+                   cls_token_num=cls_token_num, grid_size=grid_size, lag=lag)
 
     @classmethod
     def merge(cls, specs: list["ADSASpec"]) -> "ADSASpec":
         # FullAttentionSpec.merge rebuilds with a fixed field list and would drop ours.
-        extra = {(s.adsa_settings, s.cls_token_num, s.grid_size) for s in specs}
+        extra = {(s.adsa_settings, s.cls_token_num, s.grid_size, s.lag) for s in specs}
         if len(extra) != 1:
             raise ValueError(f"all ADSA layers of one KV cache group must share their settings, got {extra}")
         base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
-        settings, cls_token_num, grid_size = extra.pop()
+        settings, cls_token_num, grid_size, lag = extra.pop()
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(FullAttentionSpec)}
-        return cls(**fields, adsa_settings=settings, cls_token_num=cls_token_num, grid_size=grid_size)
+        return cls(**fields, adsa_settings=settings, cls_token_num=cls_token_num, grid_size=grid_size, lag=lag)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # What one request can ever hold: the startup check and the logged max concurrency use it.

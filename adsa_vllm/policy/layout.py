@@ -27,9 +27,11 @@ class BlockLayout:
     policy: str
     keep: str
     seed: int
+    lag: int = 0           # steps between a selection and the pool getting the blocks back, beyond the first
 
     @classmethod
-    def from_config(cls, cfg: ADSAConfig, *, block_size: int, cls_token_num: int, grid_size: int) -> "BlockLayout":
+    def from_config(cls, cfg: ADSAConfig, *, block_size: int, cls_token_num: int, grid_size: int,
+                    lag: int = 0) -> "BlockLayout":
         if block_size not in SUPPORTED_BLOCK_SIZES:
             raise ADSAConfigError(f"block size {block_size} is not supported by ADSA; use --block-size 16 or 32 "
                                   "(one block is the unit of eviction)")
@@ -53,7 +55,7 @@ class BlockLayout:
         budget_blocks = max_blocks if budget_tokens >= seq_len else budget_tokens // block_size
         refresh = cfg.refresh if cfg.refresh is not None else block_size
         layout = cls(block_size=block_size, prefix_tokens=prefix, local_tokens=local, budget_blocks=budget_blocks,
-                     refresh=refresh, seq_len=seq_len, policy=cfg.policy, keep=cfg.keep, seed=cfg.seed)
+                     refresh=refresh, seq_len=seq_len, policy=cfg.policy, keep=cfg.keep, seed=cfg.seed, lag=lag)
         if layout.evicts and layout.topk_blocks < 0:
             raise ADSAConfigError(
                 f"adsa.budget={cfg.budget!r} gives {layout.budget_blocks} blocks of {block_size} tokens, fewer than "
@@ -89,8 +91,8 @@ class BlockLayout:
     def slack_blocks(self) -> int:
         """Blocks a sequence may hold above the budget: the new tail block allocated by the scheduler in the step
         whose selection evicts (returned one step later), plus the blocks that can enter the candidate set between
-        two selections when refresh > block_size."""
-        return max(1, cdiv(self.refresh, self.block_size))
+        two selections when refresh > block_size, plus one block per step of `lag` (async scheduling)."""
+        return max(1, cdiv(self.refresh, self.block_size)) + self.lag
 
     @property
     def held_bound(self) -> int:

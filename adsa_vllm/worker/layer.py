@@ -31,7 +31,8 @@ def make_runtime(vllm_config: VllmConfig, model_cfg) -> ADSARuntime | None:
         from vllm.distributed import get_tp_group
         tp_group = get_tp_group()
     return ADSARuntime(defaults=settings.defaults, block_size=block_size, cls_token_num=model_cfg.cls_token_num,
-                       grid_size=model_cfg.grid_size, num_layers=model_cfg.n_layer, tp_group=tp_group)
+                       grid_size=model_cfg.grid_size, lag=int(settings.async_lag), num_layers=model_cfg.n_layer,
+                       tp_group=tp_group)
 
 
 class ADSAAttention(Attention):
@@ -45,7 +46,7 @@ class ADSAAttention(Attention):
     def get_kv_cache_spec(self, vllm_config: VllmConfig):
         rt = self.adsa_runtime
         return ADSASpec.from_full(super().get_kv_cache_spec(vllm_config), rt.defaults, rt.cls_token_num,
-                                  rt.grid_size)
+                                  rt.grid_size, rt.lag)
 
 
 def make_attention(num_heads: int, head_size: int, scale: float, num_kv_heads: int, *, vllm_config: VllmConfig,

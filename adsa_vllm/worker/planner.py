@@ -1,11 +1,14 @@
 """Per-step ADSA planning on the worker: decide evictions, compact the block table, arrange scoring.
 
-Scores come from one of two places, with identical values (candidate blocks are complete before the forward that
-requests them, so their K/V no longer change):
-  * query-free policies (TopK-V, streaming, random): scored here, at the build of the step that decides, from
-    every layer's KV cache. The forward then runs no ADSA code at all, so full CUDA graphs can capture it.
-  * policies that need the decode query (attention mass): scored inside each layer's forward (`score_layer`)
-    into a `ScoringBatch`, decided at the next build; those engines run attention outside CUDA graphs.
+A selection at position p+1 is requested at step p (`SequenceTracker.scoring_request`) and decided at step p+1.
+Its scores come from one of two places, with identical values (the candidates were complete before step p-1
+finished, so their K/V no longer change):
+  * query-free policies (TopK-V, streaming, random): launched here, at the build of step p, over every layer's
+    KV cache, and copied to pinned memory behind an event; the build of step p+1 picks them up. Nothing waits on
+    the GPU in between (async scheduling stays overlapped) and the forward runs no ADSA code, so full CUDA graphs
+    capture it.
+  * policies that need the decode query (attention mass): scored inside each layer's forward (`score_layer`);
+    those engines run attention outside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -36,20 +39,15 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                 else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
     bt = cm.block_table_tensor
-    first_blocks = bt[:n, 0].cpu().tolist()   # one small copy; on GPU this waits for the previous step
+    sequences = runtime.row_sequences(n, bt)
 
-    rows = []   # (row, seq, pos) of decode rows of live ADSA sequences
-    for row in range(n):
-        if q_lens[row] != 1:
-            continue  # prefill chunk: full causal attention (eviction starts at the first decode)
-        seq = runtime.sequence_for(first_blocks[row])
-        if seq is not None and seq.tracker.layout.evicts:
-            rows.append((row, seq, int(seq_lens[row]) - 1))
-
-    _score_due_now(rows, bt, layers, backend)
-    kept, in_forward = {}, []
+    kept, in_forward, launch = {}, [], []
     bs = runtime.block_size
-    for row, seq, pos in rows:
+    for row in range(n):
+        seq = sequences[row]
+        if q_lens[row] != 1 or seq is None or not seq.tracker.layout.evicts:
+            continue  # prefill chunks attend causally to everything (eviction starts at the first decode)
+        pos = int(seq_lens[row]) - 1
         tracker = seq.tracker
         runtime.record_evictions(seq, tracker.begin_step(pos))
         blocks = tracker.kept_blocks(pos)
@@ -57,10 +55,14 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
             kept[row] = blocks
             seq_lens[row] = (len(blocks) - 1) * bs + pos % bs + 1
         cands = tracker.scoring_request(pos)
-        if cands is not None and tracker.scorer.needs_query:
-            in_forward.append((row, seq, pos, cands))
-    scoring = _scoring_batch(cm, in_forward, int(qsl[0])) if in_forward else None
-    if scoring is not None:
+        if cands is not None:
+            (in_forward if tracker.scorer.needs_query else launch).append((row, seq, pos, cands))
+    if launch:
+        _launch_scoring(runtime, bt, launch, layers, backend)
+    scoring = None
+    if in_forward:
+        qsl_rows = [int(qsl[row]) - int(qsl[0]) for row, *_ in in_forward]
+        scoring = scoring_batch(bt, in_forward, qsl_rows)
         runtime.pending.append(scoring)
     return StepPlan(kept, seq_lens, scoring)
 
@@ -76,29 +78,17 @@ def compacted_block_table(bt: torch.Tensor, kept: dict[int, list[int]], out: tor
     return torch.gather(bt, 1, torch.from_numpy(idx).to(bt.device, non_blocking=True), out=out)
 
 
-def _score_due_now(rows, bt: torch.Tensor, layers: list, backend: str) -> None:
-    """Query-free policies: score the candidates requested last step for this step, over every layer."""
-    due = [(row, seq, pos) for row, seq, pos in rows
-           if seq.tracker.pending_for(pos) and not seq.tracker.scorer.needs_query]
-    if not due:
-        return
-    # Scored as of the step that requested them (pos - 1), exactly as an in-forward pass would have: the random
-    # policy hashes that position, and the candidates' K/V have not changed since.
-    batch = _scoring_batch_for(bt, [(row, seq, pos - 1, seq.tracker.pending_blocks) for row, seq, pos in due],
-                               token_base=0, token_rows=None)
+def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, rows, layers: list, backend: str) -> None:
+    """Score query-free candidates over every layer now; the next build reads the result without waiting."""
+    batch = scoring_batch(bt, rows, None)
     for layer in layers:
         score_layer(batch, None, layer.kv_cache, backend, layer.head_size, layer.impl.scale)
-    acc = batch.acc.cpu()
-    for i, seq in enumerate(batch.sequences):
-        seq.tracker.add_layer_scores(acc[i, : batch.num_candidates[i]])
+    runtime.ship_to_host(batch)
+    runtime.pending.append(batch)
 
 
-def _scoring_batch(cm: CommonAttentionMetadata, scored, token_base: int) -> ScoringBatch:
-    qsl = cm.query_start_loc_cpu
-    return _scoring_batch_for(cm.block_table_tensor, scored, token_base, [int(qsl[row]) for row, *_ in scored])
-
-
-def _scoring_batch_for(bt: torch.Tensor, scored, token_base: int, token_rows) -> ScoringBatch:
+def scoring_batch(bt: torch.Tensor, scored, token_rows) -> ScoringBatch:
+    """Rows (row, sequence, position, candidate logical blocks) -> padded candidate tensors on bt's device."""
     dev = bt.device
     r, c = len(scored), max(len(cands) for *_, cands in scored)
     index = np.zeros((r, c), dtype=np.int64)
@@ -106,16 +96,16 @@ def _scoring_batch_for(bt: torch.Tensor, scored, token_base: int, token_rows) ->
     for i, (*_, cands) in enumerate(scored):
         index[i, : len(cands)] = cands
         valid[i, : len(cands)] = True
-    index_dev = torch.from_numpy(index).to(dev)
-    valid_dev = torch.from_numpy(valid).to(dev)
-    rows = torch.tensor([row for row, *_ in scored], device=dev)
+    index_dev = torch.from_numpy(index).to(dev, non_blocking=True)
+    valid_dev = torch.from_numpy(valid).to(dev, non_blocking=True)
+    rows = torch.tensor([row for row, *_ in scored]).to(dev, non_blocking=True)
     block_ids = torch.where(valid_dev, torch.gather(bt[rows].long(), 1, index_dev), 0)
     seqs = [seq for _, seq, _, _ in scored]
-    token_index = torch.tensor([t - token_base for t in token_rows] if token_rows else [0] * r, device=dev)
+    token_index = torch.tensor(token_rows if token_rows else [0] * r).to(dev, non_blocking=True)
     return ScoringBatch(
         sequences=seqs, num_candidates=[len(cands) for *_, cands in scored], token_index=token_index,
         block_ids=block_ids, block_index=index_dev, valid=valid_dev,
-        positions=torch.tensor([pos for _, _, pos, _ in scored], device=dev),
+        positions=torch.tensor([pos for _, _, pos, _ in scored]).to(dev, non_blocking=True),
         acc=torch.zeros(r, c, dtype=torch.float32, device=dev), groups=_groups_by_scorer(seqs, dev))
 
 

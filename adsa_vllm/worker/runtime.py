@@ -1,9 +1,11 @@
 """Worker-process ADSA state: one `SequenceTracker` per live request, and the evictions to report.
 
-The attention metadata builder sees rows of block ids, not request ids. A row is identified by the physical id of
-its first KV block: prefix blocks are never evicted and prefix caching is off, so that id is unique among live
-requests. The worker feeds request lifecycle events from each SchedulerOutput (`on_schedule`), which binds
-request id, per-request settings and first block together; a preempted request restarts with a fresh tracker.
+The attention metadata builder sees rows of block ids, not request ids. Where the model runner exposes its batch
+order on the host (V1 runner: `input_batch.req_ids`), rows are matched by request id; otherwise by the physical id
+of a row's first KV block (prefix blocks are never evicted and prefix caching is off, so that id is unique among
+live requests), which costs one small device-to-host copy per step. The worker feeds request lifecycle events from
+each SchedulerOutput (`on_schedule`), binding request id, per-request settings and first block together; a
+preempted request restarts with a fresh tracker.
 
 Protocol with the scheduler (worker-authoritative, see adsa_vllm/engine/manager.py): the builder decides an
 eviction *before* the forward that would have read the block, so the worker never reads it again; the eviction
@@ -43,6 +45,8 @@ class ScoringBatch:
     acc: torch.Tensor            # [R, C] float32
     groups: list                 # [(scorer, row selector)]: rows sharing a scorer are scored in one call
     layers_done: int = 0
+    host_acc: torch.Tensor | None = None   # pinned copy of acc, valid once `ready` has fired
+    ready: object = None                   # CUDA event recorded after the copy (None on CPU: already done)
 
 
 @dataclass
@@ -51,8 +55,10 @@ class ADSARuntime:
     block_size: int
     cls_token_num: int
     grid_size: int
+    lag: int = 0                                 # async scheduling: evictions reach the pool one step later
     num_layers: int = 1                          # a ScoringBatch counts only once every layer has scored it
     tp_group: object = None                      # all-reduce group for scores under tensor parallelism
+    batch_req_ids: object = None                 # callable n -> the first n request ids in batch order, if known
     _by_req: dict = field(default_factory=dict)
     _by_block: dict = field(default_factory=dict)
     _layouts: dict = field(default_factory=dict)
@@ -65,7 +71,7 @@ class ADSARuntime:
         cfg = self.defaults.merged(request_overrides(extra_args))
         if cfg not in self._layouts:
             self._layouts[cfg] = cfg.layout(block_size=self.block_size, cls_token_num=self.cls_token_num,
-                                            grid_size=self.grid_size)
+                                            grid_size=self.grid_size, lag=self.lag)
         return self._layouts[cfg]
 
     def _scorer(self, layout: BlockLayout):
@@ -104,18 +110,36 @@ class ADSARuntime:
     def sequence_for(self, first_block: int) -> LiveSequence | None:
         return self._by_block.get(first_block)
 
-    # ---- scores of the previous forward ----
+    def row_sequences(self, n: int, block_table: torch.Tensor) -> list:
+        """The live sequence of each of the first n batch rows (None for rows ADSA does not manage)."""
+        if self.batch_req_ids is not None:
+            return [self._by_req.get(rid) for rid in self.batch_req_ids(n)]
+        return [self._by_block.get(b) for b in block_table[:n, 0].cpu().tolist()]
+
+    # ---- scores ----
+    def ship_to_host(self, batch: ScoringBatch) -> None:
+        """Reduce across tensor-parallel ranks, then start the device-to-host copy without waiting for it."""
+        acc = batch.acc if self.tp_group is None else self.tp_group.all_reduce(batch.acc)
+        if acc.is_cuda:
+            batch.host_acc = torch.empty(acc.shape, dtype=acc.dtype, pin_memory=True)
+            batch.host_acc.copy_(acc, non_blocking=True)
+            batch.ready = torch.cuda.Event()
+            batch.ready.record()
+        else:
+            batch.host_acc = acc
+
     def absorb_scores(self) -> None:
+        """Hand the scores computed last step to their trackers (they decide at this step's begin_step)."""
         for batch in self.pending:
             if batch.layers_done != self.num_layers:
                 continue  # no complete forward ran (profiling, dummy batch): the trackers ask again next step
-            acc = batch.acc
-            if self.tp_group is not None:
-                acc = self.tp_group.all_reduce(acc)
-            acc = acc.cpu()
+            if batch.host_acc is None:
+                self.ship_to_host(batch)
+            if batch.ready is not None:
+                batch.ready.synchronize()  # normally long done: recorded before the previous forward
             for i, seq in enumerate(batch.sequences):
                 if self._by_req.get(seq.req_id) is seq:
-                    seq.tracker.add_layer_scores(acc[i, : batch.num_candidates[i]])
+                    seq.tracker.add_layer_scores(batch.host_acc[i, : batch.num_candidates[i]])
         self.pending = []
 
     # ---- evictions to report ----

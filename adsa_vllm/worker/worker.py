@@ -23,6 +23,9 @@ class ADSAWorkerMixin:
             model = self.model_runner.get_model()
             model = getattr(model, "unwrap", lambda: model)()
             self._adsa_rt = getattr(model, "adsa_runtime", None)
+            batch = getattr(self.model_runner, "input_batch", None)   # V1 runner: batch order known on the host
+            if self._adsa_rt is not None and batch is not None and hasattr(batch, "req_ids"):
+                self._adsa_rt.batch_req_ids = lambda n: batch.req_ids[:n]
         return self._adsa_rt
 
     def execute_model(self, scheduler_output, *args, **kwargs):
