@@ -250,15 +250,17 @@ def test_layout_16x16_half_budget(refresh, slack):
     assert (lay.prefix_tokens, lay.local_tokens) == (17, 17)          # condition + first row; row + 1
     assert (lay.prefix_blocks, lay.local_blocks) == (2, 2)
     assert lay.budget_blocks == 8 and lay.topk_blocks == 4            # int(0.5 * 256) // 16
-    assert lay.max_blocks == 17 and lay.seq_len == 257 and lay.evicts
+    assert lay.max_blocks == 16 and lay.seq_len == 257 and lay.evicts    # 256 stored tokens (last one never fed)
     assert lay.refresh == (refresh or 16)
     assert lay.slack_blocks == slack and lay.held_bound == 8 + slack
+    lagged = ADSAConfig(budget=0.5, refresh=refresh).layout(block_size=16, cls_token_num=1, grid_size=16, lag=1)
+    assert lagged.slack_blocks == slack + 1       # async scheduling returns evicted blocks one step later
 
 
 def test_layout_other_shapes():
     lay = layout(grid=24)                  # 577 tokens, 288 budget tokens
     assert (lay.prefix_blocks, lay.local_blocks, lay.budget_blocks, lay.topk_blocks, lay.max_blocks) == \
-        (2, 3, 18, 13, 37)
+        (2, 3, 18, 13, 36)
     lay = layout(bs=32)
     assert (lay.prefix_blocks, lay.local_blocks, lay.budget_blocks, lay.topk_blocks, lay.held_bound) == \
         (1, 2, 4, 1, 5)
@@ -271,7 +273,7 @@ def test_layout_other_shapes():
 @pytest.mark.parametrize("budget", [None, 257, 1000])
 def test_layout_budget_covering_sequence_never_evicts(budget):
     lay = layout(budget=budget)
-    assert not lay.evicts and lay.budget_blocks == lay.max_blocks == lay.held_bound == 17
+    assert not lay.evicts and lay.budget_blocks == lay.max_blocks == lay.held_bound == 16
 
 
 def test_layout_positions():
