@@ -113,7 +113,8 @@ class ADSARuntime:
     def row_sequences(self, n: int, block_table: torch.Tensor) -> list:
         """The live sequence of each of the first n batch rows (None for rows ADSA does not manage)."""
         if self.batch_req_ids is not None:
-            return [self._by_req.get(rid) for rid in self.batch_req_ids(n)]
+            seqs = [self._by_req.get(rid) for rid in self.batch_req_ids(n)]
+            return seqs + [None] * (n - len(seqs))   # rows padded for a CUDA graph size hold no request
         return [self._by_block.get(b) for b in block_table[:n, 0].cpu().tolist()]
 
     # ---- scores ----
