@@ -176,10 +176,16 @@ class BatchedADSA:
             self._select(start)
             self._request(end)
         pos = torch.arange(start, start + S, device=h.device)
-        keep_tok = (~self.evicted)[:, self.slots // self.bs]                                # [R, L]
-        mask = keep_tok[:, None, None, :] & (self.slots[None, :] <= pos[:, None])[None, None]  # [R, 1, S, L]
+        # Attend over the written slots [0, end] only: views of the static cache (the model writes through them),
+        # so a step reads ~half the cache on average instead of all of it. Slots past `end` are masked out in the
+        # reference, i.e. contribute exactly zero there, so this changes no result.
+        n = end + 1
+        slots = self.slots[:n]
+        keep_tok = (~self.evicted)[:, slots // self.bs]                                     # [R, n]
+        mask = keep_tok[:, None, None, :] & (slots[None, :] <= pos[:, None])[None, None]    # [R, 1, S, n]
+        caches = [(k[:, :, :n], v[:, :, :n]) for k, v in self.caches]
         hook = self._score if self._req is not None else None
-        return self.model.forward_hidden(h, pos, self.caches, mask, hook=hook)
+        return self.model.forward_hidden(h, pos, caches, mask, hook=hook)
 
     def evicted_sets(self) -> list[set[int]]:
         return [set(torch.nonzero(row).flatten().tolist()) for row in self.evicted.cpu()]
@@ -399,7 +405,7 @@ def markdown(rep: dict) -> str:
         for b in a["budgets"]:
             v = per[str(b)]
             cells.append("skipped" if "skipped" in v else
-                         f"{v['bits_per_token']:.4f} (+{v['delta_vs_full']:.4f} ± {v['delta_se']:.4f})")
+                         f"{v['bits_per_token']:.4f} ({v['delta_vs_full']:+.4f} ± {v['delta_se']:.4f})")
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     skipped = {b: v["skipped"] for per in rep["bits"]["policies"].values() for b, v in per.items() if "skipped" in v}
     for b, why in skipped.items():
@@ -407,7 +413,7 @@ def markdown(rep: dict) -> str:
     if rep.get("samples"):
         s = rep["samples"]
         lines += ["", f"## Samples ({s['per_policy']} per policy, CFG {a['cfg_scale']}, top-k {a['top_k']}, "
-                      f"temperature {a['temperature']}, budget {a['sample_budget']})", "",
+                      f"temperature {a['temperature']}, budget {a['sample_budget']}, {a['gen_dtype']})", "",
                   "| rows | FID (classifier features) | class accuracy |", "|---|---|---|"]
         for lab, v in s["results"].items():
             lines.append(f"| {lab} | {v['fid']:.3f} | {v['class_accuracy']:.3f} |")
@@ -424,10 +430,15 @@ def main(argv=None):
     ap.add_argument("model", help="model folder (config.json + model.safetensors)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="compute dtype; float32 so that near-ties between blocks are not decided by rounding")
+                    help="compute dtype of bits/token; float32 so that bf16 rounding neither decides near-ties "
+                    "between blocks nor blurs deltas of a few thousandths of a bit")
+    ap.add_argument("--gen-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="compute dtype of sampling (default bfloat16 on CUDA, as vLLM serves it: half the cache "
+                    "traffic; float32 on CPU)")
     ap.add_argument("--limit", type=int, default=10000, help="test images for bits/token")
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
-    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES),
+                    help="none: full attention only (e.g. to choose --cfg-scale)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--batch", type=int, default=None, help="rows per scoring batch (default 2000 CUDA, 64 CPU)")
     ap.add_argument("--samples-per-policy", type=int, default=1000)
@@ -449,6 +460,7 @@ def main(argv=None):
     cuda = a.device.startswith("cuda")
     a.batch = a.batch or (2000 if cuda else 64)
     a.gen_batch = a.gen_batch or (1000 if cuda else 64)
+    a.gen_dtype = a.gen_dtype or ("bfloat16" if cuda else "float32")
     if cuda:  # full float32 matmuls: TF32 would add ~1e-3 relative noise to every score
         torch.backends.cuda.matmul.allow_tf32 = False
     import classifier as clf
@@ -488,7 +500,7 @@ def main(argv=None):
                 "bits_per_token": float(per.mean()), "delta_vs_full": float(delta.mean()),
                 "delta_se": float(delta.std() / math.sqrt(len(delta))) if len(delta) > 1 else 0.0,
                 "kept_blocks": lay.budget_blocks, "topk_blocks": lay.topk_blocks, "seconds": time.time() - t1}
-            print(f"{lab} @ {b}: {per.mean():.4f} bits/token (+{delta.mean():.4f}) ({time.time() - t1:.1f} s)",
+            print(f"{lab} @ {b}: {per.mean():.4f} bits/token ({delta.mean():+.4f}) ({time.time() - t1:.1f} s)",
                   flush=True)
     rep["bits"] = bits
     rep["timings_s"]["bits"] = time.time() - t0
@@ -518,13 +530,15 @@ def main(argv=None):
         floor = {"fid": clf.fid(clf.features(real_tr, net), ref_feat),
                  "class_accuracy": float((clf.predict(real_tr, net) == ytr[pick]).mean())}
         samples, results = {}, {}
+        gen_model = model if a.gen_dtype == a.dtype else load_reference(a.model, dtype=getattr(torch, a.gen_dtype),
+                                                                         device=a.device)
         rows = [("full", None)] + [(lab, adsa_config(lab, a.sample_budget)) for lab in a.policies]
         for lab, adsa in rows:
             if adsa is not None and (why := check_layout(adsa, cfg, a.block_size)):
                 results[lab] = {"skipped": why}
                 continue
             t1 = time.time()
-            toks = sample_tokens(model, [int(c) for c in class_ids], adsa, a, a.exact)
+            toks = sample_tokens(gen_model, [int(c) for c in class_ids], adsa, a, a.exact)
             imgs = fm.detokenize(toks)
             samples[lab] = imgs
             results[lab] = {"fid": clf.fid(clf.features(imgs, net), ref_feat),

@@ -73,10 +73,11 @@ def bits_per_token(model: LlamaGenReference, tokens: torch.Tensor, labels: torch
 
 
 def lr_at(frac: float, step: int, warmup: int, lr: float, min_ratio: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
+    """Linear warm-up over `warmup` steps times a cosine over the budget fraction `frac` (time or steps). A product,
+    not a hand-over, so the LR stays continuous when the warm-up ends late in a short (CPU) run."""
     frac = min(max(frac, 0.0), 1.0)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    cosine = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return lr * min(1.0, (step + 1) / warmup) * cosine
 
 
 def main(argv=None):
@@ -184,6 +185,8 @@ def main(argv=None):
     final_loss = loss.item()
 
     out = save_model_folder(model.eval(), cfg, a.out, dtype="float16")
+    if cuda:  # evaluate in full float32 (TF32 matmuls would blur the bits/token in the 3rd decimal)
+        torch.backends.cuda.matmul.allow_tf32 = False
     folder_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     # Evaluate what was saved: the float16 weights, computed in float32 (what quality.py loads).
     saved = load_reference(out, dtype=torch.float32, device=dev)

@@ -107,8 +107,6 @@ def test_bits_per_token_full_attention_equals_direct_forward():
     direct = -logits.log_softmax(-1).gather(-1, tokens[..., None]).mean().item() / math.log(2)
     for adsa in (None, ADSAConfig(budget=None)):
         assert quality.bits_per_token(m, labels, tokens, adsa, batch=2) == pytest.approx(direct, abs=1e-5)
-    # and the reference function agrees (same teacher-forced semantics)
-    assert quality.bits_per_token(m, labels, tokens, None, exact=True) == pytest.approx(direct, abs=1e-5)
 
 
 def test_budget_below_prefix_and_window_is_reported_not_run():
@@ -118,12 +116,12 @@ def test_budget_below_prefix_and_window_is_reported_not_run():
     assert quality.check_layout(ADSAConfig(budget=0.25), cfg, 16) is None
 
 
-@pytest.mark.parametrize("cls", [1, 2])
-def test_batched_scoring_matches_reference_trackers(cls):
-    m = tiny(grid=16, cls=cls)
-    tokens = torch.randint(0, fm.NUM_LEVELS, (3, 256), generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("grid,cls,labels", [(16, 1, list(quality.POLICIES)), (12, 2, ["topk_v_diverse"])])
+def test_batched_scoring_matches_reference_trackers(grid, cls, labels):
+    m = tiny(grid=grid, cls=cls)
+    tokens = torch.randint(0, fm.NUM_LEVELS, (3, grid * grid), generator=torch.Generator().manual_seed(1))
     c = [1, 5, 10]
-    for label in quality.POLICIES:
+    for label in labels:
         adsa = quality.adsa_config(label, 0.5)
         ref = score_tokens(m, c, tokens, adsa=adsa, return_result=True)
         lp, dec = quality.fast_score(m, c, tokens, adsa=adsa, max_chunk=37, return_state=True)
@@ -134,9 +132,10 @@ def test_batched_scoring_matches_reference_trackers(cls):
 
 def test_batched_sampling_matches_reference_generate():
     m = tiny(grid=16)
-    for adsa in (None, quality.adsa_config("topk_v_diverse", 0.5), quality.adsa_config("attention_mass", 0.5)):
+    # attention_mass: the only policy that reads the query, so the scoring forward's position must be right too
+    for adsa in (quality.adsa_config("topk_v_diverse", 0.5), quality.adsa_config("attention_mass", 0.5)):
         kw = dict(cfg_scale=2.0, top_k=8, seed=3, adsa=adsa)
-        assert torch.equal(quality.fast_generate(m, [1, 2, 9], **kw), generate(m, [1, 2, 9], **kw).tokens)
+        assert torch.equal(quality.fast_generate(m, [1, 9], **kw), generate(m, [1, 9], **kw).tokens)
 
 
 def test_fid_is_zero_on_identical_features_and_grows_with_a_shift():
@@ -147,12 +146,15 @@ def test_fid_is_zero_on_identical_features_and_grows_with_a_shift():
 
 
 # ---- the trained model (skipped until the lead ships it) ----
-# Measured ordering claim at budget 0.5 on the shipped model. TOLERANCE (bits/token) bounds how much worse ADSA
-# topk_v may be than full attention. It is a placeholder that must be replaced by a number justified by the measured
-# results (benchmarks/results/fashion_quality.json: topk_v_diverse delta_vs_full at 0.5, plus a few delta_se, since
-# this test sees only ORDERING_IMAGES images).
-TOLERANCE = 0.05
-ORDERING_IMAGES = 8       # keeps the test < 20 s on a 2-core CPU with the 5.3M-parameter model
+# Ordering claim at budget 0.5 on the shipped model. TOLERANCE (bits/token) bounds how much worse ADSA topk_v may be
+# than full attention; it must stay justified by measured numbers. Measured on a 7.5-minute H100 model (dim 256,
+# 8 layers, test 0.8652 bits/token; benchmarks/quality.py, float32): topk_v_diverse at 0.5 costs +0.0073 bits/token
+# on the 10k test images, +0.0064 +- 0.0009 on the first 64 and +0.0061 +- 0.0023 on the first 8 (paired standard
+# errors). 0.02 = that cost plus ~5 standard errors of a 16-image estimate. Re-measure when the shipped model changes.
+# The same measurement has random (+0.0053) and attention_mass (+0.0038) *below* topk_v_diverse, streaming (+0.0087)
+# above it: the `<= random` assertion encodes the hypothesis under test and fails on that model.
+TOLERANCE = 0.02
+ORDERING_IMAGES = 16      # ~10 s on a 2-core CPU with the 5.3M-parameter model (4 configurations)
 
 
 def _shipped_fashion_model() -> Path | None:
