@@ -17,7 +17,6 @@ import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, CommonAttentionMetadata
 
 from adsa_vllm.worker.planner import compacted_block_table, plan_step, score_layer
-from adsa_vllm.worker.runtime import ADSARuntime
 
 
 @functools.lru_cache
@@ -89,6 +88,3 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
     ADSABackend.__name__ = ADSABackend.__qualname__ = f"ADSA_{inner.__name__}"
     return ADSABackend
 
-
-def runtime_of(vllm_config, layer_names) -> ADSARuntime:
-    return vllm_config.compilation_config.static_forward_context[layer_names[0]].adsa_runtime
