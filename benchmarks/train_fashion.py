@@ -9,8 +9,11 @@ Output: a model folder (config.json + float16 model.safetensors, must stay <= 12
 plus train_metrics.json in it: train loss and test bits/token (teacher-forced NLL / ln 2 over all 784 tokens of the
 10k test images, computed with the saved float16 weights in float32).
 
-  # GPU (H100, <= 10 min): the default size, 5.3M parameters, 10.6 MB in float16
+  # GPU (H100, <= 10 min): the default size, 5.3M parameters, 10.5 MB in float16. Measured: 1.14M tokens/s
+  # (batch 128, bf16, no compile), so 7.5 min = 10.9 epochs -> test 0.8652 bits/token (log2 K = 4).
   python benchmarks/train_fashion.py --device cuda --minutes 9 --out /tmp/fashion-llamagen
+  # A GPU machine without apt: copy /usr/share/datasets/fashion-mnist into the machine and set
+  # ADSA_FASHION_MNIST_DIR to it.
   # CPU smoke run (a tiny model)
   python benchmarks/train_fashion.py --device cpu --minutes 3 --dim 64 --n-layer 2 --n-head 2 --out /tmp/fm-smoke
 """
