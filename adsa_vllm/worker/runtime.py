@@ -65,7 +65,6 @@ class ADSARuntime:
     _scorers: dict = field(default_factory=dict)
     _outbox: dict = field(default_factory=dict)
     pending: list = field(default_factory=list)  # ScoringBatches of the last forward, absorbed by the next build
-    stats: dict = field(default_factory=lambda: {"evicted_blocks": 0, "selections": 0})
 
     def layout_for(self, extra_args: dict | None) -> BlockLayout:
         cfg = self.defaults.merged(request_overrides(extra_args))
@@ -147,8 +146,6 @@ class ADSARuntime:
     def record_evictions(self, seq: LiveSequence, blocks: list[int]) -> None:
         if blocks:
             self._outbox.setdefault(seq.req_id, []).extend(blocks)
-            self.stats["evicted_blocks"] += len(blocks)
-            self.stats["selections"] += 1
 
     def drain_evictions(self) -> dict[str, list[int]]:
         out, self._outbox = self._outbox, {}
