@@ -6,11 +6,14 @@ the result is pickled to EngineCore and workers).
 * `--attention-backend adsa` becomes `additional_config["adsa"]["enabled"] = True`, and the attention backend
   is reset to the kernel ADSA wraps (`adsa.inner_backend`, default the platform's choice), so every later
   consumer of the backend setting sees a real kernel.
+* With classifier-free guidance on (``"cfg"``), the config declares twice the attention heads (see
+  adsa_vllm/llamagen/model.py: a request's cond and uncond branches are one sequence with 2H heads).
+* With ADSA or classifier-free guidance on: the plugin's worker (it feeds the model's runtimes every
+  SchedulerOutput), and on GPU the V1 model runner unless the user set VLLM_USE_V2_MODEL_RUNNER: it exposes the
+  batch order on the host, so the builder and the guidance scales never wait on the GPU (see worker/runtime.py).
 * With ADSA on: validate the settings now (clear startup errors), block size 16 unless the user chose one,
   prefix caching off (holes in block lists and hashed prefixes do not mix), and install the ADSA scheduler
-  (the async variant when async scheduling is on: GPU default) and the ADSA worker. On GPU the V1 model runner is
-  chosen unless the user set VLLM_USE_V2_MODEL_RUNNER: it exposes the batch order on the host, so the builder never
-  waits on the GPU (see worker/runtime.py).
+  (the async variant when async scheduling is on: GPU default).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from adsa_vllm.config import SUPPORTED_BLOCK_SIZES, ADSAConfigError
+from adsa_vllm.guidance.settings import GuidanceSettings
 from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.settings import ADSASettings
 
@@ -47,6 +51,16 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
             attn.backend = _inner_backend(adsa_raw["inner_backend"])
 
         settings = ADSASettings.from_additional_config(vllm_config.additional_config)
+        guidance = GuidanceSettings.from_additional_config(vllm_config.additional_config)  # validates "cfg"
+        from vllm.platforms import current_platform
+        _declare_attention_heads(model_config, model_cfg, 2 if guidance.enabled else 1)
+        if guidance.enabled or settings.enabled:
+            parallel = vllm_config.parallel_config
+            if parallel.worker_cls == "auto":
+                parallel.worker_cls = ("adsa_vllm.worker.worker.ADSACPUWorker" if current_platform.is_cpu()
+                                       else "adsa_vllm.worker.worker.ADSAGPUWorker")
+            if not current_platform.is_cpu():
+                os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         if not settings.enabled:
             return
         cache = vllm_config.cache_config
@@ -59,21 +73,28 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                                  grid_size=model_cfg.grid_size)
         cache.enable_prefix_caching = False
         model_config.disable_cascade_attn = True  # a cascade prefix would be read through uncompacted tables
-        from vllm.platforms import current_platform
         sched = vllm_config.scheduler_config
         if current_platform.is_cpu():
             sched.async_scheduling = False  # the CPU platform forces it off anyway
         elif sched.async_scheduling is None:
             sched.async_scheduling = True
-            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         sched.scheduler_cls = ("adsa_vllm.engine.scheduler.ADSAAsyncScheduler" if sched.async_scheduling
                                else "adsa_vllm.engine.scheduler.ADSAScheduler")
         additional = vllm_config.additional_config["adsa"]
         additional["async_lag"] = bool(sched.async_scheduling)
-        parallel = vllm_config.parallel_config
-        if parallel.worker_cls == "auto":
-            parallel.worker_cls = ("adsa_vllm.worker.worker.ADSACPUWorker" if current_platform.is_cpu()
-                                   else "adsa_vllm.worker.worker.ADSAGPUWorker")
+
+
+def _declare_attention_heads(model_config, model_cfg: LlamaGenConfig, branches: int) -> None:
+    """The head counts vLLM's attention builders read from the config (FlashAttention, Triton and CPU builders
+    call model_config.get_num_attention_heads / get_num_kv_heads, answered from `model_arch_config`, derived
+    from hf_config when ModelConfig was built): under CFG a layer attends over both branches' heads. Set from the
+    model's own numbers, so running the hook twice changes nothing."""
+    heads, kv_heads = branches * model_cfg.n_head, branches * model_cfg.kv_heads
+    for target in (model_config.hf_config, model_config.hf_text_config):
+        target.head_dim = model_cfg.head_dim
+        target.num_attention_heads, target.num_key_value_heads = heads, kv_heads
+    arch = model_config.model_arch_config
+    arch.total_num_attention_heads, arch.total_num_kv_heads, arch.head_size = heads, kv_heads, model_cfg.head_dim
 
 
 def _inner_backend(name: str | None):

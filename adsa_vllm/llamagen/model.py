@@ -8,6 +8,14 @@ throughput can be compared with a plain Llama of the same shape. What differs fr
   * 2D RoPE with zeroed condition positions (rope2d.py).
   * logits: only the codebook is scored; the condition ids get -inf, so sampling can never emit them.
   * attention: `adsa_vllm.worker.layer.make_attention` returns the ADSA layer when ADSA is enabled.
+  * classifier-free guidance (``--additional-config '{"cfg": {...}}'``): every request is a conditional /
+    unconditional *pair inside one sequence*. Each token row is run twice (branch 0 with the class, branch 1 with
+    the null class at the condition positions; the image tokens are the same), interleaved as rows [2T, dim], so
+    that one token's q/k/v of both branches sit side by side: [T, 2H, D] is plain multi-head attention over 2H
+    heads, i.e. two independent attentions, and the paged cache holds both branches' K/V in the same block. The
+    scheduler therefore admits, preempts, aborts and finishes the pair as one request, both branches always see
+    the same sampled token, and ADSA makes one selection for the pair from both branches' heads.
+    `compute_logits` returns u + s * (c - u) with the request's scale (adsa_vllm/guidance/runtime.py).
 Weights keep the official names (config.json + safetensors written by `adsa_vllm.convert`).
 """
 
@@ -27,30 +35,36 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+from adsa_vllm.guidance.runtime import make_guidance_runtime
 from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.llamagen.rope2d import apply_rope_2d, rope_2d_table
 from adsa_vllm.worker.layer import make_attention, make_runtime
 
 
 class LlamaGenAttention(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, runtime, prefix: str):
+    def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, runtime, branches: int, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         self.num_heads = cfg.n_head // tp
         self.num_kv_heads = max(1, cfg.kv_heads // tp)
         self.head_dim = cfg.head_dim
+        self.branches = branches
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.wqkv = QKVParallelLinear(cfg.dim, self.head_dim, cfg.n_head, cfg.kv_heads, bias=False,
                                       prefix=f"{prefix}.wqkv")
         self.wo = RowParallelLinear(cfg.n_head * self.head_dim, cfg.dim, bias=False, prefix=f"{prefix}.wo")
-        self.attn = make_attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
-                                   vllm_config=vllm_config, runtime=runtime, prefix=f"{prefix}.attn")
+        # Under CFG the layer attends over both branches' heads: [conditional heads, unconditional heads].
+        self.attn = make_attention(branches * self.num_heads, self.head_dim, self.head_dim ** -0.5,
+                                   branches * self.num_kv_heads, vllm_config=vllm_config, runtime=runtime,
+                                   prefix=f"{prefix}.attn")
 
     def forward(self, cos_sin: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.wqkv(x)
+        qkv, _ = self.wqkv(x)                        # [branches * T, ...], a token's branches on adjacent rows
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.branches > 1:                        # -> [T, branches * heads * D]
+            q, k, v = (t.reshape(-1, self.branches * t.shape[-1]) for t in (q, k, v))
         q, k = apply_rope_2d(q, cos_sin), apply_rope_2d(k, cos_sin)
-        out, _ = self.wo(self.attn(q, k, v))
+        out, _ = self.wo(self.attn(q, k, v).reshape(x.shape[0], self.q_size))
         return out
 
 
@@ -68,9 +82,9 @@ class LlamaGenFeedForward(nn.Module):
 
 
 class LlamaGenBlock(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, runtime, prefix: str):
+    def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, runtime, branches: int, prefix: str):
         super().__init__()
-        self.attention = LlamaGenAttention(cfg, vllm_config, runtime, f"{prefix}.attention")
+        self.attention = LlamaGenAttention(cfg, vllm_config, runtime, branches, f"{prefix}.attention")
         self.feed_forward = LlamaGenFeedForward(cfg, f"{prefix}.feed_forward")
         self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
@@ -92,10 +106,13 @@ class LlamaGenTransformer(nn.Module):
         cfg = LlamaGenConfig.from_hf_dict(vllm_config.model_config.hf_config.to_dict())
         self.cfg = cfg
         self.runtime = make_runtime(vllm_config, cfg)
+        self.guidance = make_guidance_runtime(vllm_config, cfg)
+        self.branches = 1 if self.guidance is None else 2
         self.tok_embeddings = VocabParallelEmbedding(cfg.codebook_size, cfg.dim)
         self.cls_embedding = VocabParallelEmbedding(cfg.num_classes + 1, cfg.dim)
-        self.layers = nn.ModuleList(LlamaGenBlock(cfg, vllm_config, self.runtime, f"{prefix}.layers.{i}")
-                                    for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(
+            LlamaGenBlock(cfg, vllm_config, self.runtime, self.branches, f"{prefix}.layers.{i}")
+            for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.register_buffer("rope", rope_2d_table(cfg.grid_size, cfg.head_dim, cfg.rope_base,
                                                    cfg.cls_token_num), persistent=False)
@@ -107,14 +124,24 @@ class LlamaGenTransformer(nn.Module):
         cond = self.cls_embedding(torch.where(is_cond, input_ids - n, 0))
         return torch.where(is_cond[:, None], cond, img)
 
+    def embed_pair(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] ids -> [2T, dim]: each token's conditional row, then its unconditional row (null class)."""
+        cond = self.embed_input_ids(input_ids)
+        null = self.cls_embedding(torch.full_like(input_ids[:1], self.cfg.num_classes))
+        uncond = torch.where((input_ids >= self.cfg.codebook_size)[:, None], null, cond)
+        return torch.stack([cond, uncond], dim=1).reshape(-1, cond.shape[-1])
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        if self.branches > 1:
+            h = self.embed_pair(input_ids)
+        else:
+            h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         cos_sin = self.rope[positions]
         residual = None
         for layer in self.layers:
             h, residual = layer(cos_sin, h, residual)
         h, _ = self.norm(h, residual)
-        return h
+        return h.reshape(positions.shape[0], -1)     # under CFG [T, 2 * dim]: both branches of a token
 
 
 class LlamaGenForCausalLM(nn.Module):
@@ -131,6 +158,10 @@ class LlamaGenForCausalLM(nn.Module):
     def adsa_runtime(self):
         return self.model.runtime
 
+    @property
+    def guidance_runtime(self):
+        return self.model.guidance
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
 
@@ -138,9 +169,14 @@ class LlamaGenForCausalLM(nn.Module):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        logits = self.logits_processor(self.output, hidden_states)
+        n = hidden_states.shape[0]
+        logits = self.logits_processor(self.output, hidden_states.reshape(n * self.model.branches, -1))
         if logits is None:
             return None
+        if self.model.branches > 1:
+            pair = logits[:, : self.cfg.codebook_size].float().reshape(n, 2, -1)
+            c, u = pair[:, 0], pair[:, 1]
+            logits = u + self.model.guidance.row_scales(n, logits.device) * (c - u)
         pad = logits.new_full((logits.shape[0], self.num_cond_ids), float("-inf"))
         return torch.cat([logits[:, : self.cfg.codebook_size], pad], dim=-1)
 

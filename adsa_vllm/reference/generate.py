@@ -3,7 +3,11 @@
 Mirrors the official sampling loop (FoundationVision/LlamaGen `autoregressive/models/generate.py`): prefill the
 condition tokens at positions [0, T), then one image token per step at position T + i, RoPE rows taken as
 `freqs_cis[pos]`. Under CFG the batch is doubled with the null class (conditional rows first, then the null rows),
-logits = u + s * (c - u), and the chosen token is fed to both halves.
+logits = u + s * (c - u), and the chosen token is fed to both halves. `cfg_interval` is the official --cfg-interval.
+
+Under CFG with ADSA, `cfg_selection` says who decides evictions: "shared" (the vLLM path: a pair is one sequence, so
+one tracker per pair scores both halves' heads together, conditional heads first, and both halves keep the same
+blocks) or "separate" (one tracker per row, as if the two halves were independent requests).
 
 ADSA is emulated exactly as the vLLM path does it, but with masks instead of freed blocks: every row owns a
 `SequenceTracker`; each single-token forward calls begin_step -> kept_blocks (the mask) -> scoring_request, and the
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from adsa_vllm.config import ADSAConfig
+from adsa_vllm.guidance.settings import Guidance
 from adsa_vllm.policy import SequenceTracker, make_scorer
 from adsa_vllm.reference.model import LlamaGenReference
 
@@ -26,15 +31,17 @@ from adsa_vllm.reference.model import LlamaGenReference
 class GenerationResult:
     tokens: torch.Tensor                          # [B, n] int64 image-token ids in [0, codebook_size)
     logprobs: torch.Tensor | None = None          # [B, n, V] float32 log_softmax of the guided logits
-    trackers: list[SequenceTracker] | None = None  # one per row: B, or 2B under CFG (conditional rows first);
-    #                                                None when nothing is evicted (no adsa, budget None or large)
+    trackers: list[SequenceTracker] | None = None  # one per row: B, or 2B under CFG (conditional rows first),
+    #                                                B under CFG with shared selection; None when nothing is
+    #                                                evicted (no adsa, budget None or large)
 
 
 class _Decoder:
     """Owns the static cache and the trackers of R rows; every forward returns float32 logits [R, V]."""
 
     def __init__(self, model: LlamaGenReference, conds: list[int], length: int, adsa: ADSAConfig | None,
-                 block_size: int):
+                 block_size: int, pairs: int = 0):
+        """pairs > 0: rows r and r + pairs are the halves of one CFG pair and share one tracker."""
         cfg = model.cfg
         self.model, self.bs, self.T = model, block_size, cfg.cls_token_num
         dev = model.tok_embeddings.weight.device
@@ -49,9 +56,10 @@ class _Decoder:
         # which can still evict one block or even reject small grids).
         layout = None if adsa is None or adsa.budget is None else adsa.layout(
             block_size=block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+        self.pairs = pairs
         if layout is not None and layout.evicts:
             self.trackers = [SequenceTracker(layout, make_scorer(layout.policy, keep=layout.keep, seed=layout.seed))
-                             for _ in conds]
+                             for _ in range(pairs or len(conds))]
         self._requests: list[tuple[int, SequenceTracker, torch.Tensor]] = []
         self._pos = 0
 
@@ -85,6 +93,8 @@ class _Decoder:
                     idx = (torch.tensor(cands, device=h.device)[:, None] * self.bs
                            + torch.arange(self.bs, device=h.device)).flatten()    # [n * bs] token positions
                     self._requests.append((r, tr, idx))
+            if self.pairs:
+                rows = rows + rows                                        # both halves keep the same blocks
             mask = torch.stack(rows)[:, None, None]                       # [R, 1, 1, L]
         pos_t = torch.tensor([pos], device=h.device)
         hook = self._score if self._requests else None
@@ -94,13 +104,15 @@ class _Decoder:
         """Layer hook: q [R, H, 1, D] post-RoPE; the layer's K/V for this position are already cached."""
         k_cache, v_cache = self.caches[layer]
         scale = self.model.cfg.head_dim ** -0.5
-        hkv = k_cache.shape[1]
+        hd = k_cache.shape[-1]
         for r, tr, idx in self._requests:
             n = idx.numel() // self.bs
-            # [Hkv, n*bs, D] -> [n, bs, Hkv, D], the paged-cache block layout the scorers expect.
-            keys = k_cache[r][:, idx].transpose(0, 1).reshape(n, self.bs, hkv, -1)
-            values = v_cache[r][:, idx].transpose(0, 1).reshape(n, self.bs, hkv, -1)
-            tr.score_layer(keys, values, q[r, :, 0], self._pos, scale=scale)
+            rows = [r, r + self.pairs] if self.pairs else [r]             # a pair: [cond heads, uncond heads]
+
+            def blocks(cache):  # [heads, n*bs, D] -> [n, bs, heads, D], the paged-cache layout the scorers expect
+                return torch.cat([cache[i][:, idx] for i in rows]).transpose(0, 1).reshape(n, self.bs, -1, hd)
+            tr.score_layer(blocks(k_cache), blocks(v_cache), torch.cat([q[i, :, 0] for i in rows]), self._pos,
+                           scale=scale)
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -118,16 +130,21 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose, want_logprobs):
+def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose, want_logprobs,
+         cfg_interval=-1, cfg_selection="separate"):
     cfg = model.cfg
     for c in class_ids:
         cfg.class_token(c)  # validates the id (num_classes itself = unconditional)
     if not 1 <= n <= cfg.image_tokens:
         raise ValueError(f"{n} image tokens requested; the model's grid holds 1..{cfg.image_tokens}")
     guided = cfg_scale > 1.0 or force_cfg
+    if cfg_selection not in ("shared", "separate"):
+        raise ValueError(f"cfg_selection={cfg_selection!r}: choose 'shared' or 'separate'")
+    scales = Guidance(cfg_scale, cfg_interval)          # validates scale and interval
     B = len(class_ids)
     conds = list(class_ids) + ([cfg.num_classes] * B if guided else [])
-    dec = _Decoder(model, conds, cfg.cls_token_num + n, adsa, block_size)
+    dec = _Decoder(model, conds, cfg.cls_token_num + n, adsa, block_size,
+                   pairs=B if guided and cfg_selection == "shared" else 0)
     toks, lps = [], []
     logits = dec.prefill()
     for i in range(n):
@@ -136,7 +153,7 @@ def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose,
             logits = dec.step(fed, cfg.cls_token_num + i - 1)
         if guided:
             c, u = logits[:B], logits[B:]
-            logits = u + cfg_scale * (c - u)
+            logits = u + scales.scale_at(i) * (c - u)
         if want_logprobs:
             lps.append(F.log_softmax(logits.float(), dim=-1))
         toks.append(choose(i, logits))
@@ -148,11 +165,12 @@ def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose,
 def generate(model: LlamaGenReference, class_ids: list[int], *, max_new_tokens: int | None = None,
              cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, seed: int | None = None, adsa: ADSAConfig | None = None, block_size: int = 16,
-             return_logprobs: bool = False, force_cfg: bool = False) -> GenerationResult:
+             return_logprobs: bool = False, force_cfg: bool = False, cfg_interval: int = -1,
+             cfg_selection: str = "separate") -> GenerationResult:
     """Sample `max_new_tokens` (default grid**2) image tokens per class id -> GenerationResult, tokens [B, n].
 
     CFG (batch doubled with the null class) runs when cfg_scale > 1 as in the official code, or always with
-    force_cfg. logprobs are of the guided logits before temperature / top-k / top-p (the model's distribution).
+    force_cfg; cfg_interval and cfg_selection as in the module docstring. logprobs are of the guided logits before temperature / top-k / top-p (the model's distribution).
     adsa: emulate ADSA eviction with per-row trackers (block_size tokens per block); None = full attention.
     """
     n = model.cfg.image_tokens if max_new_tokens is None else max_new_tokens
@@ -166,13 +184,14 @@ def generate(model: LlamaGenReference, class_ids: list[int], *, max_new_tokens: 
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
     return _run(model, class_ids, n, cfg_scale=cfg_scale, force_cfg=force_cfg, adsa=adsa, block_size=block_size,
-                choose=choose, want_logprobs=return_logprobs)
+                choose=choose, want_logprobs=return_logprobs, cfg_interval=cfg_interval, cfg_selection=cfg_selection)
 
 
 @torch.no_grad()
 def score_tokens(model: LlamaGenReference, class_ids: list[int], tokens: torch.Tensor, *,
                  adsa: ADSAConfig | None = None, block_size: int = 16, cfg_scale: float = 1.0,
-                 force_cfg: bool = False, return_result: bool = False):
+                 force_cfg: bool = False, return_result: bool = False, cfg_interval: int = -1,
+                 cfg_selection: str = "separate"):
     """Teacher-forced twin of `generate`: feeds tokens [B, n] through the same cached, tracker-driven path.
 
     Returns logprobs [B, n, V] (entry i is the distribution of token i given tokens[:, :i]); with
@@ -182,7 +201,8 @@ def score_tokens(model: LlamaGenReference, class_ids: list[int], tokens: torch.T
     if tokens.shape[0] != len(class_ids):
         raise ValueError(f"tokens has {tokens.shape[0]} rows for {len(class_ids)} class ids")
     res = _run(model, class_ids, tokens.shape[1], cfg_scale=cfg_scale, force_cfg=force_cfg, adsa=adsa,
-               block_size=block_size, choose=lambda i, _logits: tokens[:, i], want_logprobs=True)
+               block_size=block_size, choose=lambda i, _logits: tokens[:, i], want_logprobs=True,
+               cfg_interval=cfg_interval, cfg_selection=cfg_selection)
     return res if return_result else res.logprobs
 
 

@@ -1,6 +1,7 @@
-"""Worker classes that connect the model's `ADSARuntime` to the step loop (installed by the config hook).
+"""Worker classes that connect the model's runtimes to the step loop (installed by the config hook when ADSA or
+classifier-free guidance is on): the `ADSARuntime` and the `GuidanceRuntime` (adsa_vllm/guidance/runtime.py).
 
-Before each step the runtime learns which requests started, resumed, were preempted or finished (from the
+Before each step the runtimes learn which requests started, resumed, were preempted or finished (from the
 SchedulerOutput); after the step, the evictions its builder decided ride back to the scheduler as
 `ModelRunnerOutput.adsa_evictions` (ModelRunnerOutput is a plain dataclass, pickled with its __dict__). Under
 tensor parallelism every rank decides the same evictions (scores are all-reduced); rank 0's report is the one the
@@ -17,21 +18,29 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, M
 
 class ADSAWorkerMixin:
     _adsa_rt = False  # unresolved
+    _step_rts = ()    # runtimes fed with every SchedulerOutput
 
     def _adsa_runtime(self):
         if self._adsa_rt is False:
             model = self.model_runner.get_model()
             model = getattr(model, "unwrap", lambda: model)()
             self._adsa_rt = getattr(model, "adsa_runtime", None)
+            self._step_rts = tuple(rt for rt in (self._adsa_rt, getattr(model, "guidance_runtime", None)) if rt)
             batch = getattr(self.model_runner, "input_batch", None)   # V1 runner: batch order known on the host
-            if self._adsa_rt is not None and batch is not None and hasattr(batch, "req_ids"):
-                self._adsa_rt.batch_req_ids = lambda n: batch.req_ids[:n]
+            if batch is not None and hasattr(batch, "req_ids"):
+                for rt in self._step_rts:
+                    rt.batch_req_ids = lambda n: batch.req_ids[:n]
         return self._adsa_rt
 
+    def load_model(self, *args, **kwargs):
+        out = super().load_model(*args, **kwargs)
+        self._adsa_runtime()  # bind the batch order before the profiling run calls compute_logits
+        return out
+
     def execute_model(self, scheduler_output, *args, **kwargs):
-        runtime = self._adsa_runtime()
-        if runtime is not None:
-            runtime.on_schedule(scheduler_output)
+        self._adsa_runtime()
+        for rt in self._step_rts:
+            rt.on_schedule(scheduler_output)
         return self._attach(super().execute_model(scheduler_output, *args, **kwargs))
 
     def sample_tokens(self, *args, **kwargs):

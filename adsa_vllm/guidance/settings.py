@@ -1,0 +1,91 @@
+"""Classifier-free guidance settings (no vLLM import).
+
+Engine-wide, ``--additional-config '{"cfg": {"scale": 4.0, "interval": -1}}'`` turns guidance on (``"cfg": true``
+or ``{}`` too): the model then runs every request as a conditional/unconditional pair (see
+adsa_vllm/llamagen/model.py). The object's keys are the defaults of every request; a request overrides them with
+``SamplingParams.extra_args["cfg"]`` (a dict offline, its JSON string through the OpenAI server's `vllm_xargs`).
+
+  scale     -- guided logits u + scale * (c - u); 1.0 = the conditional logits, no guidance. LlamaGen uses 1.5-4.
+  interval  -- LlamaGen's --cfg-interval: -1 guides every token; n >= 0 guides image tokens 0..n+1 and uses the
+               conditional logits afterwards (the official loop: the prefill token and decode steps i <= n).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields, replace
+
+
+class GuidanceConfigError(ValueError):
+    """A bad classifier-free guidance setting; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Guidance:
+    scale: float = 1.0
+    interval: int = -1
+
+    def __post_init__(self):
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or not math.isfinite(self.scale) \
+                or self.scale < 0:
+            raise GuidanceConfigError(f"cfg scale={self.scale!r}: use a finite number >= 0 (1.0 = no guidance, "
+                                      "LlamaGen uses 1.5-4)")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < -1:
+            raise GuidanceConfigError(f"cfg interval={self.interval!r}: use -1 (guide every token) or an integer "
+                                      ">= 0 (LlamaGen's --cfg-interval)")
+
+    def scale_at(self, index: int) -> float:
+        """The scale for image token `index` (0 = the token sampled after the prompt)."""
+        return self.scale if self.interval < 0 or index <= self.interval + 1 else 1.0
+
+    def merged(self, overrides: dict | None) -> "Guidance":
+        if not overrides:
+            return self
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise GuidanceConfigError(f"unknown cfg setting(s) {unknown}; valid keys are {sorted(known)}")
+        return replace(self, **overrides)
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    enabled: bool
+    defaults: Guidance = Guidance()
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict | None) -> "GuidanceSettings":
+        raw = (additional_config or {}).get("cfg")
+        if raw is None or raw is False:
+            return cls(enabled=False)
+        if raw is True:
+            return cls(enabled=True)
+        if not isinstance(raw, dict):
+            raise GuidanceConfigError('--additional-config "cfg" must be true or a JSON object, e.g. '
+                                      '{"cfg": {"scale": 4.0}}')
+        return cls(enabled=True, defaults=Guidance().merged(raw))
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "GuidanceSettings":
+        return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
+
+    def for_request(self, extra_args: dict | None) -> Guidance:
+        """The guidance of one request (its extra_args["cfg"] over the engine defaults); validates."""
+        value = (extra_args or {}).get("cfg")
+        if value is None:
+            return self.defaults
+        if not self.enabled:
+            raise GuidanceConfigError('this engine runs without classifier-free guidance, so extra_args["cfg"] '
+                                      'cannot apply: start it with --additional-config \'{"cfg": {}}\' '
+                                      '(offline: LLM(..., additional_config={"cfg": {}}))')
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise GuidanceConfigError(f'extra_args["cfg"] is not valid JSON ({e}); send e.g. '
+                                          '"vllm_xargs": {"cfg": "{\\"scale\\": 4.0}"}') from None
+        if not isinstance(value, dict):
+            raise GuidanceConfigError('SamplingParams.extra_args["cfg"] must be a dict (or its JSON string over '
+                                      'HTTP), e.g. {"cfg": {"scale": 4.0, "interval": -1}}')
+        return self.defaults.merged(value)
