@@ -1,0 +1,177 @@
+"""Classifier-free guidance on vllm.LLM (CPU, fp32) against the plain-PyTorch reference CFG.
+
+Under CFG a request is a conditional/unconditional pair inside one sequence (adsa_vllm/llamagen/model.py): the
+scheduler admits, preempts, aborts and finishes it as one unit and one token is sampled for both branches, so
+"both members emit the same token" holds by construction. What can go wrong, and is tested here, is everything
+the pair computes: the null-class branch, the guided logits u + s (c - u) per request, the interval, the seeded
+sampler, ADSA's shared selection for the pair, and recomputation after preemption.
+
+Engines (one alive at a time, see conftest.py): cfg16 (guidance, full attention), cfg16_adsa (guidance + ADSA
+50%), cfg16_small (guidance, a pool of 3 sequences for 8 images: preemption must happen), plain16 (no guidance).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adsa_vllm.config import ADSAConfig
+from adsa_vllm.convert import load_reference
+from adsa_vllm.guidance import GuidanceConfigError
+from adsa_vllm.guidance.api import generate_images
+from adsa_vllm.reference.generate import generate, score_tokens
+
+CLASSES = list(range(8))
+SCALE = 3.0
+SAMPLING = dict(seed=11, top_k=20, temperature=1.0, logprobs=5)
+ADSA50 = ADSAConfig(budget=0.5)
+
+
+def _cfg_engine(engines, model16, key="cfg16", **kw):
+    model_dir, cfg = model16
+    kw.setdefault("additional_config", {"cfg": {"scale": SCALE}})
+    return engines.get(key, model_dir, **kw), cfg
+
+
+def _mismatch(a, b):
+    bad = (torch.as_tensor(a) != torch.as_tensor(b)).nonzero()
+    return None if bad.numel() == 0 else bad[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def ref_model(model16):
+    return load_reference(model16[0])
+
+
+def _check_against_reference(outputs, tokens, ref_logprobs):
+    """Every returned logprob (sampled token and top-5) equals the reference guided distribution to 1e-4."""
+    worst = 0.0
+    for i, o in enumerate(outputs):
+        for j, step in enumerate(o.outputs[0].logprobs):
+            assert int(tokens[i, j]) in step
+            for t, lp in step.items():
+                worst = max(worst, abs(lp.logprob - float(ref_logprobs[i, j, t])))
+    assert worst < 1e-4, worst
+
+
+# ---------------------------------------------------------------- greedy, ADSA off and on
+
+@pytest.mark.parametrize("adsa", [None, ADSA50], ids=["full", "adsa50"])
+def test_greedy_cfg_equals_reference(adsa, engines, model16, ref_model):
+    if adsa is None:
+        llm, _ = _cfg_engine(engines, model16)
+    else:
+        llm, _ = _cfg_engine(engines, model16, key="cfg16_adsa", attention_backend="adsa",
+                             additional_config={"cfg": {"scale": SCALE}, "adsa": {"budget": 0.5}})
+        manager = llm.llm_engine.engine_core.engine_core.scheduler.adsa_managers[0]
+        freed0 = manager.total_freed
+    got = generate_images(llm, CLASSES, greedy=True, logprobs=1)
+    want = generate(ref_model, CLASSES, greedy=True, cfg_scale=SCALE, adsa=adsa, cfg_selection="shared",
+                    return_logprobs=True)
+    assert got.tokens.shape == (8, 256)
+    assert torch.equal(torch.as_tensor(got.tokens), want.tokens), _mismatch(got.tokens, want.tokens)
+    _check_against_reference(got.outputs, want.tokens, want.logprobs)
+    if adsa is not None:
+        assert manager.total_freed - freed0 > 0, "ADSA freed nothing: the test proves nothing about eviction"
+        # The guided images differ from the unguided ones (the null branch really is used).
+        plain = generate(ref_model, CLASSES[:2], greedy=True, adsa=adsa)
+        assert not torch.equal(plain.tokens, want.tokens[:2])
+
+
+# ---------------------------------------------------------------- seeded sampling
+
+@pytest.fixture(scope="module")
+def sampled(engines, model16):
+    llm, _ = _cfg_engine(engines, model16)
+    first = generate_images(llm, CLASSES, **SAMPLING)
+    again = generate_images(llm, CLASSES, **SAMPLING)
+    other = generate_images(llm, CLASSES, **{**SAMPLING, "seed": 12})
+    return first, again, other
+
+
+def test_seeded_sampling_is_reproducible(sampled):
+    first, again, other = sampled
+    assert (first.tokens == again.tokens).all(), "the same seed gave different images"
+    assert not (first.tokens == other.tokens).all(), "another seed gave the same images"
+    assert len({tuple(r) for r in first.tokens.tolist()}) == len(CLASSES)  # image i uses seed + i
+
+
+def test_seeded_sampling_guided_distributions_match_reference(sampled, ref_model):
+    first, _, _ = sampled
+    tokens = torch.as_tensor(first.tokens)
+    lp = score_tokens(ref_model, CLASSES, tokens, cfg_scale=SCALE, cfg_selection="shared")
+    _check_against_reference(first.outputs, tokens, lp)
+    # top-k 20 really applied: every sampled token is among the 20 most likely of the guided distribution.
+    rank = (lp > lp.gather(-1, tokens[..., None])).sum(-1)
+    assert int(rank.max()) < 20
+
+
+def test_cfg_interval_matches_reference(engines, model16, ref_model):
+    llm, _ = _cfg_engine(engines, model16)
+    got = generate_images(llm, CLASSES[:2], greedy=True, cfg_interval=3)
+    want = generate(ref_model, CLASSES[:2], greedy=True, cfg_scale=SCALE, cfg_interval=3)
+    always = generate(ref_model, CLASSES[:2], greedy=True, cfg_scale=SCALE)
+    assert torch.equal(torch.as_tensor(got.tokens), want.tokens), _mismatch(got.tokens, want.tokens)
+    assert not torch.equal(want.tokens, always.tokens), "interval 3 changed nothing: the test proves nothing"
+
+
+def test_per_request_scale_one_is_the_conditional_model(engines, model16, ref_model):
+    llm, _ = _cfg_engine(engines, model16)
+    got = generate_images(llm, CLASSES[:2], greedy=True, cfg_scale=1.0)
+    want = generate(ref_model, CLASSES[:2], greedy=True)
+    assert torch.equal(torch.as_tensor(got.tokens), want.tokens)
+
+
+# ---------------------------------------------------------------- bad input: clear errors, engine keeps serving
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(cfg_scale=-1.0), "scale=-1.0: use a finite number >= 0"),
+    (dict(cfg_interval=-2), "interval=-2: use -1"),
+])
+def test_bad_guidance_fails_the_request_only(kwargs, match, engines, model16, ref_model):
+    llm, cfg = _cfg_engine(engines, model16)
+    with pytest.raises(GuidanceConfigError, match=match):
+        generate_images(llm, [1], greedy=True, **kwargs)
+    from vllm import SamplingParams
+    with pytest.raises(ValueError, match="unknown cfg setting"):   # through vLLM's own input checks
+        llm.generate([{"prompt_token_ids": cfg.prompt(1)}],
+                     SamplingParams(max_tokens=4, temperature=0.0, extra_args={"cfg": {"scael": 2.0}}))
+    got = generate_images(llm, [1], greedy=True)
+    assert torch.equal(torch.as_tensor(got.tokens), generate(ref_model, [1], greedy=True, cfg_scale=SCALE).tokens)
+
+
+# ---------------------------------------------------------------- preemption
+
+def test_preempted_pairs_resume_in_step_and_equal_the_unpreempted_run(engines, model16, sampled):
+    first, _, _ = sampled
+    # 16x16: a sequence needs cdiv(257, 16) = 17 blocks; room for 3 of the 8 images (+ the null block).
+    llm, _ = _cfg_engine(engines, model16, key="cfg16_small", num_gpu_blocks_override=3 * 17 + 1)
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    orig, count = sched._preempt_request, [0]
+
+    def preempt(*a, **kw):
+        count[0] += 1
+        return orig(*a, **kw)
+    sched._preempt_request = preempt
+    try:
+        got = generate_images(llm, CLASSES, **SAMPLING)
+    finally:
+        del sched._preempt_request
+    assert count[0] > 0, "no preemption happened: the pool is too large for this test"
+    assert (got.tokens == first.tokens).all(), _mismatch(got.tokens, first.tokens)
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 3 * 17   # nothing leaked
+
+
+# ---------------------------------------------------------------- guidance off
+
+def test_guidance_off_rejects_cfg_requests_with_the_fix(engines, model16):
+    model_dir, cfg = model16
+    llm = engines.get("plain16", model_dir)
+    with pytest.raises(GuidanceConfigError, match='additional_config={"cfg"'):
+        generate_images(llm, [1], cfg_scale=2.0)
+    from vllm import SamplingParams
+    with pytest.raises(ValueError, match="runs without classifier-free guidance"):
+        llm.generate([{"prompt_token_ids": cfg.prompt(1)}],
+                     SamplingParams(max_tokens=4, temperature=0.0, extra_args={"cfg": {"scale": 2.0}}))
+    out = llm.generate([{"prompt_token_ids": cfg.prompt(1)}], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out[0].outputs[0].token_ids) == 4
