@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from adsa_vllm import convert as conv
-from adsa_vllm.default_model import DEFAULT_CONFIG, default_model_dir, make_random_model_dir
+from adsa_vllm.default_model import (DEFAULT_CONFIG, SHIPPED_DIR, default_model_dir, make_random_model_dir,
+                                     random_model_dir)
 from adsa_vllm.llamagen.config import LlamaGenConfig, preset
 from adsa_vllm.reference import LlamaGenReference, generate
 
@@ -95,12 +96,12 @@ def test_official_sizes_are_recognised_without_n_head():
     assert (cfg.n_head, cfg.grid_size, cfg.codebook_size, cfg.num_classes) == (12, 24, 16384, 1000)
 
 
-def test_default_model_is_deterministic_and_loadable(tmp_path, monkeypatch):
+def test_random_model_is_deterministic_and_loadable(tmp_path, monkeypatch):
     monkeypatch.setenv("ADSA_CACHE_DIR", str(tmp_path / "cache"))
-    first = default_model_dir()
+    first = random_model_dir()
     assert first.parent == tmp_path / "cache" and first.name.startswith("default-")
     mtime = (first / "model.safetensors").stat().st_mtime_ns
-    assert default_model_dir() == first and (first / "model.safetensors").stat().st_mtime_ns == mtime
+    assert random_model_dir() == first and (first / "model.safetensors").stat().st_mtime_ns == mtime
     from adsa_vllm.default_model import DEFAULT_SEED, DEFAULT_STD
     again = make_random_model_dir(tmp_path / "again", DEFAULT_CONFIG, DEFAULT_SEED, DEFAULT_STD)
     for name in ("config.json", "model.safetensors"):
@@ -108,3 +109,37 @@ def test_default_model_is_deterministic_and_loadable(tmp_path, monkeypatch):
     model = conv.load_reference(first)
     assert model.cfg == DEFAULT_CONFIG
     assert generate(model, [0], greedy=True, max_new_tokens=8).tokens.shape == (1, 8)
+
+
+def test_default_model_is_the_shipped_fashion_model(tmp_path, monkeypatch):
+    from adsa_vllm.data import fashion_mnist as fm
+    monkeypatch.setenv("ADSA_CACHE_DIR", str(tmp_path / "cache"))   # nothing may be written for the default
+    d = default_model_dir()
+    assert d == SHIPPED_DIR and not (tmp_path / "cache").exists()
+    assert (d / "model.safetensors").stat().st_size <= 12 * 2 ** 20
+    model = conv.load_reference(d)
+    cfg = model.cfg
+    assert (cfg.grid_size, cfg.codebook_size, cfg.num_classes, cfg.cls_token_num) == \
+        (fm.GRID_SIZE, fm.NUM_LEVELS, fm.NUM_CLASSES, 1)
+    assert (cfg.dim, cfg.n_layer, cfg.n_head) == (256, 8, 8)
+    # Trained, not random: on a plain black image (50% of Fashion-MNIST pixels are 0) the model is confident
+    # that the next pixel is black, far from the uniform 4 bits a random model gives.
+    black = torch.zeros(1, fm.IMAGE_TOKENS, dtype=torch.int64)
+    with torch.no_grad():
+        lp = model.forward_full(black[:, :-1], torch.tensor([8])).float().log_softmax(-1)
+    bits = -lp[0, :, 0].mean().item() / 0.6931471805599453
+    assert bits < 0.5, bits
+
+
+def test_pyproject_ships_every_asset():
+    """`pip install .` must carry the default model and the classifier: every file in adsa_vllm/assets/ matches a
+    package-data glob (setuptools includes exactly those)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["adsa_vllm"]
+    files = sorted(p.name for p in SHIPPED_DIR.iterdir() if p.is_file())
+    assert {"config.json", "model.safetensors", "fashion_classifier.pt"} <= set(files)
+    for f in files:
+        assert any(fnmatch.fnmatch(f"assets/{f}", g) for g in globs), f"{f} is not in pyproject package-data"

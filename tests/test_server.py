@@ -22,7 +22,6 @@ import pytest
 from adsa_vllm.client import ServerError, generate_via_server, image_request, post_json
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.convert import load_config, load_reference
-from adsa_vllm.default_model import default_model_dir
 from adsa_vllm.reference.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +44,8 @@ def _healthy(base: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = default_model_dir()
+def server(tmp_path_factory, model16):
+    model_dir = model16[0]   # small random 16x16 model: a fast server start and reference on 2 CPU cores
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
