@@ -15,6 +15,12 @@ types it as ``dict[str, str | int | float | list[str | int | float]]``: a nested
 sent JSON-encoded as a string, ``"vllm_xargs": {"adsa": "{\\"budget\\": 0.25}"}`` (this also keeps ``null``, e.g.
 ``{"budget": null}`` for "never evict", which a flat key could not carry). The server side decodes that string
 (`adsa_vllm.settings.request_overrides`).
+
+Classifier-free guidance (server started with ``--additional-config '{"cfg": {"scale": 4.0}}'``): an image is
+still one request, because the server runs each request as a conditional/unconditional pair. The guidance rides
+in `vllm_xargs` the same way, ``"vllm_xargs": {"cfg": "{\"scale\": 4.0, \"interval\": -1}"}``; leave it out to use
+the server's defaults. `image_request(cfg, class_id, cfg_scale=4.0)` writes it; `generate_via_server(...,
+cfg_scale=4.0, seed=0)` sends one request per class id concurrently (request i with seed + i).
 """
 
 from __future__ import annotations
@@ -42,13 +48,21 @@ def encode_adsa(adsa: dict | None) -> dict | None:
     return {"adsa": json.dumps(adsa, separators=(",", ":"))}
 
 
+def encode_guidance(cfg_scale: float | None = None, cfg_interval: int | None = None) -> dict | None:
+    """The `vllm_xargs` value carrying per-request guidance (None: the server's defaults)."""
+    value = {k: v for k, v in (("scale", cfg_scale), ("interval", cfg_interval)) if v is not None}
+    return {"cfg": json.dumps(value, separators=(",", ":"))} if value else None
+
+
 def image_request(cfg, class_id: int, *, adsa: dict | None = None, seed: int | None = None,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, model: str | None = None,
-                  max_tokens: int | None = None, prompt: list[int] | None = None) -> dict:
+                  max_tokens: int | None = None, prompt: list[int] | None = None, cfg_scale: float | None = None,
+                  cfg_interval: int | None = None, logprobs: int | None = None) -> dict:
     """A /v1/completions body generating one image of `class_id` (a `LlamaGenConfig`'s grid).
 
     temperature 0 is greedy; top_k 0 means no top-k cut (LlamaGen's own sampling uses e.g. top_k 2000).
     `max_tokens` and `prompt` default to the full image and `cfg.prompt(class_id)`; they are exposed for tests.
+    cfg_scale / cfg_interval: classifier-free guidance of this image (the server must run with guidance on).
     """
     body: dict[str, Any] = {
         "prompt": list(prompt) if prompt is not None else cfg.prompt(class_id),
@@ -62,7 +76,9 @@ def image_request(cfg, class_id: int, *, adsa: dict | None = None, seed: int | N
         body["model"] = model
     if seed is not None:
         body["seed"] = seed
-    xargs = encode_adsa(adsa)
+    if logprobs is not None:
+        body["logprobs"] = logprobs
+    xargs = {**(encode_adsa(adsa) or {}), **(encode_guidance(cfg_scale, cfg_interval) or {})}
     if xargs:
         body["vllm_xargs"] = xargs
     return body
@@ -100,6 +116,7 @@ def server_model(base_url: str, timeout: float = 30.0) -> str:
 
 def generate_via_server(base_url: str, class_ids: list[int], *, cfg=None, adsa: dict | None = None,
                         seed: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        cfg_scale: float | None = None, cfg_interval: int | None = None,
                         timeout: float = 300.0) -> list[list[int]]:
     """One image per class id through POST {base_url}/v1/completions; returns each image's token ids.
 
@@ -114,12 +131,13 @@ def generate_via_server(base_url: str, class_ids: list[int], *, cfg=None, adsa: 
     base_url = base_url.rstrip("/")
     model = server_model(base_url, timeout)
     bodies = [image_request(cfg, c, adsa=adsa, seed=None if seed is None else seed + i, temperature=temperature,
-                            top_k=top_k, top_p=top_p, model=model) for i, c in enumerate(class_ids)]
+                            top_k=top_k, top_p=top_p, model=model, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
+              for i, c in enumerate(class_ids)]
     url = f"{base_url}/v1/completions"
     with ThreadPoolExecutor(max_workers=max(len(bodies), 1)) as pool:
         responses = list(pool.map(lambda b: post_json(url, b, timeout), bodies))
     return [completion_token_ids(r) for r in responses]
 
 
-__all__ = ["ServerError", "completion_token_ids", "encode_adsa", "generate_via_server", "image_request",
-           "post_json", "server_model"]
+__all__ = ["ServerError", "completion_token_ids", "encode_adsa", "encode_guidance", "generate_via_server",
+           "image_request", "post_json", "server_model"]

@@ -4,7 +4,10 @@ A small random LlamaGen in bf16: (1) ADSA with a budget covering the sequence mu
 token; (2) ADSA at 50% must free blocks, keep every sequence within budget + slack, and follow the plain-PyTorch
 reference ADSA (fp32 on the same GPU) — bf16 vs fp32 greedy decoding may part ways after a while, so the
 agreement is reported, not asserted; (3) the pool's free-block count returns to its start value.
-Prints one JSON line; exits non-zero if (1) or (3) or the bound fails.
+(4) classifier-free guidance (pairs as one sequence with 2H heads): CFG with ADSA budget None equals CFG with full
+attention token for token, CFG + ADSA 50% frees blocks within the bound, and the logprobs vLLM returns match the
+fp32 reference's guided distribution teacher-forced on vLLM's own tokens (bf16 tolerance, reported).
+Prints one JSON line; exits non-zero if (1), (3), (4)'s equality or a bound fails.
 """
 
 from __future__ import annotations
@@ -23,32 +26,39 @@ from adsa_vllm.config import ADSAConfig  # noqa: E402
 from adsa_vllm.convert import load_reference  # noqa: E402
 from adsa_vllm.default_model import make_random_model_dir  # noqa: E402
 from adsa_vllm.llamagen.config import LlamaGenConfig  # noqa: E402
-from adsa_vllm.reference.generate import generate  # noqa: E402
+from adsa_vllm.reference.generate import generate, score_tokens  # noqa: E402
+
+CFG_SCALE = 3.0
 
 
-def run(model_dir, cfg, classes, adsa: dict | None):
-    kw = dict(attention_backend="adsa", additional_config={"adsa": adsa}) if adsa is not None else {}
+def run(model_dir, cfg, classes, adsa: dict | None, guided: bool = False):
+    extra = {"cfg": {"scale": CFG_SCALE}} if guided else {}
+    kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **extra}) if adsa is not None else \
+        dict(additional_config=extra)
     llm = LLM(model=str(model_dir), dtype="bfloat16", block_size=16, gpu_memory_utilization=0.3, seed=0, **kw)
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     free0 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in classes],
-                        SamplingParams(temperature=0.0, max_tokens=cfg.image_tokens, detokenize=False), use_tqdm=False)
+                        SamplingParams(temperature=0.0, max_tokens=cfg.image_tokens, detokenize=False, logprobs=0),
+                        use_tqdm=False)
     toks = torch.tensor([o.outputs[0].token_ids for o in outs])
+    lps = torch.tensor([[s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs])
     stats = sched.adsa_stats() if hasattr(sched, "adsa_stats") else {}
     free1 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     del llm
     torch.cuda.empty_cache()
-    return toks, stats, free0 == free1
+    return toks, stats, free0 == free1, lps
 
 
 def main():
     cfg = LlamaGenConfig(dim=256, n_layer=4, n_head=4, codebook_size=1024, num_classes=10, grid_size=16)
     d = make_random_model_dir(tempfile.mkdtemp(), cfg, seed=0, std=0.1)
     classes = list(range(8))
-    full, _, ok_full = run(d, cfg, classes, None)
-    same, st_same, ok_same = run(d, cfg, classes, {"budget": None})
-    half, st_half, ok_half = run(d, cfg, classes, {"budget": 0.5, "policy": "topk_v"})
-    ref = generate(load_reference(d, device="cuda"), classes, greedy=True, adsa=ADSAConfig(budget=0.5)).tokens.cpu()
+    full, _, ok_full, _ = run(d, cfg, classes, None)
+    same, st_same, ok_same, _ = run(d, cfg, classes, {"budget": None})
+    half, st_half, ok_half, _ = run(d, cfg, classes, {"budget": 0.5, "policy": "topk_v"})
+    ref_model = load_reference(d, device="cuda")
+    ref = generate(ref_model, classes, greedy=True, adsa=ADSAConfig(budget=0.5)).tokens.cpu()
     agree = (half == ref).float().cumprod(1).sum(1)  # matching prefix length per image
     peaks = [r["peak_held_blocks"] for r in st_half["requests"].values()]
     bound = max(r["budget_blocks"] + r["slack_blocks"] for r in st_half["requests"].values())
@@ -58,10 +68,30 @@ def main():
            "adsa50_bound": bound, "pool_restored": ok_full and ok_same and ok_half,
            "adsa50_vs_reference_fp32_matching_prefix": agree.tolist(),
            "device": torch.cuda.get_device_name(0)}
+    out.update(check_guidance(d, cfg, classes, ref_model))
     print("GPUCHECK " + json.dumps(out), flush=True)
     ok = out["budget_none_equals_full"] and out["pool_restored"] and max(peaks) <= bound and \
-        out["adsa50_freed_blocks"] > 0
+        out["adsa50_freed_blocks"] > 0 and out["cfg_budget_none_equals_cfg_full"] and out["cfg_pool_restored"] \
+        and out["cfg_adsa50_peak_held"] <= out["cfg_adsa50_bound"] and out["cfg_adsa50_freed_blocks"] > 0
     sys.exit(0 if ok else 1)
+
+
+def check_guidance(d, cfg, classes, ref_model) -> dict:
+    full, _, ok_full, lp_full = run(d, cfg, classes, None, guided=True)
+    same, _, ok_same, _ = run(d, cfg, classes, {"budget": None}, guided=True)
+    half, st, ok_half, lp_half = run(d, cfg, classes, {"budget": 0.5, "policy": "topk_v"}, guided=True)
+    out = {"cfg_budget_none_equals_cfg_full": bool(torch.equal(full, same)),
+           "cfg_pool_restored": ok_full and ok_same and ok_half,
+           "cfg_adsa50_freed_blocks": st["total_freed_blocks"],
+           "cfg_adsa50_peak_held": max(r["peak_held_blocks"] for r in st["requests"].values()),
+           "cfg_adsa50_bound": max(r["budget_blocks"] + r["slack_blocks"] for r in st["requests"].values())}
+    # Teacher-forced on vLLM's own tokens, the fp32 reference's guided log-probabilities of those tokens.
+    for name, toks, lps, adsa in (("full", full, lp_full, None), ("adsa50", half, lp_half, ADSAConfig(budget=0.5))):
+        ref = score_tokens(ref_model, classes, toks.cuda(), cfg_scale=CFG_SCALE, adsa=adsa, cfg_selection="shared")
+        want = ref.gather(-1, toks.cuda()[..., None])[..., 0].cpu()
+        out[f"cfg_{name}_max_abs_logprob_diff_vs_fp32_reference"] = float((lps - want).abs().max())
+        out[f"cfg_{name}_mean_abs_logprob_diff_vs_fp32_reference"] = float((lps - want).abs().mean())
+    return out
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Offline decode throughput: LlamaGen vs a plain Llama of the same shape, and full attention vs ADSA.
+"""Offline decode throughput: LlamaGen vs a plain Llama of the same shape, full attention vs ADSA, and
+classifier-free guidance pairs vs the same work as independent requests.
 
 Each mode runs in its own subprocess (a clean GPU / engine), all within one invocation, so the ratios compare runs
 on the same machine minutes apart. Weights are vLLM dummy weights (throughput does not depend on their values).
 
   python benchmarks/throughput.py --preset XL --grid 32 --num-seqs 256 --kv-gib 8 \
       --modes llama llamagen adsa --out benchmarks/results/throughput_h100.json
+  # CFG pairing overhead: N = num-seqs / 2 images as guided pairs ("cfg", one request each) vs the same 2N
+  # sequences as independent requests (N conditional + N null-class, "pairs2n"), same KV budget; ratio cfg/pairs2n
+  # of images per second.
+  python benchmarks/throughput.py --preset L --grid 16 --num-seqs 512 --kv-gib 8 --modes pairs2n cfg
 """
 
 from __future__ import annotations
@@ -49,12 +54,20 @@ def run_mode(args) -> dict:
     if args.mode.startswith("adsa"):
         budget = None if args.mode == "adsa-full" else args.budget   # adsa-full: ADSA scheduler, no eviction
         kw.update(attention_backend="adsa", additional_config={"adsa": {"budget": budget, "policy": args.policy}})
+    if args.mode == "cfg":
+        kw["additional_config"] = {"cfg": {"scale": args.cfg_scale}}
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
     n = cfg.image_tokens
     prompts = [{"prompt_token_ids": cfg.prompt(i % cfg.num_classes) if args.mode != "llama" else [i % 1000]}
                for i in range(args.num_seqs)]
+    images = args.num_seqs
+    if args.mode in ("cfg", "pairs2n"):     # num_seqs sequences = num_seqs / 2 images
+        images = args.num_seqs // 2
+        prompts = prompts[:images]
+        if args.mode == "pairs2n":          # the unconditional halves as requests of their own
+            prompts += [{"prompt_token_ids": cfg.prompt(cfg.num_classes)}] * images
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
     llm.generate(prompts[: min(8, len(prompts))], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
                                                                   detokenize=False), use_tqdm=False)  # warm-up
@@ -65,6 +78,7 @@ def run_mode(args) -> dict:
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     res = {"mode": args.mode, "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
+           "images": images, "images_per_s": images / elapsed,
            "startup_s": startup, "num_seqs": args.num_seqs, "image_tokens": n,
            "num_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks,
            "mean_running": sum(batch_sizes) / max(1, len(batch_sizes)), "max_running": max(batch_sizes),
@@ -117,7 +131,9 @@ def main():
     ap.add_argument("--policy", default="topk_v")
     ap.add_argument("--eager", action="store_true", help="disable torch.compile and CUDA graphs")
     ap.add_argument("--modes", nargs="+", default=["llama", "llamagen", "adsa"],
-                    help="llama | llamagen (stock vLLM) | adsa-full (ADSA scheduler, no eviction) | adsa")
+                    help="llama | llamagen (stock vLLM) | adsa-full (ADSA scheduler, no eviction) | adsa | "
+                         "cfg (guided pairs) | pairs2n (the same sequences as independent requests)")
+    ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--profile", help="write a torch.profiler table of a short ADSA-mode run to this path")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--out")
@@ -142,6 +158,8 @@ def main():
         ratios["llamagen_over_llama"] = by["llamagen"]["tok_per_s"] / by["llama"]["tok_per_s"]
     if "llamagen" in by and "adsa" in by:
         ratios["adsa_over_full"] = by["adsa"]["tok_per_s"] / by["llamagen"]["tok_per_s"]
+    if "cfg" in by and "pairs2n" in by:
+        ratios["cfg_over_pairs2n_images"] = by["cfg"]["images_per_s"] / by["pairs2n"]["images_per_s"]
     report = {"args": {k: v for k, v in vars(args).items() if k != "mode"}, "results": results, "ratios": ratios}
     try:
         import torch
