@@ -1,12 +1,16 @@
-"""Generate class-conditional images with vLLM + ADSA, then the same requests with full attention, and compare.
+"""Generate labelled class-conditional images with vLLM + ADSA, then the same requests with full attention.
 
     python -m adsa_vllm.demo [--model DIR] [--classes 0 1 2 ...] [--budget 0.5] [--policy topk_v]
-                             [--num-images N] [--out demo.png]
+                             [--num-images N] [--top-k 8] [--temperature 1.0] [--greedy] [--seed 0] [--out demo.png]
 
-Both runs go through `vllm.LLM` in this process (ADSA first, then full attention; the first engine is deleted before
-the second is built). The table shows throughput and the KV blocks one sequence holds: with ADSA its peak stays at
-budget + slack blocks instead of the full sequence, and the evicted blocks go back to vLLM's pool. The PNG shows the
-token maps (ADSA row above, full attention below); `tokens_to_image` is the one place to swap in a VQ decoder.
+On the embedded default model (the LlamaGen trained on Fashion-MNIST, adsa_vllm/default_model.py) this draws one
+garment per class, labelled with its class name. Both runs go through `vllm.LLM` in this process (ADSA first, then
+full attention; the first engine is deleted before the second is built) with the same per-request seeds, so the
+two rows differ only where eviction changed the model's probabilities. Sampling is top-k 8 of the 16 grey levels
+at temperature 1 (what benchmarks/quality.py uses; greedy decoding collapses to flat grey garments). The table
+shows throughput and the KV blocks one sequence holds: with ADSA its peak stays at budget + slack blocks instead of
+the full sequence, and the evicted blocks go back to vLLM's pool. `sample_images` is the one generation call (the
+place to switch on classifier-free guidance); `tokens_to_image` is the one place that turns tokens into pixels.
 """
 
 from __future__ import annotations
@@ -25,10 +29,26 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
+def is_fashion_model(cfg) -> bool:
+    from adsa_vllm.data import fashion_mnist as fm
+    return (cfg.grid_size, cfg.codebook_size) == (fm.GRID_SIZE, fm.NUM_LEVELS)
+
+
 def tokens_to_image(tokens, cfg) -> np.ndarray:
-    """Image token ids (grid*grid, raster order) -> uint8 [H, W]. For now: one gray pixel per token id."""
+    """Image token ids (grid*grid, raster order) -> uint8 [H, W]: grey levels for a Fashion-MNIST pixel-token
+    model, else one grey pixel per token id (a token map; the place to plug in a VQ decoder)."""
+    if is_fashion_model(cfg):
+        from adsa_vllm.data import fashion_mnist as fm
+        return fm.detokenize(np.asarray(tokens, dtype=np.int64))[0]
     t = np.asarray(tokens, dtype=np.int64).reshape(cfg.grid_size, cfg.grid_size)
     return (t * 255 // max(cfg.codebook_size - 1, 1)).astype(np.uint8)
+
+
+def class_label(c: int, cfg) -> str:
+    if is_fashion_model(cfg) and cfg.num_classes == 10:
+        from adsa_vllm.data import fashion_mnist as fm
+        return fm.CLASS_NAMES[c]
+    return f"class {c}"
 
 
 def save_grid(rows: list[tuple[str, list[np.ndarray], list[str]]], path: str, tile: int = 128) -> None:
@@ -40,7 +60,7 @@ def save_grid(rows: list[tuple[str, list[np.ndarray], list[str]]], path: str, ti
     draw = ImageDraw.Draw(sheet)
     for r, (row_label, images, labels) in enumerate(rows):
         y = pad + r * (tile + head + pad)
-        draw.text((pad, y + head + tile // 2 - 6), row_label, fill=0)
+        draw.multiline_text((pad, y + head + tile // 2 - 6), row_label, fill=0)
         for c, (img, label) in enumerate(zip(images, labels)):
             x = left + c * (tile + pad)
             draw.text((x, y + 2), label, fill=0)
@@ -70,22 +90,34 @@ def _watch(scheduler) -> dict:
     return seen
 
 
-def run(model_dir: str, cfg, classes: list[int], adsa: dict | None, dtype: str) -> dict:
+def sample_images(llm, cfg, classes: list[int], *, top_k: int, temperature: float, seed: int,
+                  greedy: bool = False) -> list[list[int]]:
+    """One image per class id through `llm.generate` (request i uses seed + i); token ids per image."""
+    from vllm import SamplingParams
+    params = [SamplingParams(max_tokens=cfg.image_tokens, detokenize=False, seed=seed + i,
+                             temperature=0.0 if greedy else temperature, top_k=0 if greedy else top_k)
+              for i in range(len(classes))]
+    outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in classes], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def run(model_dir: str, cfg, classes: list[int], adsa: dict | None, dtype: str, sampling: dict) -> dict:
     from vllm import LLM, SamplingParams
     kw = dict(attention_backend="adsa", additional_config={"adsa": adsa}) if adsa is not None else {}
+    t_start = time.perf_counter()
     llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, block_size=16, seed=0,
               max_num_seqs=max(len(classes), 1), **kw)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    sp = SamplingParams(temperature=0.0, max_tokens=cfg.image_tokens, detokenize=False)
     llm.generate([{"prompt_token_ids": cfg.prompt(classes[0])}],  # warm-up: kernels, allocator
                  SamplingParams(temperature=0.0, max_tokens=16, detokenize=False), use_tqdm=False)
+    startup = time.perf_counter() - t_start
     stats0 = scheduler.adsa_stats() if hasattr(scheduler, "adsa_stats") else {}
     seen = _watch(scheduler)
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in classes], sp, use_tqdm=False)
+    tokens = sample_images(llm, cfg, classes, **sampling)
     seconds = time.perf_counter() - t0
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    res = {"tokens": tokens, "n_tokens": sum(map(len, tokens)), "seconds": seconds, "peak": seen["peak"],
+    res = {"tokens": tokens, "n_tokens": sum(map(len, tokens)), "seconds": seconds, "startup": startup,
+           "peak": seen["peak"],
            "preemptions": seen["preemptions"], "bound": "-", "freed": "-"}
     stats = scheduler.adsa_stats() if hasattr(scheduler, "adsa_stats") else {}
     if stats.get("enabled"):
@@ -104,16 +136,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--classes", type=int, nargs="+", help="class ids (default: 0, 1, 2, ... cycling)")
     ap.add_argument("--budget", type=float, default=0.5, help="ADSA KV budget: fraction of the image tokens")
     ap.add_argument("--policy", default="topk_v")
-    ap.add_argument("--num-images", type=int, help="default: len(--classes), else 8")
+    ap.add_argument("--num-images", type=int, help="default: len(--classes), else one per class")
+    ap.add_argument("--top-k", type=int, default=8, help="sample among the k most likely tokens (0: all)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i (the same in both runs)")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-attention comparison run")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="demo.png")
     args = ap.parse_args(argv)
 
+    t_all = time.perf_counter()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # EngineCore in-process: scheduler stats
     if _cpu_only():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU backend needs it set
-        # The model runs eagerly (enforce_eager); this only skips the ~20 s per engine torch.compile warm-up of
-        # vLLM's CPU random sampler, which greedy decoding does not use.
+        # The model runs eagerly (enforce_eager); this skips the ~20 s per engine torch.compile warm-up of vLLM's
+        # CPU random sampler, which then runs eagerly too (over 16 grey levels that costs nothing).
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from adsa_vllm.config import ADSAConfig
     from adsa_vllm.convert import load_config
@@ -121,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = str(args.model or default_model_dir())
     cfg = load_config(model_dir)
-    n = args.num_images or (len(args.classes) if args.classes else 8)
+    n = args.num_images or (len(args.classes) if args.classes else cfg.num_classes)
     base = args.classes or list(range(cfg.num_classes))
     classes = [base[i % len(base)] for i in range(n)]
     for c in classes:
@@ -129,30 +167,34 @@ def main(argv: list[str] | None = None) -> None:
     budget = int(args.budget) if args.budget > 1 else args.budget
     adsa = {"budget": budget, "policy": args.policy}
     ADSAConfig.from_dict(adsa)  # validate before building an engine
+    sampling = dict(top_k=args.top_k, temperature=args.temperature, seed=args.seed, greedy=args.greedy)
+    how = "greedy" if args.greedy else f"top-k {args.top_k}, temperature {args.temperature:g}, seed {args.seed}+i"
 
     results = {}
-    for name, a in ((f"adsa {args.policy} b={budget}", adsa), ("full attention", None)):
-        print(f"[demo] {name}: {n} images of {cfg.grid_size}x{cfg.grid_size} tokens ...", flush=True)
-        results[name] = run(model_dir, cfg, classes, a, args.dtype)
+    runs = [(f"adsa {args.policy} b={budget}", adsa)] + ([] if args.no_full else [("full attention", None)])
+    for name, a in runs:
+        print(f"[demo] {name}: {n} images of {cfg.grid_size}x{cfg.grid_size} tokens ({how}) ...", flush=True)
+        results[name] = run(model_dir, cfg, classes, a, args.dtype, sampling)
 
     bs = 16
     full_blocks = math.ceil((cfg.max_seq_len - 1) / bs)  # the last image token is emitted, never cached
-    head = f"{'mode':<26}{'images':>7}{'tokens':>8}{'sec':>7}{'tok/s':>8}{'peak blk/seq':>13}" \
+    head = f"{'mode':<26}{'images':>7}{'tokens':>8}{'start s':>8}{'gen s':>7}{'tok/s':>8}{'peak blk/seq':>13}" \
            f"{'budget+slack':>13}{'full blk':>9}{'freed':>7}{'preempt':>8}"
     print("\n" + head + "\n" + "-" * len(head))
     for name, r in results.items():
-        print(f"{name:<26}{len(r['tokens']):>7}{r['n_tokens']:>8}{r['seconds']:>7.2f}"
+        print(f"{name:<26}{len(r['tokens']):>7}{r['n_tokens']:>8}{r['startup']:>8.1f}{r['seconds']:>7.1f}"
               f"{r['n_tokens'] / r['seconds']:>8.1f}{r['peak']:>13}{r['bound']:>13}{full_blocks:>9}"
               f"{r['freed']:>7}{r['preemptions']:>8}")
-    a, f = results.values()
-    same = np.mean([np.mean(np.equal(x, y)) for x, y in zip(a["tokens"], f["tokens"])])
-    print(f"\nADSA vs full attention, greedy: {same:.0%} of image tokens equal "
-          f"(eviction starts once a sequence passes its budget)")
+    if len(results) == 2:
+        a, f = results.values()
+        same = np.mean([np.mean(np.equal(x, y)) for x, y in zip(a["tokens"], f["tokens"])])
+        print(f"\nADSA vs full attention, same seeds: {same:.0%} of image tokens equal "
+              f"(eviction starts once a sequence passes its budget)")
 
-    labels = [f"class {c}" for c in classes]
-    save_grid([(name.split(" b=")[0], [tokens_to_image(t, cfg) for t in r["tokens"]], labels)
-               for name, r in results.items()], args.out)
-    print(f"wrote {args.out}")
+    labels = [class_label(c, cfg) for c in classes]
+    save_grid([(name.replace(" b=", "\nbudget "), [tokens_to_image(t, cfg) for t in r["tokens"]], labels)
+               for name, r in results.items()], args.out, tile=112 if is_fashion_model(cfg) else 128)
+    print(f"wrote {args.out} ({len(results)} rows x {n} images) in {time.perf_counter() - t_all:.0f} s")
 
 
 if __name__ == "__main__":

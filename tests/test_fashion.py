@@ -143,3 +143,13 @@ def test_fid_is_zero_on_identical_features_and_grows_with_a_shift():
     f = np.random.default_rng(0).normal(size=(500, 8))
     assert abs(clf.fid(f, f)) < 1e-6
     assert clf.fid(f, f + 1.0) == pytest.approx(8.0, rel=1e-6)   # |mu shift|^2, same covariance
+
+
+def test_demo_draws_fashion_tokens_as_labelled_garments():
+    from adsa_vllm import demo
+    cfg = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=fm.NUM_LEVELS, num_classes=10, grid_size=28)
+    tokens = fm.tokenize(np.arange(784).reshape(1, 28, 28) % 256)[0]
+    assert np.array_equal(demo.tokens_to_image(tokens, cfg), fm.detokenize(tokens)[0])
+    assert [demo.class_label(c, cfg) for c in (0, 9)] == ["T-shirt/top", "Ankle boot"]
+    other = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
+    assert demo.tokens_to_image(np.full(256, 511), other).shape == (16, 16) and demo.class_label(3, other) == "class 3"
