@@ -12,6 +12,8 @@ plus train_metrics.json in it: train loss and test bits/token (teacher-forced NL
   # GPU (H100, <= 10 min): the default size, 5.3M parameters, 10.5 MB in float16. Measured: 1.14M tokens/s
   # (batch 128, bf16, no compile), so 7.5 min = 10.9 epochs -> test 0.8652 bits/token (log2 K = 4).
   python benchmarks/train_fashion.py --device cuda --minutes 9 --out /tmp/fashion-llamagen
+  # The shipped default model is that run's config.json + model.safetensors, copied into adsa_vllm/assets/
+  # (its metrics: benchmarks/results/fashion_train_h100_metrics.json).
   # A GPU machine without apt: copy /usr/share/datasets/fashion-mnist into the machine and set
   # ADSA_FASHION_MNIST_DIR to it.
   # CPU smoke run (a tiny model)

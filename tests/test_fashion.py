@@ -1,7 +1,7 @@
-"""Fashion-MNIST data, the batched quality measurement and (once shipped) the trained model's ADSA ordering.
+"""Fashion-MNIST data, the batched quality measurement of benchmarks/quality.py, and the demo's image decoding.
 
-Pure torch/numpy, no vLLM. The dataset-dependent test is skipped where `dataset-fashion-mnist` is not installed;
-the ordering test on a trained model comes with the shipped checkpoint (issue 5, not yet shipped).
+Pure torch/numpy, no vLLM. The dataset-dependent test is skipped where `dataset-fashion-mnist` is not installed.
+ADSA's ordering on the shipped trained model is tests/test_quality_shipped.py.
 """
 
 from __future__ import annotations
