@@ -32,6 +32,16 @@ CFG_SCALE = 3.0
 
 
 def run(model_dir, cfg, classes, adsa: dict | None, guided: bool = False):
+    """One engine in a fresh process (vLLM does not give all GPU memory back, and a later engine's memory
+    profiling in the same process trips over the earlier one's memory being returned)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        toks, stats, restored, lps = pool.submit(_run_engine, model_dir, cfg, classes, adsa, guided).result()
+    return torch.tensor(toks), stats, restored, torch.tensor(lps)
+
+
+def _run_engine(model_dir, cfg, classes, adsa, guided):
     extra = {"cfg": {"scale": CFG_SCALE}} if guided else {}
     kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **extra}) if adsa is not None else \
         dict(additional_config=extra)
@@ -41,12 +51,10 @@ def run(model_dir, cfg, classes, adsa: dict | None, guided: bool = False):
     outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in classes],
                         SamplingParams(temperature=0.0, max_tokens=cfg.image_tokens, detokenize=False, logprobs=0),
                         use_tqdm=False)
-    toks = torch.tensor([o.outputs[0].token_ids for o in outs])
-    lps = torch.tensor([[s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs])
+    toks = [list(o.outputs[0].token_ids) for o in outs]
+    lps = [[s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
     stats = sched.adsa_stats() if hasattr(sched, "adsa_stats") else {}
     free1 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
-    del llm
-    torch.cuda.empty_cache()
     return toks, stats, free0 == free1, lps
 
 

@@ -60,7 +60,7 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                 parallel.worker_cls = ("adsa_vllm.worker.worker.ADSACPUWorker" if current_platform.is_cpu()
                                        else "adsa_vllm.worker.worker.ADSAGPUWorker")
             if not current_platform.is_cpu():
-                os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+                _prefer_v1_model_runner()
         if not settings.enabled:
             return
         cache = vllm_config.cache_config
@@ -82,6 +82,17 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                                else "adsa_vllm.engine.scheduler.ADSAScheduler")
         additional = vllm_config.additional_config["adsa"]
         additional["async_lag"] = bool(sched.async_scheduling)
+
+
+def _prefer_v1_model_runner() -> None:
+    """VLLM_USE_V2_MODEL_RUNNER=0 unless the user chose. vLLM caches its environment once an engine has started, so
+    in a process that already ran one (a notebook, a benchmark) the new value must also reach that cache."""
+    if "VLLM_USE_V2_MODEL_RUNNER" in os.environ:
+        return
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    import vllm.envs as envs
+    if hasattr(envs.__getattr__, "cache_clear"):
+        envs.__getattr__.cache_clear()
 
 
 def _declare_attention_heads(model_config, model_cfg: LlamaGenConfig, branches: int) -> None:
