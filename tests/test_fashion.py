@@ -153,3 +153,31 @@ def test_demo_draws_fashion_tokens_as_labelled_garments():
     assert [demo.class_label(c, cfg) for c in (0, 9)] == ["T-shirt/top", "Ankle boot"]
     other = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
     assert demo.tokens_to_image(np.full(256, 511), other).shape == (16, 16) and demo.class_label(3, other) == "class 3"
+
+
+def test_merge_combines_parts_of_a_split_run(tmp_path):
+    """--merge: bits of one call + samples of another -> one report, tables and pictures of the union."""
+    base = {"model": {"folder": "m", "codebook_size": fm.NUM_LEVELS}, "device": "gpu",
+            "args": {"dtype": "float32", "block_size": 16, "budgets": [0.5], "cfg_scale": 2.0, "top_k": 8,
+                     "temperature": 1.0, "sample_budget": 0.5, "gen_dtype": "bfloat16"}, "timings_s": {"total": 1}}
+    v = {"bits_per_token": 0.9, "delta_vs_full": 0.01, "delta_se": 0.001}
+    bits = dict(base, bits={"images": 10, "full": {"bits_per_token": 0.89},
+                            "policies": {"random": {"0.5": v, "0.1": {"skipped": "too small"}}}})
+    more = dict(base, bits={"images": 10, "full": {"bits_per_token": 0.89},
+                            "policies": {"random": {"0.75": dict(v, bits_per_token=0.895)}}})
+    samples = dict(base, samples={"per_policy": 4, "real_floor": {"fid": 0.1, "class_accuracy": 0.9},
+                                  "results": {"full": {"fid": 0.2, "class_accuracy": 1.0}}})
+    paths = []
+    for name, rep in (("a", bits), ("b", more), ("c", samples)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+        paths.append(str(tmp_path / f"{name}.json"))
+    imgs = np.zeros((4, 28, 28), np.uint8)
+    np.savez(tmp_path / "c_samples.npz", class_ids=np.arange(4), full=imgs)
+    out = quality.merge(paths, tmp_path / "out", "m")
+    assert set(out["bits"]["policies"]["random"]) == {"0.5", "0.1", "0.75"}
+    assert out["args"]["budgets"] == [0.1, 0.5, 0.75] and out["samples"]["results"]["full"]["fid"] == 0.2
+    assert len(out["runs"]) == 3
+    md = (tmp_path / "out" / "m.md").read_text()
+    assert "0.8950 (+0.0100" in md and "| full | 0.200 | 1.000 |" in md and "skipped" in md
+    for f in ("m.json", "m_bits.png", "m_samples.png", "m_samples.npz"):
+        assert (tmp_path / "out" / f).is_file(), f
