@@ -1,16 +1,17 @@
 """Generate labelled class-conditional images with vLLM + ADSA, then the same requests with full attention.
 
-    python -m adsa_vllm.demo [--model DIR] [--classes 0 1 2 ...] [--budget 0.5] [--policy topk_v]
+    python -m adsa_vllm.demo [--model DIR] [--classes 0 1 2 ...] [--budget 0.5] [--policy topk_v] [--cfg-scale 2]
                              [--num-images N] [--top-k 8] [--temperature 1.0] [--greedy] [--seed 0] [--out demo.png]
 
 On the embedded default model (the LlamaGen trained on Fashion-MNIST, adsa_vllm/default_model.py) this draws one
 garment per class, labelled with its class name. Both runs go through `vllm.LLM` in this process (ADSA first, then
 full attention; the first engine is deleted before the second is built) with the same per-request seeds, so the
 two rows differ only where eviction changed the model's probabilities. Sampling is top-k 8 of the 16 grey levels
-at temperature 1 (what benchmarks/quality.py uses; greedy decoding collapses to flat grey garments). The table
-shows throughput and the KV blocks one sequence holds: with ADSA its peak stays at budget + slack blocks instead of
-the full sequence, and the evicted blocks go back to vLLM's pool. `sample_images` is the one generation call (the
-place to switch on classifier-free guidance); `tokens_to_image` is the one place that turns tokens into pixels.
+at temperature 1 with classifier-free guidance at scale 2 (what benchmarks/quality.py uses; greedy decoding
+collapses to flat grey garments; --cfg-scale 1 turns guidance off, each request then runs one branch). The table
+shows throughput and the KV blocks one sequence (under CFG: one cond/uncond pair) holds: with ADSA its peak stays at
+budget + slack blocks instead of the full sequence, and the evicted blocks go back to vLLM's pool. `sample_images`
+is the one generation call; `tokens_to_image` is the one place that turns tokens into pixels.
 """
 
 from __future__ import annotations
@@ -91,8 +92,14 @@ def _watch(scheduler) -> dict:
 
 
 def sample_images(llm, cfg, classes: list[int], *, top_k: int, temperature: float, seed: int,
-                  greedy: bool = False) -> list[list[int]]:
-    """One image per class id through `llm.generate` (request i uses seed + i); token ids per image."""
+                  greedy: bool = False, cfg_scale: float = 1.0) -> list[list[int]]:
+    """One image per class id (request i uses seed + i); token ids per image. With cfg_scale != 1 each request is
+    a guided cond/uncond pair (adsa_vllm.guidance), and the engine must have been built with guidance on."""
+    if cfg_scale != 1.0:
+        from adsa_vllm.guidance.api import generate_images
+        out = generate_images(llm, classes, cfg_scale=cfg_scale, seed=seed, temperature=temperature, top_k=top_k,
+                              greedy=greedy)
+        return out.tokens.tolist()
     from vllm import SamplingParams
     params = [SamplingParams(max_tokens=cfg.image_tokens, detokenize=False, seed=seed + i,
                              temperature=0.0 if greedy else temperature, top_k=0 if greedy else top_k)
@@ -103,7 +110,9 @@ def sample_images(llm, cfg, classes: list[int], *, top_k: int, temperature: floa
 
 def run(model_dir: str, cfg, classes: list[int], adsa: dict | None, dtype: str, sampling: dict) -> dict:
     from vllm import LLM, SamplingParams
-    kw = dict(attention_backend="adsa", additional_config={"adsa": adsa}) if adsa is not None else {}
+    guidance = {"cfg": {"scale": sampling["cfg_scale"]}} if sampling["cfg_scale"] != 1.0 else {}
+    kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **guidance}) if adsa is not None else \
+        dict(additional_config=guidance)
     t_start = time.perf_counter()
     llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, block_size=16, seed=0,
               max_num_seqs=max(len(classes), 1), **kw)
@@ -140,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-k", type=int, default=8, help="sample among the k most likely tokens (0: all)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    ap.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1: off)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i (the same in both runs)")
     ap.add_argument("--no-full", action="store_true", help="skip the full-attention comparison run")
     ap.add_argument("--dtype", default="float32")
@@ -167,8 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     budget = int(args.budget) if args.budget > 1 else args.budget
     adsa = {"budget": budget, "policy": args.policy}
     ADSAConfig.from_dict(adsa)  # validate before building an engine
-    sampling = dict(top_k=args.top_k, temperature=args.temperature, seed=args.seed, greedy=args.greedy)
+    sampling = dict(top_k=args.top_k, temperature=args.temperature, seed=args.seed, greedy=args.greedy,
+                    cfg_scale=args.cfg_scale)
     how = "greedy" if args.greedy else f"top-k {args.top_k}, temperature {args.temperature:g}, seed {args.seed}+i"
+    how += f", CFG {args.cfg_scale:g}" if args.cfg_scale != 1.0 else ", no CFG"
 
     results = {}
     runs = [(f"adsa {args.policy} b={budget}", adsa)] + ([] if args.no_full else [("full attention", None)])
