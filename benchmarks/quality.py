@@ -97,8 +97,11 @@ class BatchedADSA:
     [start, start + S) in one forward; the caller must end a chunk at every scoring position (`schedule`)."""
 
     def __init__(self, model: LlamaGenReference, conds: torch.Tensor, length: int, adsa: ADSAConfig | None,
-                 block_size: int, n: int):
+                 block_size: int, n: int, pairs: int = 0):
+        """pairs > 0: rows r and r + pairs are the halves of one CFG pair and make one shared selection from both
+        halves' heads (conditional first), as the vLLM path does (reference: cfg_selection="shared")."""
         cfg = model.cfg
+        self.pairs = pairs
         self.model, self.bs, self.T = model, block_size, cfg.cls_token_num
         dev = model.tok_embeddings.weight.device
         self.cond = conds.to(dev)
@@ -128,12 +131,16 @@ class BatchedADSA:
         self._pending = None
         if acc is None:
             return
+        deciders = self.evicted[: self.pairs] if self.pairs else self.evicted   # a view: updated in place
+        cand = cand[: deciders.shape[0]]
         # top_blocks: order by block index descending, then a stable sort by score descending -> ties go to the
         # more recent block. cand is ascending, so flipping gives the first order.
         order = torch.sort(acc.flip(1), dim=1, descending=True, stable=True).indices[:, : self.layout.topk_blocks]
         keep = cand.flip(1).gather(1, order)
-        self.evicted.scatter_(1, cand, True)
-        self.evicted.scatter_(1, keep, False)
+        deciders.scatter_(1, cand, True)
+        deciders.scatter_(1, keep, False)
+        if self.pairs:
+            self.evicted[self.pairs:] = deciders
         self.selections += 1
 
     def _request(self, pos: int) -> None:
@@ -162,9 +169,14 @@ class BatchedADSA:
         # [R, Hkv, C*bs, D] -> [R, C, bs, Hkv, D], the paged-cache block layout the scorers expect.
         keys = k_cache.gather(2, gi).permute(0, 2, 1, 3).reshape(R, C, self.bs, hkv, d)
         values = v_cache.gather(2, gi).permute(0, 2, 1, 3).reshape(R, C, self.bs, hkv, d)
+        query = q[:, :, -1]
+        if self.pairs:   # one decider per pair, over [conditional heads, unconditional heads]
+            P = self.pairs
+            keys, values = (torch.cat([t[:P], t[P:]], dim=3) for t in (keys, values))
+            query, ids, R = torch.cat([query[:P], query[P:]], dim=1), ids[:P], P
         x = ScoreInputs(keys=keys, values=values, valid=torch.ones_like(ids, dtype=torch.bool), block_index=ids,
                         positions=torch.full((R,), pos, dtype=torch.int64, device=ids.device),
-                        query=q[:, :, -1] if self.scorer.needs_query else None,
+                        query=query if self.scorer.needs_query else None,
                         scale=self.model.cfg.head_dim ** -0.5)
         s = self.scorer.score(x).detach().to(torch.float32)
         p_pos, p_ids, acc = self._pending
@@ -231,14 +243,16 @@ def fast_score(model: LlamaGenReference, class_ids, tokens: torch.Tensor, *, ads
 @torch.no_grad()
 def fast_generate(model: LlamaGenReference, class_ids, *, cfg_scale: float = 1.0, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, seed: int | None = None, adsa: ADSAConfig | None = None,
-                  block_size: int = 16, return_state: bool = False):
-    """Batched twin of `generate` (same sampling and RNG use): tokens [B, grid**2]."""
+                  block_size: int = 16, return_state: bool = False, cfg_selection: str = "shared"):
+    """Batched twin of `generate` (same sampling and RNG use): tokens [B, grid**2]. Under CFG with ADSA a pair
+    shares one selection by default, like the vLLM path (cfg_selection as in adsa_vllm/reference/generate.py)."""
     cfg = model.cfg
     dev = model.tok_embeddings.weight.device
     n, T, B = cfg.image_tokens, cfg.cls_token_num, len(class_ids)
     guided = cfg_scale > 1.0
     conds = torch.as_tensor(list(class_ids) + ([cfg.num_classes] * B if guided else []), dtype=torch.int64)
-    dec = BatchedADSA(model, conds, T + n, adsa, block_size, n)
+    pairs = B if guided and cfg_selection == "shared" else 0
+    dec = BatchedADSA(model, conds, T + n, adsa, block_size, n, pairs=pairs)
     gen = None if seed is None else torch.Generator(device=dev).manual_seed(seed)
     toks = []
     h = model.embed_cond(dec.cond)
@@ -297,7 +311,7 @@ def sample_tokens(model, class_ids, adsa, a, exact: bool) -> torch.Tensor:
     for i in range(0, len(class_ids), a.gen_batch):
         c = class_ids[i:i + a.gen_batch]
         kw = dict(cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  seed=a.seed + i, adsa=adsa, block_size=a.block_size)
+                  seed=a.seed + i, adsa=adsa, block_size=a.block_size, cfg_selection="shared")   # the vLLM path
         outs.append((generate(model, c, **kw).tokens if exact else fast_generate(model, c, **kw)).cpu())
     return torch.cat(outs)
 

@@ -134,8 +134,9 @@ def test_batched_sampling_matches_reference_generate():
     m = tiny(grid=16)
     # attention_mass: the only policy that reads the query, so the scoring forward's position must be right too
     for adsa in (quality.adsa_config("topk_v_diverse", 0.5), quality.adsa_config("attention_mass", 0.5)):
-        kw = dict(cfg_scale=2.0, top_k=8, seed=3, adsa=adsa)
-        assert torch.equal(quality.fast_generate(m, [1, 9], **kw), generate(m, [1, 9], **kw).tokens)
+        for selection in ("shared", "separate"):   # CFG pairs: one decision per pair (the vLLM path) or per row
+            kw = dict(cfg_scale=2.0, top_k=8, seed=3, adsa=adsa, cfg_selection=selection)
+            assert torch.equal(quality.fast_generate(m, [1, 9], **kw), generate(m, [1, 9], **kw).tokens), selection
 
 
 def test_fid_is_zero_on_identical_features_and_grows_with_a_shift():
