@@ -465,6 +465,10 @@ def write_outputs(rep: dict, samples: dict, class_ids, out_dir: Path, tag: str) 
         np.savez_compressed(out_dir / f"{tag}_samples.npz", class_ids=class_ids, **samples)
 
 
+def _shape(model: dict) -> dict:
+    return {k: v for k, v in model.items() if k != "folder"}   # the same model may sit at another path
+
+
 def merge(paths: list[str], out_dir: Path, tag: str) -> dict:
     """Combine the reports of runs that measured different parts / policies / sample rows of the same model and
     settings (e.g. two calls of a time-limited GPU machine) into one <tag>.{json,md,png}. Later files win on
@@ -475,7 +479,7 @@ def merge(paths: list[str], out_dir: Path, tag: str) -> dict:
            "args": dict(first["args"]), "timings_s": {}, "runs": []}
     samples, class_ids = {}, None
     for p, r in zip(paths, reps):
-        if r["model"] != first["model"]:
+        if _shape(r["model"]) != _shape(first["model"]):
             raise SystemExit(f"{p}: another model than {paths[0]}")
         out["runs"].append({"file": Path(p).name, "device": r["device"], "args": r["args"],
                             "timings_s": r["timings_s"]})
