@@ -9,10 +9,10 @@ Per-request overrides use the same `ADSAConfig` keys under ``SamplingParams.extr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from adsa_vllm.config import ADSAConfig, ADSAConfigError
+from adsa_vllm.extra_args import extra_arg_object
 
 ENGINE_KEYS = ("enabled", "inner_backend", "async_lag")
 
@@ -45,16 +45,4 @@ def request_overrides(extra_args: dict | None) -> dict | None:
 
     Offline callers pass a dict; over HTTP vLLM's `vllm_xargs` only carries flat values, so the OpenAI server form
     is a JSON string: ``"vllm_xargs": {"adsa": "{\"budget\": 0.25}"}`` (see adsa_vllm.client)."""
-    if not extra_args:
-        return None
-    value = extra_args.get("adsa")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise ADSAConfigError(f'extra_args["adsa"] is not valid JSON ({e}); send e.g. '
-                                  '"vllm_xargs": {"adsa": "{\\"budget\\": 0.25}"}') from None
-    if value is not None and not isinstance(value, dict):
-        raise ADSAConfigError('SamplingParams.extra_args["adsa"] must be a dict of ADSA settings (or its JSON '
-                              'string over HTTP), e.g. {"adsa": {"budget": 0.25}}')
-    return value
+    return extra_arg_object(extra_args, "adsa", ADSAConfigError, '{"budget": 0.25}')

@@ -12,9 +12,10 @@ adsa_vllm/llamagen/model.py). The object's keys are the defaults of every reques
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields, replace
+
+from adsa_vllm.extra_args import extra_arg_object
 
 
 class GuidanceConfigError(ValueError):
@@ -72,20 +73,11 @@ class GuidanceSettings:
 
     def for_request(self, extra_args: dict | None) -> Guidance:
         """The guidance of one request (its extra_args["cfg"] over the engine defaults); validates."""
-        value = (extra_args or {}).get("cfg")
+        value = extra_arg_object(extra_args, "cfg", GuidanceConfigError, '{"scale": 4.0}')
         if value is None:
             return self.defaults
         if not self.enabled:
             raise GuidanceConfigError('this engine runs without classifier-free guidance, so extra_args["cfg"] '
                                       'cannot apply: start it with --additional-config \'{"cfg": {}}\' '
                                       '(offline: LLM(..., additional_config={"cfg": {}}))')
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise GuidanceConfigError(f'extra_args["cfg"] is not valid JSON ({e}); send e.g. '
-                                          '"vllm_xargs": {"cfg": "{\\"scale\\": 4.0}"}') from None
-        if not isinstance(value, dict):
-            raise GuidanceConfigError('SamplingParams.extra_args["cfg"] must be a dict (or its JSON string over '
-                                      'HTTP), e.g. {"cfg": {"scale": 4.0, "interval": -1}}')
         return self.defaults.merged(value)
