@@ -170,22 +170,27 @@ def _by_label(main, label):
     return {lab: rid for rid, lab in main["labels"].items()}[label]
 
 
+def _assert_equals_reference(tokens, label, adsa, model, classes, reference):
+    """vLLM's greedy ADSA images equal the reference ADSA's, token for token, and differ from full attention."""
+    model_dir, cfg = model
+    got = torch.stack([tokens[f"{label}/{c}"] for c in classes])
+    want = reference.greedy(model_dir, classes, adsa).tokens
+    full = reference.greedy(model_dir, classes).tokens
+    assert got.shape == (len(classes), cfg.image_tokens)
+    for i, c in enumerate(classes):
+        assert torch.equal(got[i], want[i]), f"{label} class {c}: first mismatch at step {_mismatch(got[i], want[i])}"
+    # The check can fail: ADSA at 50% changes the image somewhere (else equality above would prove nothing).
+    assert not torch.equal(want, full), f"{label}: reference ADSA equals full attention; pick another seed"
+    assert not torch.equal(got, full)
+
+
 @pytest.mark.parametrize("label,adsa", [
     ("diverse", ADSAConfig(budget=0.5, policy="topk_v", keep="diverse")),
     ("similar", ADSAConfig(budget=0.5, policy="topk_v", keep="similar")),
     ("streaming", ADSAConfig(budget=0.5, policy="streaming")),
 ])
 def test_adsa_greedy_equals_reference_16x16(label, adsa, main16, model16, reference):
-    model_dir, _ = model16
-    got = torch.stack([main16["tokens"][f"{label}/{c}"] for c in C16])
-    want = reference.greedy(model_dir, C16, adsa).tokens
-    full = reference.greedy(model_dir, C16).tokens
-    assert got.shape == (len(C16), 256)
-    for i, c in enumerate(C16):
-        assert torch.equal(got[i], want[i]), f"{label} class {c}: first mismatch at step {_mismatch(got[i], want[i])}"
-    # The check can fail: ADSA at 50% changes the image somewhere (else equality above would prove nothing).
-    assert not torch.equal(want, full), f"{label}: reference ADSA equals full attention; pick another seed"
-    assert not torch.equal(got, full)
+    _assert_equals_reference(main16["tokens"], label, adsa, model16, C16, reference)
     for c in C16:
         rid = _by_label(main16, f"{label}/{c}")
         assert main16["stats"]["requests"][rid]["freed_blocks"] > 0
@@ -321,14 +326,7 @@ def main24(engines, model24):
     ("similar", ADSAConfig(budget=0.5, policy="topk_v", keep="similar")),
 ])
 def test_adsa_greedy_equals_reference_24x24(label, adsa, main24, model24, reference):
-    model_dir, _ = model24
-    got = torch.stack([main24["tokens"][f"{label}/{c}"] for c in C24])
-    want = reference.greedy(model_dir, C24, adsa).tokens
-    full = reference.greedy(model_dir, C24).tokens
-    assert got.shape == (len(C24), 576)
-    for i, c in enumerate(C24):
-        assert torch.equal(got[i], want[i]), f"{label} class {c}: first mismatch at step {_mismatch(got[i], want[i])}"
-    assert not torch.equal(got, full), f"{label}: ADSA output equals full attention"
+    _assert_equals_reference(main24["tokens"], label, adsa, model24, C24, reference)
     assert main24["freed"] > 0
 
 
