@@ -78,6 +78,34 @@ def test_greedy_cfg_equals_reference(adsa, engines, model16, ref_model):
         assert not torch.equal(plain.tokens, want.tokens[:2])
 
 
+def test_aborted_pairs_free_everything_and_leave_the_others_exact(engines, model16, ref_model):
+    """An abort ends the whole pair (one request); with ADSA evicting, nothing leaks and the rest stay exact."""
+    from vllm import SamplingParams
+    llm, cfg = _cfg_engine(engines, model16, key="cfg16_adsa", attention_backend="adsa",
+                           additional_config={"cfg": {"scale": SCALE}, "adsa": {"budget": 0.5}})
+    eng = llm.llm_engine
+    pool = eng.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    ids = [f"pair{c}" for c in CLASSES[:4]]
+    for c, rid in zip(CLASSES[:4], ids):
+        eng.add_request(rid, {"prompt_token_ids": cfg.prompt(c)},
+                        SamplingParams(max_tokens=cfg.image_tokens, temperature=0.0, detokenize=False))
+    for _ in range(3):
+        eng.step()
+    eng.abort_request([ids[0]])                       # before any eviction
+    for _ in range(150):                              # past the 50% budget: evictions happened
+        eng.step()
+    eng.abort_request([ids[1]])
+    finished = {}
+    while eng.has_unfinished_requests():
+        finished.update({o.request_id: o for o in eng.step() if o.finished})
+    assert sorted(finished) == ids[2:]
+    assert pool.get_num_free_blocks() == free0, f"leaked {free0 - pool.get_num_free_blocks()} blocks"
+    want = generate(ref_model, CLASSES[2:4], greedy=True, cfg_scale=SCALE, adsa=ADSA50, cfg_selection="shared")
+    got = torch.tensor([list(finished[r].outputs[0].token_ids) for r in ids[2:]])
+    assert torch.equal(got, want.tokens), _mismatch(got, want.tokens)
+
+
 # ---------------------------------------------------------------- seeded sampling
 
 @pytest.fixture(scope="module")
