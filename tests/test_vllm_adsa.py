@@ -88,7 +88,9 @@ class HeldRecorder:
                 entry = self.m.requests[rid]
                 self.layout[rid] = entry.layout
                 self.bound[rid] = entry.layout.budget_blocks + entry.layout.slack_blocks
-                self.log.setdefault(rid, []).append(self.m.held_blocks(rid))
+                counted = sum(not b.is_null for b in self.m.req_to_blocks.get(rid, ()))
+                assert self.m.held_blocks(rid) == counted, "the manager's O(1) held count drifted"
+                self.log.setdefault(rid, []).append(counted)
             return out
         self.sched.schedule = schedule
 

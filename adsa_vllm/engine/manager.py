@@ -24,6 +24,7 @@ class RequestKV:
     bound: int              # most blocks this request may ever hold (what admission reserves)
     freed: int = 0
     peak_held: int = 0
+    nulls: int = 0          # evicted entries in the request's current block list (held = len(list) - nulls)
 
 
 class ADSAManager(FullAttentionManager):
@@ -45,7 +46,18 @@ class ADSAManager(FullAttentionManager):
         return entry
 
     def held_blocks(self, req_id: str) -> int:
-        return sum(not b.is_null for b in self.req_to_blocks.get(req_id, ()))
+        """Blocks the request holds now. O(1): the scheduler asks for every running request at every step."""
+        blocks, entry = self.req_to_blocks.get(req_id, ()), self.requests.get(req_id)
+        if entry is None:
+            return sum(not b.is_null for b in blocks)
+        return len(blocks) - entry.nulls if blocks else 0
+
+    def free(self, request_id: str) -> None:
+        """Finish or preemption: the whole list goes back to the pool (a resumed request starts a new one)."""
+        entry = self.requests.get(request_id)
+        if entry is not None:
+            entry.nulls = 0
+        super().free(request_id)
 
     def evict(self, req_id: str, logical_blocks: list[int]) -> int:
         """Null the given logical blocks of a running request and return them to the pool."""
@@ -63,6 +75,7 @@ class ADSAManager(FullAttentionManager):
                 freed.append(blocks[j])
                 blocks[j] = self._null_block
         self.block_pool.free_blocks(freed)
+        entry.nulls += len(freed)
         entry.freed += len(freed)
         self.total_freed += len(freed)
         return len(freed)
