@@ -9,7 +9,7 @@ distribution u + s (c - u) at every image token:
   * bits/token of the real test image under the guided distribution (lower = closer to the data), and
   * KL(full-attention guided || ADSA guided) in bits per token (lower = closer to what full attention would do).
 
-  python benchmarks/cfg_selection.py MODEL_DIR --images 32 --budgets 0.25 0.5 --out benchmarks/results/cfg_selection_cpu.json
+  python benchmarks/cfg_selection.py [MODEL_DIR] --images 256 --budgets 0.25 0.5 --out /tmp/cfg_selection.json
 """
 
 from __future__ import annotations

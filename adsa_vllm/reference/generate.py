@@ -170,7 +170,8 @@ def generate(model: LlamaGenReference, class_ids: list[int], *, max_new_tokens: 
     """Sample `max_new_tokens` (default grid**2) image tokens per class id -> GenerationResult, tokens [B, n].
 
     CFG (batch doubled with the null class) runs when cfg_scale > 1 as in the official code, or always with
-    force_cfg; cfg_interval and cfg_selection as in the module docstring. logprobs are of the guided logits before temperature / top-k / top-p (the model's distribution).
+    force_cfg; cfg_interval and cfg_selection as in the module docstring. logprobs are of the guided logits
+    before temperature / top-k / top-p (the model's distribution).
     adsa: emulate ADSA eviction with per-row trackers (block_size tokens per block); None = full attention.
     """
     n = model.cfg.image_tokens if max_new_tokens is None else max_new_tokens
