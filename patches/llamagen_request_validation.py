@@ -11,7 +11,8 @@ TARGET = ("vllm.v1.engine.input_processor.InputProcessor._validate_model_inputs,
 WHY = ("vLLM validates prompts against a text vocabulary: a class id past the table, or max_tokens past the image, "
        "would surface as an index error or a generic 'maximum context length' message, and a bad per-request "
        "ADSA or guidance (cfg) setting would only fail inside EngineCore. These checks run where vLLM's own input "
-       "checks run (the API process), so the request fails alone with a ValueError (HTTP 400) and the engine keeps serving.")
+       "checks run (the API process), so the request fails alone with a ValueError (HTTP 400) and the engine "
+       "keeps serving.")
 VLLM_VERSIONS = ("0.26.0",)
 RETIRED_BY = "no upstream hook for model-specific request validation yet (a model-level validate_request would do)"
 
