@@ -17,28 +17,23 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, M
 
 
 class ADSAWorkerMixin:
-    _adsa_rt = False  # unresolved
+    _adsa_rt = None   # the model's ADSARuntime (None: ADSA off)
     _step_rts = ()    # runtimes fed with every SchedulerOutput
-
-    def _adsa_runtime(self):
-        if self._adsa_rt is False:
-            model = self.model_runner.get_model()
-            model = getattr(model, "unwrap", lambda: model)()
-            self._adsa_rt = getattr(model, "adsa_runtime", None)
-            self._step_rts = tuple(rt for rt in (self._adsa_rt, getattr(model, "guidance_runtime", None)) if rt)
-            batch = getattr(self.model_runner, "input_batch", None)   # V1 runner: batch order known on the host
-            if batch is not None and hasattr(batch, "req_ids"):
-                for rt in self._step_rts:
-                    rt.batch_req_ids = lambda n: batch.req_ids[:n]
-        return self._adsa_rt
 
     def load_model(self, *args, **kwargs):
         out = super().load_model(*args, **kwargs)
-        self._adsa_runtime()  # bind the batch order before the profiling run calls compute_logits
+        # Bind now: the profiling run that follows already calls the model's compute_logits.
+        model = self.model_runner.get_model()
+        model = getattr(model, "unwrap", lambda: model)()
+        self._adsa_rt = getattr(model, "adsa_runtime", None)
+        self._step_rts = tuple(rt for rt in (self._adsa_rt, getattr(model, "guidance_runtime", None)) if rt)
+        batch = getattr(self.model_runner, "input_batch", None)   # V1 runner: batch order known on the host
+        if batch is not None and hasattr(batch, "req_ids"):
+            for rt in self._step_rts:
+                rt.batch_req_ids = lambda n: batch.req_ids[:n]
         return out
 
     def execute_model(self, scheduler_output, *args, **kwargs):
-        self._adsa_runtime()
         for rt in self._step_rts:
             rt.on_schedule(scheduler_output)
         return self._attach(super().execute_model(scheduler_output, *args, **kwargs))
@@ -47,7 +42,7 @@ class ADSAWorkerMixin:
         return self._attach(super().sample_tokens(*args, **kwargs))
 
     def _attach(self, output):
-        runtime = self._adsa_runtime()
+        runtime = self._adsa_rt
         if runtime is None or not isinstance(output, ModelRunnerOutput | AsyncModelRunnerOutput):
             return output
         evictions = runtime.drain_evictions()
