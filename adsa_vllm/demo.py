@@ -95,14 +95,12 @@ def sample_images(llm, cfg, classes: list[int], *, top_k: int, temperature: floa
                   greedy: bool = False, cfg_scale: float = 1.0) -> list[list[int]]:
     """One image per class id (request i uses seed + i); token ids per image. With cfg_scale != 1 each request is
     a guided cond/uncond pair (adsa_vllm.guidance), and the engine must have been built with guidance on."""
+    from adsa_vllm.guidance.api import generate_images, image_params
     if cfg_scale != 1.0:
-        from adsa_vllm.guidance.api import generate_images
         out = generate_images(llm, classes, cfg_scale=cfg_scale, seed=seed, temperature=temperature, top_k=top_k,
                               greedy=greedy)
         return out.tokens.tolist()
-    from vllm import SamplingParams
-    params = [SamplingParams(max_tokens=cfg.image_tokens, detokenize=False, seed=seed + i,
-                             temperature=0.0 if greedy else temperature, top_k=0 if greedy else top_k)
+    params = [image_params(cfg, seed=seed + i, temperature=temperature, top_k=top_k, greedy=greedy)
               for i in range(len(classes))]
     outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in classes], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
