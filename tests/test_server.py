@@ -9,6 +9,7 @@ runs eagerly anyway (--enforce-eager), and greedy decoding does not use that sam
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -95,8 +96,13 @@ def guided_server(tmp_path_factory, model16):
         yield {"base": base, "cfg": load_config(model_dir), "model_dir": model_dir, "log": log_path}
 
 
+@functools.cache
+def _ref_model(model_dir):
+    return load_reference(model_dir)   # loaded once: every check below compares against it
+
+
 def _reference(model_dir, class_id: int, **adsa) -> list[int]:
-    out = generate(load_reference(model_dir), [class_id], greedy=True, adsa=ADSAConfig(**adsa))
+    out = generate(_ref_model(model_dir), [class_id], greedy=True, adsa=ADSAConfig(**adsa))
     return out.tokens[0].tolist()
 
 
@@ -155,7 +161,7 @@ def test_per_request_adsa_override(server):
 # ---------------------------------------------------------------- classifier-free guidance over HTTP
 
 def _guided_reference(model_dir, class_ids, scale) -> list[list[int]]:
-    out = generate(load_reference(model_dir), class_ids, greedy=True, cfg_scale=scale, adsa=ADSAConfig(budget=0.5),
+    out = generate(_ref_model(model_dir), class_ids, greedy=True, cfg_scale=scale, adsa=ADSAConfig(budget=0.5),
                    cfg_selection="shared")
     return out.tokens.tolist()
 
