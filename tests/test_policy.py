@@ -120,6 +120,31 @@ def test_topk_v_linear_form_equals_pairwise_cosine(keep):
     torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("keep", ["diverse", "similar"])
+def test_topk_v_from_block_summaries_equals_direct_score_summed_over_layers(keep):
+    """What the vLLM worker computes (one summary per block and layer, all layers scored at once) equals the
+    reference's per-layer `score` summed over layers, padding included."""
+    scorer = make_scorer("topk_v", keep=keep)
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False], [True] * 4 + [False]])
+    layers = [make_inputs(seed=s, valid=valid) for s in range(3)]
+    direct = sum(scorer.score(x) for x in layers)
+    r, c, bs = layers[0].values.shape[:3]
+    summaries = torch.stack([scorer.summarize(x.values.reshape(r * c, *x.values.shape[2:])).reshape(
+        r, c, *x.values.shape[3:]) for x in layers], dim=2)                      # [R, C, L, H, D]
+    via_summaries = scorer.score_summaries(summaries, valid, bs)
+    assert torch.allclose(via_summaries[valid], direct[valid], atol=1e-6, rtol=1e-5)
+
+
+def test_position_only_scorers_read_no_kv():
+    for policy in ("streaming", "random"):
+        x = make_inputs()
+        blind = ScoreInputs(keys=None, values=None, valid=x.valid, block_index=x.block_index,
+                            positions=x.positions, query=None, scale=x.scale)
+        scorer = make_scorer(policy)
+        assert not scorer.reads_kv and torch.equal(scorer.score(blind), scorer.score(x))
+    assert make_scorer("topk_v").reads_kv and make_scorer("attention_mass").reads_kv
+
+
 def test_topk_v_diverse_is_negated_similar():
     x = make_inputs(seed=4)
     torch.testing.assert_close(make_scorer("topk_v", keep="diverse").score(x),

@@ -4,7 +4,10 @@ Scorers work on a batch of R sequences at once (the vLLM worker scores every seq
 call per layer; the reference passes R=1). Candidates are padded to C blocks per row; `valid` marks real ones.
 A scorer returns one float32 score per (row, candidate), averaged over heads; the tracker sums them over layers
 (one block id spans every layer, so one decision serves them all). Subclasses implement only `score()`
-(kvpress style); `BlockScorer.registry` maps config names to classes.
+(kvpress style); `BlockScorer.registry` maps config names to classes. A scorer that reads no K/V (`reads_kv`
+False: streaming, random) is scored once per selection instead of once per layer; a scorer whose score of one
+layer is a function of per-block summaries may also offer `summarize` / `score_summaries` (TopK-V), so the worker
+reads each block's K/V once in its lifetime instead of at every selection.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import torch
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    keys: torch.Tensor           # [R, C, block_size, num_kv_heads, head_dim] candidate blocks of one layer (post-RoPE)
-    values: torch.Tensor         # [R, C, block_size, num_kv_heads, head_dim]
+    keys: torch.Tensor | None    # [R, C, block_size, num_kv_heads, head_dim] candidate blocks of one layer (post-RoPE);
+    values: torch.Tensor | None  # [R, C, block_size, num_kv_heads, head_dim]   None for scorers with reads_kv False
     valid: torch.Tensor          # [R, C] bool, False on padding
     block_index: torch.Tensor    # [R, C] int64 logical block indices
     positions: torch.Tensor      # [R] int64 position of each row's query
@@ -28,7 +31,8 @@ class ScoreInputs:
 
 class BlockScorer:
     name: ClassVar[str]
-    needs_query: ClassVar[bool] = False
+    needs_query: ClassVar[bool] = False   # scored inside the forward, with the decode query
+    reads_kv: ClassVar[bool] = True       # False: the score depends on positions only; computed once, not per layer
     registry: ClassVar[dict[str, type["BlockScorer"]]] = {}
 
     def __init_subclass__(cls, **kw):

@@ -18,6 +18,7 @@ _MASK = (1 << 31) - 1
 @dataclass(frozen=True)
 class RandomBlocks(BlockScorer):
     name = "random"
+    reads_kv = False
     seed: int = 0
 
     def score(self, x: ScoreInputs) -> torch.Tensor:

@@ -15,6 +15,7 @@ from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 @dataclass(frozen=True)
 class Streaming(BlockScorer):
     name = "streaming"
+    reads_kv = False
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         return x.block_index.to(torch.float32)

@@ -106,6 +106,8 @@ class _Decoder:
         scale = self.model.cfg.head_dim ** -0.5
         hd = k_cache.shape[-1]
         for r, tr, idx in self._requests:
+            if layer and not tr.scorer.reads_kv:
+                continue  # a position-only score is added once per selection, not once per layer (as in vLLM)
             n = idx.numel() // self.bs
             rows = [r, r + self.pairs] if self.pairs else [r]             # a pair: [cond heads, uncond heads]
 

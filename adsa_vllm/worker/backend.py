@@ -12,6 +12,7 @@ ChunkedLocalAttention), so `get_name()` and the KV layout stay the inner ones:
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, CommonAttentionMetadata
@@ -39,8 +40,12 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
             cm = common_attn_metadata
             ctx = self.vllm_config.compilation_config.static_forward_context
             layers = [ctx[name] for name in self.layer_names]
-            plan = plan_step(layers[0].adsa_runtime, cm, layers, backend_name)
+            runtime = layers[0].adsa_runtime
+            t0 = time.perf_counter()
+            plan = plan_step(runtime, cm, layers, backend_name)
             cm = self._persistent(cm, plan)
+            runtime.stats.host_s += time.perf_counter() - t0
+            runtime.stats.steps += 1
             metadata = super().build(common_prefix_len, cm, fast_build)
             metadata.adsa_scoring = plan.scoring
             return metadata

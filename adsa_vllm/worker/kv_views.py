@@ -25,6 +25,14 @@ def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, backend: str,
     return blocks[..., :head_size], blocks[..., head_size:]
 
 
+def gather_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, backend: str, head_size: int) -> torch.Tensor:
+    """Only the values of the requested blocks, [n, block_size, num_kv_heads, head_dim] (keys are not copied)."""
+    if backend == "CPU_ATTN":
+        nb, h, bs, _ = kv_cache.shape
+        return kv_cache.view(nb, h, 2 * bs, head_size)[:, :, bs:][block_ids].permute(0, 2, 1, 3)
+    return kv_cache[..., head_size:][block_ids].transpose(1, 2)
+
+
 @functools.lru_cache(maxsize=None)
 def check_cpu_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> None:
     """Write known K/V with the CPU kernel's writer and read them back through `gather_blocks`."""

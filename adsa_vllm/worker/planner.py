@@ -13,6 +13,7 @@ finished, so their K/V no longer change):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,12 +80,47 @@ def compacted_block_table(bt: torch.Tensor, kept: dict[int, list[int]], out: tor
 
 
 def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, rows, layers: list, backend: str) -> None:
-    """Score query-free candidates over every layer now; the next build reads the result without waiting."""
+    """Score query-free candidates now (all layers at once); the next build reads the result without waiting."""
+    t0 = time.perf_counter()
     batch = scoring_batch(bt, rows, None)
-    for layer in layers:
-        score_layer(batch, None, layer.kv_cache, backend, layer.head_size, layer.impl.scale)
+    if bt.is_cuda:
+        batch.started = torch.cuda.Event(enable_timing=True)
+        batch.started.record()
+    for scorer, sel in batch.groups:
+        if not scorer.reads_kv:        # position-only scores: once per selection, no KV read
+            batch.acc[sel] += scorer.score(_inputs(batch, sel, None, None, None, 0.0))
+        elif hasattr(scorer, "score_summaries"):
+            _summarize_new_blocks(runtime, batch, scorer, layers, backend)
+            batch.acc[sel] += scorer.score_summaries(runtime.summaries.read(batch.block_ids[sel]),
+                                                     batch.valid[sel], runtime.block_size)
+        else:                          # any other KV-reading scorer: every layer's candidates, as in the forward
+            for layer in layers:
+                score_layer(batch, None, layer.kv_cache, backend, layer.head_size, layer.impl.scale, groups=[
+                    (scorer, sel)])
+    batch.layers_done = runtime.num_layers
     runtime.ship_to_host(batch)
     runtime.pending.append(batch)
+    runtime.stats.scored_rows += len(rows)
+    if not bt.is_cuda:
+        runtime.stats.scoring_s += time.perf_counter() - t0
+
+
+def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, layers, backend) -> None:
+    """Summarise the candidates that no earlier selection of their sequence has seen (each block once).
+    Which ones is known on the host (no device sync); only their physical ids are gathered on the device."""
+    mine = np.array([seq.tracker.scorer is scorer for seq in batch.sequences])
+    first_new = np.array([seq.summarized for seq in batch.sequences], dtype=np.int64)
+    fresh = batch.host_valid & (batch.host_index >= first_new[:, None]) & mine[:, None]
+    r, c = np.nonzero(fresh)
+    if len(r):
+        dev = batch.block_ids.device
+        ids = batch.block_ids[torch.from_numpy(r).to(dev, non_blocking=True),
+                              torch.from_numpy(c).to(dev, non_blocking=True)]
+        runtime.summaries.write(scorer, ids, layers, backend)
+        runtime.stats.summarized_blocks += len(r)
+    for seq, stop, m in zip(batch.sequences, batch.candidate_stops, mine):
+        if m:
+            seq.summarized = max(seq.summarized, stop)
 
 
 def scoring_batch(bt: torch.Tensor, scored, token_rows) -> ScoringBatch:
@@ -104,13 +140,14 @@ def scoring_batch(bt: torch.Tensor, scored, token_rows) -> ScoringBatch:
     token_index = torch.tensor(token_rows if token_rows else [0] * r).to(dev, non_blocking=True)
     return ScoringBatch(
         sequences=seqs, num_candidates=[len(cands) for *_, cands in scored], token_index=token_index,
+        candidate_stops=[cands[-1] + 1 for *_, cands in scored], host_index=index, host_valid=valid,
         block_ids=block_ids, block_index=index_dev, valid=valid_dev,
         positions=torch.tensor([pos for _, _, pos, _ in scored]).to(dev, non_blocking=True),
         acc=torch.zeros(r, c, dtype=torch.float32, device=dev), groups=_groups_by_scorer(seqs, dev))
 
 
 def score_layer(batch: ScoringBatch, query: torch.Tensor | None, kv_cache: torch.Tensor, backend: str,
-                head_size: int, scale: float) -> None:
+                head_size: int, scale: float, groups=None) -> None:
     """Add one layer's scores of every candidate block to `batch.acc` (one batched call per scorer)."""
     r, c = batch.block_ids.shape
     if backend == "CPU_ATTN":
@@ -119,12 +156,16 @@ def score_layer(batch: ScoringBatch, query: torch.Tensor | None, kv_cache: torch
     keys, values = gather_blocks(kv_cache, batch.block_ids.reshape(-1), backend, head_size)
     keys = keys.reshape((r, c) + tuple(keys.shape[1:]))
     values = values.reshape((r, c) + tuple(values.shape[1:]))
-    for scorer, sel in batch.groups:
-        x = ScoreInputs(keys=keys[sel], values=values[sel], valid=batch.valid[sel],
-                        block_index=batch.block_index[sel], positions=batch.positions[sel],
-                        query=query[batch.token_index[sel]] if scorer.needs_query else None, scale=scale)
-        batch.acc[sel] += scorer.score(x)
-    batch.layers_done += 1
+    for scorer, sel in groups or batch.groups:
+        batch.acc[sel] += scorer.score(_inputs(batch, sel, keys, values, query, scale))
+    if groups is None:
+        batch.layers_done += 1
+
+
+def _inputs(batch: ScoringBatch, sel, keys, values, query, scale) -> ScoreInputs:
+    return ScoreInputs(keys=None if keys is None else keys[sel], values=None if values is None else values[sel],
+                       valid=batch.valid[sel], block_index=batch.block_index[sel], positions=batch.positions[sel],
+                       query=None if query is None else query[batch.token_index[sel]], scale=scale)
 
 
 def _groups_by_scorer(sequences, device):
@@ -136,7 +177,7 @@ def _groups_by_scorer(sequences, device):
     if len(groups) == 1:
         (scorer, _), = groups.values()
         return [(scorer, slice(None))]
-    return [(s, torch.tensor(rows, device=device)) for s, rows in groups.values()]
+    return [(s, torch.tensor(rows).to(device, non_blocking=True)) for s, rows in groups.values()]
 
 
 _ISA: dict = {}

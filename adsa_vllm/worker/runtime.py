@@ -22,6 +22,7 @@ import torch
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
 from adsa_vllm.settings import request_overrides
+from adsa_vllm.worker.summaries import BlockSummaries
 
 
 @dataclass
@@ -30,6 +31,7 @@ class LiveSequence:
     first_block: int
     tracker: SequenceTracker
     params: object = None    # SamplingParams, kept so a resumed request keeps its per-request settings
+    summarized: int = 0      # logical blocks below this one have a summary in BlockSummaries (TopK-V)
 
 
 @dataclass
@@ -37,6 +39,9 @@ class ScoringBatch:
     """Sequences scored in this step's forward; every ADSA layer adds its scores into `acc` ([R, C] on device)."""
     sequences: list[LiveSequence]
     num_candidates: list[int]
+    candidate_stops: list[int]   # per sequence, 1 + its last candidate's logical index
+    host_index: object           # np.ndarray [R, C]: block_index on the host
+    host_valid: object           # np.ndarray [R, C]: valid on the host
     token_index: torch.Tensor    # [R] row of each sequence's decode query in the batch
     block_ids: torch.Tensor      # [R, C] physical block ids (padding: the null block 0)
     block_index: torch.Tensor    # [R, C] logical block indices
@@ -47,6 +52,17 @@ class ScoringBatch:
     layers_done: int = 0
     host_acc: torch.Tensor | None = None   # pinned copy of acc, valid once `ready` has fired
     ready: object = None                   # CUDA event recorded after the copy (None on CPU: already done)
+    started: object = None                 # CUDA event recorded before the scoring kernels (device timing)
+
+
+@dataclass
+class PlannerStats:
+    """Where ADSA's per-step time goes (benchmarks/throughput.py reports these per step)."""
+    steps: int = 0              # metadata builds with at least one ADSA-managed row
+    host_s: float = 0.0         # host time inside the builder's ADSA planning (incl. launching the scoring)
+    scoring_s: float = 0.0      # device time of query-free scoring (CUDA events; host time on CPU)
+    scored_rows: int = 0        # selections scored
+    summarized_blocks: int = 0  # blocks summarised for TopK-V (each once per sequence)
 
 
 @dataclass
@@ -65,6 +81,8 @@ class ADSARuntime:
     _scorers: dict = field(default_factory=dict)
     _outbox: dict = field(default_factory=dict)
     pending: list = field(default_factory=list)  # ScoringBatches of the last forward, absorbed by the next build
+    summaries: BlockSummaries = field(default_factory=BlockSummaries)
+    stats: PlannerStats = field(default_factory=PlannerStats)
 
     def layout_for(self, extra_args: dict | None) -> BlockLayout:
         cfg = self.defaults.merged(request_overrides(extra_args))
@@ -123,7 +141,7 @@ class ADSARuntime:
         if acc.is_cuda:
             batch.host_acc = torch.empty(acc.shape, dtype=acc.dtype, pin_memory=True)
             batch.host_acc.copy_(acc, non_blocking=True)
-            batch.ready = torch.cuda.Event()
+            batch.ready = torch.cuda.Event(enable_timing=batch.started is not None)
             batch.ready.record()
         else:
             batch.host_acc = acc
@@ -137,6 +155,8 @@ class ADSARuntime:
                 self.ship_to_host(batch)
             if batch.ready is not None:
                 batch.ready.synchronize()  # normally long done: recorded before the previous forward
+                if batch.started is not None:
+                    self.stats.scoring_s += batch.started.elapsed_time(batch.ready) / 1e3
             for i, seq in enumerate(batch.sequences):
                 if self._by_req.get(seq.req_id) is seq:
                     seq.tracker.add_layer_scores(batch.host_acc[i, : batch.num_candidates[i]])
