@@ -26,16 +26,31 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def write_config(kind: str, preset: str, grid: int, out: Path) -> Path:
+def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0) -> Path:
     from adsa_vllm.llamagen.config import preset as make_preset
     cfg = make_preset(preset, grid_size=grid)
     d = cfg.to_hf_dict()
-    if kind == "llama":  # same shape, stock architecture, 1D RoPE, codebook-sized vocabulary
+    if kind in ("llama", "llama-sw"):  # same shape, stock architecture, 1D RoPE, codebook-sized vocabulary
         d = {k: v for k, v in d.items() if k != "llamagen"}
         d.update(architectures=["LlamaForCausalLM"], vocab_size=cfg.codebook_size)
+    if kind == "llama-sw":        # vLLM's own sliding window at the same KV token budget as ADSA
+        d.update(sliding_window=window, layer_types=["sliding_attention"] * cfg.n_layer)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(d))
     return out
+
+
+def parse_mode(mode: str, policy: str, budget: float):
+    """"adsa:streaming:0.25" -> ("adsa", "streaming", 0.25); "llama-sw:0.25" -> ("llama-sw", policy, 0.25);
+    missing parts come from --policy / --budget."""
+    parts = mode.split(":")
+    base = parts[0]
+    for p in parts[1:]:
+        try:
+            budget = float(p)
+        except ValueError:
+            policy = p
+    return base, policy, budget
 
 
 def run_mode(args) -> dict:
@@ -44,16 +59,21 @@ def run_mode(args) -> dict:
     from vllm import LLM, SamplingParams
     from adsa_vllm.llamagen.config import preset as make_preset
     cfg = make_preset(args.preset, grid_size=args.grid)
-    model_dir = write_config("llama" if args.mode == "llama" else "llamagen", args.preset, args.grid,
-                             Path(tempfile.mkdtemp()) / args.mode)
+    base, policy, budget = parse_mode(args.mode, args.policy, args.budget)
+    kind = base if base in ("llama", "llama-sw") else "llamagen"
+    window = int(budget * cfg.image_tokens) if budget <= 1 else int(budget)
+    model_dir = write_config(kind, args.preset, args.grid, Path(tempfile.mkdtemp()) / args.mode, window)
     kw = dict(model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.num_seqs,
               kv_cache_memory_bytes=int(args.kv_gib * (1 << 30)), block_size=16, seed=0,
               max_model_len=cfg.max_seq_len, enforce_eager=args.eager)
-    if args.mode == "llama":
+    stock_llama = kind in ("llama", "llama-sw")
+    if stock_llama:
         kw["skip_tokenizer_init"] = True
-    if args.mode.startswith("adsa"):
-        budget = None if args.mode == "adsa-full" else args.budget   # adsa-full: ADSA scheduler, no eviction
-        kw.update(attention_backend="adsa", additional_config={"adsa": {"budget": budget, "policy": args.policy}})
+    if args.kv_cache_dtype:
+        kw["kv_cache_dtype"] = args.kv_cache_dtype
+    if base.startswith("adsa"):
+        budget = None if base == "adsa-full" else budget   # adsa-full: ADSA scheduler, no eviction
+        kw.update(attention_backend="adsa", additional_config={"adsa": {"budget": budget, "policy": policy}})
     if args.mode == "cfg":
         kw["additional_config"] = {"cfg": {"scale": args.cfg_scale}}
     t0 = time.perf_counter()
@@ -71,21 +91,39 @@ def run_mode(args) -> dict:
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
     llm.generate(prompts[: min(8, len(prompts))], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
                                                                   detokenize=False), use_tqdm=False)  # warm-up
-    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    core = llm.llm_engine.engine_core.engine_core
+    sched = core.scheduler
     batch_sizes, preemptions = _watch(sched)
+    host = _time_worker(core.model_executor.driver_worker.worker)
+    planner = _planner_stats(core.model_executor.driver_worker.worker)
+    p0 = dict(vars(planner)) if planner is not None else None
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    res = {"mode": args.mode, "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
-           "images": images, "images_per_s": images / elapsed,
+    if args.arrival_rate:
+        done, elapsed, window = _arrivals(llm, prompts, sp, args.arrival_rate, args.warmup_frac)
+        tokens = done * n
+    else:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        window = elapsed
+    steps = len(batch_sizes)
+    res = {"mode": args.mode, "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / window,
+           "images": images, "images_per_s": (tokens / n) / window * (images / len(prompts)),
            "startup_s": startup, "num_seqs": args.num_seqs, "image_tokens": n,
            "num_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks,
-           "mean_running": sum(batch_sizes) / max(1, len(batch_sizes)), "max_running": max(batch_sizes),
-           "steps": len(batch_sizes), "num_preemptions": preemptions[0]}
+           "mean_running": sum(batch_sizes) / max(1, steps), "max_running": max(batch_sizes),
+           "steps": steps, "num_preemptions": preemptions[0], "step_ms": 1e3 * elapsed / max(1, steps),
+           "worker_host_ms_per_step": 1e3 * host["s"] / max(1, host["calls"])}
+    if args.arrival_rate:
+        res.update(arrival_rate=args.arrival_rate, measured_window_s=window)
+    if planner is not None:
+        d = {k: v - p0[k] for k, v in vars(planner).items()}
+        res.update(adsa_host_ms_per_step=1e3 * d["host_s"] / max(1, steps),
+                   adsa_scoring_ms_per_step=1e3 * d["scoring_s"] / max(1, steps),
+                   adsa_scored_rows=d["scored_rows"], adsa_summarized_blocks=d["summarized_blocks"])
     if hasattr(sched, "adsa_stats"):
         res["total_freed_blocks"] = sched.adsa_stats().get("total_freed_blocks")
-    if args.profile and args.mode == "adsa":
+    if args.profile and base == "adsa":
         res["profile"] = _profile(llm, prompts[: args.num_seqs], cfg.image_tokens, args.profile)
     return res
 
@@ -105,6 +143,50 @@ def _watch(sched):
         return preempt(*a, **k)
     sched.schedule, sched._preempt_request = schedule_and_record, count_preemption
     return sizes, preempted
+
+
+def _time_worker(worker) -> dict:
+    """Host seconds inside the worker's execute_model + sample_tokens (the per-step host work of the runner)."""
+    acc = {"s": 0.0, "calls": 0}
+    for name in ("execute_model", "sample_tokens"):
+        fn = getattr(worker, name)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc["s"] += time.perf_counter() - t
+                acc["calls"] += _name == "execute_model"
+        setattr(worker, name, timed)
+    return acc
+
+
+def _planner_stats(worker):
+    model = worker.model_runner.get_model()
+    rt = getattr(getattr(model, "unwrap", lambda: model)(), "adsa_runtime", None)
+    return None if rt is None else rt.stats
+
+
+def _arrivals(llm, prompts, sp, rate: float, warmup_frac: float):
+    """Open loop: request i arrives at i / rate seconds; counts images finished after the warm-up fraction of
+    the arrivals until the last arrival (steady state above saturation). Returns (images, elapsed, window)."""
+    engine = llm.llm_engine
+    t0 = time.perf_counter()
+    nxt, finished = 0, []
+    while nxt < len(prompts) or engine.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while nxt < len(prompts) and nxt / rate <= now:
+            engine.add_request(str(nxt), prompts[nxt], sp)
+            nxt += 1
+        for out in engine.step():
+            if out.finished:
+                finished.append(time.perf_counter() - t0)
+        if nxt == len(prompts) and len(finished) >= len(prompts):
+            break
+    t_start, t_end = warmup_frac * len(prompts) / rate, len(prompts) / rate
+    done = sum(t_start <= t < t_end for t in finished)
+    return done, time.perf_counter() - t0, t_end - t_start
 
 
 def _profile(llm, prompts, n, path) -> str:
@@ -131,9 +213,14 @@ def main():
     ap.add_argument("--policy", default="topk_v")
     ap.add_argument("--eager", action="store_true", help="disable torch.compile and CUDA graphs")
     ap.add_argument("--modes", nargs="+", default=["llama", "llamagen", "adsa"],
-                    help="llama | llamagen (stock vLLM) | adsa-full (ADSA scheduler, no eviction) | adsa | "
+                    help="llama | llama-sw (vLLM sliding window, window = budget tokens) | llamagen (stock vLLM) | adsa-full (ADSA scheduler, no eviction) | adsa | "
                          "cfg (guided pairs) | pairs2n (the same sequences as independent requests)")
     ap.add_argument("--cfg-scale", type=float, default=4.0)
+    ap.add_argument("--kv-cache-dtype", default=None, help="e.g. fp8 (every mode of the invocation)")
+    ap.add_argument("--arrival-rate", type=float, default=0.0,
+                    help="open loop: requests per second (0: all at once); images/s counted after the warm-up")
+    ap.add_argument("--warmup-frac", type=float, default=0.3)
+    ap.add_argument("--tag", default="", help="label of this invocation in the output")
     ap.add_argument("--profile", help="write a torch.profiler table of a short ADSA-mode run to this path")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--out")
@@ -147,17 +234,21 @@ def main():
                                                             if a not in args.modes and a != "--modes"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
-            raise SystemExit(f"mode {mode} failed (rc {proc.returncode})")
+        if proc.returncode or not line:   # reported, and the other modes still run
+            err = [ln for ln in proc.stderr.splitlines() if "Error" in ln][-3:]
+            print(proc.stderr[-4000:], file=sys.stderr)
+            results.append({"mode": mode, "failed": f"rc {proc.returncode}", "error": err})
+            continue
         results.append(json.loads(line[0][7:]))
         print(json.dumps(results[-1]), flush=True)
-    by = {r["mode"]: r for r in results}
+    by = {r["mode"]: r for r in results if "failed" not in r}
     ratios = {}
     if "llama" in by and "llamagen" in by:
         ratios["llamagen_over_llama"] = by["llamagen"]["tok_per_s"] / by["llama"]["tok_per_s"]
-    if "llamagen" in by and "adsa" in by:
-        ratios["adsa_over_full"] = by["adsa"]["tok_per_s"] / by["llamagen"]["tok_per_s"]
+    if "llamagen" in by:
+        for m, r in by.items():
+            if m != "llamagen" and not m.startswith("cfg") and not m.startswith("pairs"):
+                ratios[f"{m}_over_stock"] = r["tok_per_s"] / by["llamagen"]["tok_per_s"]
     if "cfg" in by and "pairs2n" in by:
         ratios["cfg_over_pairs2n_images"] = by["cfg"]["images_per_s"] / by["pairs2n"]["images_per_s"]
     report = {"args": {k: v for k, v in vars(args).items() if k != "mode"}, "results": results, "ratios": ratios}
