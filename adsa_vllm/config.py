@@ -9,12 +9,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from adsa_vllm.errors import SettingsError
+
 POLICIES = ("topk_v", "streaming", "random", "attention_mass")
 KEEP_DIRECTIONS = ("diverse", "similar")
 SUPPORTED_BLOCK_SIZES = (16, 32)
 
 
-class ADSAConfigError(ValueError):
+# The random policy hashes the seed in int64 arithmetic kept to 31 bits (policy/random_blocks.py): a seed past 32
+# bits could overflow there, inside the worker.
+MAX_SEED = 2**32 - 1
+
+
+class ADSAConfigError(SettingsError):
     """Invalid ADSA settings; the message says which key is wrong and what would be valid."""
 
 
@@ -54,6 +61,9 @@ class ADSAConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "prefix" else 1)):
                 raise ADSAConfigError(f"adsa.{name}={v!r}: must be a positive token/step count or null")
+        s = self.seed
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise ADSAConfigError(f"adsa.seed={s!r}: use an integer in 0..{MAX_SEED} (the random policy's seed)")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ADSAConfig":
@@ -65,9 +75,9 @@ class ADSAConfig:
         if not isinstance(overrides, dict):
             raise ADSAConfigError(f"adsa settings must be a JSON object, got {type(overrides).__name__}")
         valid = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - valid)
+        unknown = sorted(map(repr, set(overrides) - valid))   # repr: keys may be of mixed types
         if unknown:
-            raise ADSAConfigError(f"unknown adsa setting(s) {unknown}; valid keys are {sorted(valid)}")
+            raise ADSAConfigError(f"unknown adsa setting(s) [{', '.join(unknown)}]; valid keys are {sorted(valid)}")
         return dataclasses.replace(self, **overrides)
 
     def layout(self, *, block_size: int, cls_token_num: int, grid_size: int, lag: int = 0) -> "BlockLayout":

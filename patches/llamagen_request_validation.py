@@ -1,4 +1,4 @@
-"""Reject bad LlamaGen requests in the API process with errors that name the valid range."""
+"""Reject bad LlamaGen requests in the API process with errors that name the field and the fix."""
 
 from __future__ import annotations
 
@@ -7,71 +7,94 @@ import functools
 from patches import check_version
 
 TARGET = ("vllm.v1.engine.input_processor.InputProcessor._validate_model_inputs, "
-          "InputProcessor._validate_params")
-WHY = ("vLLM validates prompts against a text vocabulary: a class id past the table, or max_tokens past the image, "
-       "would surface as an index error or a generic 'maximum context length' message, and a bad per-request "
-       "ADSA or guidance (cfg) setting would only fail inside EngineCore. These checks run where vLLM's own input "
-       "checks run (the API process), so the request fails alone with a ValueError (HTTP 400) and the engine "
-       "keeps serving.")
+          "InputProcessor._validate_params, "
+          "vllm.entrypoints.openai.completion.serving.OpenAIServingCompletion.render_completion_request")
+WHY = ("vLLM validates prompts and token-id fields against a text tokenizer, which an image model does not have: a "
+       "class id past the table, an id outside the codebook (allowed_token_ids, stop_token_ids with min_tokens), a "
+       "per-request ADSA or guidance setting of the wrong type would only fail inside EngineCore and kill the "
+       "engine for everyone; stop strings and bad_words would be ignored silently, and logprobs over HTTP would "
+       "generate the whole image before failing to detokenize. These checks run where vLLM's own input checks run "
+       "(the API process, before the request is queued), so the request fails alone with a ValueError (HTTP 400) "
+       "and the engine keeps serving; logprobs come back as 'token_id:N'.")
 VLLM_VERSIONS = ("0.26.0",)
 RETIRED_BY = "no upstream hook for model-specific request validation yet (a model-level validate_request would do)"
 
 _ARCH = "LlamaGenForCausalLM"
 
 
-def _llamagen(processor):
-    cfg = getattr(processor, "_adsa_llamagen", False)
-    if cfg is False:
-        cfg = None
+def _limits(processor):
+    """The EngineLimits of a LlamaGen engine (cached on the InputProcessor), None for other models."""
+    limits = getattr(processor, "_adsa_llamagen", False)
+    if limits is False:
+        limits = None
         mc = processor.model_config
         if _ARCH in (getattr(mc.hf_config, "architectures", None) or []):
-            from adsa_vllm.llamagen.config import LlamaGenConfig
             from adsa_vllm.guidance.settings import GuidanceSettings
+            from adsa_vllm.llamagen.config import LlamaGenConfig
+            from adsa_vllm.request_validation import EngineLimits
             from adsa_vllm.settings import ADSASettings
             vc = processor.vllm_config
-            cfg = (LlamaGenConfig.from_hf_dict(mc.hf_config.to_dict()), ADSASettings.from_vllm_config(vc),
-                   vc.cache_config, GuidanceSettings.from_vllm_config(vc))
-        processor._adsa_llamagen = cfg
-    return cfg
+            limits = EngineLimits(model=LlamaGenConfig.from_hf_dict(mc.hf_config.to_dict()),
+                                  adsa=ADSASettings.from_vllm_config(vc), guidance=GuidanceSettings.from_vllm_config(vc),
+                                  block_size=vc.cache_config.block_size)
+        processor._adsa_llamagen = limits
+    return limits
+
+
+def _check_completion_request(request, limits) -> None:
+    """/v1/completions fields that never become SamplingParams, checked before anything is generated."""
+    from adsa_vllm.request_validation import RequestFieldError
+    if request.use_beam_search:
+        raise RequestFieldError("use_beam_search is not supported for image generation (vLLM's beam search ranks "
+                                "text continuations through a tokenizer); sample several images with n or seeds")
+    if request.echo:
+        raise RequestFieldError("echo needs a text tokenizer to print the prompt; send return_token_ids: true to "
+                                "get the prompt ids back in prompt_token_ids")
+    wants_logprobs = request.logprobs is not None or request.prompt_logprobs is not None \
+        or bool(request.logprob_token_ids)
+    if wants_logprobs:
+        if request.return_tokens_as_token_ids is False:
+            raise RequestFieldError("logprobs of an image model can only name tokens by id: drop "
+                                    "return_tokens_as_token_ids: false (tokens come back as 'token_id:N')")
+        request.return_tokens_as_token_ids = True   # no tokenizer to decode them; ids are the honest names
 
 
 def apply() -> None:
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion as S
     from vllm.v1.engine.input_processor import InputProcessor as P
     if getattr(P, "_adsa_patched", False):
         return
     check_version(VLLM_VERSIONS, __name__)
     orig_inputs, orig_params = P._validate_model_inputs, P._validate_params
+    orig_render = S.render_completion_request
 
     @functools.wraps(orig_inputs)
     def _validate_model_inputs(self, encoder_input, decoder_input):
-        found = _llamagen(self)
-        if found is not None:
+        limits = _limits(self)
+        if limits is not None:
             ids = decoder_input.get("prompt_token_ids") if isinstance(decoder_input, dict) else None
             if decoder_input.get("type") == "embeds" or ids is None:
                 raise ValueError("LlamaGen prompts are token ids (codebook_size + class_id), not embeddings")
-            found[0].check_prompt(list(ids))
+            limits.model.check_prompt(list(ids))
         return orig_inputs(self, encoder_input, decoder_input)
 
     @functools.wraps(orig_params)
     def _validate_params(self, params, supported_tasks):
-        found = _llamagen(self)
-        if found is not None and hasattr(params, "max_tokens"):
-            model_cfg, settings, cache, guidance = found
-            n = model_cfg.image_tokens
-            if params.max_tokens is not None and not 1 <= params.max_tokens <= n:
-                raise ValueError(f"max_tokens={params.max_tokens} is outside the image: this model emits "
-                                 f"1..{n} tokens ({model_cfg.grid_size}x{model_cfg.grid_size} grid)")
-            if settings.enabled:
-                from adsa_vllm.settings import request_overrides
-                settings.defaults.merged(request_overrides(params.extra_args)).layout(
-                    block_size=cache.block_size, cls_token_num=model_cfg.cls_token_num,
-                    grid_size=model_cfg.grid_size)
-            guidance.for_request(params.extra_args)  # a "cfg" without guidance on, or a bad scale / interval
-            if guidance.enabled and params.prompt_logprobs is not None:
-                raise ValueError("prompt_logprobs are not available with classifier-free guidance (the prompt is "
-                                 "the condition, which the model does not predict); use logprobs for image tokens")
+        limits = _limits(self)
+        if limits is not None and hasattr(params, "max_tokens"):
+            from adsa_vllm.request_validation import validate_request
+            validate_request(params, limits)
         return orig_params(self, params, supported_tasks)
 
+    @functools.wraps(orig_render)
+    async def render_completion_request(self, request):
+        limits = _limits(self.input_processor)
+        if limits is not None:
+            _check_completion_request(request, limits)
+        return await orig_render(self, request)
+
     P._validate_model_inputs, P._validate_params = _validate_model_inputs, _validate_params
+    S.render_completion_request = render_completion_request
     P._adsa_patched = True
     P._adsa_orig = (orig_inputs, orig_params)
+    S._adsa_orig = orig_render

@@ -152,8 +152,11 @@ def test_input_processor_rejects_bad_class_id(model_dir):
     assert list(req.prompt_token_ids) == [513]
 
 
-def test_input_processor_rejects_bad_adsa_override_only_with_adsa_on(model_dir):
+def test_input_processor_rejects_bad_adsa_overrides_and_any_without_adsa(model_dir):
     bad = dict(max_tokens=4, extra_args={"adsa": {"policy": "nope"}})
     with pytest.raises(ValueError, match=r"adsa\.policy='nope' is unknown"):
         _process(_processor(model_dir, attention_backend="adsa"), [513], **bad)
-    _process(_processor(model_dir), [513], **bad)   # ADSA off: the settings are not looked at
+    # ADSA off: any "adsa" setting is rejected with the fix rather than ignored silently.
+    with pytest.raises(ValueError, match=r"runs without ADSA.*--attention-backend adsa"):
+        _process(_processor(model_dir), [513], **bad)
+    _process(_processor(model_dir), [513], max_tokens=4)

@@ -15,10 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from adsa_vllm.errors import SettingsError
 from adsa_vllm.extra_args import extra_arg_object
 
+# Largest scale accepted: u + s (c - u) must stay a finite fp32 logit (|c - u| is at most a few hundred), else the
+# sampler would see inf / NaN inside the worker. LlamaGen uses 1.5-4.
+MAX_SCALE = 1e4
 
-class GuidanceConfigError(ValueError):
+
+class GuidanceConfigError(SettingsError):
     """A bad classifier-free guidance setting; the message names the fix."""
 
 
@@ -29,9 +34,9 @@ class Guidance:
 
     def __post_init__(self):
         if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or not math.isfinite(self.scale) \
-                or self.scale < 0:
-            raise GuidanceConfigError(f"cfg scale={self.scale!r}: use a finite number >= 0 (1.0 = no guidance, "
-                                      "LlamaGen uses 1.5-4)")
+                or not 0 <= self.scale <= MAX_SCALE:
+            raise GuidanceConfigError(f"cfg scale={self.scale!r}: use a finite number >= 0 and <= {MAX_SCALE:g} "
+                                      "(1.0 = no guidance, LlamaGen uses 1.5-4)")
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < -1:
             raise GuidanceConfigError(f"cfg interval={self.interval!r}: use -1 (guide every token) or an integer "
                                       ">= 0 (LlamaGen's --cfg-interval)")
@@ -44,9 +49,9 @@ class Guidance:
         if not overrides:
             return self
         known = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - known)
+        unknown = sorted(map(repr, set(overrides) - known))   # repr: keys may be of mixed types
         if unknown:
-            raise GuidanceConfigError(f"unknown cfg setting(s) {unknown}; valid keys are {sorted(known)}")
+            raise GuidanceConfigError(f"unknown cfg setting(s) [{', '.join(unknown)}]; valid keys are {sorted(known)}")
         return replace(self, **overrides)
 
 

@@ -1,0 +1,108 @@
+"""Every field of a LlamaGen request checked before the engine sees it (duck-typed; no vLLM import).
+
+Called by patches/llamagen_request_validation.py in the API process (offline: the LLM's process), where vLLM runs
+its own input checks, so a bad request fails alone with a `SettingsError` (HTTP 400 online) instead of raising
+inside EngineCore, where any exception kills the engine for everyone. What vLLM would check against a text
+tokenizer is checked here against the LlamaGen codebook: the model has no tokenizer (it emits codebook ids, see
+adsa_vllm/llamagen/model.py), so vLLM skips those checks, and an id outside the logits row crashes the worker.
+
+Per-request settings (`extra_args["adsa"]`, `extra_args["cfg"]`, a dict offline or its JSON string over HTTP) are
+parsed with the same code the worker and scheduler run (`ADSAConfig.merged`, `GuidanceSettings.for_request`), and
+fully: the ADSA layout and scorer are built here, so whatever passes is a setting the worker can use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adsa_vllm.errors import SettingsError
+from adsa_vllm.guidance.settings import Guidance, GuidanceSettings
+from adsa_vllm.policy import BlockLayout, make_scorer
+from adsa_vllm.settings import ADSASettings, request_overrides
+
+# extra_args keys: the plugin's, plus those vLLM itself puts there (kv/ec transfer parameters).
+EXTRA_ARG_KEYS = ("adsa", "cfg", "kv_transfer_params", "ec_transfer_params")
+
+
+class RequestFieldError(SettingsError):
+    """A stock request field this model cannot honour as given; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    layout: BlockLayout | None   # the request's ADSA layout; None when the engine runs without ADSA
+    guidance: Guidance           # the request's guidance (the engine defaults when it gave none)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request is checked against: the model's shape and the engine's ADSA / guidance settings."""
+    model: object                # LlamaGenConfig
+    adsa: ADSASettings
+    guidance: GuidanceSettings
+    block_size: int
+
+
+def validate_settings(extra_args, limits: EngineLimits) -> RequestSettings:
+    """Parses and checks a request's extra_args exactly as the worker will; raises SettingsError."""
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise RequestFieldError(f"extra_args must be a dict, got {type(extra_args).__name__}")
+    unknown = sorted(map(repr, set(extra_args or {}) - set(EXTRA_ARG_KEYS)))
+    if unknown:
+        raise RequestFieldError(f"unknown extra_args / vllm_xargs key(s) [{', '.join(unknown)}]; this model reads "
+                                '"adsa" and "cfg" (e.g. "vllm_xargs": {"adsa": "{\\"budget\\": 0.25}"})')
+    overrides = request_overrides(extra_args)
+    layout = None
+    if limits.adsa.enabled:
+        model = limits.model
+        layout = limits.adsa.defaults.merged(overrides).layout(
+            block_size=limits.block_size, cls_token_num=model.cls_token_num, grid_size=model.grid_size)
+        make_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
+    elif overrides is not None:
+        raise RequestFieldError('this engine runs without ADSA, so extra_args["adsa"] cannot apply: start it with '
+                                "--attention-backend adsa (offline: LLM(..., attention_backend=\"adsa\"))")
+    return RequestSettings(layout=layout, guidance=limits.guidance.for_request(extra_args))
+
+
+def _ids_in_codebook(field: str, ids, codebook_size: int) -> None:
+    bad = sorted({i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < codebook_size},
+                 key=repr)
+    if bad:
+        raise RequestFieldError(f"{field} has id(s) {bad[:8]} outside the codebook: image tokens are 0.."
+                                f"{codebook_size - 1} (condition ids are never sampled)")
+
+
+def validate_sampling_fields(params, model) -> None:
+    """The stock SamplingParams fields that vLLM checks against a tokenizer, checked against the codebook."""
+    n = model.image_tokens
+    if params.max_tokens is not None and not 1 <= params.max_tokens <= n:
+        raise RequestFieldError(f"max_tokens={params.max_tokens} is outside the image: this model emits 1..{n} "
+                                f"tokens ({model.grid_size}x{model.grid_size} grid)")
+    if params.allowed_token_ids is not None:
+        _ids_in_codebook("allowed_token_ids", params.allowed_token_ids, model.codebook_size)
+    if params.logit_bias:
+        _ids_in_codebook("logit_bias", params.logit_bias, model.codebook_size)
+    if params.stop_token_ids:
+        _ids_in_codebook("stop_token_ids", params.stop_token_ids, model.codebook_size)
+    if params.logprob_token_ids:
+        _ids_in_codebook("logprob_token_ids", params.logprob_token_ids, model.codebook_size)
+    if params.stop:
+        raise RequestFieldError("stop strings need a text tokenizer, which an image model does not have; stop at "
+                                "image tokens with stop_token_ids, or lower max_tokens")
+    if params.bad_words:
+        raise RequestFieldError("bad_words need a text tokenizer, which an image model does not have; forbid "
+                                "image tokens with logit_bias {id: -100} or allow some with allowed_token_ids")
+
+
+def validate_request(params, limits: EngineLimits) -> RequestSettings:
+    """All checks of one generation request (SamplingParams); raises SettingsError naming the field and the fix."""
+    validate_sampling_fields(params, limits.model)
+    settings = validate_settings(params.extra_args, limits)
+    if limits.guidance.enabled and params.prompt_logprobs is not None:
+        raise RequestFieldError("prompt_logprobs are not available with classifier-free guidance (the prompt is "
+                                "the condition, which the model does not predict); use logprobs for image tokens")
+    return settings
+
+
+__all__ = ["EXTRA_ARG_KEYS", "EngineLimits", "RequestFieldError", "RequestSettings", "validate_request",
+           "validate_sampling_fields", "validate_settings"]
