@@ -42,10 +42,12 @@ def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0) 
 
 def parse_mode(mode: str, policy: str, budget: float):
     """"adsa:streaming:0.25" -> ("adsa", "streaming", 0.25); "llama-sw:0.25" -> ("llama-sw", policy, 0.25);
-    missing parts come from --policy / --budget."""
+    missing parts come from --policy / --budget; a part "fp8" (any mode) sets that mode's KV cache dtype."""
     parts = mode.split(":")
     base = parts[0]
     for p in parts[1:]:
+        if p.startswith("fp8"):
+            continue          # a KV cache dtype, see kv_dtype_of
         try:
             budget = float(p)
         except ValueError:
@@ -69,8 +71,9 @@ def run_mode(args) -> dict:
     stock_llama = kind in ("llama", "llama-sw")
     if stock_llama:
         kw["skip_tokenizer_init"] = True
-    if args.kv_cache_dtype:
-        kw["kv_cache_dtype"] = args.kv_cache_dtype
+    kv_dtype = next((p for p in args.mode.split(":")[1:] if p.startswith("fp8")), args.kv_cache_dtype)
+    if kv_dtype:
+        kw["kv_cache_dtype"] = kv_dtype
     if base.startswith("adsa"):
         budget = None if base == "adsa-full" else budget   # adsa-full: ADSA scheduler, no eviction
         kw.update(attention_backend="adsa", additional_config={"adsa": {"budget": budget, "policy": policy}})

@@ -9,6 +9,7 @@
        held_r(t) = min(bound_r, cdiv(len_r + t + 1, bs))   while len_r + t + 1 < final_len_r, else 0
    (a request of final length L stores L - 1 tokens: its last sampled token is never fed back).
    A waiting request is admitted only if the peak over t of the sum (with it) fits the pool minus the watermark.
+   The sum is kept incrementally (`DemandProfile`), so a check costs O(horizon), not O(running x horizon).
    That rules out preemption (held never exceeds bound, see ADSAManager) while letting staggered requests share
    the blocks that finished requests give back. With ADSA the bound is budget + slack blocks, not the whole
    sequence: that is where the extra capacity comes from.
@@ -16,11 +17,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
+from adsa_vllm.engine.demand import DemandProfile
 from adsa_vllm.engine.manager import ADSAManager
 from adsa_vllm.settings import request_overrides
 
@@ -33,6 +34,7 @@ class ADSASchedulerMixin:
         self.num_preemptions = 0
         self.max_running = 0
         if self.adsa_managers:
+            self.demand = DemandProfile(self.adsa_managers[0].block_size)
             self._stock_allocate_slots = self.kv_cache_manager.allocate_slots
             self.kv_cache_manager.allocate_slots = self._allocate_slots
 
@@ -48,6 +50,8 @@ class ADSASchedulerMixin:
                 m.register(request.request_id, overrides, max_len)
 
     def _free_request(self, request, delay_free_blocks: bool = False):
+        if self.adsa_managers:
+            self.demand.remove(request.request_id)
         out = super()._free_request(request, delay_free_blocks)
         for m in self.adsa_managers:
             m.forget(request.request_id)
@@ -55,35 +59,35 @@ class ADSASchedulerMixin:
 
     def _preempt_request(self, request, timestamp: float) -> None:
         self.num_preemptions += 1
+        if self.adsa_managers:
+            self.demand.remove(request.request_id)
         super()._preempt_request(request, timestamp)
 
     # ---- admission ----
     def _allocate_slots(self, request, *args, **kwargs):
-        if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and not self._fits(request):
+        admitting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+        if admitting and not self._fits(request):
             return None
-        return self._stock_allocate_slots(request, *args, **kwargs)
+        out = self._stock_allocate_slots(request, *args, **kwargs)
+        entry = self.adsa_managers[0].requests.get(request.request_id)
+        if admitting and out is not None and entry is not None:
+            self.demand.add(request.request_id, request.num_computed_tokens, _final_len(request), entry.bound)
+        return out
 
     def _fits(self, new_request) -> bool:
         m = self.adsa_managers[0]
-        pool = m.block_pool
-        reqs = [r for r in self.running if r is not new_request] + [new_request]
-        entries = [m.requests.get(r.request_id) for r in reqs]
-        if any(e is None for e in entries):
-            return True  # not an ADSA-registered request: leave it to vLLM's own gate
-        length = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
-        final = np.array([r.num_prompt_tokens + (r.max_tokens or 0) for r in reqs], dtype=np.int64)
-        bound = np.array([e.bound for e in entries], dtype=np.int64)
-        horizon = int(max(1, (final - length).max()))
-        t = np.arange(horizon, dtype=np.int64)[None, :]
-        tokens = length[:, None] + t + 1
-        held = np.minimum(bound[:, None], -(-tokens // m.block_size))
-        demand = np.where(tokens < final[:, None], held, 0).sum(0).max()
-        capacity = pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in reqs)
+        entry = m.requests.get(new_request.request_id)
+        if entry is None or len(self.demand) != len(self.running):
+            return True  # a request ADSA does not track: leave it to vLLM's own gate
+        demand = self.demand.peak_with(new_request.num_computed_tokens, _final_len(new_request), entry.bound)
+        capacity = m.block_pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in self.running)
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
         return demand + watermark <= capacity
 
     # ---- evictions ----
     def schedule(self, *args, **kwargs):
+        if self.adsa_managers:
+            self.demand.advance({r.request_id: r.num_computed_tokens for r in self.running})
         out = super().schedule(*args, **kwargs)
         self.max_running = max(self.max_running, len(self.running))
         for m in self.adsa_managers:
@@ -114,6 +118,10 @@ class ADSASchedulerMixin:
         return {"enabled": True, "num_preemptions": self.num_preemptions, "max_running": self.max_running,
                 "total_freed_blocks": m.total_freed, "free_blocks": m.block_pool.get_num_free_blocks(),
                 "requests": per_request}
+
+
+def _final_len(request) -> int:
+    return request.num_prompt_tokens + (request.max_tokens or 0)
 
 
 class ADSAScheduler(ADSASchedulerMixin, Scheduler):

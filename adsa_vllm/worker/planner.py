@@ -13,6 +13,7 @@ finished, so their K/V no longer change):
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -69,14 +70,21 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
 
 
 def compacted_block_table(bt: torch.Tensor, kept: dict[int, list[int]], out: torch.Tensor) -> torch.Tensor:
-    """Write bt with each kept row's blocks moved to the front into `out` (same shape); returns `out`."""
+    """Write bt with each kept row's blocks moved to the front into `out` (same shape); returns `out`.
+    Vectorised: one host array for the kept rows only, one copy to the device, one gather."""
+    out.copy_(bt)
     if not kept:
-        return out.copy_(bt)
-    idx = np.broadcast_to(np.arange(bt.shape[1], dtype=np.int64), bt.shape).copy()
-    for row, blocks in kept.items():
-        idx[row, : len(blocks)] = blocks
-        idx[row, len(blocks):] = 0          # never read: beyond the compacted seq_len
-    return torch.gather(bt, 1, torch.from_numpy(idx).to(bt.device, non_blocking=True), out=out)
+        return out
+    rows = np.fromiter(kept.keys(), dtype=np.int64, count=len(kept))
+    lens = np.fromiter((len(b) for b in kept.values()), dtype=np.int64, count=len(kept))
+    idx = np.zeros((len(rows), bt.shape[1]), dtype=np.int64)     # beyond a row's kept blocks: never read
+    starts = np.repeat(np.cumsum(lens) - lens, lens)
+    idx[np.repeat(np.arange(len(rows)), lens), np.arange(int(lens.sum())) - starts] = \
+        np.fromiter(itertools.chain.from_iterable(kept.values()), dtype=np.int64, count=int(lens.sum()))
+    dev = bt.device
+    rows_dev = torch.from_numpy(rows).to(dev, non_blocking=True)
+    out[rows_dev] = torch.gather(bt[rows_dev], 1, torch.from_numpy(idx).to(dev, non_blocking=True))
+    return out
 
 
 def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, rows, layers: list, backend: str) -> None:

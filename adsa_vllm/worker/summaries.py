@@ -10,7 +10,8 @@ LlamaGen-XL scale).
 Why the rows are safe to share between sequences: a sequence only reads rows of blocks it holds and has summarised
 itself (the `summarized` watermark of its LiveSequence); a block that is freed and handed to another sequence is
 summarised again by that sequence before it ever reads the row. A preempted sequence restarts with a fresh watermark.
-Memory: num_blocks * L * H * D in float32 for float32 caches, else bfloat16: 1/(2 * block_size) of the KV cache in
+An fp8 cache is read in fp8 (see `_typed`). Memory: num_blocks * L * H * D in float32 for float32 caches, else
+bfloat16: 1/(2 * block_size) of the KV cache in
 bf16 (~3% at block size 16), allocated on first use beside vLLM's KV budget.
 """
 
@@ -40,9 +41,19 @@ class BlockSummaries:
         if block_ids.numel() == 0:
             return
         for i, layer in enumerate(layers):
-            values = gather_values(layer.kv_cache, block_ids, backend, layer.head_size)
+            values = gather_values(_typed(layer), block_ids, backend, layer.head_size)
             table[block_ids, i] = scorer.summarize(values).to(table.dtype)
 
     def read(self, block_ids: torch.Tensor) -> torch.Tensor:
         """block_ids [R, C] -> summaries [R, C, L, H, D] (padding reads row 0, the null block; masked by `valid`)."""
         return self.table[block_ids]
+
+
+def _typed(layer) -> torch.Tensor:
+    """The layer's cache in its element type: vLLM stores an fp8 cache as uint8. The per-tensor fp8 scale does
+    not matter here: a summary adds *unit* value vectors, and a common scale leaves every direction unchanged."""
+    kv = layer.kv_cache
+    if kv.dtype != torch.uint8:
+        return kv
+    e5m2 = str(getattr(layer, "kv_cache_dtype", "")).endswith("e5m2")
+    return kv.view(torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn)
