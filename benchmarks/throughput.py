@@ -96,6 +96,11 @@ def run_mode(args) -> dict:
                                                                   detokenize=False), use_tqdm=False)  # warm-up
     core = llm.llm_engine.engine_core.engine_core
     sched = core.scheduler
+    if args.profile:
+        first, count = (int(x) for x in args.profile_steps.split(":"))
+        out = Path(args.profile) / f"profile_{args.mode.replace(':', '_')}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _profile_window(sched, first, count, out)
     batch_sizes, preemptions = _watch(sched)
     host = _time_worker(core.model_executor.driver_worker.worker)
     planner = _planner_stats(core.model_executor.driver_worker.worker)
@@ -126,8 +131,6 @@ def run_mode(args) -> dict:
                    adsa_scored_rows=d["scored_rows"], adsa_summarized_blocks=d["summarized_blocks"])
     if hasattr(sched, "adsa_stats"):
         res["total_freed_blocks"] = sched.adsa_stats().get("total_freed_blocks")
-    if args.profile and base == "adsa":
-        res["profile"] = _profile(llm, prompts[: args.num_seqs], cfg.image_tokens, args.profile)
     return res
 
 
@@ -166,7 +169,10 @@ def _time_worker(worker) -> dict:
 
 
 def _planner_stats(worker):
-    model = worker.model_runner.get_model()
+    try:
+        model = worker.model_runner.get_model()
+    except Exception:  # noqa: BLE001 - a runner without get_model runs no ADSA
+        return None
     rt = getattr(getattr(model, "unwrap", lambda: model)(), "adsa_runtime", None)
     return None if rt is None else rt.stats
 
@@ -192,17 +198,26 @@ def _arrivals(llm, prompts, sp, rate: float, warmup_frac: float):
     return done, time.perf_counter() - t0, t_end - t_start
 
 
-def _profile(llm, prompts, n, path) -> str:
-    """Top host-side ops of a short run (where the per-step time goes)."""
+def _profile_window(sched, first: int, count: int, path: Path):
+    """torch.profiler over `count` scheduler steps starting at step `first` of the measured run (choose a window
+    after the first ADSA selections, e.g. at 60% of the image), written as two tables: device and host time."""
     import torch
-    from vllm import SamplingParams
-    sp = SamplingParams(temperature=0.0, max_tokens=min(n, 128), ignore_eos=True, detokenize=False)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        llm.generate(prompts, sp, use_tqdm=False)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-    Path(path).write_text(table)
-    return path
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                              torch.profiler.ProfilerActivity.CUDA])
+    schedule, step = sched.schedule, [0]
+
+    def schedule_profiled(*a, **k):
+        if step[0] == first:
+            prof.start()
+        if step[0] == first + count:
+            prof.stop()
+            avg = prof.key_averages()
+            path.write_text(f"steps {first}..{first + count}\n\n== by device time ==\n"
+                            + avg.table(sort_by="self_device_time_total", row_limit=30)
+                            + "\n\n== by host time ==\n" + avg.table(sort_by="self_cpu_time_total", row_limit=30))
+        step[0] += 1
+        return schedule(*a, **k)
+    sched.schedule = schedule_profiled
 
 
 def main():
@@ -224,7 +239,8 @@ def main():
                     help="open loop: requests per second (0: all at once); images/s counted after the warm-up")
     ap.add_argument("--warmup-frac", type=float, default=0.3)
     ap.add_argument("--tag", default="", help="label of this invocation in the output")
-    ap.add_argument("--profile", help="write a torch.profiler table of a short ADSA-mode run to this path")
+    ap.add_argument("--profile", help="folder: torch.profiler tables of --profile-steps of every mode's run")
+    ap.add_argument("--profile-steps", default="600:20", help="FIRST:COUNT scheduler steps of the measured run")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -244,6 +260,8 @@ def main():
             continue
         results.append(json.loads(line[0][7:]))
         print(json.dumps(results[-1]), flush=True)
+        if args.out:   # after every mode: a call that hits its time limit keeps what it measured
+            Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     by = {r["mode"]: r for r in results if "failed" not in r}
     ratios = {}
     if "llama" in by and "llamagen" in by:

@@ -120,12 +120,11 @@ def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, lay
     first_new = np.array([seq.summarized for seq in batch.sequences], dtype=np.int64)
     fresh = batch.host_valid & (batch.host_index >= first_new[:, None]) & mine[:, None]
     r, c = np.nonzero(fresh)
-    if len(r):
-        dev = batch.block_ids.device
-        ids = batch.block_ids[torch.from_numpy(r).to(dev, non_blocking=True),
-                              torch.from_numpy(c).to(dev, non_blocking=True)]
-        runtime.summaries.write(scorer, ids, layers, backend)
-        runtime.stats.summarized_blocks += len(r)
+    dev = batch.block_ids.device
+    ids = batch.block_ids[torch.from_numpy(r).to(dev, non_blocking=True),
+                          torch.from_numpy(c).to(dev, non_blocking=True)]
+    runtime.summaries.write(scorer, ids, layers, backend)
+    runtime.stats.summarized_blocks += len(r)
     for seq, stop, m in zip(batch.sequences, batch.candidate_stops, mine):
         if m:
             seq.summarized = max(seq.summarized, stop)
