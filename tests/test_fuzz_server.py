@@ -1,0 +1,195 @@
+"""Fuzz the real server (issue 10): no single request may take the engine down.
+
+One `python -m vllm.entrypoints.openai.api_server` with CFG (scale 2) + ADSA (75%: one top-k block among the
+older ones) on a small random 10x10 model: 100 tokens an image, so the good request after each of the ~110 cases
+keeps the module near 2 minutes on 2 CPU cores.
+First a good image is generated and checked against the plain-PyTorch reference (margin-aware, see
+greedy_match.py); it is then the oracle: after every case of the table in fuzz_cases.py (wrong types, out-of-range
+values, unknown keys, huge numbers, wrong prompt shapes, JSON that is not an object), after streamed requests and
+after requests whose client hangs up mid-generation, the same request must return exactly that image (same server,
+same machine, one request at a time, so the same arithmetic). At the end /metrics shows nothing running and no KV
+in use.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.request
+from urllib.parse import urlparse
+
+import pytest
+
+from adsa_vllm.client import completion_token_ids, image_request, post_json, server_model
+from adsa_vllm.config import ADSAConfig
+from adsa_vllm.convert import load_config, load_reference
+from fuzz_cases import cases, encode
+from greedy_match import assert_greedy_matches_reference
+from server_util import launch_server
+
+GOOD_CLASS = 1
+
+
+BUDGET = 0.75
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    from adsa_vllm.default_model import make_random_model_dir
+    from adsa_vllm.llamagen.config import LlamaGenConfig
+    shape = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=10)
+    model_dir = make_random_model_dir(tmp_path_factory.mktemp("llamagen10"), shape, seed=0, std=0.1)
+    log_path = tmp_path_factory.mktemp("fuzz_server") / "server.log"
+    settings = json.dumps({"adsa": {"budget": BUDGET}, "cfg": {"scale": 2.0}})
+    for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config", settings):
+        cfg = load_config(model_dir)
+        srv = {"base": base, "cfg": cfg, "model": server_model(base), "log": log_path}
+        srv["good_body"] = image_request(cfg, GOOD_CLASS, temperature=0.0, model=srv["model"])
+        good = _good_image(srv)
+        assert_greedy_matches_reference([good], load_reference(model_dir), [GOOD_CLASS], cfg_scale=2.0,
+                                        adsa=ADSAConfig(budget=BUDGET), cfg_selection="shared")
+        srv["good"] = good
+        yield srv
+
+
+def _send(srv, raw: bytes, path="/v1/completions", timeout=120) -> tuple[int, object]:
+    u = urlparse(srv["base"])
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data.decode(errors="replace")
+
+
+def _message(payload) -> str:
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return str(payload["error"].get("message"))
+    return str(payload)
+
+
+def _good_image(srv) -> list[int]:
+    return completion_token_ids(post_json(f"{srv['base']}/v1/completions", srv["good_body"], timeout=120))
+
+
+def _metrics(srv) -> dict[str, float]:
+    """vllm:* gauges and counters of /metrics, summed over label sets."""
+    with urllib.request.urlopen(f"{srv['base']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:"):
+            name, value = line.rsplit(" ", 1)
+            key = name.split("{", 1)[0]
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def _wait_idle(srv, timeout=60.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(srv)
+        if m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0:
+            return m
+        assert time.monotonic() < deadline, f"requests still running after {timeout} s: {m}"
+        time.sleep(0.2)
+
+
+def _assert_still_serving(srv, after: str) -> None:
+    got = _good_image(srv)
+    assert got == srv["good"], f"after {after!r} the good request returned another image"
+
+
+def test_table_of_bad_requests_each_fails_alone(fuzz_server):
+    table = cases(fuzz_server["cfg"])
+    assert len(table) >= 60
+    wrong = []
+    for name, body, status, text in table:
+        if isinstance(body, dict) and "model" not in body:
+            body = {**body, "model": fuzz_server["model"]}
+        got, payload = _send(fuzz_server, encode(body))
+        if got != status or (text is not None and text not in _message(payload)):
+            wrong.append(f"{name}: HTTP {got} {_message(payload)[:300]!r} (want {status}, {text!r})")
+        elif status == 200:
+            assert len(payload["choices"][0]["token_ids"]) == int(body["max_tokens"]), name
+        _wait_idle(fuzz_server)
+        _assert_still_serving(fuzz_server, name)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_logprobs_over_http_name_tokens_by_id(fuzz_server):
+    body = {**fuzz_server["good_body"], "logprobs": 3}
+    status, payload = _send(fuzz_server, encode(body))
+    assert status == 200, _message(payload)
+    choice = payload["choices"][0]
+    assert choice["token_ids"] == fuzz_server["good"]
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in fuzz_server["good"]]
+    assert all(len(top) >= 3 and max(top.values()) == v for top, v in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    _assert_still_serving(fuzz_server, "logprobs")
+
+
+def test_sampled_n2_and_streaming(fuzz_server):
+    body = {**fuzz_server["good_body"], "n": 2, "temperature": 1.0, "seed": 5, "max_tokens": 16}
+    status, payload = _send(fuzz_server, encode(body))
+    assert status == 200, _message(payload)
+    assert [len(c["token_ids"]) for c in payload["choices"]] == [16, 16]
+    streamed = _stream(fuzz_server, {**fuzz_server["good_body"], "stream": True})
+    assert streamed == fuzz_server["good"]
+    _wait_idle(fuzz_server)
+    _assert_still_serving(fuzz_server, "streaming")
+
+
+def _stream(srv, body, stop_after: int | None = None) -> list[int]:
+    """POST a streaming request and collect its token ids; with stop_after, hang up after that many events."""
+    u = urlparse(srv["base"])
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    ids: list[int] = []
+    try:
+        conn.request("POST", "/v1/completions", body=encode(body), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        events = 0
+        for line in resp:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            ids += json.loads(line[6:])["choices"][0].get("token_ids") or []
+            events += 1
+            if stop_after is not None and events >= stop_after:
+                break
+    finally:
+        conn.sock and conn.sock.close()   # hang up without reading the rest
+        conn.close()
+    return ids
+
+
+def test_clients_hanging_up_mid_generation(fuzz_server):
+    srv = fuzz_server
+    for stop_after in (1, 5, 40):   # streamed: hang up after a few events
+        _stream(srv, {**srv["good_body"], "stream": True}, stop_after=stop_after)
+        _wait_idle(srv)
+        _assert_still_serving(srv, f"stream hung up after {stop_after} events")
+    for delay in (0.05, 0.5):        # not streamed: hang up before the answer
+        u = urlparse(srv["base"])
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=encode(srv["good_body"]),
+                     headers={"Content-Type": "application/json"})
+        time.sleep(delay)
+        conn.sock.close()
+        conn.close()
+        _wait_idle(srv)
+        _assert_still_serving(srv, f"client hung up after {delay} s")
+
+
+def test_metrics_show_an_idle_engine_at_the_end(fuzz_server):
+    m = _wait_idle(fuzz_server)
+    assert m["vllm:num_requests_running"] == 0 and m.get("vllm:num_requests_waiting", 0) == 0, m
+    assert m["vllm:kv_cache_usage_perc"] == 0.0, m
+    _assert_still_serving(fuzz_server, "the whole module")
