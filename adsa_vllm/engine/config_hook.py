@@ -11,9 +11,10 @@ the result is pickled to EngineCore and workers).
 * With ADSA or classifier-free guidance on: the plugin's worker (it feeds the model's runtimes every
   SchedulerOutput), and on GPU the V1 model runner unless the user set VLLM_USE_V2_MODEL_RUNNER: it exposes the
   batch order on the host, so the builder and the guidance scales never wait on the GPU (see worker/runtime.py).
+* With ADSA or guidance on: the plugin's scheduler (the async variant when async scheduling is on: GPU default);
+  it finishes requests that fail inside the worker alone, and with ADSA frees evicted blocks.
 * With ADSA on: validate the settings now (clear startup errors), block size 16 unless the user chose one,
-  prefix caching off (holes in block lists and hashed prefixes do not mix), and install the ADSA scheduler
-  (the async variant when async scheduling is on: GPU default).
+  prefix caching off (holes in block lists and hashed prefixes do not mix).
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                                        else "adsa_vllm.worker.worker.ADSAGPUWorker")
             if not current_platform.is_cpu():
                 _prefer_v1_model_runner()
+            # The plugin's scheduler, also for guidance alone: it finishes requests that fail inside the worker
+            # with an error, alone (adsa_vllm/worker/failures.py); with ADSA it also frees evicted blocks.
+            sched = vllm_config.scheduler_config
+            if current_platform.is_cpu():
+                sched.async_scheduling = False  # the CPU platform forces it off anyway
+            elif sched.async_scheduling is None:
+                sched.async_scheduling = True
+            sched.scheduler_cls = ("adsa_vllm.engine.scheduler.ADSAAsyncScheduler" if sched.async_scheduling
+                                   else "adsa_vllm.engine.scheduler.ADSAScheduler")
         if not settings.enabled:
             return
         cache = vllm_config.cache_config
@@ -73,15 +83,8 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                                  grid_size=model_cfg.grid_size)
         cache.enable_prefix_caching = False
         model_config.disable_cascade_attn = True  # a cascade prefix would be read through uncompacted tables
-        sched = vllm_config.scheduler_config
-        if current_platform.is_cpu():
-            sched.async_scheduling = False  # the CPU platform forces it off anyway
-        elif sched.async_scheduling is None:
-            sched.async_scheduling = True
-        sched.scheduler_cls = ("adsa_vllm.engine.scheduler.ADSAAsyncScheduler" if sched.async_scheduling
-                               else "adsa_vllm.engine.scheduler.ADSAScheduler")
         additional = vllm_config.additional_config["adsa"]
-        additional["async_lag"] = bool(sched.async_scheduling)
+        additional["async_lag"] = bool(vllm_config.scheduler_config.async_scheduling)
 
 
 def _prefer_v1_model_runner() -> None:

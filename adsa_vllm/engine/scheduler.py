@@ -2,7 +2,8 @@
 
 1. Evictions: the worker's report rides on ModelRunnerOutput (`adsa_evictions`: req id -> logical blocks);
    `update_from_output` hands it to `ADSAManager.evict` *before* the step's results are processed, so the freed
-   blocks are in the pool for the very next `schedule()`.
+   blocks are in the pool for the very next `schedule()`. Requests that failed inside the worker (`adsa_failed`)
+   are finished with an error there, alone.
 2. Admission by exact lookahead: vLLM's gate counts only the tokens a request has now (1 for c2i), so it admits
    far more sequences than can grow, then preempts them (recompute!). Image requests always run to max_tokens and
    grow one token per step, so the blocks every running request will hold at each future step are known:
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
@@ -25,6 +27,8 @@ from adsa_vllm.engine.demand import DemandProfile
 from adsa_vllm.engine.manager import ADSAManager
 from adsa_vllm.settings import request_overrides
 
+logger = init_logger(__name__)
+
 
 class ADSASchedulerMixin:
     def __init__(self, *args, **kwargs):
@@ -32,6 +36,7 @@ class ADSASchedulerMixin:
         managers = self.kv_cache_manager.coordinator.single_type_managers
         self.adsa_managers = [m for m in managers if isinstance(m, ADSAManager)]
         self.num_preemptions = 0
+        self.num_worker_failures = 0
         self.max_running = 0
         if self.adsa_managers:
             self.demand = DemandProfile(self.adsa_managers[0].block_size)
@@ -42,12 +47,18 @@ class ADSASchedulerMixin:
     def add_request(self, request) -> None:
         is_new = request.request_id not in self.requests
         super().add_request(request)
-        if is_new:
+        if is_new and self.adsa_managers:
             params = request.sampling_params
-            overrides = request_overrides(params.extra_args if params is not None else None)
             max_len = request.num_prompt_tokens + (request.max_tokens or 0)
-            for m in self.adsa_managers:
-                m.register(request.request_id, overrides, max_len)
+            try:
+                overrides = request_overrides(params.extra_args if params is not None else None)
+                for m in self.adsa_managers:
+                    m.register(request.request_id, overrides, max_len)
+            except Exception as e:  # noqa: BLE001 - validated in the API process; never let it kill EngineCore
+                logger.error("request %s fails (the engine keeps serving): %r", request.request_id, e)
+                for m in self.adsa_managers:
+                    m.register(request.request_id, None, max_len)
+                self.grammar_compile_error_reqs.add(request.request_id)   # finished with an error, see below
 
     def _free_request(self, request, delay_free_blocks: bool = False):
         if self.adsa_managers:
@@ -101,6 +112,12 @@ class ADSASchedulerMixin:
             for m in self.adsa_managers:
                 for req_id, blocks in evictions.items():
                     m.evict(req_id, blocks)
+        failed = getattr(model_runner_output, "adsa_failed", None)
+        if failed:
+            # vLLM's own channel for requests that must end in error (filled by grammar compile failures):
+            # super() finishes them with FINISHED_ERROR, emits their final output and frees their blocks.
+            self.num_worker_failures += len(failed)
+            self.grammar_compile_error_reqs.update(failed)
         return super().update_from_output(scheduler_output, model_runner_output)
 
     # ---- observability ----

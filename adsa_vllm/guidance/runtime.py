@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adsa_vllm.guidance.settings import Guidance, GuidanceSettings
+from adsa_vllm.worker.failures import RequestFailures
 
 
 @dataclass
@@ -24,6 +25,7 @@ class GuidanceRuntime:
     _guidance: dict = field(default_factory=dict)
     _index: dict = field(default_factory=dict)
     _buf: torch.Tensor | None = None
+    failures: RequestFailures = field(default_factory=RequestFailures)
 
     def on_schedule(self, so) -> None:
         for rid in so.finished_req_ids:
@@ -32,7 +34,10 @@ class GuidanceRuntime:
         scheduled = so.num_scheduled_tokens
         for nr in so.scheduled_new_reqs:
             params = nr.sampling_params
-            self._guidance[nr.req_id] = self.settings.for_request(getattr(params, "extra_args", None))
+            try:
+                self._guidance[nr.req_id] = self.settings.for_request(getattr(params, "extra_args", None))
+            except Exception as e:  # noqa: BLE001 - validated in the API process; fail this request alone
+                self.failures.fail(nr.req_id, e)
             self._index[nr.req_id] = nr.num_computed_tokens + scheduled[nr.req_id] - self.cls_token_num
         cached = so.scheduled_cached_reqs
         for rid, computed in zip(cached.req_ids, cached.num_computed_tokens):

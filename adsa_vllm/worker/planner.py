@@ -51,12 +51,16 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
             continue  # prefill chunks attend causally to everything (eviction starts at the first decode)
         pos = int(seq_lens[row]) - 1
         tracker = seq.tracker
-        runtime.record_evictions(seq, tracker.begin_step(pos))
-        blocks = tracker.kept_blocks(pos)
+        try:
+            runtime.record_evictions(seq, tracker.begin_step(pos))
+            blocks = tracker.kept_blocks(pos)
+            cands = tracker.scoring_request(pos)
+        except Exception as e:  # noqa: BLE001 - this request fails alone; the row reads what it held
+            runtime.fail(seq.req_id, e)
+            continue
         if len(blocks) < tracker.layout.num_blocks(pos):
             kept[row] = blocks
             seq_lens[row] = (len(blocks) - 1) * bs + pos % bs + 1
-        cands = tracker.scoring_request(pos)
         if cands is not None:
             (in_forward if tracker.scorer.needs_query else launch).append((row, seq, pos, cands))
     if launch:
@@ -95,22 +99,31 @@ def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, rows, layers: list, 
         batch.started = torch.cuda.Event(enable_timing=True)
         batch.started.record()
     for scorer, sel in batch.groups:
-        if not scorer.reads_kv:        # position-only scores: once per selection, no KV read
-            batch.acc[sel] += scorer.score(_inputs(batch, sel, None, None, None, 0.0))
-        elif hasattr(scorer, "score_summaries"):
-            _summarize_new_blocks(runtime, batch, scorer, layers, backend)
-            batch.acc[sel] += scorer.score_summaries(runtime.summaries.read(batch.block_ids[sel]),
-                                                     batch.valid[sel], runtime.block_size)
-        else:                          # any other KV-reading scorer: every layer's candidates, as in the forward
-            for layer in layers:
-                score_layer(batch, None, layer.kv_cache, backend, layer.head_size, layer.impl.scale, groups=[
-                    (scorer, sel)])
+        try:
+            _score_group(runtime, batch, scorer, sel, layers, backend)
+        except Exception as e:  # noqa: BLE001 - fail the requests of this scorer, not the engine
+            for seq in batch.sequences:
+                if seq.tracker.scorer is scorer:
+                    runtime.fail(seq.req_id, e)
     batch.layers_done = runtime.num_layers
     runtime.ship_to_host(batch)
     runtime.pending.append(batch)
     runtime.stats.scored_rows += len(rows)
     if not bt.is_cuda:
         runtime.stats.scoring_s += time.perf_counter() - t0
+
+
+def _score_group(runtime: ADSARuntime, batch: ScoringBatch, scorer, sel, layers: list, backend: str) -> None:
+    if not scorer.reads_kv:        # position-only scores: once per selection, no KV read
+        batch.acc[sel] += scorer.score(_inputs(batch, sel, None, None, None, 0.0))
+    elif hasattr(scorer, "score_summaries"):
+        _summarize_new_blocks(runtime, batch, scorer, layers, backend)
+        batch.acc[sel] += scorer.score_summaries(runtime.summaries.read(batch.block_ids[sel]),
+                                                 batch.valid[sel], runtime.block_size)
+    else:                          # any other KV-reading scorer: every layer's candidates, as in the forward
+        for layer in layers:
+            score_layer(batch, None, layer.kv_cache, backend, layer.head_size, layer.impl.scale,
+                        groups=[(scorer, sel)])
 
 
 def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, layers, backend) -> None:

@@ -22,6 +22,7 @@ import torch
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
 from adsa_vllm.settings import request_overrides
+from adsa_vllm.worker.failures import RequestFailures
 from adsa_vllm.worker.summaries import BlockSummaries
 
 
@@ -80,6 +81,7 @@ class ADSARuntime:
     _layouts: dict = field(default_factory=dict)
     _scorers: dict = field(default_factory=dict)
     _outbox: dict = field(default_factory=dict)
+    failures: RequestFailures = field(default_factory=RequestFailures)
     pending: list = field(default_factory=list)  # ScoringBatches of the last forward, absorbed by the next build
     summaries: BlockSummaries = field(default_factory=BlockSummaries)
     stats: PlannerStats = field(default_factory=PlannerStats)
@@ -114,7 +116,11 @@ class ADSARuntime:
 
     def _start(self, req_id: str, params, first_block: int) -> None:
         self._drop(req_id)
-        layout = self.layout_for(getattr(params, "extra_args", None))
+        try:
+            layout = self.layout_for(getattr(params, "extra_args", None))
+        except Exception as e:  # noqa: BLE001 - validated in the API process; this is the last line of defence
+            self.fail(req_id, e)
+            layout = self.layout_for(None)   # the forward of this step still needs a valid row
         seq = LiveSequence(req_id, first_block, SequenceTracker(layout, self._scorer(layout)), params)
         self._by_req[req_id] = seq
         self._by_block[first_block] = seq
@@ -161,6 +167,9 @@ class ADSARuntime:
                 if self._by_req.get(seq.req_id) is seq:
                     seq.tracker.add_layer_scores(batch.host_acc[i, : batch.num_candidates[i]])
         self.pending = []
+
+    def fail(self, req_id: str, error: BaseException) -> None:
+        self.failures.fail(req_id, error)
 
     # ---- evictions to report ----
     def record_evictions(self, seq: LiveSequence, blocks: list[int]) -> None:

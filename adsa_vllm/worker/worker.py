@@ -3,7 +3,7 @@ classifier-free guidance is on): the `ADSARuntime` and the `GuidanceRuntime` (ad
 
 Before each step the runtimes learn which requests started, resumed, were preempted or finished (from the
 SchedulerOutput); after the step, the evictions its builder decided ride back to the scheduler as
-`ModelRunnerOutput.adsa_evictions` (ModelRunnerOutput is a plain dataclass, pickled with its __dict__). Under
+`ModelRunnerOutput.adsa_evictions`, and requests that failed inside the worker as `adsa_failed` (ModelRunnerOutput is a plain dataclass, pickled with its __dict__). Under
 tensor parallelism every rank decides the same evictions (scores are all-reduced); rank 0's report is the one the
 scheduler receives.
 """
@@ -42,25 +42,30 @@ class ADSAWorkerMixin:
         return self._attach(super().sample_tokens(*args, **kwargs))
 
     def _attach(self, output):
-        runtime = self._adsa_rt
-        if runtime is None or not isinstance(output, ModelRunnerOutput | AsyncModelRunnerOutput):
+        if not self._step_rts or not isinstance(output, ModelRunnerOutput | AsyncModelRunnerOutput):
             return output
-        evictions = runtime.drain_evictions()
-        if not evictions:
+        failed = {}
+        for rt in self._step_rts:
+            failed.update(rt.failures.drain())
+        evictions = self._adsa_rt.drain_evictions() if self._adsa_rt is not None else {}
+        report = {k: v for k, v in (("adsa_evictions", evictions), ("adsa_failed", failed)) if v}
+        if not report:
             return output
         if isinstance(output, AsyncModelRunnerOutput):
             # The V2 runner (GPU default) returns an AsyncOutput even with synchronous scheduling; the executor
             # calls get_output() right after, so attach there.
             get_output = output.get_output
-            output.get_output = lambda: _with_evictions(get_output(), evictions)
+            output.get_output = lambda: _with_report(get_output(), report)
             return output
-        return _with_evictions(output, evictions)
+        return _with_report(output, report)
 
 
-def _with_evictions(output: ModelRunnerOutput, evictions: dict) -> ModelRunnerOutput:
+def _with_report(output: ModelRunnerOutput, report: dict) -> ModelRunnerOutput:
+    """Evictions (req id -> logical blocks) and failed requests (req id -> error) for the scheduler."""
     if output is EMPTY_MODEL_RUNNER_OUTPUT:
         output = copy.copy(output)  # never mutate the shared singleton
-    output.adsa_evictions = evictions
+    for key, value in report.items():
+        setattr(output, key, value)
     return output
 
 
