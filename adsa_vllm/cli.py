@@ -1,0 +1,211 @@
+"""`adsa-vllm`: class-conditional images to PNG files, offline or through a running server.
+
+    adsa-vllm generate sneaker bag --cfg 2 --budget 0.5 --out pics/       # offline vllm.LLM with ADSA
+    adsa-vllm client http://127.0.0.1:8000 sneaker bag --out pics/          # a running `api_server`
+    python -m adsa_vllm.cli generate --model models/llamagen-B 207 360 --vq vq_ds16_c2i.pt
+
+CLASSES are class ids or, for the shipped Fashion-MNIST model, class names ("sneaker", "t-shirt/top", "ankle boot").
+Each run writes one PNG per image, `{i:03d}_{label}.png`, plus `grid.png`, into --out. Pixels come from
+`adsa_vllm.images.tokens_to_images`: grey levels for the shipped model, the VQ decoder for a model whose
+config.json names `vq_ckpt` or when --vq is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# The shipped model's pixel tokens have 16 grey levels: top-k 8 is what the demo and benchmarks/quality.py sample
+# with. Official LlamaGen models: sample_c2i.py's default top-k.
+PIXEL_MODEL_TOP_K, VQ_MODEL_TOP_K = 8, 2000
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def class_names(cfg) -> list[str] | None:
+    """Class names of the model (the shipped Fashion-MNIST model), or None when only ids exist."""
+    from adsa_vllm.data import fashion_mnist as fm
+    from adsa_vllm.images import is_pixel_token_model
+    return [n.lower() for n in fm.CLASS_NAMES] if is_pixel_token_model(cfg) and cfg.num_classes == 10 else None
+
+
+def parse_classes(specs: list[str], cfg) -> list[int]:
+    """Class ids or names -> ids; ValueError listing the valid ones. A name matches a whole class name or one of
+    its '/'-separated parts, ignoring case and punctuation ("T-shirt", "tshirt/top", "ankle-boot")."""
+    names = class_names(cfg) or []
+    lookup = {}
+    for i, n in enumerate(names):
+        for alias in [n, *n.split("/")]:
+            lookup[_norm(alias)] = i
+    ids = []
+    for s in specs:
+        if re.fullmatch(r"\d+", s.strip()) and int(s) < cfg.num_classes:
+            ids.append(int(s))
+        elif _norm(s) in lookup:
+            ids.append(lookup[_norm(s)])
+        else:
+            valid = f"class ids 0..{cfg.num_classes - 1}"
+            if names:
+                valid += " or names " + ", ".join(f"{n!r} ({i})" for i, n in enumerate(names))
+            raise ValueError(f"unknown class {s!r}: valid are {valid}")
+    return ids
+
+
+def file_label(class_id: int, cfg) -> str:
+    names = class_names(cfg)
+    return re.sub(r"[^a-z0-9]+", "-", names[class_id]).strip("-") if names else f"class{class_id}"
+
+
+def parse_budget(text: str) -> int | float | None:
+    """'none' (never evict), a fraction of the image tokens ('0.5', '1') or a token count ('300')."""
+    if text.lower() in ("none", "null", "full"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--budget {text!r}: use a fraction of the image tokens (0.5), a token count (300) or "
+                         "'none'") from None
+    return int(value) if value > 1 and value.is_integer() else value
+
+
+def write_images(images: np.ndarray, labels: list[str], out_dir: Path, nrow: int = 8) -> list[Path]:
+    """One PNG per image ({i:03d}_{label}.png) plus grid.png; returns the paths written."""
+    from adsa_vllm.images import save_grid, save_png
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, label) in enumerate(zip(images, labels)):
+        paths.append(out_dir / f"{i:03d}_{label}.png")
+        save_png(img, paths[-1])
+    paths.append(out_dir / "grid.png")
+    save_grid(images, paths[-1], nrow=nrow)
+    return paths
+
+
+def _set_cpu_defaults() -> None:
+    """vLLM's CPU backend refuses to start without a KV-cache size; the rest keeps start-up short."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    # Skips the ~20 s torch.compile warm-up of vLLM's CPU sampler (the model runs eagerly anyway).
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # EngineCore in this process: no second start-up
+
+
+def generate_offline(model_dir: str, class_ids: list[int], args, adsa: dict) -> np.ndarray:
+    """Token ids [B, grid*grid] of one image per class id from an offline vllm.LLM (progress bar on)."""
+    import torch
+    from vllm import LLM
+    from adsa_vllm.convert import load_config
+    from adsa_vllm.guidance.api import generate_images, image_params
+    cfg = load_config(model_dir)
+    guided = args.cfg != 1.0
+    extra = {"adsa": adsa, **({"cfg": {"scale": args.cfg}} if guided else {})}
+    llm = LLM(model=model_dir, attention_backend="adsa", additional_config=extra, dtype=args.dtype, block_size=16,
+              seed=0, max_num_seqs=len(class_ids), enforce_eager=not torch.cuda.is_available())
+    sampling = dict(seed=args.seed, temperature=args.temperature, top_k=args.top_k)
+    if guided:
+        return generate_images(llm, class_ids, cfg_scale=args.cfg, use_tqdm=True, **sampling).tokens
+    params = [image_params(cfg, **{**sampling, "seed": args.seed + i}) for i in range(len(class_ids))]
+    outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in class_ids], params, use_tqdm=True)
+    return np.array([list(o.outputs[0].token_ids) for o in outs], dtype=np.int64)
+
+
+def generate_remote(url: str, model_dir: str, class_ids: list[int], args, adsa: dict | None) -> np.ndarray:
+    """Token ids of one image per class id from a running server (requests sent concurrently)."""
+    from adsa_vllm.client import generate_via_server
+    from adsa_vllm.convert import load_config
+    print(f"[adsa-vllm] sending {len(class_ids)} request(s) to {url} ...", flush=True)
+    tokens = generate_via_server(url, class_ids, cfg=load_config(model_dir), adsa=adsa, seed=args.seed,
+                                 temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg)
+    return np.array(tokens, dtype=np.int64)
+
+
+def _add_common(p: argparse.ArgumentParser, *, server: bool) -> None:
+    keep = " (default: the server's)" if server else ""
+    p.add_argument("classes", nargs="+", metavar="CLASS", help="class ids or names (shipped model: 'sneaker', ...)")
+    p.add_argument("--model", help="model folder (default: the shipped Fashion-MNIST model)"
+                   + ("; the client decodes with its config, so name the folder the server serves" if server else ""))
+    p.add_argument("--cfg", type=float, default=None if server else 2.0,
+                   help="classifier-free guidance scale, 1 = off" + (keep or " (default 2)"))
+    p.add_argument("--budget", default=None if server else "0.5",
+                   help="ADSA KV budget: fraction of the image tokens, token count, or 'none'" + (keep or " (0.5)"))
+    p.add_argument("--policy", default=None if server else "topk_v",
+                   help="topk_v, streaming, random, attention_mass" + (keep or " (default topk_v)"))
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--top-k", type=int, help=f"sample among the k likeliest tokens (default: {PIXEL_MODEL_TOP_K} for "
+                                               f"the shipped model, {VQ_MODEL_TOP_K} otherwise; 0 = all)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--out", default="adsa-images", help="output folder (default ./adsa-images)")
+    p.add_argument("--vq", help="LlamaGen VQ checkpoint (vq_ds16_c2i.pt) to decode with (default: config.json's "
+                                "vq_ckpt, if any)")
+    p.add_argument("--nrow", type=int, default=8, help="images per row of grid.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="adsa-vllm", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="offline: build a vllm.LLM with ADSA and write PNGs")
+    _add_common(gen, server=False)
+    gen.add_argument("--dtype", default="float32", help="model dtype (default float32; GPUs: bfloat16 is faster)")
+    cli = sub.add_parser("client", help="send the requests to a running server and write PNGs")
+    cli.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    _add_common(cli, server=True)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from adsa_vllm.config import ADSAConfig
+    from adsa_vllm.convert import load_config
+    from adsa_vllm.default_model import default_model_dir
+    from adsa_vllm.errors import SettingsError
+    from adsa_vllm.images import is_pixel_token_model, load_vq_decoder, tokens_to_images
+    from adsa_vllm.vq import VQCheckpointError
+
+    model_dir = str(args.model or default_model_dir())
+    cfg = load_config(model_dir)
+    # Everything a user can get wrong is checked here, before the (slow) engine or any request.
+    try:
+        class_ids = parse_classes(args.classes, cfg)
+        adsa = {}  # client: only what was given, the server's defaults for the rest
+        if args.budget is not None:
+            adsa["budget"] = parse_budget(args.budget)
+        if args.policy is not None:
+            adsa["policy"] = args.policy
+        ADSAConfig.from_dict(adsa).layout(block_size=16, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+        vq = load_vq_decoder(model_dir, args.vq)
+    except (ValueError, SettingsError, VQCheckpointError, OSError) as e:
+        ap.exit(2, f"adsa-vllm {args.command}: error: {e}\n")
+    if args.top_k is None:
+        args.top_k = PIXEL_MODEL_TOP_K if is_pixel_token_model(cfg) else VQ_MODEL_TOP_K
+    if args.command == "generate":
+        _set_cpu_defaults()
+        tokens = generate_offline(model_dir, class_ids, args, adsa)
+    else:
+        from adsa_vllm.client import ServerError
+        try:
+            tokens = generate_remote(args.url, model_dir, class_ids, args, adsa or None)
+        except ServerError as e:
+            ap.exit(1, f"adsa-vllm client: the server refused the request: {e}\n")
+        except OSError as e:
+            ap.exit(1, f"adsa-vllm client: cannot reach {args.url}: {e}\n")
+    images = tokens_to_images(cfg, tokens, vq=vq)
+    if vq is None and not is_pixel_token_model(cfg):
+        print("[adsa-vllm] no VQ decoder configured: wrote token maps (pass --vq vq_ds16_c2i.pt for pictures)")
+    paths = write_images(images, [file_label(c, cfg) for c in class_ids], Path(args.out), args.nrow)
+    h, w = images.shape[1:3]
+    print(f"wrote {len(images)} image(s) of {w}x{h} and {paths[-1]} to {Path(args.out).resolve()}")
+
+
+if __name__ == "__main__":
+    main()
