@@ -25,12 +25,12 @@ def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, backend: str,
     return blocks[..., :head_size], blocks[..., head_size:]
 
 
-def gather_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, backend: str, head_size: int) -> torch.Tensor:
-    """Only the values of the requested blocks, [n, block_size, num_kv_heads, head_dim] (keys are not copied)."""
+def value_blocks(kv_cache: torch.Tensor, backend: str, head_size: int) -> torch.Tensor:
+    """A view of the values only, [num_blocks, num_kv_heads, block_size, head_dim] (no copy)."""
     if backend == "CPU_ATTN":
         nb, h, bs, _ = kv_cache.shape
-        return kv_cache.view(nb, h, 2 * bs, head_size)[:, :, bs:][block_ids].permute(0, 2, 1, 3)
-    return kv_cache[..., head_size:][block_ids].transpose(1, 2)
+        return kv_cache.view(nb, h, 2 * bs, head_size)[:, :, bs:]
+    return kv_cache[..., head_size:]
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from adsa_vllm.worker.kv_views import gather_values
+from adsa_vllm.worker.kv_views import value_blocks
 
 
 class BlockSummaries:
@@ -36,24 +36,30 @@ class BlockSummaries:
         return self.table
 
     def write(self, scorer, block_ids: torch.Tensor, layers: list, backend: str) -> None:
-        """Summarise the physical blocks `block_ids` [n] in every layer."""
+        """Summarise the physical blocks `block_ids` [n] in every layer: one gather per layer into one buffer,
+        then one summary and one write for all layers (few kernel launches: this runs on the step path)."""
         table = self._ensure(layers, backend)
-        if block_ids.numel() == 0:
+        n = block_ids.numel()
+        if n == 0:
             return
-        for i, layer in enumerate(layers):
-            values = gather_values(_typed(layer), block_ids, backend, layer.head_size)
-            table[block_ids, i] = scorer.summarize(values).to(table.dtype)
+        views = [value_blocks(layer.kv_cache, backend, layer.head_size) for layer in layers]
+        _, heads, bs, dim = views[0].shape
+        buf = torch.empty((len(views), n, heads, bs, dim), dtype=views[0].dtype, device=table.device)
+        for i, v in enumerate(views):
+            torch.index_select(v, 0, block_ids, out=buf[i])    # a byte copy also for fp8 caches (stored as uint8)
+        values = _typed(buf, layers[0]).view(-1, heads, bs, dim).transpose(1, 2)    # [L * n, bs, H, D]
+        summary = scorer.summarize(values)                                           # [L * n, H, D]
+        table[block_ids] = summary.view(len(views), n, heads, dim).transpose(0, 1).to(table.dtype)
 
     def read(self, block_ids: torch.Tensor) -> torch.Tensor:
         """block_ids [R, C] -> summaries [R, C, L, H, D] (padding reads row 0, the null block; masked by `valid`)."""
         return self.table[block_ids]
 
 
-def _typed(layer) -> torch.Tensor:
-    """The layer's cache in its element type: vLLM stores an fp8 cache as uint8. The per-tensor fp8 scale does
-    not matter here: a summary adds *unit* value vectors, and a common scale leaves every direction unchanged."""
-    kv = layer.kv_cache
-    if kv.dtype != torch.uint8:
-        return kv
+def _typed(values: torch.Tensor, layer) -> torch.Tensor:
+    """Values in their element type: vLLM stores an fp8 cache as uint8. The per-tensor fp8 scale does not matter
+    here: a summary adds *unit* value vectors, and a common scale leaves every direction unchanged."""
+    if values.dtype != torch.uint8:
+        return values
     e5m2 = str(getattr(layer, "kv_cache_dtype", "")).endswith("e5m2")
-    return kv.view(torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn)
+    return values.view(torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn)
