@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = ("patches.attention_backend_name", "patches.llamagen_request_validation")
+PATCHES = ("patches.attention_backend_name", "patches.llamagen_request_validation",
+           "patches.engine_core_outputs_adsa_stats")
 
 
 def apply_all() -> None:

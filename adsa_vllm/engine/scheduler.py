@@ -25,6 +25,7 @@ from vllm.v1.request import RequestStatus
 
 from adsa_vllm.engine.demand import DemandProfile
 from adsa_vllm.engine.manager import ADSAManager
+from adsa_vllm.engine.stats import ADSAStats, with_adsa
 from adsa_vllm.settings import request_overrides
 
 logger = init_logger(__name__)
@@ -38,6 +39,8 @@ class ADSASchedulerMixin:
         self.num_preemptions = 0
         self.num_worker_failures = 0
         self.max_running = 0
+        self.num_admission_waits = 0                 # /metrics: times `_fits` said "not yet"
+        self.requests_by_policy: dict[str, int] = {}   # /metrics: registered requests per eviction policy
         if self.adsa_managers:
             self.demand = DemandProfile(self.adsa_managers[0].block_size)
             self._stock_allocate_slots = self.kv_cache_manager.allocate_slots
@@ -54,6 +57,8 @@ class ADSASchedulerMixin:
                 overrides = request_overrides(params.extra_args if params is not None else None)
                 for m in self.adsa_managers:
                     m.register(request.request_id, overrides, max_len)
+                policy = self.adsa_managers[0].requests[request.request_id].layout.policy
+                self.requests_by_policy[policy] = self.requests_by_policy.get(policy, 0) + 1
             except Exception as e:  # noqa: BLE001 - validated in the API process; never let it kill EngineCore
                 logger.error("request %s fails (the engine keeps serving): %r", request.request_id, e)
                 for m in self.adsa_managers:
@@ -78,6 +83,7 @@ class ADSASchedulerMixin:
     def _allocate_slots(self, request, *args, **kwargs):
         admitting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         if admitting and not self._fits(request):
+            self.num_admission_waits += 1
             return None
         out = self._stock_allocate_slots(request, *args, **kwargs)
         entry = self.adsa_managers[0].requests.get(request.request_id)
@@ -121,6 +127,23 @@ class ADSASchedulerMixin:
         return super().update_from_output(scheduler_output, model_runner_output)
 
     # ---- observability ----
+    def make_stats(self, *args, **kwargs):
+        """vLLM's per-step SchedulerStats plus ADSA's numbers; they reach the API server's stat loggers
+        (adsa_vllm/metrics.py: /metrics). Why this carrier: adsa_vllm/engine/stats.py."""
+        stats = super().make_stats(*args, **kwargs)
+        if stats is None or not self.adsa_managers:
+            return stats
+        return with_adsa(stats, self.adsa_step_stats())
+
+    def adsa_step_stats(self) -> ADSAStats:
+        """Running totals and what the running requests hold now (O(running): held_blocks is O(1))."""
+        m = self.adsa_managers[0]
+        held = sum(m.held_blocks(r.request_id) for r in self.running)
+        full = sum(len(m.req_to_blocks.get(r.request_id, ())) for r in self.running)   # evicted entries are nulls
+        return ADSAStats(blocks_freed=m.total_freed, blocks_held=held, blocks_full_attention=full,
+                         admission_waits=self.num_admission_waits, preemptions=self.num_preemptions,
+                         requests_by_policy=dict(self.requests_by_policy))
+
     def adsa_stats(self) -> dict:
         """Per-request held/peak/freed blocks and pool-wide counters (tests and benchmarks read this)."""
         if not self.adsa_managers:

@@ -1,0 +1,93 @@
+"""`ADSAStatLogger`: ADSA's numbers on the server's /metrics, through vLLM's stat-logger plugin path.
+
+vLLM's AsyncLLM (the API server process) instantiates every class of the `vllm.stat_logger_plugins` entry-point
+group (pyproject.toml) next to its own PrometheusStatLogger and calls `record(scheduler_stats, ...)` with each
+step's stats from the EngineCore; ADSA's part rides in `scheduler_stats.adsa` (adsa_vllm/engine/stats.py). The
+metrics land in prometheus_client's default registry, which /metrics serves. Side effect of any stat-logger
+plugin in vLLM 0.26: AsyncLLM keeps stats on even with --disable-log-stats (vLLM's own loggers stay off then).
+The offline `vllm.LLM` does not load stat-logger plugins; there `scheduler.adsa_stats()` is the interface.
+
+Names start with `adsa:`, not `vllm:`: PrometheusStatLogger is built after plugin loggers and unregisters every
+`vllm:` collector it finds. Labels follow vLLM's (`model_name`, `engine`), plus `policy` on the request counter.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Gauge
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase
+
+from adsa_vllm.config import POLICIES
+from adsa_vllm.settings import ADSASettings
+
+PREFIX = "adsa:"
+
+
+def _unregister_adsa_metrics() -> None:
+    """A second engine in the same process (tests, notebooks) registers the metrics again: drop the old ones."""
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_name", "").startswith(PREFIX):
+            REGISTRY.unregister(collector)
+
+
+class ADSAStatLogger(AggregateStatLoggerBase):
+    def __init__(self, vllm_config, engine_indexes: list[int] | None = None):
+        self.engine_indexes = engine_indexes or [0]
+        self.enabled = ADSASettings.from_vllm_config(vllm_config).enabled
+        if not self.enabled:
+            return  # not an ADSA engine: register nothing, so /metrics shows no idle ADSA series
+        _unregister_adsa_metrics()
+        model = vllm_config.model_config.served_model_name
+        labels = ["model_name", "engine"]
+        per_engine = {i: [model, str(i)] for i in self.engine_indexes}
+
+        def gauge(name, doc):
+            g = Gauge(PREFIX + name, doc, labelnames=labels, multiprocess_mode="mostrecent")
+            return {i: g.labels(*v) for i, v in per_engine.items()}
+
+        def counter(name, doc):
+            c = Counter(PREFIX + name, doc, labelnames=labels)
+            return {i: c.labels(*v) for i, v in per_engine.items()}
+
+        self.blocks_held = gauge("blocks_held", "KV blocks the running requests hold now (ADSA evicts the rest).")
+        self.blocks_full = gauge("full_attention_blocks",
+                                 "KV blocks the running requests would hold now without eviction.")
+        self.kept_ratio = gauge("kept_ratio", "blocks_held / full_attention_blocks (1 when nothing is held).")
+        self.blocks_freed = counter("blocks_freed", "KV blocks evicted by ADSA and returned to vLLM's pool.")
+        self.admission_waits = counter("admission_waits",
+                                       "Times the ADSA admission gate kept a waiting request waiting (not yet).")
+        self.preemptions = counter("preemptions", "Requests preempted by the ADSA scheduler.")
+        requests = Counter(PREFIX + "requests", "Requests admitted to the ADSA scheduler, by eviction policy.",
+                           labelnames=labels + ["policy"])
+        # Every policy's series exists from the start (at 0), so rates work before a policy is first used.
+        self.requests = {i: {p: requests.labels(*v, p) for p in POLICIES} for i, v in per_engine.items()}
+        self.requests_metric = requests
+        self.per_engine = per_engine
+        for g in self.kept_ratio.values():
+            g.set(1.0)   # idle: nothing held, nothing evicted (the gauge would otherwise read 0 until the first step)
+        self.last: dict[int, object] = {}   # the previous ADSAStats per engine: counters advance by the difference
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        adsa = getattr(scheduler_stats, "adsa", None)
+        if not self.enabled or adsa is None:
+            return
+        self.blocks_held[engine_idx].set(adsa.blocks_held)
+        self.blocks_full[engine_idx].set(adsa.blocks_full_attention)
+        self.kept_ratio[engine_idx].set(adsa.kept_ratio)
+        last = self.last.get(engine_idx)
+        for name in ("blocks_freed", "admission_waits", "preemptions"):
+            grown = getattr(adsa, name) - (getattr(last, name) if last is not None else 0)
+            if grown > 0:
+                getattr(self, name)[engine_idx].inc(grown)
+        before = last.requests_by_policy if last is not None else {}
+        for policy, total in adsa.requests_by_policy.items():
+            grown = total - before.get(policy, 0)
+            if grown > 0:
+                child = self.requests[engine_idx].get(policy)
+                if child is None:
+                    child = self.requests[engine_idx][policy] = self.requests_metric.labels(
+                        *self.per_engine[engine_idx], policy)
+                child.inc(grown)
+        self.last[engine_idx] = adsa
+
+    def log_engine_initialized(self) -> None:
+        pass

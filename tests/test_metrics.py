@@ -1,0 +1,111 @@
+"""ADSA on a real server's /metrics (issue 10, deliver 4), scraped before, during and after a few generations.
+
+One `python -m vllm.entrypoints.openai.api_server` with ADSA at a 50% budget on a random 16x16 model (256 tokens
+an image: 16 blocks of 16, of which ADSA keeps 8 + 1 slack). The pool is cut to 24 blocks, less than three
+requests' bound, so the admission gate must make some of the five requests wait: every ADSA series moves.
+The numbers travel EngineCore -> API process inside SchedulerStats (adsa_vllm/engine/stats.py) to the
+stat-logger plugin (adsa_vllm/metrics.py), so this also proves that carrier survives the process boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from adsa_vllm.client import completion_token_ids, image_request, post_json, server_model
+from adsa_vllm.config import POLICIES, ADSAConfig
+from adsa_vllm.convert import load_config
+from metrics_util import scrape, wait_idle
+from server_util import launch_server
+
+BUDGET = 0.5
+POOL_BLOCKS = 24
+POLICY_OF_REQUEST = ["topk_v", "topk_v", "streaming", "random", "attention_mass"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from adsa_vllm.default_model import make_random_model_dir
+    from adsa_vllm.llamagen.config import LlamaGenConfig
+    shape = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
+    model_dir = make_random_model_dir(tmp_path_factory.mktemp("llamagen16"), shape, seed=0, std=0.1)
+    log_path = tmp_path_factory.mktemp("metrics_server") / "server.log"
+    settings = json.dumps({"adsa": {"budget": BUDGET}})
+    for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config", settings,
+                              "--num-gpu-blocks-override", str(POOL_BLOCKS)):
+        cfg = load_config(model_dir)
+        layout = ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=cfg.cls_token_num,
+                                                  grid_size=cfg.grid_size)
+        yield {"base": base, "cfg": cfg, "model": server_model(base), "bound": layout.held_bound}
+
+
+def test_idle_server_exports_every_adsa_series_at_rest(server):
+    m = scrape(server["base"])
+    assert m.total("adsa:blocks_held") == 0 and m.total("adsa:full_attention_blocks") == 0
+    assert m.total("adsa:kept_ratio") == 1.0
+    for counter in ("adsa:blocks_freed_total", "adsa:admission_waits_total", "adsa:preemptions_total"):
+        assert m.total(counter) == 0, counter
+    assert m.by_label("adsa:requests_total", "policy") == {p: 0.0 for p in POLICIES}
+
+
+def test_gauges_move_during_generation_and_return_to_idle(server):
+    base, cfg = server["base"], server["cfg"]
+    images: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def generate(i: int, policy: str) -> None:
+        body = image_request(cfg, i % cfg.num_classes, adsa={"policy": policy}, seed=i, temperature=1.0,
+                             top_k=100, model=server["model"])
+        try:
+            images[i] = completion_token_ids(post_json(f"{base}/v1/completions", body, timeout=300))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=generate, args=(i, p)) for i, p in enumerate(POLICY_OF_REQUEST)]
+    for t in threads:
+        t.start()
+    seen = {"held": 0.0, "ratio": 1.0, "freed_while_held": False}
+    last_freed = 0.0
+    deadline = time.monotonic() + 300
+    while any(t.is_alive() for t in threads):
+        assert time.monotonic() < deadline, "generations did not finish in 300 s"
+        m = scrape(base)
+        held, full = m.total("adsa:blocks_held"), m.total("adsa:full_attention_blocks")
+        running, freed = m.total("vllm:num_requests_running"), m.total("adsa:blocks_freed_total")
+        # One scrape is one consistent state: the stat loggers and /metrics share the API server's event loop.
+        assert held <= full, m.lines("adsa:")
+        assert held <= server["bound"] * running, (server["bound"], m.lines("adsa:"), running)
+        assert held <= POOL_BLOCKS
+        assert freed >= last_freed, "a counter went down"
+        if held > 0:
+            seen["held"] = max(seen["held"], held)
+            seen["ratio"] = min(seen["ratio"], m.total("adsa:kept_ratio"))
+            seen["freed_while_held"] |= freed > last_freed
+        last_freed = freed
+        time.sleep(0.3)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert seen["held"] > 0, "adsa:blocks_held never rose above 0 while requests were generating"
+    assert seen["freed_while_held"], "adsa:blocks_freed_total did not move while requests held blocks"
+    assert seen["ratio"] < 1.0, "adsa:kept_ratio stayed at 1 although ADSA evicts at a 50% budget"
+
+    for i, toks in images.items():
+        assert len(toks) == cfg.image_tokens and all(0 <= t < cfg.codebook_size for t in toks), i
+
+    m = wait_idle(base)
+    assert m.total("adsa:blocks_held") == 0 and m.total("adsa:full_attention_blocks") == 0, m.lines("adsa:")
+    assert m.total("adsa:kept_ratio") == 1.0
+    assert m.total("vllm:kv_cache_usage_perc") == 0.0
+    # Each finished image allocated cdiv(256, 16) = 16 logical blocks and never held more than its bound.
+    full_blocks = -(-(cfg.cls_token_num + cfg.image_tokens - 1) // 16)
+    assert m.total("adsa:blocks_freed_total") >= len(POLICY_OF_REQUEST) * (full_blocks - server["bound"])
+    sent = {p: float(POLICY_OF_REQUEST.count(p)) for p in POLICIES}
+    assert m.by_label("adsa:requests_total", "policy") == sent
+    # 24 blocks hold two requests' bounds, not five: the gate must have said "not yet", and nothing was preempted.
+    assert m.total("adsa:admission_waits_total") > 0
+    assert m.total("adsa:preemptions_total") == 0 and m.total("vllm:num_preemptions_total") == 0
+    print("\n".join(m.lines("adsa:")))
