@@ -23,6 +23,7 @@ import numpy as np
 # The shipped model's pixel tokens have 16 grey levels: top-k 8 is what the demo and benchmarks/quality.py sample
 # with. Official LlamaGen models: sample_c2i.py's default top-k.
 PIXEL_MODEL_TOP_K, VQ_MODEL_TOP_K = 8, 2000
+BLOCK_SIZE = 16  # KV block size of the offline engine (ADSA supports 16 and 32)
 
 
 def _norm(name: str) -> str:
@@ -108,7 +109,7 @@ def generate_offline(model_dir: str, class_ids: list[int], args, adsa: dict) -> 
     cfg = load_config(model_dir)
     guided = args.cfg != 1.0
     extra = {"adsa": adsa, **({"cfg": {"scale": args.cfg}} if guided else {})}
-    llm = LLM(model=model_dir, attention_backend="adsa", additional_config=extra, dtype=args.dtype, block_size=16,
+    llm = LLM(model=model_dir, attention_backend="adsa", additional_config=extra, dtype=args.dtype, block_size=BLOCK_SIZE,
               seed=0, max_num_seqs=len(class_ids), enforce_eager=not torch.cuda.is_available())
     sampling = dict(seed=args.seed, temperature=args.temperature, top_k=args.top_k)
     if guided:
@@ -182,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
             adsa["budget"] = parse_budget(args.budget)
         if args.policy is not None:
             adsa["policy"] = args.policy
-        ADSAConfig.from_dict(adsa).layout(block_size=16, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+        settings = ADSAConfig.from_dict(adsa)
+        if args.command == "generate":  # a server checks the layout against its own block size
+            settings.layout(block_size=BLOCK_SIZE, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
         vq = load_vq_decoder(model_dir, args.vq)
     except (ValueError, SettingsError, VQCheckpointError, OSError) as e:
         ap.exit(2, f"adsa-vllm {args.command}: error: {e}\n")

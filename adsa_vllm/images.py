@@ -25,22 +25,22 @@ def is_pixel_token_model(cfg) -> bool:
     return (cfg.grid_size, cfg.codebook_size) == (fm.GRID_SIZE, fm.NUM_LEVELS)
 
 
-def configured_vq(model_dir: str | Path) -> tuple[Path, dict] | None:
-    """(checkpoint path, VQConfig overrides) named by the folder's config.json, or None."""
+def configured_vq(model_dir: str | Path) -> tuple[Path | None, dict]:
+    """(checkpoint path or None, VQConfig overrides) from the folder's config.json `vq_ckpt` / `vq_config`."""
     raw = json.loads((Path(model_dir) / "config.json").read_text())
+    overrides = dict(raw.get(VQ_CONFIG_KEY) or {})
     if not raw.get(VQ_CKPT_KEY):
-        return None
+        return None, overrides
     path = Path(raw[VQ_CKPT_KEY]).expanduser()
-    return (path if path.is_absolute() else Path(model_dir) / path), dict(raw.get(VQ_CONFIG_KEY) or {})
+    return (path if path.is_absolute() else Path(model_dir) / path), overrides
 
 
 def load_vq_decoder(model_dir: str | Path | None, vq_ckpt: str | Path | None = None):
     """The VQDecoder for a model: `vq_ckpt` if given, else the one its config.json names; None if neither.
-    VQConfig overrides always come from config.json's vq_config (default: the official VQ-16)."""
+    VQConfig overrides come from config.json's vq_config either way (default: the official VQ-16)."""
     from adsa_vllm.vq import VQDecoder
-    configured = configured_vq(model_dir) if model_dir is not None else None
-    overrides = configured[1] if configured else {}
-    path = vq_ckpt if vq_ckpt is not None else (configured[0] if configured else None)
+    configured, overrides = configured_vq(model_dir) if model_dir is not None else (None, {})
+    path = vq_ckpt if vq_ckpt is not None else configured
     return None if path is None else VQDecoder.from_checkpoint(path, **overrides)
 
 
