@@ -231,7 +231,8 @@ def main():
     ap.add_argument("--policy", default="topk_v")
     ap.add_argument("--eager", action="store_true", help="disable torch.compile and CUDA graphs")
     ap.add_argument("--modes", nargs="+", default=["llama", "llamagen", "adsa"],
-                    help="llama | llama-sw (vLLM sliding window, window = budget tokens) | llamagen (stock vLLM) | adsa-full (ADSA scheduler, no eviction) | adsa | "
+                    help="llama | llama-sw (vLLM sliding window, window = budget tokens) | llamagen (stock vLLM) | "
+                         "adsa-full (ADSA scheduler, no eviction) | adsa | adsa:POLICY:BUDGET[:fp8] | "
                          "cfg (guided pairs) | pairs2n (the same sequences as independent requests)")
     ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--kv-cache-dtype", default=None, help="e.g. fp8 (every mode of the invocation)")

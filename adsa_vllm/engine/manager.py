@@ -23,7 +23,7 @@ class RequestKV:
     layout: object          # BlockLayout
     bound: int              # most blocks this request may ever hold (what admission reserves)
     freed: int = 0
-    peak_held: int = 0
+    peak_held: int = 0      # most blocks held so far, recorded before each eviction and at the final free
     nulls: int = 0          # evicted entries in the request's current block list (held = len(list) - nulls)
 
 
@@ -56,6 +56,7 @@ class ADSAManager(FullAttentionManager):
         """Finish or preemption: the whole list goes back to the pool (a resumed request starts a new one)."""
         entry = self.requests.get(request_id)
         if entry is not None:
+            entry.peak_held = max(entry.peak_held, self.held_blocks(request_id))
             entry.nulls = 0
         super().free(request_id)
 
@@ -64,6 +65,9 @@ class ADSAManager(FullAttentionManager):
         entry, blocks = self.requests.get(req_id), self.req_to_blocks.get(req_id)
         if entry is None or not blocks:
             return 0  # finished or preempted in the same step: its blocks were already freed whole
+        # Held blocks only grow between evictions, so the peak is always the count just before one (or before
+        # the final free): recording it here costs nothing per step.
+        entry.peak_held = max(entry.peak_held, len(blocks) - entry.nulls)
         prefix = entry.layout.prefix_blocks
         freed = []
         for j in logical_blocks:
@@ -79,11 +83,6 @@ class ADSAManager(FullAttentionManager):
         entry.freed += len(freed)
         self.total_freed += len(freed)
         return len(freed)
-
-    def note_step(self, req_id: str) -> None:
-        entry = self.requests.get(req_id)
-        if entry is not None:
-            entry.peak_held = max(entry.peak_held, self.held_blocks(req_id))
 
     def forget(self, req_id: str) -> None:
         """The request finished (or was aborted); its blocks were freed by `free()`. Keep its stats a while."""

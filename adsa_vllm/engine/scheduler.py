@@ -107,9 +107,6 @@ class ADSASchedulerMixin:
             self.demand.advance({r.request_id: r.num_computed_tokens for r in self.running})
         out = super().schedule(*args, **kwargs)
         self.max_running = max(self.max_running, len(self.running))
-        for m in self.adsa_managers:
-            for r in self.running:
-                m.note_step(r.request_id)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -152,9 +149,9 @@ class ADSASchedulerMixin:
         per_request = {}
         for rid, e in list(m.requests.items()) + list(m.finished_stats.items()):
             held = m.held_blocks(rid)
-            per_request[rid] = {"held_blocks": held, "peak_held_blocks": e.peak_held, "freed_blocks": e.freed,
-                                "bound_blocks": e.bound, "budget_blocks": e.layout.budget_blocks,
-                                "slack_blocks": e.layout.slack_blocks, "finished": rid not in m.requests}
+            per_request[rid] = {"held_blocks": held, "peak_held_blocks": max(e.peak_held, held),
+                                "freed_blocks": e.freed, "bound_blocks": e.bound,
+                                "budget_blocks": e.layout.budget_blocks, "slack_blocks": e.layout.slack_blocks, "finished": rid not in m.requests}
         return {"enabled": True, "num_preemptions": self.num_preemptions, "max_running": self.max_running,
                 "total_freed_blocks": m.total_freed, "free_blocks": m.block_pool.get_num_free_blocks(),
                 "requests": per_request}

@@ -3,7 +3,8 @@ classifier-free guidance is on): the `ADSARuntime` and the `GuidanceRuntime` (ad
 
 Before each step the runtimes learn which requests started, resumed, were preempted or finished (from the
 SchedulerOutput); after the step, the evictions its builder decided ride back to the scheduler as
-`ModelRunnerOutput.adsa_evictions`, and requests that failed inside the worker as `adsa_failed` (ModelRunnerOutput is a plain dataclass, pickled with its __dict__). Under
+`ModelRunnerOutput.adsa_evictions`, and requests that failed inside the worker as `adsa_failed`
+(ModelRunnerOutput is a plain dataclass, pickled with its __dict__). Under
 tensor parallelism every rank decides the same evictions (scores are all-reduced); rank 0's report is the one the
 scheduler receives.
 """
