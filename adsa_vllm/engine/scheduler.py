@@ -151,7 +151,8 @@ class ADSASchedulerMixin:
             held = m.held_blocks(rid)
             per_request[rid] = {"held_blocks": held, "peak_held_blocks": max(e.peak_held, held),
                                 "freed_blocks": e.freed, "bound_blocks": e.bound,
-                                "budget_blocks": e.layout.budget_blocks, "slack_blocks": e.layout.slack_blocks, "finished": rid not in m.requests}
+                                "budget_blocks": e.layout.budget_blocks, "slack_blocks": e.layout.slack_blocks,
+                                "finished": rid not in m.requests}
         return {"enabled": True, "num_preemptions": self.num_preemptions, "max_running": self.max_running,
                 "total_freed_blocks": m.total_freed, "free_blocks": m.block_pool.get_num_free_blocks(),
                 "requests": per_request}
