@@ -109,8 +109,8 @@ def generate_offline(model_dir: str, class_ids: list[int], args, adsa: dict) -> 
     cfg = load_config(model_dir)
     guided = args.cfg != 1.0
     extra = {"adsa": adsa, **({"cfg": {"scale": args.cfg}} if guided else {})}
-    llm = LLM(model=model_dir, attention_backend="adsa", additional_config=extra, dtype=args.dtype, block_size=BLOCK_SIZE,
-              seed=0, max_num_seqs=len(class_ids), enforce_eager=not torch.cuda.is_available())
+    llm = LLM(model=model_dir, attention_backend="adsa", additional_config=extra, dtype=args.dtype,
+              block_size=BLOCK_SIZE, seed=0, max_num_seqs=len(class_ids), enforce_eager=not torch.cuda.is_available())
     sampling = dict(seed=args.seed, temperature=args.temperature, top_k=args.top_k)
     if guided:
         return generate_images(llm, class_ids, cfg_scale=args.cfg, use_tqdm=True, **sampling).tokens
@@ -152,7 +152,8 @@ def _add_common(p: argparse.ArgumentParser, *, server: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adsa-vllm", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="offline: build a vllm.LLM with ADSA and write PNGs")
     _add_common(gen, server=False)
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     from adsa_vllm.convert import load_config
     from adsa_vllm.default_model import default_model_dir
     from adsa_vllm.errors import SettingsError
+    from adsa_vllm.guidance.settings import Guidance
     from adsa_vllm.images import is_pixel_token_model, load_vq_decoder, tokens_to_images
     from adsa_vllm.vq import VQCheckpointError
 
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.policy is not None:
             adsa["policy"] = args.policy
         settings = ADSAConfig.from_dict(adsa)
+        if args.cfg is not None:
+            Guidance().merged({"scale": args.cfg})
         if args.command == "generate":  # a server checks the layout against its own block size
             settings.layout(block_size=BLOCK_SIZE, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
         vq = load_vq_decoder(model_dir, args.vq)

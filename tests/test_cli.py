@@ -38,7 +38,7 @@ def test_generate_shipped_model_writes_pngs(tmp_path):
     out = tmp_path / "pics"
     proc = subprocess.run([sys.executable, "-m", "adsa_vllm.cli", "generate", "sneaker", "T-shirt/top",
                            "--budget", "0.25", "--cfg", "2", "--seed", "3", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # ~45 s idle; slower when the CPU is shared
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"to {out.resolve()}" in proc.stdout
     assert "Processed prompts" in proc.stderr  # vLLM's progress bar
@@ -59,6 +59,15 @@ def test_bad_class_lists_valid_names(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert f"unknown class {bad!r}" in err and "'sneaker' (7)" in err and "'ankle boot' (9)" in err
+
+
+@pytest.mark.parametrize("flags, message", [(["--cfg", "nan"], "cfg scale=nan"), (["--budget", "x"], "--budget 'x'"),
+                                           (["--budget", "0.01"], "raise the budget to at least 80 tokens"),
+                                           (["--policy", "nope"], "adsa.policy='nope' is unknown")])
+def test_bad_settings_exit_before_the_engine(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "bag", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 class _FakeCompletions(BaseHTTPRequestHandler):
