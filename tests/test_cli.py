@@ -35,10 +35,11 @@ def _png(path: Path) -> np.ndarray:
 
 
 def test_generate_shipped_model_writes_pngs(tmp_path):
+    # A subprocess, so its engine never overlaps the conftest engines; ~45 s on 2 idle cores, minutes when shared.
     out = tmp_path / "pics"
     proc = subprocess.run([sys.executable, "-m", "adsa_vllm.cli", "generate", "sneaker", "T-shirt/top",
                            "--budget", "0.25", "--cfg", "2", "--seed", "3", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # ~45 s idle; slower when the CPU is shared
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"to {out.resolve()}" in proc.stdout
     assert "Processed prompts" in proc.stderr  # vLLM's progress bar
