@@ -11,7 +11,7 @@ at temperature 1 with classifier-free guidance at scale 2 (what benchmarks/quali
 collapses to flat grey garments; --cfg-scale 1 turns guidance off, each request then runs one branch). The table
 shows throughput and the KV blocks one sequence (under CFG: one cond/uncond pair) holds: with ADSA its peak stays at
 budget + slack blocks instead of the full sequence, and the evicted blocks go back to vLLM's pool. `sample_images`
-is the one generation call; `tokens_to_image` is the one place that turns tokens into pixels.
+is the one generation call; pixels come from `adsa_vllm.images.tokens_to_images`, like `adsa-vllm`'s.
 """
 
 from __future__ import annotations
@@ -31,18 +31,15 @@ def _cpu_only() -> bool:
 
 
 def is_fashion_model(cfg) -> bool:
-    from adsa_vllm.data import fashion_mnist as fm
-    return (cfg.grid_size, cfg.codebook_size) == (fm.GRID_SIZE, fm.NUM_LEVELS)
+    from adsa_vllm.images import is_pixel_token_model
+    return is_pixel_token_model(cfg)
 
 
 def tokens_to_image(tokens, cfg) -> np.ndarray:
     """Image token ids (grid*grid, raster order) -> uint8 [H, W]: grey levels for a Fashion-MNIST pixel-token
-    model, else one grey pixel per token id (a token map; the place to plug in a VQ decoder)."""
-    if is_fashion_model(cfg):
-        from adsa_vllm.data import fashion_mnist as fm
-        return fm.detokenize(np.asarray(tokens, dtype=np.int64))[0]
-    t = np.asarray(tokens, dtype=np.int64).reshape(cfg.grid_size, cfg.grid_size)
-    return (t * 255 // max(cfg.codebook_size - 1, 1)).astype(np.uint8)
+    model, else a token map (adsa_vllm.images.tokens_to_images, which `adsa-vllm` uses too)."""
+    from adsa_vllm.images import tokens_to_images
+    return tokens_to_images(cfg, [tokens])[0]
 
 
 def class_label(c: int, cfg) -> str:
