@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     from adsa_vllm.vq import VQCheckpointError
 
     model_dir = str(args.model or default_model_dir())
-    cfg = load_config(model_dir)
     # Everything a user can get wrong is checked here, before the (slow) engine or any request.
     try:
+        cfg = load_config(model_dir)
         class_ids = parse_classes(args.classes, cfg)
         adsa = {}  # client: only what was given, the server's defaults for the rest
         if args.budget is not None:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, SettingsError, VQCheckpointError, OSError) as e:
         ap.exit(2, f"adsa-vllm {args.command}: error: {e}\n")
     if args.top_k is None:
-        args.top_k = PIXEL_MODEL_TOP_K if is_pixel_token_model(cfg) else VQ_MODEL_TOP_K
+        args.top_k = PIXEL_MODEL_TOP_K if is_pixel_token_model(cfg) else min(VQ_MODEL_TOP_K, cfg.codebook_size)
     if args.command == "generate":
         _set_cpu_defaults()
         tokens = generate_offline(model_dir, class_ids, args, adsa)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         print("[adsa-vllm] no VQ decoder configured: wrote token maps (pass --vq vq_ds16_c2i.pt for pictures)")
     paths = write_images(images, [file_label(c, cfg) for c in class_ids], Path(args.out), args.nrow)
     h, w = images.shape[1:3]
-    print(f"wrote {len(images)} image(s) of {w}x{h} and {paths[-1]} to {Path(args.out).resolve()}")
+    print(f"wrote {len(images)} image(s) of {w}x{h} and {paths[-1].name} to {Path(args.out).resolve()}")
 
 
 if __name__ == "__main__":
