@@ -42,6 +42,28 @@ def server(tmp_path_factory):
         yield {"base": base, "cfg": cfg, "model": server_model(base), "bound": layout.held_bound}
 
 
+def test_adsa_stats_survive_the_engine_to_api_process_codec():
+    """The carrier alone, through vLLM's own msgpack encoder and the client's decoder type (no server)."""
+    import patches
+    from vllm.v1.engine import EngineCoreOutputs, core_client
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from adsa_vllm.engine.stats import ADSAStats, with_adsa
+    patches.apply_all()
+    adsa = ADSAStats(blocks_freed=7, blocks_held=3, blocks_full_attention=6, admission_waits=2,
+                     requests_by_policy={"random": 1})
+    sent = EngineCoreOutputs(scheduler_stats=with_adsa(SchedulerStats(num_running_reqs=2), adsa))
+    frames = MsgpackEncoder().encode(sent)
+    got = MsgpackDecoder(core_client.EngineCoreOutputs).decode(frames).scheduler_stats
+    assert got.adsa == adsa and got.adsa.kept_ratio == 0.5 and got.num_running_reqs == 2
+    # Without the patch the field is dropped: what the patch is for.
+    assert not hasattr(MsgpackDecoder(EngineCoreOutputs).decode(frames).scheduler_stats, "adsa")
+    plain = EngineCoreOutputs(scheduler_stats=SchedulerStats(num_running_reqs=1))
+    assert MsgpackDecoder(core_client.EngineCoreOutputs).decode(MsgpackEncoder().encode(plain)).scheduler_stats.adsa \
+        is None
+
+
 def test_idle_server_exports_every_adsa_series_at_rest(server):
     m = scrape(server["base"])
     assert m.total("adsa:blocks_held") == 0 and m.total("adsa:full_attention_blocks") == 0
