@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 120
+STARTUP_TIMEOUT_S = 300   # a 2-core CI machine under load took 119.5 s once
 
 
 def _free_port() -> int:
