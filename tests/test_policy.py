@@ -428,3 +428,31 @@ def test_tracker_without_scores_does_not_select():
     tr.add_layer_scores(torch.arange(len(cands), dtype=torch.float32))
     newly = tr.begin_step(pos)
     assert newly == cands[: len(cands) - lay.topk_blocks]   # lowest scores = oldest here
+
+
+class _NoFastPath(SequenceTracker):
+    def _quiet_until(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("kw", [dict(budget=0.5), dict(budget=0.25), dict(budget=0.25, refresh=40),
+                                dict(budget=160, local=2), dict(budget=0.75, prefix=40, local=50),
+                                dict(budget=0.3, refresh=5)])
+@pytest.mark.parametrize("grid,bs", [(16, 16), (24, 16), (32, 32)])
+def test_tracker_fast_path_changes_nothing(kw, grid, bs):
+    """`scoring_request` skips its work until a selection can be due; the requests are exactly those of the
+    tracker without that shortcut, at every position, under the same scores."""
+    lay = ADSAConfig(**kw).layout(block_size=bs, cls_token_num=1, grid_size=grid)
+    fast, slow = SequenceTracker(lay, make_scorer("random", seed=3)), _NoFastPath(lay, make_scorer("random", seed=3))
+    requested = 0
+    for pos in range(lay.seq_len - 1):
+        assert fast.begin_step(pos) == slow.begin_step(pos)
+        assert fast.kept_blocks(pos) == slow.kept_blocks(pos)
+        a, b = fast.scoring_request(pos), slow.scoring_request(pos)
+        assert a == b, pos
+        if a is not None:
+            requested += 1
+            scores = torch.rand(len(a), generator=torch.Generator().manual_seed(pos))
+            fast.add_layer_scores(scores)
+            slow.add_layer_scores(scores)
+    assert requested > 0 or not lay.evicts

@@ -7,6 +7,7 @@ positions, identical for the vLLM path and the plain-PyTorch reference.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from adsa_vllm.config import SUPPORTED_BLOCK_SIZES, ADSAConfig, ADSAConfigError
@@ -65,36 +66,37 @@ class BlockLayout:
         return layout
 
     # ---- static sizes ----
-    @property
+    # Sizes are cached: the worker asks for them for every running sequence at every step.
+    @functools.cached_property
     def prefix_blocks(self) -> int:
         return cdiv(self.prefix_tokens, self.block_size)
 
-    @property
+    @functools.cached_property
     def local_blocks(self) -> int:
         """Most blocks the window [t-local+1, t] can touch (it includes the tail)."""
         return cdiv(self.local_tokens - 1, self.block_size) + 1
 
-    @property
+    @functools.cached_property
     def topk_blocks(self) -> int:
         return self.budget_blocks - self.prefix_blocks - self.local_blocks
 
-    @property
+    @functools.cached_property
     def max_blocks(self) -> int:
         """Blocks of a whole sequence: positions 0..seq_len-2 (the last image token is emitted, never fed back)."""
         return cdiv(self.seq_len - 1, self.block_size)
 
-    @property
+    @functools.cached_property
     def evicts(self) -> bool:
         return self.budget_blocks < self.max_blocks
 
-    @property
+    @functools.cached_property
     def slack_blocks(self) -> int:
         """Blocks a sequence may hold above the budget: the new tail block allocated by the scheduler in the step
         whose selection evicts (returned one step later), plus the blocks that can enter the candidate set between
         two selections when refresh > block_size, plus one block per step of `lag` (async scheduling)."""
         return max(1, cdiv(self.refresh, self.block_size)) + self.lag
 
-    @property
+    @functools.cached_property
     def held_bound(self) -> int:
         """Upper bound on the KV blocks a sequence ever holds (what admission reserves)."""
         return min(self.max_blocks, self.budget_blocks + self.slack_blocks) if self.evicts else self.max_blocks

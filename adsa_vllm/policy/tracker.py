@@ -37,9 +37,13 @@ class SequenceTracker:
         self._pending_scores: torch.Tensor | None = None
         self._kept_key: tuple[int, int] | None = None
         self._kept: list[int] = []
+        self._quiet_key: tuple | None = None
+        self._quiet = 0
 
     # 1.
     def begin_step(self, pos: int) -> list[int]:
+        if self._pending_pos is None:
+            return []       # the common case, on every decode step of every sequence: nothing requested
         if self._pending_pos != pos or self._pending_scores is None:
             self._clear_pending()
             return []
@@ -63,6 +67,8 @@ class SequenceTracker:
     # 3.
     def scoring_request(self, pos: int) -> list[int] | None:
         nxt = pos + 1
+        if nxt < self._quiet_until():
+            return None     # fast path: provably no selection due yet (the checks below would all say so)
         # The last image token (position seq_len - 1) is emitted but never fed, so no step runs there.
         if nxt >= self.layout.seq_len - 1 or not self.layout.evicts:
             return None
@@ -73,6 +79,21 @@ class SequenceTracker:
             return None
         self._pending_pos, self._pending_blocks, self._pending_scores = nxt, cands, None
         return cands
+
+    def _quiet_until(self) -> int:
+        """The first position a selection can be due at, from the refresh rule and the candidate count alone.
+        Evicted blocks all lie below the window (they were candidates), so at `nxt` the candidates number
+        max(0, local_start(nxt) - prefix_blocks) - len(evicted), which exceeds topk once
+        local_start(nxt) >= topk + prefix_blocks + len(evicted) + 1. Cached until the next eviction."""
+        key = (len(self.evicted), self.last_selection)
+        if key != self._quiet_key:
+            lay = self.layout
+            first = (lay.topk_blocks + lay.prefix_blocks + len(self.evicted) + 1) * lay.block_size \
+                + lay.local_tokens - 1
+            if self.last_selection is not None:
+                first = max(first, self.last_selection + lay.refresh)
+            self._quiet_key, self._quiet = key, first
+        return self._quiet
 
     def add_layer_scores(self, scores: torch.Tensor) -> None:
         """Add one layer's (or an already summed batch of layers') scores for the requested candidates."""
