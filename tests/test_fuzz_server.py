@@ -26,7 +26,7 @@ from adsa_vllm.config import ADSAConfig
 from adsa_vllm.convert import load_config, load_reference
 from fuzz_cases import cases, encode
 from greedy_match import assert_greedy_matches_reference
-from server_util import launch_server
+from server_util import launch_server, tiny_model_dir
 
 GOOD_CLASS = 1
 
@@ -36,10 +36,7 @@ BUDGET = 0.75
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.llamagen.config import LlamaGenConfig
-    shape = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=10)
-    model_dir = make_random_model_dir(tmp_path_factory.mktemp("llamagen10"), shape, seed=0, std=0.1)
+    model_dir = tiny_model_dir(tmp_path_factory, grid_size=10)
     log_path = tmp_path_factory.mktemp("fuzz_server") / "server.log"
     settings = json.dumps({"adsa": {"budget": BUDGET}, "cfg": {"scale": 2.0}})
     for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config", settings):

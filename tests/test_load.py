@@ -28,7 +28,7 @@ from adsa_vllm.config import POLICIES
 from adsa_vllm.convert import load_config
 from load_mix import plan
 from metrics_util import wait_idle
-from server_util import launch_server
+from server_util import launch_server, tiny_model_dir
 
 NUM_REQUESTS = 300
 CLIENTS = 12
@@ -38,10 +38,7 @@ LOAD_DEADLINE_S = 150
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.llamagen.config import LlamaGenConfig
-    shape = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=10)
-    model_dir = make_random_model_dir(tmp_path_factory.mktemp("llamagen10"), shape, seed=0, std=0.1)
+    model_dir = tiny_model_dir(tmp_path_factory, grid_size=10)
     log_path = tmp_path_factory.mktemp("load_server") / "server.log"
     settings = json.dumps({"adsa": {"budget": 0.5}, "cfg": {"scale": 2.0}})
     for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config", settings,

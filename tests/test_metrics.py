@@ -19,7 +19,7 @@ from adsa_vllm.client import completion_token_ids, image_request, post_json, ser
 from adsa_vllm.config import POLICIES, ADSAConfig
 from adsa_vllm.convert import load_config
 from metrics_util import scrape, wait_idle
-from server_util import launch_server
+from server_util import launch_server, tiny_model_dir
 
 BUDGET = 0.5
 POOL_BLOCKS = 24
@@ -28,10 +28,7 @@ POLICY_OF_REQUEST = ["topk_v", "topk_v", "streaming", "random", "attention_mass"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.llamagen.config import LlamaGenConfig
-    shape = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
-    model_dir = make_random_model_dir(tmp_path_factory.mktemp("llamagen16"), shape, seed=0, std=0.1)
+    model_dir = tiny_model_dir(tmp_path_factory, grid_size=16)
     log_path = tmp_path_factory.mktemp("metrics_server") / "server.log"
     settings = json.dumps({"adsa": {"budget": BUDGET}})
     for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config", settings,
