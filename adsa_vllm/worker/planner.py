@@ -129,6 +129,7 @@ def _score_group(runtime: ADSARuntime, batch: ScoringBatch, scorer, sel, layers:
 def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, layers, backend) -> None:
     """Summarise the candidates that no earlier selection of their sequence has seen (each block once).
     Which ones is known on the host (no device sync); only their physical ids are gathered on the device."""
+    _check_layout(layers[0].kv_cache, backend, layers[0].head_size)
     mine = np.array([seq.tracker.scorer is scorer for seq in batch.sequences])
     first_new = np.array([seq.summarized for seq in batch.sequences], dtype=np.int64)
     fresh = batch.host_valid & (batch.host_index >= first_new[:, None]) & mine[:, None]
@@ -170,9 +171,7 @@ def score_layer(batch: ScoringBatch, query: torch.Tensor | None, kv_cache: torch
                 head_size: int, scale: float, groups=None) -> None:
     """Add one layer's scores of every candidate block to `batch.acc` (one batched call per scorer)."""
     r, c = batch.block_ids.shape
-    if backend == "CPU_ATTN":
-        check_cpu_layout(_cpu_isa(kv_cache.dtype, kv_cache.shape[2], head_size), kv_cache.dtype,
-                         kv_cache.shape[2], head_size)
+    _check_layout(kv_cache, backend, head_size)
     keys, values = gather_blocks(kv_cache, batch.block_ids.reshape(-1), backend, head_size)
     keys = keys.reshape((r, c) + tuple(keys.shape[1:]))
     values = values.reshape((r, c) + tuple(values.shape[1:]))
@@ -198,6 +197,13 @@ def _groups_by_scorer(sequences, device):
         (scorer, _), = groups.values()
         return [(scorer, slice(None))]
     return [(s, torch.tensor(rows).to(device, non_blocking=True)) for s, rows in groups.values()]
+
+
+def _check_layout(kv_cache: torch.Tensor, backend: str, head_size: int) -> None:
+    """Before reading the CPU kernel's cache: its layout depends on the ISA (checked once per kind, cached)."""
+    if backend == "CPU_ATTN":
+        check_cpu_layout(_cpu_isa(kv_cache.dtype, kv_cache.shape[2], head_size), kv_cache.dtype,
+                         kv_cache.shape[2], head_size)
 
 
 _ISA: dict = {}
