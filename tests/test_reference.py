@@ -131,7 +131,9 @@ def test_adsa_respects_budget_and_equals_masked_full_forward(policy, monkeypatch
         # Position seq_len - 1 (the last image token) is never fed, so a request made for it is never used.
         last_fed = tr.layout.seq_len - 2
         assert {p + 1 for p in tr.requests if p < last_fed} == {p for p, _ in tr.selections}
-        assert all(tr.layer_calls[p] == m.cfg.n_layer for p in tr.requests)      # once per layer
+        # Once per layer; a position-only score (streaming, random) once per selection, as in the vLLM path.
+        calls = m.cfg.n_layer if tr.scorer.reads_kv else 1
+        assert all(tr.layer_calls[p] == calls for p in tr.requests)
         assert all(len(k) <= tr.layout.held_bound for k in tr.kept_log.values())
     if policy == "streaming":  # content-free: survivors are the newest candidates
         tr = res.trackers[0]
