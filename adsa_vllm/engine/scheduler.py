@@ -52,7 +52,7 @@ class ADSASchedulerMixin:
         super().add_request(request)
         if is_new and self.adsa_managers:
             params = request.sampling_params
-            max_len = request.num_prompt_tokens + (request.max_tokens or 0)
+            max_len = _final_len(request)
             try:
                 overrides = request_overrides(params.extra_args if params is not None else None)
                 for m in self.adsa_managers:
@@ -86,9 +86,10 @@ class ADSASchedulerMixin:
             self.num_admission_waits += 1
             return None
         out = self._stock_allocate_slots(request, *args, **kwargs)
-        entry = self.adsa_managers[0].requests.get(request.request_id)
-        if admitting and out is not None and entry is not None:
-            self.demand.add(request.request_id, request.num_computed_tokens, _final_len(request), entry.bound)
+        if admitting and out is not None:
+            entry = self.adsa_managers[0].requests.get(request.request_id)
+            if entry is not None:
+                self.demand.add(request.request_id, request.num_computed_tokens, _final_len(request), entry.bound)
         return out
 
     def _fits(self, new_request) -> bool:
