@@ -44,7 +44,7 @@ def run(rows: int, budget: float, grid: int, steps: int, policy: str) -> dict:
                              block_table_tensor=block_table)
         t0 = time.perf_counter()
         plan = plan_step(rt, cm, [layer], "none")    # streaming scores need no KV layout
-        compacted_block_table(block_table, plan.kept, out)
+        compacted_block_table(block_table, plan.rows, plan.kept_index, out)
         times.append(time.perf_counter() - t0)
         pos = np.where(pos + 1 >= seq_len - 1, cls, pos + 1)   # a finished row restarts as a new request
         for i in np.nonzero(pos == cls)[0]:

@@ -26,6 +26,17 @@ def top_blocks(block_index: torch.Tensor, scores: torch.Tensor, k: int) -> torch
     return order[:k]
 
 
+def top_blocks_rows(block_index: torch.Tensor, scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`top_blocks` for many rows at once: block_index [R, C] (padding -1), scores [R, C], k [R] -> keep mask
+    [R, C], the same blocks `top_blocks` picks row by row (same two stable sorts, so the same tie-breaking; padding
+    sorts last in both, as it holds the smallest index and the score -inf)."""
+    scores = torch.where(block_index >= 0, scores.float(), -torch.inf)
+    order = torch.argsort(block_index, dim=1, descending=True, stable=True)
+    order = order.gather(1, torch.argsort(scores.gather(1, order), dim=1, descending=True, stable=True))
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    return (rank < k[:, None]) & (block_index >= 0)
+
+
 class SequenceTracker:
     def __init__(self, layout: BlockLayout, scorer: BlockScorer):
         self.layout = layout
@@ -42,13 +53,25 @@ class SequenceTracker:
 
     # 1.
     def begin_step(self, pos: int) -> list[int]:
+        due = self.due_selection(pos)
+        if due is None:
+            return []
+        blocks = torch.tensor(due[0], dtype=torch.int64)
+        keep = set(blocks[top_blocks(blocks, due[1].cpu(), self.layout.topk_blocks)].tolist())
+        return self.apply_selection(pos, keep)
+
+    # 1, in two halves, so a caller can decide many sequences in one batched top-k (`top_blocks_rows`).
+    def due_selection(self, pos: int) -> tuple[list[int], torch.Tensor] | None:
+        """(candidates, their scores) if a selection is decided at `pos`; drops a request that cannot be."""
         if self._pending_pos is None:
-            return []       # the common case, on every decode step of every sequence: nothing requested
+            return None     # the common case, on every decode step of every sequence: nothing requested
         if self._pending_pos != pos or self._pending_scores is None:
             self._clear_pending()
-            return []
-        blocks = torch.tensor(self._pending_blocks, dtype=torch.int64)
-        keep = set(blocks[top_blocks(blocks, self._pending_scores.cpu(), self.layout.topk_blocks)].tolist())
+            return None
+        return self._pending_blocks, self._pending_scores
+
+    def apply_selection(self, pos: int, keep: set[int]) -> list[int]:
+        """Evict every pending candidate not in `keep`; returns the newly evicted blocks."""
         newly = [b for b in self._pending_blocks if b not in keep]
         self.evicted.update(newly)
         self.last_selection = pos
@@ -79,6 +102,17 @@ class SequenceTracker:
             return None
         self._pending_pos, self._pending_blocks, self._pending_scores = nxt, cands, None
         return cands
+
+    def wake(self) -> int:
+        """The first position whose step needs `begin_step` or `scoring_request` to do anything: before it, both
+        return nothing and the kept blocks are `kept_runs()`'s. Lets a caller skip idle sequences in bulk."""
+        return self._pending_pos if self._pending_pos is not None else self._quiet_until() - 1
+
+    def kept_runs(self) -> tuple[list[int], int]:
+        """The kept blocks as (survivors below m, m): `kept_blocks(pos)` == survivors + range(m, num_blocks(pos)),
+        because every evicted block lies below m = 1 + the highest evicted block (0 if none)."""
+        m = max(self.evicted) + 1 if self.evicted else 0
+        return [j for j in range(m) if j not in self.evicted], m
 
     def _quiet_until(self) -> int:
         """The first position a selection can be due at, from the refresh rule and the candidate count alone.

@@ -58,10 +58,10 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
                 self._adsa_bt = torch.zeros(rows, bt.shape[1], dtype=bt.dtype, device=bt.device)
                 self._adsa_seq_lens = torch.zeros(rows, dtype=cm.seq_lens.dtype, device=cm.seq_lens.device)
             n = len(plan.seq_lens)
-            new_bt = compacted_block_table(bt, plan.kept, self._adsa_bt[: bt.shape[0]])
+            new_bt = compacted_block_table(bt, plan.rows, plan.kept_index, self._adsa_bt[: bt.shape[0]])
             seq_lens = self._adsa_seq_lens[: cm.seq_lens.shape[0]]
             seq_lens.copy_(cm.seq_lens)
-            if not plan.kept:
+            if len(plan.rows) == 0:
                 return cm.replace(block_table_tensor=new_bt, seq_lens=seq_lens)
             lens = torch.from_numpy(plan.seq_lens).to(seq_lens.dtype)
             seq_lens[:n].copy_(lens, non_blocking=True)

@@ -13,7 +13,6 @@ finished, so their K/V no longer change):
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -21,48 +20,56 @@ import numpy as np
 import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from adsa_vllm.policy import ScoreInputs
+from adsa_vllm.policy import ScoreInputs, top_blocks_rows
 from adsa_vllm.worker.kv_views import check_cpu_layout, gather_blocks
 from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
 
 
 @dataclass
 class StepPlan:
-    kept: dict[int, list[int]]      # row -> kept logical blocks (rows that attend to fewer than all their blocks)
-    seq_lens: np.ndarray            # [num_reqs] seq_lens as the kernel must see them (compacted for kept rows)
+    rows: np.ndarray                # [k] batch rows that attend to fewer than all their blocks
+    kept_index: np.ndarray | None   # [k, width] their kept logical blocks, in order (0 beyond the kept ones)
+    seq_lens: np.ndarray            # [num_reqs] seq_lens as the kernel must see them (compacted for those rows)
     scoring: ScoringBatch | None    # rows scored inside this forward (query-dependent policies only)
 
 
 def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, backend: str) -> StepPlan:
+    """Per row: decide a due selection, request the next one, and compact the kept blocks. Rows at an event ask
+    their tracker (Python, about one row in `refresh`); all others are handled in bulk from the SlotTable."""
     runtime.absorb_scores()
     n = cm.num_reqs
-    qsl = cm.query_start_loc_cpu[: n + 1]
-    q_lens = (qsl[1:] - qsl[:-1]).tolist()
+    qsl = cm.query_start_loc_cpu[: n + 1].numpy()
     seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                 else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
     bt = cm.block_table_tensor
     sequences = runtime.row_sequences(n, bt)
+    table = runtime.slots
+    slots = np.fromiter((-1 if seq is None else seq.slot for seq in sequences), dtype=np.int64, count=n)
+    # Prefill chunks attend causally to everything (eviction starts at the first decode).
+    live = (slots >= 0) & (qsl[1:] - qsl[:-1] == 1)
+    live_slots = np.where(live, slots, 0)
+    pos = seq_lens - 1
+    at_event = np.nonzero(live & (pos >= table.wake[live_slots]))[0].tolist()
 
-    kept, in_forward, launch = {}, [], []
-    bs = runtime.block_size
-    for row in range(n):
-        seq = sequences[row]
-        if q_lens[row] != 1 or seq is None or not seq.tracker.layout.evicts:
-            continue  # prefill chunks attend causally to everything (eviction starts at the first decode)
-        pos = int(seq_lens[row]) - 1
-        tracker = seq.tracker
+    _decide(runtime, [(row, sequences[row], int(pos[row])) for row in at_event])
+    in_forward, launch = [], []
+    for row in at_event:
+        seq, p = sequences[row], int(pos[row])
         try:
-            runtime.record_evictions(seq, tracker.begin_step(pos))
-            blocks = tracker.kept_blocks(pos)
-            cands = tracker.scoring_request(pos)
+            cands = seq.tracker.scoring_request(p)
         except Exception as e:  # noqa: BLE001 - this request fails alone; the row reads what it held
             runtime.fail(seq.req_id, e)
-            continue
-        if len(blocks) < tracker.layout.num_blocks(pos):
-            kept[row] = blocks
-            seq_lens[row] = (len(blocks) - 1) * bs + pos % bs + 1
+            cands = None
+        table.sync(seq.slot, seq.tracker)
         if cands is not None:
-            (in_forward if tracker.scorer.needs_query else launch).append((row, seq, pos, cands))
+            (in_forward if seq.tracker.scorer.needs_query else launch).append((row, seq, p, cands))
+
+    rows = np.nonzero(live & (table.tail_from[live_slots] > 0))[0]
+    index = None
+    if len(rows):
+        bs = runtime.block_size
+        kept, index = table.kept_index(slots[rows], pos[rows] // bs + 1, bt.shape[1])
+        seq_lens[rows] = (kept - 1) * bs + pos[rows] % bs + 1
     if launch:
         _launch_scoring(runtime, bt, launch, layers, backend)
     scoring = None
@@ -70,24 +77,47 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
         qsl_rows = [int(qsl[row]) - int(qsl[0]) for row, *_ in in_forward]
         scoring = scoring_batch(bt, in_forward, qsl_rows)
         runtime.pending.append(scoring)
-    return StepPlan(kept, seq_lens, scoring)
+    return StepPlan(rows, index, seq_lens, scoring)
 
 
-def compacted_block_table(bt: torch.Tensor, kept: dict[int, list[int]], out: torch.Tensor) -> torch.Tensor:
-    """Write bt with each kept row's blocks moved to the front into `out` (same shape); returns `out`.
-    Vectorised: one host array for the kept rows only, one copy to the device, one gather."""
+def _decide(runtime: ADSARuntime, rows: list) -> None:
+    """Every selection due at this step, in one batched top-k; the evictions go to the runtime's outbox."""
+    due = []
+    for row, seq, p in rows:
+        try:
+            d = seq.tracker.due_selection(p)
+        except Exception as e:  # noqa: BLE001
+            runtime.fail(seq.req_id, e)
+            continue
+        if d is not None:
+            due.append((seq, p, d[0], d[1]))
+    if not due:
+        return
+    lens = np.array([len(blocks) for *_, blocks, _ in due])
+    index = np.full((len(due), lens.max()), -1, dtype=np.int64)
+    scores = np.zeros(index.shape, dtype=np.float32)
+    filled = np.arange(index.shape[1])[None, :] < lens[:, None]
+    index[filled] = np.concatenate([blocks for *_, blocks, _ in due])
+    scores[filled] = torch.cat([sc.cpu().float() for *_, sc in due]).numpy()
+    k = torch.tensor([seq.tracker.layout.topk_blocks for seq, *_ in due])
+    keep = top_blocks_rows(torch.from_numpy(index), torch.from_numpy(scores), k).numpy()
+    for i, (seq, p, _, _) in enumerate(due):
+        try:
+            runtime.record_evictions(seq, seq.tracker.apply_selection(p, set(index[i][keep[i]].tolist())))
+        except Exception as e:  # noqa: BLE001
+            runtime.fail(seq.req_id, e)
+
+
+def compacted_block_table(bt: torch.Tensor, rows: np.ndarray, kept_index: np.ndarray | None,
+                          out: torch.Tensor) -> torch.Tensor:
+    """Write bt with each listed row's kept blocks moved to the front into `out` (same shape); returns `out`.
+    One copy of the row indices and one of the kept index to the device, one gather."""
     out.copy_(bt)
-    if not kept:
+    if len(rows) == 0:
         return out
-    rows = np.fromiter(kept.keys(), dtype=np.int64, count=len(kept))
-    lens = np.fromiter((len(b) for b in kept.values()), dtype=np.int64, count=len(kept))
-    idx = np.zeros((len(rows), bt.shape[1]), dtype=np.int64)     # beyond a row's kept blocks: never read
-    starts = np.repeat(np.cumsum(lens) - lens, lens)
-    idx[np.repeat(np.arange(len(rows)), lens), np.arange(int(lens.sum())) - starts] = \
-        np.fromiter(itertools.chain.from_iterable(kept.values()), dtype=np.int64, count=int(lens.sum()))
     dev = bt.device
     rows_dev = torch.from_numpy(rows).to(dev, non_blocking=True)
-    out[rows_dev] = torch.gather(bt[rows_dev], 1, torch.from_numpy(idx).to(dev, non_blocking=True))
+    out[rows_dev] = torch.gather(bt[rows_dev], 1, torch.from_numpy(kept_index).to(dev, non_blocking=True))
     return out
 
 

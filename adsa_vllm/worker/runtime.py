@@ -23,6 +23,7 @@ from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
 from adsa_vllm.settings import request_overrides
 from adsa_vllm.worker.failures import RequestFailures
+from adsa_vllm.worker.slots import SlotTable
 from adsa_vllm.worker.summaries import BlockSummaries
 
 
@@ -33,6 +34,7 @@ class LiveSequence:
     tracker: SequenceTracker
     params: object = None    # SamplingParams, kept so a resumed request keeps its per-request settings
     summarized: int = 0      # logical blocks below this one have a summary in BlockSummaries (TopK-V)
+    slot: int = -1           # its row in the runtime's SlotTable
 
 
 @dataclass
@@ -84,6 +86,7 @@ class ADSARuntime:
     failures: RequestFailures = field(default_factory=RequestFailures)
     pending: list = field(default_factory=list)  # ScoringBatches of the last forward, absorbed by the next build
     summaries: BlockSummaries = field(default_factory=BlockSummaries)
+    slots: SlotTable = field(default_factory=SlotTable)
     stats: PlannerStats = field(default_factory=PlannerStats)
 
     def layout_for(self, extra_args: dict | None) -> BlockLayout:
@@ -122,12 +125,16 @@ class ADSARuntime:
             self.fail(req_id, e)
             layout = self.layout_for(None)   # the forward of this step still needs a valid row
         seq = LiveSequence(req_id, first_block, SequenceTracker(layout, self._scorer(layout)), params)
+        seq.slot = self.slots.add(seq.tracker)
         self._by_req[req_id] = seq
         self._by_block[first_block] = seq
 
     def _drop(self, req_id: str) -> None:
         seq = self._by_req.pop(req_id, None)
-        if seq is not None and self._by_block.get(seq.first_block) is seq:
+        if seq is None:
+            return
+        self.slots.remove(seq.slot)
+        if self._by_block.get(seq.first_block) is seq:
             del self._by_block[seq.first_block]
 
     def sequence_for(self, first_block: int) -> LiveSequence | None:

@@ -1,0 +1,129 @@
+"""The worker's bulk planner (`plan_step` + `SlotTable` + batched top-k) against per-sequence `SequenceTracker`s.
+
+No vLLM engine: an `ADSARuntime` is driven through many decode steps of many staggered sequences (different budgets
+and policies per request, some rows not managed by ADSA, some prefill chunks, finished requests replaced). Beside
+it, one plain tracker per request is driven the way the reference drives it (begin_step -> kept_blocks ->
+scoring_request, scores from the same scorer). At every step and row the compacted block table, seq_lens and the
+reported evictions must be exactly the trackers' — including ties, which a three-valued scorer makes frequent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from adsa_vllm.config import ADSAConfig
+from adsa_vllm.policy import BlockScorer, ScoreInputs, SequenceTracker, top_blocks, top_blocks_rows
+from adsa_vllm.worker.planner import compacted_block_table, plan_step
+from adsa_vllm.worker.runtime import ADSARuntime
+from adsa_vllm.worker.slots import SlotTable
+
+
+@dataclass(frozen=True)
+class ThreeValued(BlockScorer):
+    """Position-only scores with many ties: the tie-breaking (to the more recent block) decides most selections."""
+    reads_kv = False
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        return ((x.block_index * 7 + x.positions[:, None]) % 3).float()
+
+
+def _scores(scorer, cands: list[int], pos: int) -> torch.Tensor:
+    idx = torch.tensor([cands])
+    return scorer.score(ScoreInputs(keys=None, values=None, valid=torch.ones_like(idx, dtype=torch.bool),
+                                    block_index=idx, positions=torch.tensor([pos]), query=None, scale=0.0))[0]
+
+
+OVERRIDES = [None, {"budget": 0.25}, {"budget": 0.75, "refresh": 40}, {"policy": "random", "seed": 5},
+             {"budget": None}, {"budget": 0.3, "refresh": 5, "local": 20}]
+
+
+@pytest.mark.parametrize("grid,bs", [(16, 16), (24, 16), (16, 32)])
+@pytest.mark.parametrize("policy", ["streaming", "ties"])
+def test_bulk_planner_equals_the_trackers(grid, bs, policy):
+    rows, steps, cls = 12, 3 * grid * grid // 2, 1
+    rng = np.random.default_rng(grid * bs)
+    rt = ADSARuntime(defaults=ADSAConfig(budget=0.5, policy="streaming"), block_size=bs, cls_token_num=cls,
+                     grid_size=grid, num_layers=1)
+    rt.slots = SlotTable(capacity=2, head_width=1)     # start tiny: growth is part of what is tested
+    if policy == "ties":
+        for key in [("streaming", "diverse", 0)]:
+            rt._scorers[key] = ThreeValued()
+    seq_len = cls + grid * grid
+    width = -(-seq_len // bs)
+    ids = [None] * rows
+    shadow: dict[str, SequenceTracker] = {}
+    pos = rng.integers(cls, seq_len - 2, rows)
+    counter = iter(range(10**6))
+
+    def start(i):
+        rid = f"r{next(counter)}"
+        over = OVERRIDES[int(rng.integers(len(OVERRIDES)))]
+        params = SimpleNamespace(extra_args={"adsa": over} if over else None)
+        rt._start(rid, params, first_block=1000 + i)
+        shadow[rid] = SequenceTracker(rt._by_req[rid].tracker.layout, rt._by_req[rid].tracker.scorer)
+        ids[i] = rid
+
+    for i in range(rows):
+        start(i)
+    unmanaged = 3                                          # this row's request is not ADSA's (e.g. another model)
+    rt.batch_req_ids = lambda n: [None if i == unmanaged else r for i, r in enumerate(ids[:n])]
+    bt = torch.arange(rows * width, dtype=torch.int32).reshape(rows, width)
+    out = torch.empty_like(bt)
+    layer = SimpleNamespace(kv_cache=torch.zeros(1, 1, bs, 16), head_size=8, impl=SimpleNamespace(scale=1.0))
+    evictions_seen = 0
+    for step in range(steps):
+        prefill = int(rng.integers(rows)) if step % 7 == 0 else -1    # one row runs a 3-token chunk
+        q = np.where(np.arange(rows) == prefill, 3, 1)
+        qsl = torch.from_numpy(np.concatenate([[0], np.cumsum(q)])).to(torch.int32)
+        cm = SimpleNamespace(num_reqs=rows, query_start_loc_cpu=qsl, block_table_tensor=bt,
+                             seq_lens_cpu_upper_bound=torch.from_numpy(pos + 1).to(torch.int32))
+        plan = plan_step(rt, cm, [layer], "none")
+        compacted = compacted_block_table(bt, plan.rows, plan.kept_index, out).clone()
+        reported = rt.drain_evictions()
+        for i in range(rows):
+            p = int(pos[i])
+            tr = shadow[ids[i]]
+            if i == unmanaged or q[i] != 1:
+                assert plan.seq_lens[i] == p + 1 and torch.equal(compacted[i], bt[i])
+                continue
+            newly = tr.begin_step(p)
+            kept = tr.kept_blocks(p)
+            assert reported.get(ids[i], []) == newly, (step, i)
+            evictions_seen += len(newly)
+            assert plan.seq_lens[i] == (len(kept) - 1) * bs + p % bs + 1, (step, i)
+            assert compacted[i, : len(kept)].tolist() == bt[i, kept].tolist(), (step, i)
+            cands = tr.scoring_request(p)
+            if cands is not None:
+                tr.add_layer_scores(_scores(tr.scorer, cands, p))
+        assert not set(reported) - {ids[i] for i in range(rows)}
+        for i in range(rows):
+            if q[i] == 1:
+                pos[i] += 1
+            if pos[i] >= seq_len - 1:                     # finished: a new request takes the row
+                rt._drop(ids[i])
+                pos[i] = cls
+                start(i)
+    assert evictions_seen > 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batched_top_k_equals_top_blocks(seed):
+    g = torch.Generator().manual_seed(seed)
+    r, c = 6, 30
+    lens = torch.randint(1, c + 1, (r,), generator=g)
+    index = torch.full((r, c), -1, dtype=torch.int64)
+    scores = torch.randn(r, c, generator=g)
+    for i in range(r):
+        index[i, : lens[i]] = torch.randperm(80, generator=g)[: lens[i]] + 1
+        scores[i, : lens[i]] = torch.randint(0, 3, (int(lens[i]),), generator=g).float()   # ties everywhere
+    k = torch.randint(0, c + 2, (r,), generator=g)
+    keep = top_blocks_rows(index, scores, k)
+    for i in range(r):
+        n = int(lens[i])
+        want = set(index[i, :n][top_blocks(index[i, :n], scores[i, :n], int(k[i]))].tolist())
+        assert set(index[i][keep[i]].tolist()) == want
