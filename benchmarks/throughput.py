@@ -46,8 +46,8 @@ def parse_mode(mode: str, policy: str, budget: float):
     parts = mode.split(":")
     base = parts[0]
     for p in parts[1:]:
-        if p.startswith("fp8"):
-            continue          # a KV cache dtype, see kv_dtype_of
+        if p.startswith("fp8") or p == "v1":
+            continue          # a KV cache dtype (see kv_dtype_of) / vLLM's V1 model runner (see run_mode)
         try:
             budget = float(p)
         except ValueError:
@@ -58,6 +58,8 @@ def parse_mode(mode: str, policy: str, budget: float):
 def run_mode(args) -> dict:
     """Child process: build one engine, generate, print one JSON line."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if "v1" in args.mode.split(":")[1:]:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"   # e.g. "llamagen:v1": stock on the V1 runner
     from vllm import LLM, SamplingParams
     from adsa_vllm.llamagen.config import preset as make_preset
     cfg = make_preset(args.preset, grid_size=args.grid)

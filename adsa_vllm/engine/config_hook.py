@@ -9,8 +9,7 @@ the result is pickled to EngineCore and workers).
 * With classifier-free guidance on (``"cfg"``), the config declares twice the attention heads (see
   adsa_vllm/llamagen/model.py: a request's cond and uncond branches are one sequence with 2H heads).
 * With ADSA or classifier-free guidance on: the plugin's worker (it feeds the model's runtimes every
-  SchedulerOutput), and on GPU the V1 model runner unless the user set VLLM_USE_V2_MODEL_RUNNER: it exposes the
-  batch order on the host, so the builder and the guidance scales never wait on the GPU (see worker/runtime.py).
+  SchedulerOutput and tells them the batch order on the host, with vLLM's V1 or V2 model runner alike).
 * With ADSA or guidance on: the plugin's scheduler (the async variant when async scheduling is on: GPU default);
   it finishes requests that fail inside the worker alone, and with ADSA frees evicted blocks.
 * With ADSA on: validate the settings now (clear startup errors), block size 16 unless the user chose one,
@@ -19,7 +18,6 @@ the result is pickled to EngineCore and workers).
 
 from __future__ import annotations
 
-import os
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
@@ -60,8 +58,6 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
             if parallel.worker_cls == "auto":
                 parallel.worker_cls = ("adsa_vllm.worker.worker.ADSACPUWorker" if current_platform.is_cpu()
                                        else "adsa_vllm.worker.worker.ADSAGPUWorker")
-            if not current_platform.is_cpu():
-                _prefer_v1_model_runner()
             # The plugin's scheduler, also for guidance alone: it finishes requests that fail inside the worker
             # with an error, alone (adsa_vllm/worker/failures.py); with ADSA it also frees evicted blocks.
             sched = vllm_config.scheduler_config
@@ -85,17 +81,6 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
         model_config.disable_cascade_attn = True  # a cascade prefix would be read through uncompacted tables
         additional = vllm_config.additional_config["adsa"]
         additional["async_lag"] = bool(vllm_config.scheduler_config.async_scheduling)
-
-
-def _prefer_v1_model_runner() -> None:
-    """VLLM_USE_V2_MODEL_RUNNER=0 unless the user chose. vLLM caches its environment once an engine has started, so
-    in a process that already ran one (a notebook, a benchmark) the new value must also reach that cache."""
-    if "VLLM_USE_V2_MODEL_RUNNER" in os.environ:
-        return
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    import vllm.envs as envs
-    if hasattr(envs.__getattr__, "cache_clear"):
-        envs.__getattr__.cache_clear()
 
 
 def _declare_attention_heads(model_config, model_cfg: LlamaGenConfig, branches: int) -> None:

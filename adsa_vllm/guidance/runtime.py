@@ -50,7 +50,7 @@ class GuidanceRuntime:
         """[n, 1] float32 scale per batch row. Rows beyond the live batch (dummy / profiling runs) get 1.0."""
         if self.batch_req_ids is None:
             raise RuntimeError("classifier-free guidance needs the batch order on the host, which vLLM's V2 model "
-                               "runner does not expose: unset VLLM_USE_V2_MODEL_RUNNER (or set it to 0)")
+                               "runner did not expose (the ADSA/guidance worker was not installed)")
         ids = list(self.batch_req_ids(n))
         scales = [self.guidance_of(r).scale_at(self._index.get(r, 0)) for r in ids] + [1.0] * (n - len(ids))
         host = torch.tensor(scales, dtype=torch.float32)

@@ -28,15 +28,17 @@ class ADSAWorkerMixin:
         model = getattr(model, "unwrap", lambda: model)()
         self._adsa_rt = getattr(model, "adsa_runtime", None)
         self._step_rts = tuple(rt for rt in (self._adsa_rt, getattr(model, "guidance_runtime", None)) if rt)
-        batch = getattr(self.model_runner, "input_batch", None)   # V1 runner: batch order known on the host
-        if batch is not None and hasattr(batch, "req_ids"):
-            for rt in self._step_rts:
-                rt.batch_req_ids = lambda n: batch.req_ids[:n]
+        order = _batch_order(self.model_runner)
+        for rt in self._step_rts:
+            rt.batch_req_ids = order
         return out
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         for rt in self._step_rts:
             rt.on_schedule(scheduler_output)
+        forget = getattr(self.model_runner, "_adsa_forget_batch", None)
+        if forget is not None:
+            forget()   # a dummy batch (profiling, graph capture) of this step must not look like the last real one
         return self._attach(super().execute_model(scheduler_output, *args, **kwargs))
 
     def sample_tokens(self, *args, **kwargs):
@@ -59,6 +61,29 @@ class ADSAWorkerMixin:
             output.get_output = lambda: _with_report(get_output(), report)
             return output
         return _with_report(output, report)
+
+
+def _batch_order(runner):
+    """n -> the request ids of the first n rows of the batch being run, read on the host (no GPU wait).
+    V1 runner (and the CPU runner): its persistent `input_batch.req_ids`. V2 runner (GPU default): each step's
+    InputBatch is the return value of `prepare_inputs`, which runs before the attention metadata is built and the
+    logits are computed; the ids of the last one are remembered (dummy batches are built elsewhere)."""
+    batch = getattr(runner, "input_batch", None)
+    if batch is not None and hasattr(batch, "req_ids"):
+        return lambda n: batch.req_ids[:n]
+    if not (hasattr(runner, "prepare_inputs") and hasattr(runner, "req_states")):
+        return None
+    last: list = []
+    prepare = runner.prepare_inputs
+
+    def prepare_inputs(*args, **kwargs):
+        batch = prepare(*args, **kwargs)
+        last[:] = batch.req_ids
+        return batch
+
+    runner.prepare_inputs = prepare_inputs
+    runner._adsa_forget_batch = last.clear
+    return lambda n: last[:n]
 
 
 def _with_report(output: ModelRunnerOutput, report: dict) -> ModelRunnerOutput:
