@@ -116,6 +116,10 @@ def run_mode(args) -> dict:
         elapsed = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         window = elapsed
+        short = sum(o.outputs[0].finish_reason != "length" for o in outs)
+        if short:   # e.g. requests that failed inside the worker: their tokens would flatter the rate
+            raise RuntimeError(f"{short} of {len(outs)} requests did not run to max_tokens "
+                               f"({sorted({str(o.outputs[0].finish_reason) for o in outs})}); no throughput figure")
     steps = len(batch_sizes)
     res = {"mode": args.mode, "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / window,
            "images": images, "images_per_s": (tokens / n) / window * (images / len(prompts)),
@@ -192,6 +196,9 @@ def _arrivals(llm, prompts, sp, rate: float, warmup_frac: float):
             nxt += 1
         for out in engine.step():
             if out.finished:
+                if out.outputs[0].finish_reason != "length":
+                    raise RuntimeError(f"request {out.request_id} ended with {out.outputs[0].finish_reason!r}, "
+                                       "not max_tokens; no throughput figure")
                 finished.append(time.perf_counter() - t0)
         if nxt == len(prompts) and len(finished) >= len(prompts):
             break

@@ -207,6 +207,18 @@ def test_adsa_greedy_equals_reference_16x16(label, adsa, main16, model16, refere
         assert main16["stats"]["requests"][rid]["freed_blocks"] > 0
 
 
+def test_bounded_scratch_memory_changes_nothing(main16, engines, model16, monkeypatch):
+    """TopK-V summaries are written and read in chunks that bound the temporary device memory (many sequences may
+    reach their first selection in one step); one block and one row per chunk gives the very same images."""
+    from adsa_vllm.worker import summaries
+    llm, cfg, _ = _adsa16(engines, model16)
+    monkeypatch.setattr(summaries, "SCRATCH_BYTES", 1)
+    requests = [r for r in MAIN_REQUESTS if r[0] in ("diverse", "similar")]
+    tokens, _ = _generate(llm, cfg, [(f"{lab}/{c}", c, ov) for lab, c, ov in requests])
+    for label, got in tokens.items():
+        assert torch.equal(got, main16["tokens"][label]), label
+
+
 @pytest.mark.parametrize("label,adsa", [
     ("random", ADSAConfig(budget=0.5, policy="random", seed=3)),
     ("attention_mass", ADSAConfig(budget=0.5, policy="attention_mass")),

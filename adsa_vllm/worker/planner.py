@@ -148,8 +148,10 @@ def _score_group(runtime: ADSARuntime, batch: ScoringBatch, scorer, sel, layers:
         batch.acc[sel] += scorer.score(_inputs(batch, sel, None, None, None, 0.0))
     elif hasattr(scorer, "score_summaries"):
         _summarize_new_blocks(runtime, batch, scorer, layers, backend)
-        batch.acc[sel] += scorer.score_summaries(runtime.summaries.read(batch.block_ids[sel]),
-                                                 batch.valid[sel], runtime.block_size)
+        rows = torch.arange(batch.acc.shape[0], device=batch.acc.device)[sel]
+        for part in rows.split(runtime.summaries.rows_per_chunk(batch.acc.shape[1])):
+            batch.acc[part] += scorer.score_summaries(runtime.summaries.read(batch.block_ids[part]),
+                                                      batch.valid[part], runtime.block_size)
     else:                          # any other KV-reading scorer: every layer's candidates, as in the forward
         for layer in layers:
             score_layer(batch, None, layer.kv_cache, backend, layer.head_size, layer.impl.scale,

@@ -21,6 +21,9 @@ import torch
 
 from adsa_vllm.worker.kv_views import value_blocks
 
+# Temporary device memory a summary write or a scoring call may use at once (beside vLLM's KV budget).
+SCRATCH_BYTES = 256 << 20
+
 
 class BlockSummaries:
     def __init__(self):
@@ -36,20 +39,28 @@ class BlockSummaries:
         return self.table
 
     def write(self, scorer, block_ids: torch.Tensor, layers: list, backend: str) -> None:
-        """Summarise the physical blocks `block_ids` [n] in every layer: one gather per layer into one buffer,
-        then one summary and one write for all layers (few kernel launches: this runs on the step path)."""
+        """Summarise the physical blocks `block_ids` [n] in every layer: per chunk of blocks, one gather per layer
+        into one buffer, then one summary and one write for all layers (few kernel launches: this runs on the step
+        path). Chunks bound the temporary memory when many sequences reach their first selection at once."""
         table = self._ensure(layers, backend)
-        n = block_ids.numel()
-        if n == 0:
-            return
         views = [value_blocks(layer.kv_cache, backend, layer.head_size) for layer in layers]
         _, heads, bs, dim = views[0].shape
-        buf = torch.empty((len(views), n, heads, bs, dim), dtype=views[0].dtype, device=table.device)
-        for i, v in enumerate(views):
-            torch.index_select(v, 0, block_ids, out=buf[i])    # a byte copy also for fp8 caches (stored as uint8)
-        values = _typed(buf, layers[0]).view(-1, heads, bs, dim).transpose(1, 2)    # [L * n, bs, H, D]
-        summary = scorer.summarize(values)                                           # [L * n, H, D]
-        table[block_ids] = summary.view(len(views), n, heads, dim).transpose(0, 1).to(table.dtype)
+        per_block = len(views) * heads * bs * dim * 4    # bytes of one block in every layer, in float32
+        chunk = max(1, SCRATCH_BYTES // per_block)
+        for ids in block_ids.split(chunk):
+            n = ids.numel()
+            buf = torch.empty((len(views), n, heads, bs, dim), dtype=views[0].dtype, device=table.device)
+            for i, v in enumerate(views):
+                torch.index_select(v, 0, ids, out=buf[i])    # a byte copy also for fp8 caches (stored as uint8)
+            values = _typed(buf, layers[0]).view(-1, heads, bs, dim).transpose(1, 2)    # [L * n, bs, H, D]
+            summary = scorer.summarize(values)                                           # [L * n, H, D]
+            table[ids] = summary.view(len(views), n, heads, dim).transpose(0, 1).to(table.dtype)
+
+    def rows_per_chunk(self, num_candidates: int) -> int:
+        """How many rows of `num_candidates` summaries one scoring call may read (float32) within the scratch
+        budget."""
+        _, layers, heads, dim = self.table.shape
+        return max(1, SCRATCH_BYTES // (num_candidates * layers * heads * dim * 4 * 3))
 
     def read(self, block_ids: torch.Tensor) -> torch.Tensor:
         """block_ids [R, C] -> summaries [R, C, L, H, D] (padding reads row 0, the null block; masked by `valid`)."""
