@@ -1,7 +1,7 @@
 """Worker-side guidance state: each live request's `Guidance` and the image-token index its next sample has.
 
-The model's `compute_logits` receives one row per request in the runner's batch order (V1 runner:
-`input_batch.req_ids`, bound by the worker, see adsa_vllm/worker/worker.py) and asks `row_scales(n)` for the
+The model's `compute_logits` receives one row per request in the runner's batch order (V1 or V2 runner, bound by
+the worker, see adsa_vllm/worker/worker.py) and asks `row_scales(n)` for the
 scale of every row. The worker feeds `on_schedule` with each SchedulerOutput before the step runs, so the index
 of the token a row samples this step (num_computed + num_scheduled - prompt length) is known on the host.
 A preempted request keeps its guidance (it resumes); a finished one is dropped.
