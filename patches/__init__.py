@@ -19,8 +19,14 @@ def apply_all() -> None:
         importlib.import_module(name).apply()
 
 
+def release_series(version: str) -> str:
+    """"0.26.1+cpu" -> "0.26": patch releases of a series keep the internals a patch relies on."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
 def check_version(versions: tuple[str, ...], patch: str) -> None:
+    """`versions` are release series ("0.26"): a 0.26.1 must not fail the plugin in every process."""
     import vllm
-    if vllm.__version__.split("+")[0] not in versions:
-        raise RuntimeError(f"{patch} was written for vLLM {', '.join(versions)}, found {vllm.__version__}; "
+    if release_series(vllm.__version__) not in versions:
+        raise RuntimeError(f"{patch} was written for vLLM {', '.join(versions)}.x, found {vllm.__version__}; "
                            "check patches/README.md for whether it is still needed before enabling it")

@@ -12,7 +12,7 @@ WHY = ("The EngineCore's MsgpackEncoder writes every field of the SchedulerStats
        "The client module's EngineCoreOutputs becomes a subclass struct (same fields, same positions, same "
        "array_like encoding) whose `scheduler_stats` is typed ADSASchedulerStats; plain SchedulerStats payloads "
        "decode with adsa=None.")
-VLLM_VERSIONS = ("0.26.0",)
+VLLM_VERSIONS = ("0.26",)   # release series, see patches.check_version
 RETIRED_BY = "no upstream way yet for a plugin scheduler to send extra per-step stats to the front-end"
 
 

@@ -16,7 +16,7 @@ WHY = ("vLLM validates prompts and token-id fields against a text tokenizer, whi
        "generate the whole image before failing to detokenize. These checks run where vLLM's own input checks run "
        "(the API process, before the request is queued), so the request fails alone with a ValueError (HTTP 400) "
        "and the engine keeps serving; logprobs come back as 'token_id:N'.")
-VLLM_VERSIONS = ("0.26.0",)
+VLLM_VERSIONS = ("0.26",)   # release series, see patches.check_version
 RETIRED_BY = "no upstream hook for model-specific request validation yet (a model-level validate_request would do)"
 
 _ARCH = "LlamaGenForCausalLM"
