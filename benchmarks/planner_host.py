@@ -1,4 +1,4 @@
-"""Host time of ADSA's per-step planner (`plan_step` + the compacted block table) at N running sequences.
+"""Host time of ADSA's per-step planner (`plan_step` + the kept tables) at N running sequences.
 
 No model and no GPU: N live sequences of the XL/1024-token layout are driven through every decode step of an
 image, staggered as in a full server, scored by position (streaming, no KV read), so only the planning is timed. What is timed is the host work
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.worker.planner import compacted_block_table, plan_step
+from adsa_vllm.worker.kept_tables import KeptTables
+from adsa_vllm.worker.planner import plan_step
 from adsa_vllm.worker.runtime import ADSARuntime
 
 
@@ -33,7 +34,7 @@ def run(rows: int, budget: float, grid: int, steps: int, policy: str) -> dict:
         rt._start(rid, None, first_block=i + 1)
     rt.batch_req_ids = lambda n: ids[:n]
     block_table = torch.arange(rows * width, dtype=torch.int32).reshape(rows, width) + rows + 1
-    out = torch.empty_like(block_table)
+    tables = KeptTables()
     layer = SimpleNamespace(kv_cache=torch.zeros(1, 1, bs, 2 * 8), head_size=8, impl=SimpleNamespace(scale=1.0))
     # Staggered positions, as requests admitted at different times: row i is at token (i * 7919) % image.
     pos = (np.arange(rows) * 7919) % (grid * grid - 2) + cls
@@ -44,7 +45,7 @@ def run(rows: int, budget: float, grid: int, steps: int, policy: str) -> dict:
                              block_table_tensor=block_table)
         t0 = time.perf_counter()
         plan = plan_step(rt, cm, [layer], "none")    # streaming scores need no KV layout
-        compacted_block_table(block_table, plan.rows, plan.kept_index, out)
+        tables.update(block_table, cm.seq_lens_cpu_upper_bound, plan, rows)
         times.append(time.perf_counter() - t0)
         pos = np.where(pos + 1 >= seq_len - 1, cls, pos + 1)   # a finished row restarts as a new request
         for i in np.nonzero(pos == cls)[0]:

@@ -18,7 +18,8 @@ import torch
 
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy import BlockScorer, ScoreInputs, SequenceTracker, top_blocks, top_blocks_rows
-from adsa_vllm.worker.planner import compacted_block_table, plan_step
+from adsa_vllm.worker.kept_tables import KeptTables, compacted_block_table
+from adsa_vllm.worker.planner import plan_step
 from adsa_vllm.worker.runtime import ADSARuntime
 from adsa_vllm.worker.slots import SlotTable
 
@@ -67,28 +68,35 @@ def test_bulk_planner_equals_the_trackers(grid, bs, policy):
         rt._start(rid, params, first_block=1000 + i)
         shadow[rid] = SequenceTracker(rt._by_req[rid].tracker.layout, rt._by_req[rid].tracker.scorer)
         ids[i] = rid
+        bt[i] = torch.from_numpy(rng.permutation(10 * rows * width)[:width]).to(torch.int32)   # its own blocks
+
+    bt = torch.zeros(rows, width, dtype=torch.int32)    # rewritten in place, like the runner's
 
     for i in range(rows):
         start(i)
-    unmanaged = 3                                          # this row's request is not ADSA's (e.g. another model)
-    rt.batch_req_ids = lambda n: [None if i == unmanaged else r for i, r in enumerate(ids[:n])]
-    bt = torch.arange(rows * width, dtype=torch.int32).reshape(rows, width)
-    out = torch.empty_like(bt)
+    unmanaged = [3]          # while set, this row's request is not ADSA's to plan (e.g. the runner padded the batch)
+    rt.batch_req_ids = lambda n: [None if i in unmanaged else r for i, r in enumerate(ids[:n])]
+    tables, reused = KeptTables(), 0
     layer = SimpleNamespace(kv_cache=torch.zeros(1, 1, bs, 16), head_size=8, impl=SimpleNamespace(scale=1.0))
     evictions_seen = 0
     for step in range(steps):
         prefill = int(rng.integers(rows)) if step % 7 == 0 else -1    # one row runs a 3-token chunk
+        unmanaged[:] = [3] if step % 80 < 20 else []
         q = np.where(np.arange(rows) == prefill, 3, 1)
         qsl = torch.from_numpy(np.concatenate([[0], np.cumsum(q)])).to(torch.int32)
         cm = SimpleNamespace(num_reqs=rows, query_start_loc_cpu=qsl, block_table_tensor=bt,
                              seq_lens_cpu_upper_bound=torch.from_numpy(pos + 1).to(torch.int32))
         plan = plan_step(rt, cm, [layer], "none")
-        compacted = compacted_block_table(bt, plan.rows, plan.kept_index, out).clone()
+        compacted = compacted_block_table(bt, plan.rows, plan.kept_index, torch.empty_like(bt))
+        reused += plan.key is not None and tables._table_key is not None and tables._table_key[0] == plan.key
+        table, kernel_lens = tables.update(bt, cm.seq_lens_cpu_upper_bound, plan, rows)
+        assert torch.equal(table, compacted), step     # the kept tables, rewritten only when needed, are current
+        assert kernel_lens.tolist() == plan.seq_lens.tolist(), step
         reported = rt.drain_evictions()
         for i in range(rows):
             p = int(pos[i])
             tr = shadow[ids[i]]
-            if i == unmanaged or q[i] != 1:
+            if i in unmanaged or q[i] != 1:
                 assert plan.seq_lens[i] == p + 1 and torch.equal(compacted[i], bt[i])
                 continue
             newly = tr.begin_step(p)
@@ -109,6 +117,7 @@ def test_bulk_planner_equals_the_trackers(grid, bs, policy):
                 pos[i] = cls
                 start(i)
     assert evictions_seen > 0
+    assert reused > 0, "no step reused the kept tables: the shortcut went untested"
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -17,7 +17,8 @@ import time
 import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, CommonAttentionMetadata
 
-from adsa_vllm.worker.planner import compacted_block_table, plan_step, score_layer
+from adsa_vllm.worker.kept_tables import KeptTables
+from adsa_vllm.worker.planner import plan_step, score_layer
 
 
 @functools.lru_cache
@@ -51,25 +52,18 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
             return metadata
 
         def _persistent(self, cm: CommonAttentionMetadata, plan) -> CommonAttentionMetadata:
-            bt = cm.block_table_tensor
-            if getattr(self, "_adsa_bt", None) is None or self._adsa_bt.shape[1] != bt.shape[1] \
-                    or self._adsa_bt.shape[0] < bt.shape[0]:
-                rows = max(bt.shape[0], self.vllm_config.scheduler_config.max_num_seqs)
-                self._adsa_bt = torch.zeros(rows, bt.shape[1], dtype=bt.dtype, device=bt.device)
-                self._adsa_seq_lens = torch.zeros(rows, dtype=cm.seq_lens.dtype, device=cm.seq_lens.device)
-            n = len(plan.seq_lens)
-            new_bt = compacted_block_table(bt, plan.rows, plan.kept_index, self._adsa_bt[: bt.shape[0]])
-            seq_lens = self._adsa_seq_lens[: cm.seq_lens.shape[0]]
-            seq_lens.copy_(cm.seq_lens)
+            if getattr(self, "_adsa_tables", None) is None:
+                self._adsa_tables = KeptTables()
+            table, seq_lens = self._adsa_tables.update(cm.block_table_tensor, cm.seq_lens, plan,
+                                                       self.vllm_config.scheduler_config.max_num_seqs)
             if len(plan.rows) == 0:
-                return cm.replace(block_table_tensor=new_bt, seq_lens=seq_lens)
-            lens = torch.from_numpy(plan.seq_lens).to(seq_lens.dtype)
-            seq_lens[:n].copy_(lens, non_blocking=True)
+                return cm.replace(block_table_tensor=table, seq_lens=seq_lens)
+            n = len(plan.seq_lens)
             upper = cm.seq_lens_cpu_upper_bound
             if upper is not None:
                 upper = upper.clone()
-                upper[:n] = lens.to(upper.dtype)
-            return cm.replace(block_table_tensor=new_bt, seq_lens=seq_lens, max_seq_len=int(plan.seq_lens.max()),
+                upper[:n] = torch.from_numpy(plan.seq_lens).to(upper.dtype)
+            return cm.replace(block_table_tensor=table, seq_lens=seq_lens, max_seq_len=int(plan.seq_lens.max()),
                               seq_lens_cpu_upper_bound=upper, _seq_lens_cpu=None, _num_computed_tokens_cpu=None,
                               _num_computed_tokens_cache=None)
 

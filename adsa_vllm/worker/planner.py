@@ -29,8 +29,13 @@ from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
 class StepPlan:
     rows: np.ndarray                # [k] batch rows that attend to fewer than all their blocks
     kept_index: np.ndarray | None   # [k, width] their kept logical blocks, in order (0 beyond the kept ones)
+    offsets: np.ndarray | None      # [k] their runner's seq_len minus their compacted seq_len
     seq_lens: np.ndarray            # [num_reqs] seq_lens as the kernel must see them (compacted for those rows)
     scoring: ScoringBatch | None    # rows scored inside this forward (query-dependent policies only)
+    # Equal keys on two steps: equal compacted tables (`key`, given the same runner table) / offsets (`offset_key`).
+    # None: not comparable (a row ADSA does not manage, or a prefill chunk): always rebuilt.
+    key: bytes | None = None
+    offset_key: bytes | None = None
 
 
 def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, backend: str) -> StepPlan:
@@ -65,11 +70,17 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
             (in_forward if seq.tracker.scorer.needs_query else launch).append((row, seq, p, cands))
 
     rows = np.nonzero(live & (table.tail_from[live_slots] > 0))[0]
-    index = None
+    bs = runtime.block_size
+    index = offsets = None
     if len(rows):
-        bs = runtime.block_size
         kept, index = table.kept_index(slots[rows], pos[rows] // bs + 1, bt.shape[1])
-        seq_lens[rows] = (kept - 1) * bs + pos[rows] % bs + 1
+        compacted = (kept - 1) * bs + pos[rows] % bs + 1
+        offsets = seq_lens[rows] - compacted
+        seq_lens[rows] = compacted
+    key = offset_key = None
+    if live.all():
+        offset_key = slots.tobytes() + table.version[slots].tobytes()
+        key = offset_key + (pos // bs).tobytes()
     if launch:
         _launch_scoring(runtime, bt, launch, layers, backend)
     scoring = None
@@ -77,7 +88,7 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
         qsl_rows = [int(qsl[row]) - int(qsl[0]) for row, *_ in in_forward]
         scoring = scoring_batch(bt, in_forward, qsl_rows)
         runtime.pending.append(scoring)
-    return StepPlan(rows, index, seq_lens, scoring)
+    return StepPlan(rows, index, offsets, seq_lens, scoring, key, offset_key)
 
 
 def _decide(runtime: ADSARuntime, rows: list) -> None:
@@ -106,19 +117,6 @@ def _decide(runtime: ADSARuntime, rows: list) -> None:
             runtime.record_evictions(seq, seq.tracker.apply_selection(p, set(index[i][keep[i]].tolist())))
         except Exception as e:  # noqa: BLE001
             runtime.fail(seq.req_id, e)
-
-
-def compacted_block_table(bt: torch.Tensor, rows: np.ndarray, kept_index: np.ndarray | None,
-                          out: torch.Tensor) -> torch.Tensor:
-    """Write bt with each listed row's kept blocks moved to the front into `out` (same shape); returns `out`.
-    One copy of the row indices and one of the kept index to the device, one gather."""
-    out.copy_(bt)
-    if len(rows) == 0:
-        return out
-    dev = bt.device
-    rows_dev = torch.from_numpy(rows).to(dev, non_blocking=True)
-    out[rows_dev] = torch.gather(bt[rows_dev], 1, torch.from_numpy(kept_index).to(dev, non_blocking=True))
-    return out
 
 
 def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, rows, layers: list, backend: str) -> None:

@@ -22,7 +22,9 @@ class SlotTable:
         self.tail_from = np.zeros(capacity, dtype=np.int64)     # every block from here on is kept (0: none evicted)
         self.head_len = np.zeros(capacity, dtype=np.int64)      # kept blocks below tail_from ...
         self.head = np.zeros((capacity, head_width), dtype=np.int64)   # ... and which they are
+        self.version = np.zeros(capacity, dtype=np.int64)       # changes whenever the slot is synced
         self._free = list(range(capacity - 1, -1, -1))
+        self._versions = 0
 
     def add(self, tracker: SequenceTracker) -> int:
         if not self._free:
@@ -43,6 +45,8 @@ class SlotTable:
             self.head = np.pad(self.head, ((0, 0), (0, max(len(head), 2 * self.head.shape[1]) - self.head.shape[1])))
         self.head_len[slot] = len(head)
         self.head[slot, : len(head)] = head
+        self._versions += 1
+        self.version[slot] = self._versions
 
     def kept_index(self, slots: np.ndarray, num_blocks: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         """For sequences with evictions: (kept block count, [k, width] logical index of each kept block, 0 beyond),
@@ -62,4 +66,5 @@ class SlotTable:
         self.tail_from = np.concatenate([self.tail_from, np.zeros(n, dtype=np.int64)])
         self.head_len = np.concatenate([self.head_len, np.zeros(n, dtype=np.int64)])
         self.head = np.concatenate([self.head, np.zeros_like(self.head)])
+        self.version = np.concatenate([self.version, np.zeros(n, dtype=np.int64)])
         self._free.extend(range(2 * n - 1, n - 1, -1))
