@@ -87,7 +87,7 @@ def test_bulk_planner_equals_the_trackers(grid, bs, policy):
         cm = SimpleNamespace(num_reqs=rows, query_start_loc_cpu=qsl, block_table_tensor=bt,
                              seq_lens_cpu_upper_bound=torch.from_numpy(pos + 1).to(torch.int32))
         plan = plan_step(rt, cm, [layer], "none")
-        compacted = compacted_block_table(bt, plan.rows, plan.kept_index, torch.empty_like(bt))
+        compacted = compacted_block_table(bt, plan.rows, plan.kept_index(), torch.empty_like(bt))
         reused += plan.key is not None and tables._table_key is not None and tables._table_key[0] == plan.key
         table, kernel_lens = tables.update(bt, cm.seq_lens_cpu_upper_bound, plan, rows)
         assert torch.equal(table, compacted), step     # the kept tables, rewritten only when needed, are current

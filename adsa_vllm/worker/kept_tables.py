@@ -46,7 +46,7 @@ class KeptTables:
         table, m = self.table[: bt.shape[0]], seq_lens.shape[0]
         key = None if plan.key is None else (plan.key, bt.shape[0], bt.data_ptr())
         if key is None or key != self._table_key:
-            compacted_block_table(bt, plan.rows, plan.kept_index, table)
+            compacted_block_table(bt, plan.rows, plan.kept_index(), table)
             self._table_key = key
         key = None if plan.offset_key is None else (plan.offset_key, m)
         if key is None or key != self._offset_key:

@@ -28,7 +28,6 @@ from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
 @dataclass
 class StepPlan:
     rows: np.ndarray                # [k] batch rows that attend to fewer than all their blocks
-    kept_index: np.ndarray | None   # [k, width] their kept logical blocks, in order (0 beyond the kept ones)
     offsets: np.ndarray | None      # [k] their runner's seq_len minus their compacted seq_len
     seq_lens: np.ndarray            # [num_reqs] seq_lens as the kernel must see them (compacted for those rows)
     scoring: ScoringBatch | None    # rows scored inside this forward (query-dependent policies only)
@@ -36,6 +35,12 @@ class StepPlan:
     # None: not comparable (a row ADSA does not manage, or a prefill chunk): always rebuilt.
     key: bytes | None = None
     offset_key: bytes | None = None
+    _index_of: tuple = ()           # (SlotTable, row slots, row block counts, width), for `kept_index`
+
+    def kept_index(self) -> np.ndarray | None:
+        """[k, width] the rows' kept logical blocks, in order (0 beyond the kept ones). Built on demand: a step
+        whose kept tables are unchanged never needs it."""
+        return self._index_of[0].kept_index(*self._index_of[1:]) if len(self.rows) else None
 
 
 def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, backend: str) -> StepPlan:
@@ -71,10 +76,10 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
 
     rows = np.nonzero(live & (table.tail_from[live_slots] > 0))[0]
     bs = runtime.block_size
-    index = offsets = None
+    offsets, index_of = None, ()
     if len(rows):
-        kept, index = table.kept_index(slots[rows], pos[rows] // bs + 1, bt.shape[1])
-        compacted = (kept - 1) * bs + pos[rows] % bs + 1
+        index_of = (table, slots[rows], pos[rows] // bs + 1, bt.shape[1])
+        compacted = (table.kept_count(*index_of[1:3]) - 1) * bs + pos[rows] % bs + 1
         offsets = seq_lens[rows] - compacted
         seq_lens[rows] = compacted
     key = offset_key = None
@@ -88,7 +93,7 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
         qsl_rows = [int(qsl[row]) - int(qsl[0]) for row, *_ in in_forward]
         scoring = scoring_batch(bt, in_forward, qsl_rows)
         runtime.pending.append(scoring)
-    return StepPlan(rows, index, offsets, seq_lens, scoring, key, offset_key)
+    return StepPlan(rows, offsets, seq_lens, scoring, key, offset_key, index_of)
 
 
 def _decide(runtime: ADSARuntime, rows: list) -> None:

@@ -48,9 +48,13 @@ class SlotTable:
         self._versions += 1
         self.version[slot] = self._versions
 
-    def kept_index(self, slots: np.ndarray, num_blocks: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """For sequences with evictions: (kept block count, [k, width] logical index of each kept block, 0 beyond),
-        i.e. `tracker.kept_blocks(pos)` padded, for all rows at once."""
+    def kept_count(self, slots: np.ndarray, num_blocks: np.ndarray) -> np.ndarray:
+        """len(tracker.kept_blocks(pos)) for all rows at once."""
+        return self.head_len[slots] + num_blocks - self.tail_from[slots]
+
+    def kept_index(self, slots: np.ndarray, num_blocks: np.ndarray, width: int) -> np.ndarray:
+        """For sequences with evictions: [k, width] logical index of each kept block (0 beyond), i.e.
+        `tracker.kept_blocks(pos)` padded, for all rows at once."""
         tail_from, head_len = self.tail_from[slots], self.head_len[slots]
         kept = head_len + num_blocks - tail_from
         cols = np.arange(width)[None, :]
@@ -58,7 +62,7 @@ class SlotTable:
         w = min(width, self.head.shape[1])
         head[:, :w] = self.head[slots, :w]
         index = np.where(cols < head_len[:, None], head, (tail_from - head_len)[:, None] + cols)
-        return kept, np.where(cols < kept[:, None], index, 0)
+        return np.where(cols < kept[:, None], index, 0)
 
     def _grow_rows(self) -> None:
         n = len(self.wake)
