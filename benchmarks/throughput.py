@@ -85,8 +85,9 @@ def run_mode(args) -> dict:
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
     n = cfg.image_tokens
-    prompts = [{"prompt_token_ids": cfg.prompt(i % cfg.num_classes) if args.mode != "llama" else [i % 1000]}
-               for i in range(args.num_seqs)]
+    # A plain Llama has no class tokens: its prompt is one ordinary token id inside its (codebook-sized) vocabulary.
+    prompts = [{"prompt_token_ids": [i % min(1000, cfg.codebook_size)] if stock_llama
+                else cfg.prompt(i % cfg.num_classes)} for i in range(args.num_seqs)]
     images = args.num_seqs
     if args.mode in ("cfg", "pairs2n"):     # num_seqs sequences = num_seqs / 2 images
         images = args.num_seqs // 2

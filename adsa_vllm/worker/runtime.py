@@ -2,9 +2,9 @@
 
 The attention metadata builder sees rows of block ids, not request ids. Where the model runner exposes its batch
 order on the host (V1 runner: `input_batch.req_ids`; V2 runner: each step's InputBatch, see worker/worker.py), rows
-are matched by request id; otherwise by the physical id
-of a row's first KV block (prefix blocks are never evicted and prefix caching is off, so that id is unique among
-live requests), which costs one small device-to-host copy per step. The worker feeds request lifecycle events from
+are matched by request id; otherwise by the physical id of a row's first KV block (prefix blocks are never evicted
+and prefix caching is off, so that id is unique among live requests), which costs one small device-to-host copy
+per step. The worker feeds request lifecycle events from
 each SchedulerOutput (`on_schedule`), binding request id, per-request settings and first block together; a
 preempted request restarts with a fresh tracker.
 
