@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from adsa_vllm.errors import SettingsError
+from adsa_vllm.errors import ADSAConfigError
+
+if TYPE_CHECKING:
+    from adsa_vllm.policy.layout import BlockLayout
 
 POLICIES = ("topk_v", "streaming", "random", "attention_mass")
 KEEP_DIRECTIONS = ("diverse", "similar")
-SUPPORTED_BLOCK_SIZES = (16, 32)
 
 
 # The random policy hashes the seed in int64 arithmetic kept to 31 bits (policy/random_blocks.py): a seed past 32
 # bits could overflow there, inside the worker.
 MAX_SEED = 2**32 - 1
-
-
-class ADSAConfigError(SettingsError):
-    """Invalid ADSA settings; the message says which key is wrong and what would be valid."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class ADSAConfig:
             raise ADSAConfigError(f"unknown adsa setting(s) [{', '.join(unknown)}]; valid keys are {sorted(valid)}")
         return dataclasses.replace(self, **overrides)
 
-    def layout(self, *, block_size: int, cls_token_num: int, grid_size: int, lag: int = 0) -> "BlockLayout":
-        from adsa_vllm.policy.layout import BlockLayout
+    def layout(self, *, block_size: int, cls_token_num: int, grid_size: int, lag: int = 0) -> BlockLayout:
+        from adsa_vllm.policy.layout import BlockLayout   # lazy and one-way: policy/ never imports this module
         return BlockLayout.from_config(self, block_size=block_size, cls_token_num=cls_token_num, grid_size=grid_size,
                                        lag=lag)

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class SettingsError(ValueError):
     """A bad ADSA / guidance setting or request field; the message names it and says what would be valid."""
+
+
+class ADSAConfigError(SettingsError):
+    """Invalid ADSA settings; the message says which key is wrong and what would be valid."""

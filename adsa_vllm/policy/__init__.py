@@ -1,7 +1,25 @@
-"""ADSA selection policies (pure torch, no vLLM import): layout math, block scorers, per-sequence tracker."""
+"""ADSA selection policies (pure torch, no vLLM import): layout math, block scorers, per-sequence tracker.
 
-from adsa_vllm.policy.base import BlockScorer, ScoreInputs, make_scorer
+Each scorer module registers its class in `BlockScorer.registry` when imported; importing them all here (and
+nowhere else) keeps the arrows one-way: scorers -> base, this package -> scorers.
+"""
+
+import dataclasses
+
+from adsa_vllm.policy import attention_mass, random_blocks, streaming, topk_v  # noqa: F401  (registration)
+from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.layout import BlockLayout
 from adsa_vllm.policy.tracker import SequenceTracker, top_blocks, top_blocks_rows
 
-__all__ = ["BlockLayout", "BlockScorer", "ScoreInputs", "SequenceTracker", "make_scorer", "top_blocks", "top_blocks_rows"]
+
+def make_scorer(policy: str, **settings) -> BlockScorer:
+    """The scorer of `policy`, built from the settings it has fields for (e.g. keep=, seed=); others are ignored,
+    so a caller can pass every policy setting it holds."""
+    cls = BlockScorer.registry.get(policy)
+    if cls is None:
+        raise ValueError(f"unknown ADSA policy {policy!r}; choose one of {sorted(BlockScorer.registry)}")
+    return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
+
+
+__all__ = ["BlockLayout", "BlockScorer", "ScoreInputs", "SequenceTracker", "make_scorer", "top_blocks",
+           "top_blocks_rows"]

@@ -43,16 +43,3 @@ class BlockScorer:
     def score(self, x: ScoreInputs) -> torch.Tensor:
         """[R, C] float32 scores; higher means keep. Entries where `valid` is False are ignored by the caller."""
         raise NotImplementedError
-
-
-def make_scorer(policy: str, *, keep: str = "diverse", seed: int = 0) -> BlockScorer:
-    # Import the policy modules so their classes are registered.
-    from adsa_vllm.policy import attention_mass, random_blocks, streaming, topk_v  # noqa: F401
-    cls = BlockScorer.registry.get(policy)
-    if cls is None:
-        raise ValueError(f"unknown ADSA policy {policy!r}; choose one of {sorted(BlockScorer.registry)}")
-    if policy == "topk_v":
-        return cls(keep=keep)
-    if policy == "random":
-        return cls(seed=seed)
-    return cls()

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from adsa_vllm.config import SUPPORTED_BLOCK_SIZES, ADSAConfig, ADSAConfigError
+from adsa_vllm.errors import ADSAConfigError
+
+if TYPE_CHECKING:   # only for the annotation: adsa_vllm.config builds layouts, so it must not be imported here
+    from adsa_vllm.config import ADSAConfig
+
+SUPPORTED_BLOCK_SIZES = (16, 32)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -31,7 +37,7 @@ class BlockLayout:
     lag: int = 0           # steps between a selection and the pool getting the blocks back, beyond the first
 
     @classmethod
-    def from_config(cls, cfg: ADSAConfig, *, block_size: int, cls_token_num: int, grid_size: int,
+    def from_config(cls, cfg: "ADSAConfig", *, block_size: int, cls_token_num: int, grid_size: int,
                     lag: int = 0) -> "BlockLayout":
         if block_size not in SUPPORTED_BLOCK_SIZES:
             raise ADSAConfigError(f"block size {block_size} is not supported by ADSA; use --block-size 16 or 32 "
