@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from adsa_vllm.config import ADSAConfig, ADSAConfigError
 from adsa_vllm.extra_args import extra_arg_object
 
-ENGINE_KEYS = ("enabled", "inner_backend", "async_lag")
-
 
 @dataclass(frozen=True)
 class ADSASettings:

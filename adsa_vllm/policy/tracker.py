@@ -144,10 +144,6 @@ class SequenceTracker:
                         query=None if query is None else query[None], scale=scale)
         self.add_layer_scores(self.scorer.score(x)[0])
 
-    def pending_for(self, pos: int) -> bool:
-        """Whether candidates were requested for a selection at `pos` and still await their scores."""
-        return self._pending_pos == pos and self._pending_scores is None
-
     @property
     def pending_blocks(self) -> list[int]:
         return self._pending_blocks

@@ -138,9 +138,6 @@ class ADSARuntime:
         if self._by_block.get(seq.first_block) is seq:
             del self._by_block[seq.first_block]
 
-    def sequence_for(self, first_block: int) -> LiveSequence | None:
-        return self._by_block.get(first_block)
-
     def row_sequences(self, n: int, block_table: torch.Tensor) -> list:
         """The live sequence of each of the first n batch rows (None for rows ADSA does not manage)."""
         if self.batch_req_ids is not None:
@@ -187,7 +184,3 @@ class ADSARuntime:
     def drain_evictions(self) -> dict[str, list[int]]:
         out, self._outbox = self._outbox, {}
         return out
-
-    @property
-    def live_requests(self) -> int:
-        return len(self._by_req)
