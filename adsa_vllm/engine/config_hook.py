@@ -18,13 +18,12 @@ the result is pickled to EngineCore and workers).
 
 from __future__ import annotations
 
-
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from adsa_vllm.config import ADSAConfigError
-from adsa_vllm.policy.layout import SUPPORTED_BLOCK_SIZES
 from adsa_vllm.guidance.settings import GuidanceSettings
 from adsa_vllm.llamagen.config import LlamaGenConfig
+from adsa_vllm.policy.layout import SUPPORTED_BLOCK_SIZES
 from adsa_vllm.settings import ADSASettings
 
 ADSA_BACKEND_NAME = "ADSA"

@@ -1,8 +1,7 @@
 """Worker-side guidance state: each live request's `Guidance` and the image-token index its next sample has.
 
 The model's `compute_logits` receives one row per request in the runner's batch order (V1 or V2 runner, bound by
-the worker, see adsa_vllm/worker/worker.py) and asks `row_scales(n)` for the
-scale of every row. The worker feeds `on_schedule` with each SchedulerOutput before the step runs, so the index
+the worker, see adsa_vllm/worker/worker.py) and asks `row_scales(n)` for the scale of every row. The worker feeds `on_schedule` with each SchedulerOutput before the step runs, so the index
 of the token a row samples this step (num_computed + num_scheduled - prompt length) is known on the host.
 A preempted request keeps its guidance (it resumes); a finished one is dropped.
 """
@@ -49,8 +48,9 @@ class GuidanceRuntime:
     def row_scales(self, n: int, device: torch.device) -> torch.Tensor:
         """[n, 1] float32 scale per batch row. Rows beyond the live batch (dummy / profiling runs) get 1.0."""
         if self.batch_req_ids is None:
-            raise RuntimeError("classifier-free guidance needs the batch order on the host, which vLLM's V2 model "
-                               "runner did not expose (the ADSA/guidance worker was not installed)")
+            raise RuntimeError("classifier-free guidance needs the batch order on the host, which the plugin's worker "
+                               "binds when it loads the model: run with the worker the config hook installs "
+                               "(adsa_vllm.worker.worker), not a custom --worker-cls")
         ids = list(self.batch_req_ids(n))
         scales = [self.guidance_of(r).scale_at(self._index.get(r, 0)) for r in ids] + [1.0] * (n - len(ids))
         host = torch.tensor(scales, dtype=torch.float32)

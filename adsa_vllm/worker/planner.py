@@ -151,8 +151,11 @@ def _score_group(runtime: ADSARuntime, batch: ScoringBatch, scorer, sel, layers:
         batch.acc[sel] += scorer.score(_inputs(batch, sel, None, None, None, 0.0))
     elif hasattr(scorer, "score_summaries"):
         _summarize_new_blocks(runtime, batch, scorer, layers, backend)
-        rows = torch.arange(batch.acc.shape[0], device=batch.acc.device)[sel]
-        for part in rows.split(runtime.summaries.rows_per_chunk(batch.acc.shape[1])):
+        per_call = runtime.summaries.rows_per_chunk(batch.acc.shape[1])
+        parts = [sel]                  # usually one call; more only when the rows would overflow the scratch memory
+        if (batch.acc.shape[0] if isinstance(sel, slice) else len(sel)) > per_call:
+            parts = torch.arange(batch.acc.shape[0], device=batch.acc.device)[sel].split(per_call)
+        for part in parts:
             batch.acc[part] += scorer.score_summaries(runtime.summaries.read(batch.block_ids[part]),
                                                       batch.valid[part], runtime.block_size)
     else:                          # any other KV-reading scorer: every layer's candidates, as in the forward

@@ -4,9 +4,8 @@ The attention metadata builder sees rows of block ids, not request ids. Where th
 order on the host (V1 runner: `input_batch.req_ids`; V2 runner: each step's InputBatch, see worker/worker.py), rows
 are matched by request id; otherwise by the physical id of a row's first KV block (prefix blocks are never evicted
 and prefix caching is off, so that id is unique among live requests), which costs one small device-to-host copy
-per step. The worker feeds request lifecycle events from
-each SchedulerOutput (`on_schedule`), binding request id, per-request settings and first block together; a
-preempted request restarts with a fresh tracker.
+per step. The worker feeds request lifecycle events from each SchedulerOutput (`on_schedule`), binding request id,
+per-request settings and first block together; a preempted request restarts with a fresh tracker.
 
 Protocol with the scheduler (worker-authoritative, see adsa_vllm/engine/manager.py): the builder decides an
 eviction *before* the forward that would have read the block, so the worker never reads it again; the eviction
