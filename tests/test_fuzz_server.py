@@ -21,12 +21,12 @@ from urllib.parse import urlparse
 
 import pytest
 
-from adsa_vllm.client import completion_token_ids, image_request, post_json, server_model
+from adsa_vllm.client import completion_token_ids, image_request, post_json
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.convert import load_config, load_reference
+from adsa_vllm.convert import load_reference
 from fuzz_cases import cases, encode
 from greedy_match import assert_greedy_matches_reference
-from server_util import launch_server, tiny_model_dir
+from server_util import adsa_server
 
 GOOD_CLASS = 1
 
@@ -36,15 +36,10 @@ BUDGET = 0.75
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    model_dir = tiny_model_dir(tmp_path_factory, grid_size=10)
-    log_path = tmp_path_factory.mktemp("fuzz_server") / "server.log"
-    settings = json.dumps({"adsa": {"budget": BUDGET}, "cfg": {"scale": 2.0}})
-    for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config", settings):
-        cfg = load_config(model_dir)
-        srv = {"base": base, "cfg": cfg, "model": server_model(base), "log": log_path}
-        srv["good_body"] = image_request(cfg, GOOD_CLASS, temperature=0.0, model=srv["model"])
+    for srv in adsa_server(tmp_path_factory, "fuzz_server", {"adsa": {"budget": BUDGET}, "cfg": {"scale": 2.0}}):
+        srv["good_body"] = image_request(srv["cfg"], GOOD_CLASS, temperature=0.0, model=srv["model"])
         good = _good_image(srv)
-        assert_greedy_matches_reference([good], load_reference(model_dir), [GOOD_CLASS], cfg_scale=2.0,
+        assert_greedy_matches_reference([good], load_reference(srv["model_dir"]), [GOOD_CLASS], cfg_scale=2.0,
                                         adsa=ADSAConfig(budget=BUDGET), cfg_selection="shared")
         srv["good"] = good
         yield srv

@@ -23,12 +23,11 @@ from urllib.parse import urlparse
 
 import pytest
 
-from adsa_vllm.client import completion_token_ids, image_request, post_json, server_model
+from adsa_vllm.client import completion_token_ids, image_request, post_json
 from adsa_vllm.config import POLICIES
-from adsa_vllm.convert import load_config
 from load_mix import plan
 from metrics_util import wait_idle
-from server_util import launch_server, tiny_model_dir
+from server_util import adsa_server
 
 NUM_REQUESTS = 300
 CLIENTS = 12
@@ -38,12 +37,8 @@ LOAD_DEADLINE_S = 150
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model_dir = tiny_model_dir(tmp_path_factory, grid_size=10)
-    log_path = tmp_path_factory.mktemp("load_server") / "server.log"
-    settings = json.dumps({"adsa": {"budget": 0.5}, "cfg": {"scale": 2.0}})
-    for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config", settings,
-                              "--num-gpu-blocks-override", str(POOL_BLOCKS)):
-        yield {"base": base, "cfg": load_config(model_dir), "model": server_model(base), "log": log_path}
+    yield from adsa_server(tmp_path_factory, "load_server", {"adsa": {"budget": 0.5}, "cfg": {"scale": 2.0}},
+                           "--num-gpu-blocks-override", str(POOL_BLOCKS))
 
 
 def _send(base: str, req) -> tuple[str, list[int] | str]:

@@ -9,17 +9,15 @@ stat-logger plugin (adsa_vllm/metrics.py), so this also proves that carrier surv
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import pytest
 
-from adsa_vllm.client import completion_token_ids, image_request, post_json, server_model
+from adsa_vllm.client import completion_token_ids, image_request, post_json
 from adsa_vllm.config import POLICIES, ADSAConfig
-from adsa_vllm.convert import load_config
 from metrics_util import scrape, wait_idle
-from server_util import launch_server, tiny_model_dir
+from server_util import adsa_server
 
 BUDGET = 0.5
 POOL_BLOCKS = 24
@@ -28,15 +26,12 @@ POLICY_OF_REQUEST = ["topk_v", "topk_v", "streaming", "random", "attention_mass"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model_dir = tiny_model_dir(tmp_path_factory, grid_size=16)
-    log_path = tmp_path_factory.mktemp("metrics_server") / "server.log"
-    settings = json.dumps({"adsa": {"budget": BUDGET}})
-    for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config", settings,
-                              "--num-gpu-blocks-override", str(POOL_BLOCKS)):
-        cfg = load_config(model_dir)
+    for srv in adsa_server(tmp_path_factory, "metrics_server", {"adsa": {"budget": BUDGET}},
+                           "--num-gpu-blocks-override", str(POOL_BLOCKS), grid_size=16):
+        cfg = srv["cfg"]
         layout = ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=cfg.cls_token_num,
                                                   grid_size=cfg.grid_size)
-        yield {"base": base, "cfg": cfg, "model": server_model(base), "bound": layout.held_bound}
+        yield {**srv, "bound": layout.held_bound}
 
 
 def test_adsa_stats_survive_the_engine_to_api_process_codec():
