@@ -1,4 +1,5 @@
-"""ADSA selection policies (pure torch, no vLLM import): layout math, block scorers, per-sequence tracker.
+"""ADSA selection policies (pure torch, no vLLM import): layout math, block scorers, per-sequence tracker (and
+its batched form for sequences in lockstep).
 
 Each scorer module registers its class in `BlockScorer.registry` when imported; importing them all here (and
 nowhere else) keeps the arrows one-way: scorers -> base, this package -> scorers.
@@ -6,10 +7,13 @@ nowhere else) keeps the arrows one-way: scorers -> base, this package -> scorers
 
 import dataclasses
 
-from adsa_vllm.policy import attention_mass, random_blocks, streaming, topk_v  # noqa: F401  (registration)
+from adsa_vllm.policy import attention_mass, random_blocks, streaming, topk_v
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.layout import BlockLayout
+from adsa_vllm.policy.lockstep import LockstepTrackers, selection_schedule
 from adsa_vllm.policy.tracker import SequenceTracker, top_blocks, top_blocks_rows
+
+SCORER_MODULES = (attention_mass, random_blocks, streaming, topk_v)   # imported for their registration
 
 
 def make_scorer(policy: str, **settings) -> BlockScorer:
@@ -21,5 +25,5 @@ def make_scorer(policy: str, **settings) -> BlockScorer:
     return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
 
 
-__all__ = ["BlockLayout", "BlockScorer", "ScoreInputs", "SequenceTracker", "make_scorer", "top_blocks",
-           "top_blocks_rows"]
+__all__ = ["BlockLayout", "BlockScorer", "LockstepTrackers", "ScoreInputs", "SequenceTracker", "make_scorer",
+           "selection_schedule", "top_blocks", "top_blocks_rows"]

@@ -33,7 +33,8 @@ def top_blocks_rows(block_index: torch.Tensor, scores: torch.Tensor, k: torch.Te
     scores = torch.where(block_index >= 0, scores.float(), -torch.inf)
     order = torch.argsort(block_index, dim=1, descending=True, stable=True)
     order = order.gather(1, torch.argsort(scores.gather(1, order), dim=1, descending=True, stable=True))
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
     return (rank < k[:, None]) & (block_index >= 0)
 
 
