@@ -136,3 +136,20 @@ def test_batched_top_k_equals_top_blocks(seed):
         n = int(lens[i])
         want = set(index[i, :n][top_blocks(index[i, :n], scores[i, :n], int(k[i]))].tolist())
         assert set(index[i][keep[i]].tolist()) == want
+
+
+def test_row_lookup_follows_a_restarted_request():
+    """The batch's rows -> sequences answer is reused while the batch ids are unchanged; a request restarted under
+    the same id (preempted and resumed; a benchmark reusing ids) must map to its new tracker, not the old one."""
+    rt = ADSARuntime(defaults=ADSAConfig(budget=0.5), block_size=16, cls_token_num=1, grid_size=16)
+    ids = ["a", "b"]
+    rt.batch_req_ids = lambda n: ids[:n]
+    for i, rid in enumerate(ids):
+        rt._start(rid, None, first_block=i + 1)
+    seqs, slots = rt.row_sequences(2, None)
+    assert seqs == [rt._by_req["a"], rt._by_req["b"]] and list(slots) == [seqs[0].slot, seqs[1].slot]
+    assert rt.row_sequences(2, None)[0] is seqs   # reused
+    rt._start("a", None, first_block=7)           # same id, same batch order
+    seqs, slots = rt.row_sequences(2, None)
+    assert seqs[0] is rt._by_req["a"] and slots[0] == rt._by_req["a"].slot
+    assert rt.row_sequences(3, None)[0][2] is None   # a padded row holds no request

@@ -52,9 +52,8 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                 else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
     bt = cm.block_table_tensor
-    sequences = runtime.row_sequences(n, bt)
+    sequences, slots = runtime.row_sequences(n, bt)
     table = runtime.slots
-    slots = np.fromiter((-1 if seq is None else seq.slot for seq in sequences), dtype=np.int64, count=n)
     # Prefill chunks attend causally to everything (eviction starts at the first decode).
     live = (slots >= 0) & (qsl[1:] - qsl[:-1] == 1)
     live_slots = np.where(live, slots, 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from adsa_vllm.config import ADSAConfig
@@ -88,6 +89,8 @@ class ADSARuntime:
     summaries: BlockSummaries = field(default_factory=BlockSummaries)
     slots: SlotTable = field(default_factory=SlotTable)
     stats: PlannerStats = field(default_factory=PlannerStats)
+    _generation: int = 0                         # bumped by every start / drop (invalidates `_rows`)
+    _rows: tuple = (None, None)                  # ((generation, batch ids), (sequences, slots)) of the last step
 
     def layout_for(self, extra_args: dict | None) -> BlockLayout:
         cfg = self.defaults.merged(request_overrides(extra_args))
@@ -126,6 +129,7 @@ class ADSARuntime:
             layout = self.layout_for(None)   # the forward of this step still needs a valid row
         seq = LiveSequence(req_id, first_block, SequenceTracker(layout, self._scorer(layout)), params)
         seq.slot = self.slots.add(seq.tracker)
+        self._generation += 1
         self._by_req[req_id] = seq
         self._by_block[first_block] = seq
 
@@ -134,15 +138,23 @@ class ADSARuntime:
         if seq is None:
             return
         self.slots.remove(seq.slot)
+        self._generation += 1
         if self._by_block.get(seq.first_block) is seq:
             del self._by_block[seq.first_block]
 
-    def row_sequences(self, n: int, block_table: torch.Tensor) -> list:
-        """The live sequence of each of the first n batch rows (None for rows ADSA does not manage)."""
-        if self.batch_req_ids is not None:
-            seqs = [self._by_req.get(rid) for rid in self.batch_req_ids(n)]
-            return seqs + [None] * (n - len(seqs))   # rows padded for a CUDA graph size hold no request
-        return [self._by_block.get(b) for b in block_table[:n, 0].cpu().tolist()]
+    def row_sequences(self, n: int, block_table: torch.Tensor) -> tuple[list, np.ndarray]:
+        """The live sequence of each of the first n batch rows (None for rows ADSA does not manage) and its slot
+        (-1 for those). Decode batches keep their order for many steps: the answer is reused while the batch's
+        request ids and the set of live sequences are unchanged (one tuple compare instead of n dict lookups)."""
+        if self.batch_req_ids is None:
+            seqs = [self._by_block.get(b) for b in block_table[:n, 0].cpu().tolist()]
+            return seqs, _slots_of(seqs)
+        key = (self._generation, n, tuple(self.batch_req_ids(n)))
+        if self._rows[0] != key:
+            seqs = [self._by_req.get(rid) for rid in key[2]]
+            seqs += [None] * (n - len(seqs))   # rows padded for a CUDA graph size hold no request
+            self._rows = (key, (seqs, _slots_of(seqs)))
+        return self._rows[1]
 
     # ---- scores ----
     def ship_to_host(self, batch: ScoringBatch) -> None:
@@ -183,3 +195,7 @@ class ADSARuntime:
     def drain_evictions(self) -> dict[str, list[int]]:
         out, self._outbox = self._outbox, {}
         return out
+
+
+def _slots_of(sequences: list) -> np.ndarray:
+    return np.fromiter((-1 if seq is None else seq.slot for seq in sequences), dtype=np.int64, count=len(sequences))
