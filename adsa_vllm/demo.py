@@ -66,26 +66,15 @@ def save_grid(rows: list[tuple[str, list[np.ndarray], list[str]]], path: str, ti
     sheet.save(path)
 
 
-def _watch(scheduler) -> dict:
-    """Record, at every schedule(), the KV blocks each running request holds (null = evicted blocks excluded)
-    and count preemptions; works on vLLM's stock scheduler as well as ADSAScheduler."""
-    seen = {"peak": 0, "preemptions": 0}
-    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    schedule, preempt = scheduler.schedule, scheduler._preempt_request
-
-    def watched_schedule(*a, **k):
-        out = schedule(*a, **k)
+def _peak_held(seen: dict):
+    """A SchedulerWatch callback: the most KV blocks one running request holds after a schedule() (null = evicted
+    blocks excluded), into seen["peak"]; works on vLLM's stock scheduler as well as ADSAScheduler."""
+    def on_step(scheduler):
+        managers = scheduler.kv_cache_manager.coordinator.single_type_managers
         for r in scheduler.running:
             held = max(sum(not b.is_null for b in m.req_to_blocks.get(r.request_id, ())) for m in managers)
             seen["peak"] = max(seen["peak"], held)
-        return out
-
-    def counted_preempt(*a, **k):
-        seen["preemptions"] += 1
-        return preempt(*a, **k)
-
-    scheduler.schedule, scheduler._preempt_request = watched_schedule, counted_preempt
-    return seen
+    return on_step
 
 
 def sample_images(llm, cfg, classes: list[int], *, top_k: int, temperature: float, seed: int,
@@ -105,24 +94,27 @@ def sample_images(llm, cfg, classes: list[int], *, top_k: int, temperature: floa
 
 def run(model_dir: str, cfg, classes: list[int], adsa: dict | None, dtype: str, sampling: dict) -> dict:
     from vllm import LLM, SamplingParams
+
+    from adsa_vllm.engine.observe import SchedulerWatch, engine_scheduler
     guidance = {"cfg": {"scale": sampling["cfg_scale"]}} if sampling["cfg_scale"] != 1.0 else {}
     kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **guidance}) if adsa is not None else \
         dict(additional_config=guidance)
     t_start = time.perf_counter()
     llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, block_size=16, seed=0,
               max_num_seqs=max(len(classes), 1), **kw)
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    scheduler = engine_scheduler(llm)
     llm.generate([{"prompt_token_ids": cfg.prompt(classes[0])}],  # warm-up: kernels, allocator
                  SamplingParams(temperature=0.0, max_tokens=16, detokenize=False), use_tqdm=False)
     startup = time.perf_counter() - t_start
     stats0 = scheduler.adsa_stats() if hasattr(scheduler, "adsa_stats") else {}
-    seen = _watch(scheduler)
-    t0 = time.perf_counter()
-    tokens = sample_images(llm, cfg, classes, **sampling)
-    seconds = time.perf_counter() - t0
+    seen = {"peak": 0}
+    with SchedulerWatch(scheduler, on_step=_peak_held(seen)) as watch:
+        t0 = time.perf_counter()
+        tokens = sample_images(llm, cfg, classes, **sampling)
+        seconds = time.perf_counter() - t0
     res = {"tokens": tokens, "n_tokens": sum(map(len, tokens)), "seconds": seconds, "startup": startup,
            "peak": seen["peak"],
-           "preemptions": seen["preemptions"], "bound": "-", "freed": "-"}
+           "preemptions": watch.preemptions, "bound": "-", "freed": "-"}
     stats = scheduler.adsa_stats() if hasattr(scheduler, "adsa_stats") else {}
     if stats.get("enabled"):
         new = [v for k, v in stats["requests"].items() if k not in stats0.get("requests", {})]

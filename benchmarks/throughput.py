@@ -104,7 +104,7 @@ def run_mode(args) -> dict:
         out = Path(args.profile) / f"profile_{args.mode.replace(':', '_')}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         _profile_window(sched, first, count, out)
-    batch_sizes, preemptions = _watch(sched)
+    batch_sizes, watch = _watch(sched)
     host = _time_worker(core.model_executor.driver_worker.worker)
     planner = _planner_stats(core.model_executor.driver_worker.worker)
     p0 = dict(vars(planner)) if planner is not None else None
@@ -127,7 +127,7 @@ def run_mode(args) -> dict:
            "startup_s": startup, "num_seqs": args.num_seqs, "image_tokens": n,
            "num_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks,
            "mean_running": sum(batch_sizes) / max(1, steps), "max_running": max(batch_sizes),
-           "steps": steps, "num_preemptions": preemptions[0], "step_ms": 1e3 * elapsed / max(1, steps),
+           "steps": steps, "num_preemptions": watch.preemptions, "step_ms": 1e3 * elapsed / max(1, steps),
            "worker_host_ms_per_step": 1e3 * host["s"] / max(1, host["calls"])}
     if args.arrival_rate:
         res.update(arrival_rate=args.arrival_rate, measured_window_s=window)
@@ -143,19 +143,9 @@ def run_mode(args) -> dict:
 
 def _watch(sched):
     """Record the running batch size per step and count preemptions (works for the stock scheduler too)."""
-    sizes, preempted = [], [0]
-    schedule, preempt = sched.schedule, sched._preempt_request
-
-    def schedule_and_record(*a, **k):
-        out = schedule(*a, **k)
-        sizes.append(len(sched.running))
-        return out
-
-    def count_preemption(*a, **k):
-        preempted[0] += 1
-        return preempt(*a, **k)
-    sched.schedule, sched._preempt_request = schedule_and_record, count_preemption
-    return sizes, preempted
+    from adsa_vllm.engine.observe import SchedulerWatch
+    sizes = []
+    return sizes, SchedulerWatch(sched, on_step=lambda s: sizes.append(len(s.running)))
 
 
 def _time_worker(worker) -> dict:
@@ -212,22 +202,21 @@ def _profile_window(sched, first: int, count: int, path: Path):
     """torch.profiler over `count` scheduler steps starting at step `first` of the measured run (choose a window
     after the first ADSA selections, e.g. at 60% of the image), written as two tables: device and host time."""
     import torch
+
+    from adsa_vllm.engine.observe import SchedulerWatch
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                               torch.profiler.ProfilerActivity.CUDA])
-    schedule, step = sched.schedule, [0]
 
-    def schedule_profiled(*a, **k):
-        if step[0] == first:
+    def profile_window(step):
+        if step == first:
             prof.start()
-        if step[0] == first + count:
+        if step == first + count:
             prof.stop()
             avg = prof.key_averages()
             path.write_text(f"steps {first}..{first + count}\n\n== by device time ==\n"
                             + avg.table(sort_by="self_device_time_total", row_limit=30)
                             + "\n\n== by host time ==\n" + avg.table(sort_by="self_cpu_time_total", row_limit=30))
-        step[0] += 1
-        return schedule(*a, **k)
-    sched.schedule = schedule_profiled
+    SchedulerWatch(sched, before_step=profile_window)
 
 
 def main():

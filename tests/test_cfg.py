@@ -17,6 +17,7 @@ import torch
 
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.convert import load_reference
+from adsa_vllm.engine.observe import SchedulerWatch, engine_scheduler
 from adsa_vllm.guidance import GuidanceConfigError
 from adsa_vllm.guidance.api import generate_images
 from adsa_vllm.reference.generate import generate, score_tokens
@@ -177,18 +178,10 @@ def test_preempted_pairs_resume_in_step_and_equal_the_unpreempted_run(engines, m
     first, _, _ = sampled
     # 16x16: a sequence needs cdiv(257, 16) = 17 blocks; room for 3 of the 8 images (+ the null block).
     llm, _ = _cfg_engine(engines, model16, key="cfg16_small", num_gpu_blocks_override=3 * 17 + 1)
-    sched = llm.llm_engine.engine_core.engine_core.scheduler
-    orig, count = sched._preempt_request, [0]
-
-    def preempt(*a, **kw):
-        count[0] += 1
-        return orig(*a, **kw)
-    sched._preempt_request = preempt
-    try:
+    sched = engine_scheduler(llm)
+    with SchedulerWatch(sched) as watch:
         got = generate_images(llm, CLASSES, **SAMPLING)
-    finally:
-        del sched._preempt_request
-    assert count[0] > 0, "no preemption happened: the pool is too large for this test"
+    assert watch.preemptions > 0, "no preemption happened: the pool is too large for this test"
     assert (got.tokens == first.tokens).all(), _mismatch(got.tokens, first.tokens)
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 3 * 17   # nothing leaked
 

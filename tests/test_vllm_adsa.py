@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from adsa_vllm.config import ADSAConfig
+from adsa_vllm.engine.observe import SchedulerWatch, engine_scheduler
 from greedy_match import assert_greedy_matches_reference
 
 C16 = (2, 7)
@@ -29,7 +30,7 @@ def _params(n, extra=None):
 
 
 def _sched(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
+    return engine_scheduler(llm)
 
 
 def _manager(llm):
@@ -71,32 +72,28 @@ def _mismatch(a, b):
 
 
 class HeldRecorder:
-    """Wraps the scheduler instance's schedule(): after every step, held blocks and the bound of each running
-    request (the moment a sequence holds most: this step's tail is allocated, this step's evictions not yet
-    applied)."""
+    """After every schedule() (a SchedulerWatch callback): held blocks and the bound of each running request (the
+    moment a sequence holds most: this step's tail is allocated, this step's evictions not yet applied)."""
 
     def __init__(self, llm):
         self.sched, self.m = _sched(llm), _manager(llm)
         self.log: dict[str, list[int]] = {}
         self.bound: dict[str, int] = {}
         self.layout: dict[str, object] = {}
-        self._orig = self.sched.schedule
+        self.watch = SchedulerWatch(self.sched, on_step=self._record)
 
-        def schedule(*a, **kw):
-            out = self._orig(*a, **kw)
-            for r in self.sched.running:
-                rid = r.request_id
-                entry = self.m.requests[rid]
-                self.layout[rid] = entry.layout
-                self.bound[rid] = entry.layout.budget_blocks + entry.layout.slack_blocks
-                counted = sum(not b.is_null for b in self.m.req_to_blocks.get(rid, ()))
-                assert self.m.held_blocks(rid) == counted, "the manager's O(1) held count drifted"
-                self.log.setdefault(rid, []).append(counted)
-            return out
-        self.sched.schedule = schedule
+    def _record(self, sched):
+        for r in sched.running:
+            rid = r.request_id
+            entry = self.m.requests[rid]
+            self.layout[rid] = entry.layout
+            self.bound[rid] = entry.layout.budget_blocks + entry.layout.slack_blocks
+            counted = sum(not b.is_null for b in self.m.req_to_blocks.get(rid, ()))
+            assert self.m.held_blocks(rid) == counted, "the manager's O(1) held count drifted"
+            self.log.setdefault(rid, []).append(counted)
 
     def remove(self):
-        del self.sched.schedule   # back to the class method
+        self.watch.close()
 
 
 class GarbageWriter:
@@ -240,7 +237,6 @@ def test_blocks_were_freed_to_the_pool(main16):
 
 def test_budget_covering_sequence_per_request_equals_full_and_frees_nothing(main16, model16, reference):
     model_dir, _ = model16
-    full = reference.greedy(model_dir, C16).tokens
     for label, row in (("cover", 0), ("cover_frac", 1)):
         c = C16[row]
         got = main16["tokens"][f"{label}/{c}"]
@@ -382,27 +378,6 @@ def _capacity_engine(engines, model24, adsa: bool):
     return llm, cfg
 
 
-class _Concurrency:
-    """max len(running) after schedule() and preemption count, for the stock scheduler too."""
-
-    def __init__(self, sched):
-        self.sched, self.max_running, self.preemptions = sched, 0, 0
-        orig_schedule, orig_preempt = sched.schedule, sched._preempt_request
-
-        def schedule(*a, **kw):
-            out = orig_schedule(*a, **kw)
-            self.max_running = max(self.max_running, len(sched.running))
-            return out
-
-        def preempt(*a, **kw):
-            self.preemptions += 1
-            return orig_preempt(*a, **kw)
-        sched.schedule, sched._preempt_request = schedule, preempt
-
-    def remove(self):
-        del self.sched.schedule, self.sched._preempt_request
-
-
 @pytest.fixture(scope="module")
 def capacity_numbers():
     return {}
@@ -414,11 +389,8 @@ def test_capacity_adsa_runs_more_sequences_without_preemption(engines, model24, 
     assert m.block_pool.num_gpu_blocks == POOL
     free0 = m.block_pool.get_num_free_blocks()
     assert free0 == POOL - 1
-    conc = _Concurrency(sched)
-    try:
+    with SchedulerWatch(sched) as conc:   # max len(running) after schedule() and preemptions, stock scheduler too
         tokens, outs = _generate(llm, cfg, [(i, i % 10, None) for i in range(NUM_REQ)])
-    finally:
-        conc.remove()
     capacity_numbers["adsa"] = (conc.max_running, conc.preemptions)
     msg = f"ADSA: max running {conc.max_running} (scheduler.max_running {sched.max_running}), preemptions " \
           f"{conc.preemptions} (scheduler.num_preemptions {sched.num_preemptions}); need >= {1.8 * N_FULL}"
@@ -470,11 +442,8 @@ def test_capacity_full_attention_baseline_cannot_keep_up(engines, model24, capac
     llm, cfg = _capacity_engine(engines, model24, adsa=False)
     sched = _sched(llm)
     assert not hasattr(sched, "adsa_managers")  # the stock scheduler
-    conc = _Concurrency(sched)
-    try:
+    with SchedulerWatch(sched) as conc:   # max len(running) after schedule() and preemptions, stock scheduler too
         tokens, outs = _generate(llm, cfg, [(i, i % 10, None) for i in range(NUM_REQ)])
-    finally:
-        conc.remove()
     capacity_numbers["full"] = (conc.max_running, conc.preemptions)
     print(f"capacity (max running, preemptions): ADSA {capacity_numbers.get('adsa')}, full {capacity_numbers['full']}")
     msg = f"full attention: max running {conc.max_running}, preemptions {conc.preemptions}; " \
