@@ -34,7 +34,7 @@ def test_v2_runner_order_is_the_last_prepared_batch_and_forgotten_before_each_st
     batch = runner.prepare_inputs("so", "desc")
     assert batch.marker == ("so", "desc") and batch.req_ids == ["x", "y", "z"]   # the runner's own result
     assert order(2) == ["x", "y"] and order(8) == ["x", "y", "z"]
-    runner._adsa_forget_batch()                             # the worker does this before every step
+    order.forget()                                          # the worker does this before every step
     assert order(3) == []                                   # a dummy batch never looks like the last real one
 
 

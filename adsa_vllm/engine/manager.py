@@ -77,7 +77,7 @@ class ADSAManager(FullAttentionManager):
                                    f"[{prefix}, {len(blocks) - 1})")
             if not blocks[j].is_null:
                 freed.append(blocks[j])
-                blocks[j] = self._null_block
+                blocks[j] = self.block_pool.null_block
         self.block_pool.free_blocks(freed)
         entry.nulls += len(freed)
         entry.freed += len(freed)

@@ -4,9 +4,9 @@ classifier-free guidance is on): the `ADSARuntime` and the `GuidanceRuntime` (ad
 Before each step the runtimes learn which requests started, resumed, were preempted or finished (from the
 SchedulerOutput); after the step, the evictions its builder decided ride back to the scheduler as
 `ModelRunnerOutput.adsa_evictions`, and requests that failed inside the worker as `adsa_failed`
-(ModelRunnerOutput is a plain dataclass, pickled with its __dict__). Under
+(ModelRunnerOutput is a plain dataclass, pickled with its __dict__; touchpoint `runner-output-report`). Under
 tensor parallelism every rank decides the same evictions (scores are all-reduced); rank 0's report is the one the
-scheduler receives.
+scheduler receives. The vLLM internals used here are in the ledger, patches/touchpoints.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, M
 class ADSAWorkerMixin:
     _adsa_rt = None   # the model's ADSARuntime (None: ADSA off)
     _step_rts = ()    # runtimes fed with every SchedulerOutput
+    _order = None     # n -> the first n request ids of the batch being run (see _batch_order)
 
     def load_model(self, *args, **kwargs):
         out = super().load_model(*args, **kwargs)
@@ -28,17 +29,16 @@ class ADSAWorkerMixin:
         model = getattr(model, "unwrap", lambda: model)()
         self._adsa_rt = getattr(model, "adsa_runtime", None)
         self._step_rts = tuple(rt for rt in (self._adsa_rt, getattr(model, "guidance_runtime", None)) if rt)
-        order = _batch_order(self.model_runner)
+        self._order = _batch_order(self.model_runner)
         for rt in self._step_rts:
-            rt.batch_req_ids = order
+            rt.batch_req_ids = self._order
         return out
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         for rt in self._step_rts:
             rt.on_schedule(scheduler_output)
-        forget = getattr(self.model_runner, "_adsa_forget_batch", None)
-        if forget is not None:
-            forget()   # a dummy batch (profiling, graph capture) of this step must not look like the last real one
+        if isinstance(self._order, LastPreparedBatch):
+            self._order.forget()   # a dummy batch (profiling, graph capture) must not look like the last real one
         return self._attach(super().execute_model(scheduler_output, *args, **kwargs))
 
     def sample_tokens(self, *args, **kwargs):
@@ -51,47 +51,62 @@ class ADSAWorkerMixin:
         for rt in self._step_rts:
             failed.update(rt.failures.drain())
         evictions = self._adsa_rt.drain_evictions() if self._adsa_rt is not None else {}
-        report = {k: v for k, v in (("adsa_evictions", evictions), ("adsa_failed", failed)) if v}
-        if not report:
+        if not (evictions or failed):
             return output
         if isinstance(output, AsyncModelRunnerOutput):
             # The V2 runner (GPU default) returns an AsyncOutput even with synchronous scheduling; the executor
-            # calls get_output() right after, so attach there.
+            # calls get_output() right after, so attach there (touchpoint `async-output-get-output`).
             get_output = output.get_output
-            output.get_output = lambda: _with_report(get_output(), report)
+            output.get_output = lambda: _with_report(get_output(), evictions, failed)
             return output
-        return _with_report(output, report)
+        return _with_report(output, evictions, failed)
 
 
 def _batch_order(runner):
     """n -> the request ids of the first n rows of the batch being run, read on the host (no GPU wait).
-    V1 runner (and the CPU runner): its persistent `input_batch.req_ids`. V2 runner (GPU default): each step's
-    InputBatch is the return value of `prepare_inputs`, which runs before the attention metadata is built and the
-    logits are computed; the ids of the last one are remembered (dummy batches are built elsewhere)."""
+    V1 runner (and the CPU runner): its persistent `input_batch.req_ids`. V2 runner (GPU default): see
+    LastPreparedBatch."""
     batch = getattr(runner, "input_batch", None)
     if batch is not None and hasattr(batch, "req_ids"):
         return lambda n: batch.req_ids[:n]
     if not (hasattr(runner, "prepare_inputs") and hasattr(runner, "req_states")):
         return None
-    last: list = []
-    prepare = runner.prepare_inputs
-
-    def prepare_inputs(*args, **kwargs):
-        batch = prepare(*args, **kwargs)
-        last[:] = batch.req_ids
-        return batch
-
-    runner.prepare_inputs = prepare_inputs
-    runner._adsa_forget_batch = last.clear
-    return lambda n: last[:n]
+    return LastPreparedBatch(runner)
 
 
-def _with_report(output: ModelRunnerOutput, report: dict) -> ModelRunnerOutput:
-    """Evictions (req id -> logical blocks) and failed requests (req id -> error) for the scheduler."""
+class LastPreparedBatch:
+    """The V2 runner's batch order: each step's InputBatch is the return value of its `prepare_inputs`, which runs
+    before the attention metadata is built and the logits are computed. That method is wrapped on the runner
+    instance (touchpoint `v2-runner-prepare-inputs`) to remember the ids of the last batch; dummy batches are
+    built elsewhere, and `forget()` before each step keeps one from reading the previous step's."""
+
+    def __init__(self, runner):
+        self.req_ids: list = []
+        prepare = runner.prepare_inputs
+
+        def prepare_inputs(*args, **kwargs):
+            batch = prepare(*args, **kwargs)
+            self.req_ids[:] = batch.req_ids
+            return batch
+
+        runner.prepare_inputs = prepare_inputs
+
+    def __call__(self, n: int) -> list:
+        return self.req_ids[:n]
+
+    def forget(self) -> None:
+        self.req_ids.clear()
+
+
+def _with_report(output: ModelRunnerOutput, evictions: dict, failed: dict) -> ModelRunnerOutput:
+    """Evictions (req id -> logical blocks) and failed requests (req id -> error) for the scheduler; attributes
+    vLLM does not declare (touchpoint `runner-output-report`)."""
     if output is EMPTY_MODEL_RUNNER_OUTPUT:
         output = copy.copy(output)  # never mutate the shared singleton
-    for key, value in report.items():
-        setattr(output, key, value)
+    if evictions:
+        output.adsa_evictions = evictions
+    if failed:
+        output.adsa_failed = failed
     return output
 
 
