@@ -1,5 +1,6 @@
 """`register()`: the `vllm.general_plugins` entry point. vLLM calls it in every process it starts (API server,
-EngineCore, workers, the model-inspection subprocess); it must be idempotent and must not touch CUDA.
+EngineCore, workers, the model-inspection subprocess); it must be idempotent and must not touch CUDA. It first
+checks the vLLM internals the plugin relies on (patches/touchpoints.py), then applies the patches (patches/).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ def register() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     import patches
+    from patches import touchpoints
 
+    touchpoints.check()   # before anything is changed: an unknown vLLM fails here, naming what broke
     patches.apply_all()
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, "adsa_vllm.llamagen.model:LlamaGenForCausalLM")
 
     # Fill the registry with vLLM's built-ins first: it registers them lazily only while it is empty, so a
-    # worker that registered ADSASpec first would never learn FullAttentionSpec.
+    # worker that registered ADSASpec first would never learn FullAttentionSpec (touchpoint kv-spec-registry-fill).
     KVCacheSpecRegistry._ensure_registered()
     from adsa_vllm.engine.manager import ADSAManager
     from adsa_vllm.engine.spec import ADSASpec

@@ -4,6 +4,7 @@ Every module declares TARGET, WHY, VLLM_VERSIONS (the versions it was written an
 (the upstream change that makes it unnecessary) and an idempotent `apply()` that keeps the original callable and
 refuses to run on an untested vLLM version. `patches/README.md` is the ledger; tests/test_patches.py checks that
 the ledger and these modules agree and that each patch really takes effect through vLLM's own entry points.
+`patches/touchpoints.py` is not a patch: it is the ledger of vLLM internals the code relies on elsewhere.
 """
 
 from __future__ import annotations
