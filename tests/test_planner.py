@@ -1,4 +1,4 @@
-"""The worker's bulk planner (`plan_step` + `SlotTable` + batched top-k) against per-sequence `SequenceTracker`s.
+"""The worker's bulk planner (`plan_step` + `SlotTrackers` + batched top-k) against per-sequence `SequenceTracker`s.
 
 No vLLM engine: an `ADSARuntime` is driven through many decode steps of many staggered sequences (different budgets
 and policies per request, some rows not managed by ADSA, some prefill chunks, finished requests replaced). Beside
@@ -18,10 +18,10 @@ import torch
 
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy import BlockScorer, ScoreInputs, SequenceTracker, top_blocks, top_blocks_rows
+from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.worker.kept_tables import KeptTables, compacted_block_table
 from adsa_vllm.worker.planner import plan_step
 from adsa_vllm.worker.runtime import ADSARuntime
-from adsa_vllm.worker.slots import SlotTable
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def test_bulk_planner_equals_the_trackers(grid, bs, policy):
     rng = np.random.default_rng(grid * bs)
     rt = ADSARuntime(defaults=ADSAConfig(budget=0.5, policy="streaming"), block_size=bs, cls_token_num=cls,
                      grid_size=grid, num_layers=1)
-    rt.slots = SlotTable(capacity=2, head_width=1)     # start tiny: growth is part of what is tested
+    rt.trackers = SlotTrackers(capacity=2, width=1)    # start tiny: growth is part of what is tested
     if policy == "ties":
         for key in [("streaming", "diverse", 0)]:
             rt._scorers[key] = ThreeValued()
@@ -66,7 +66,7 @@ def test_bulk_planner_equals_the_trackers(grid, bs, policy):
         over = OVERRIDES[int(rng.integers(len(OVERRIDES)))]
         params = SimpleNamespace(extra_args={"adsa": over} if over else None)
         rt._start(rid, params, first_block=1000 + i)
-        shadow[rid] = SequenceTracker(rt._by_req[rid].tracker.layout, rt._by_req[rid].tracker.scorer)
+        shadow[rid] = SequenceTracker(rt._by_req[rid].layout, rt._by_req[rid].scorer)
         ids[i] = rid
         bt[i] = torch.from_numpy(rng.permutation(10 * rows * width)[:width]).to(torch.int32)   # its own blocks
 

@@ -1,6 +1,7 @@
 """Per-step ADSA planning on the worker: decide evictions, compact the block table, arrange scoring.
 
-A selection at position p+1 is requested at step p (`SequenceTracker.scoring_request`) and decided at step p+1.
+A selection at position p+1 is requested at step p and decided at step p+1 (`SequenceTracker`'s protocol, run for
+all rows at once by the runtime's `SlotTrackers`).
 Its scores come from one of two places, with identical values (the candidates were complete before step p-1
 finished, so their K/V no longer change):
   * query-free policies (TopK-V, streaming, random): launched here, at the build of step p, over every layer's
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from adsa_vllm.policy import ScoreInputs, top_blocks_rows
+from adsa_vllm.policy import ScoreInputs
 from adsa_vllm.worker.kv_views import check_cpu_layout, gather_blocks
 from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
 
@@ -35,7 +36,7 @@ class StepPlan:
     # None: not comparable (a row ADSA does not manage, or a prefill chunk): always rebuilt.
     key: bytes | None = None
     offset_key: bytes | None = None
-    _index_of: tuple = ()           # (SlotTable, row slots, row block counts, width), for `kept_index`
+    _index_of: tuple = ()           # (SlotTrackers, row slots, row block counts, width), for `kept_index`
 
     def kept_index(self) -> np.ndarray | None:
         """[k, width] the rows' kept logical blocks, in order (0 beyond the kept ones). Built on demand: a step
@@ -44,8 +45,8 @@ class StepPlan:
 
 
 def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, backend: str) -> StepPlan:
-    """Per row: decide a due selection, request the next one, and compact the kept blocks. Rows at an event ask
-    their tracker (Python, about one row in `refresh`); all others are handled in bulk from the SlotTable."""
+    """Decide the selections due at this step, request the next ones, and compact the kept blocks, for all rows at
+    once (SlotTrackers); only rows at or past their `wake` position take part in the first two."""
     runtime.absorb_scores()
     n = cm.num_reqs
     qsl = cm.query_start_loc_cpu[: n + 1].numpy()
@@ -53,80 +54,64 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
                 else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
     bt = cm.block_table_tensor
     sequences, slots = runtime.row_sequences(n, bt)
-    table = runtime.slots
+    trackers = runtime.trackers
     # Prefill chunks attend causally to everything (eviction starts at the first decode).
     live = (slots >= 0) & (qsl[1:] - qsl[:-1] == 1)
     live_slots = np.where(live, slots, 0)
     pos = seq_lens - 1
-    at_event = np.nonzero(live & (pos >= table.wake[live_slots]))[0].tolist()
+    scoring = None
+    at_event = np.nonzero(live & (pos >= trackers.wake[live_slots]))[0]
+    if len(at_event):
+        scoring = _events(runtime, bt, qsl, sequences, at_event, slots[at_event], pos[at_event], layers, backend)
 
-    _decide(runtime, [(row, sequences[row], int(pos[row])) for row in at_event])
-    in_forward, launch = [], []
-    for row in at_event:
-        seq, p = sequences[row], int(pos[row])
-        try:
-            cands = seq.tracker.scoring_request(p)
-        except Exception as e:  # noqa: BLE001 - this request fails alone; the row reads what it held
-            runtime.fail(seq.req_id, e)
-            cands = None
-        table.sync(seq.slot, seq.tracker)
-        if cands is not None:
-            (in_forward if seq.tracker.scorer.needs_query else launch).append((row, seq, p, cands))
-
-    rows = np.nonzero(live & (table.tail_from[live_slots] > 0))[0]
+    rows = np.nonzero(live & (trackers.num_evicted[live_slots] > 0))[0]
     bs = runtime.block_size
     offsets, index_of = None, ()
     if len(rows):
-        index_of = (table, slots[rows], pos[rows] // bs + 1, bt.shape[1])
-        compacted = (table.kept_count(*index_of[1:3]) - 1) * bs + pos[rows] % bs + 1
+        index_of = (trackers, slots[rows], pos[rows] // bs + 1, bt.shape[1])
+        compacted = (trackers.kept_count(*index_of[1:3]) - 1) * bs + pos[rows] % bs + 1
         offsets = seq_lens[rows] - compacted
         seq_lens[rows] = compacted
     key = offset_key = None
     if live.all():
-        offset_key = slots.tobytes() + table.version[slots].tobytes()
+        offset_key = slots.tobytes() + trackers.version[slots].tobytes()
         key = offset_key + (pos // bs).tobytes()
-    if launch:
-        _launch_scoring(runtime, bt, launch, layers, backend)
-    scoring = None
-    if in_forward:
-        qsl_rows = [int(qsl[row]) - int(qsl[0]) for row, *_ in in_forward]
-        scoring = scoring_batch(bt, in_forward, qsl_rows)
-        runtime.pending.append(scoring)
     return StepPlan(rows, offsets, seq_lens, scoring, key, offset_key, index_of)
 
 
-def _decide(runtime: ADSARuntime, rows: list) -> None:
-    """Every selection due at this step, in one batched top-k; the evictions go to the runtime's outbox."""
-    due = []
-    for row, seq, p in rows:
-        try:
-            d = seq.tracker.due_selection(p)
-        except Exception as e:  # noqa: BLE001
-            runtime.fail(seq.req_id, e)
+def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: list, rows: np.ndarray,
+            slots: np.ndarray, pos: np.ndarray, layers: list, backend: str) -> ScoringBatch | None:
+    """Rows at an event: decide (evictions to the outbox), then request; query-free scores are launched now,
+    query-dependent ones ride on the forward (returned)."""
+    trackers = runtime.trackers
+    evict_rows, evict_blocks = trackers.decide(slots, pos)
+    if len(evict_rows):
+        bounds = np.flatnonzero(np.diff(evict_rows)) + 1
+        for r, blocks in zip(evict_rows[np.r_[0, bounds]].tolist(), np.split(evict_blocks, bounds)):
+            runtime.record_evictions(sequences[rows[r]], blocks.tolist())
+    asked, cand = trackers.request(slots, pos)
+    if not len(asked):
+        return None
+    needs_query = np.array([sequences[r].scorer.needs_query for r in rows[asked]])
+    scoring = None
+    for in_forward in (False, True):
+        part = needs_query == in_forward
+        if not part.any():
             continue
-        if d is not None:
-            due.append((seq, p, d[0], d[1]))
-    if not due:
-        return
-    lens = np.array([len(blocks) for *_, blocks, _ in due])
-    index = np.full((len(due), lens.max()), -1, dtype=np.int64)
-    scores = np.zeros(index.shape, dtype=np.float32)
-    filled = np.arange(index.shape[1])[None, :] < lens[:, None]
-    index[filled] = np.concatenate([blocks for *_, blocks, _ in due])
-    scores[filled] = torch.cat([sc.cpu().float() for *_, sc in due]).numpy()
-    k = torch.tensor([seq.tracker.layout.topk_blocks for seq, *_ in due])
-    keep = top_blocks_rows(torch.from_numpy(index), torch.from_numpy(scores), k).numpy()
-    for i, (seq, p, _, _) in enumerate(due):
-        try:
-            runtime.record_evictions(seq, seq.tracker.apply_selection(p, set(index[i][keep[i]].tolist())))
-        except Exception as e:  # noqa: BLE001
-            runtime.fail(seq.req_id, e)
+        i = asked[part]
+        batch = scoring_batch(bt, rows[i], [sequences[r] for r in rows[i]], slots[i], trackers.epoch[slots[i]],
+                              pos[i], cand[part], qsl[rows[i]] - qsl[0] if in_forward else None)
+        if in_forward:
+            scoring = batch
+            runtime.pending.append(batch)
+        else:
+            _launch_scoring(runtime, bt, batch, layers, backend)
+    return scoring
 
 
-def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, rows, layers: list, backend: str) -> None:
+def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, batch: ScoringBatch, layers: list, backend: str) -> None:
     """Score query-free candidates now (all layers at once); the next build reads the result without waiting."""
     t0 = time.perf_counter()
-    batch = scoring_batch(bt, rows, None)
     if bt.is_cuda:
         batch.started = torch.cuda.Event(enable_timing=True)
         batch.started.record()
@@ -135,12 +120,12 @@ def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, rows, layers: list, 
             _score_group(runtime, batch, scorer, sel, layers, backend)
         except Exception as e:  # noqa: BLE001 - fail the requests of this scorer, not the engine
             for seq in batch.sequences:
-                if seq.tracker.scorer is scorer:
+                if seq.scorer is scorer:
                     runtime.fail(seq.req_id, e)
     batch.layers_done = runtime.num_layers
     runtime.ship_to_host(batch)
     runtime.pending.append(batch)
-    runtime.stats.scored_rows += len(rows)
+    runtime.stats.scored_rows += len(batch.sequences)
     if not bt.is_cuda:
         runtime.stats.scoring_s += time.perf_counter() - t0
 
@@ -167,7 +152,7 @@ def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, lay
     """Summarise the candidates that no earlier selection of their sequence has seen (each block once).
     Which ones is known on the host (no device sync); only their physical ids are gathered on the device."""
     _check_layout(layers[0].kv_cache, backend, layers[0].head_size)
-    mine = np.array([seq.tracker.scorer is scorer for seq in batch.sequences])
+    mine = np.array([seq.scorer is scorer for seq in batch.sequences])
     first_new = np.array([seq.summarized for seq in batch.sequences], dtype=np.int64)
     fresh = batch.host_valid & (batch.host_index >= first_new[:, None]) & mine[:, None]
     r, c = np.nonzero(fresh)
@@ -176,32 +161,33 @@ def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, lay
                           torch.from_numpy(c).to(dev, non_blocking=True)]
     runtime.summaries.write(scorer, ids, layers, backend)
     runtime.stats.summarized_blocks += len(r)
-    for seq, stop, m in zip(batch.sequences, batch.candidate_stops, mine):
+    for seq, stop, m in zip(batch.sequences, batch.candidate_stops.tolist(), mine):
         if m:
             seq.summarized = max(seq.summarized, stop)
 
 
-def scoring_batch(bt: torch.Tensor, scored, token_rows) -> ScoringBatch:
-    """Rows (row, sequence, position, candidate logical blocks) -> padded candidate tensors on bt's device."""
+def scoring_batch(bt: torch.Tensor, rows: np.ndarray, sequences: list, slots: np.ndarray, epochs: np.ndarray,
+                  pos: np.ndarray, cand: np.ndarray, token_rows: np.ndarray | None) -> ScoringBatch:
+    """Rows requesting a selection at pos + 1, with their candidate masks [R, W] -> padded candidate tensors (each
+    row's candidates ascending, then padding) on bt's device."""
     dev = bt.device
-    r, c = len(scored), max(len(cands) for *_, cands in scored)
-    index = np.zeros((r, c), dtype=np.int64)
-    valid = np.zeros((r, c), dtype=bool)
-    for i, (*_, cands) in enumerate(scored):
-        index[i, : len(cands)] = cands
-        valid[i, : len(cands)] = True
+    counts = cand.sum(1)
+    r, c = np.nonzero(cand)
+    rank = (np.cumsum(cand, axis=1) - 1)[r, c]
+    index = np.zeros((len(rows), int(counts.max())), dtype=np.int64)
+    index[r, rank] = c
+    valid = np.arange(index.shape[1])[None, :] < counts[:, None]
     index_dev = torch.from_numpy(index).to(dev, non_blocking=True)
     valid_dev = torch.from_numpy(valid).to(dev, non_blocking=True)
-    rows = torch.tensor([row for row, *_ in scored]).to(dev, non_blocking=True)
-    block_ids = torch.where(valid_dev, torch.gather(bt[rows].long(), 1, index_dev), 0)
-    seqs = [seq for _, seq, _, _ in scored]
-    token_index = torch.tensor(token_rows if token_rows else [0] * r).to(dev, non_blocking=True)
+    rows_dev = torch.from_numpy(rows).to(dev, non_blocking=True)
+    block_ids = torch.where(valid_dev, torch.gather(bt[rows_dev].long(), 1, index_dev), 0)
+    token_index = np.zeros(len(rows), dtype=np.int64) if token_rows is None else token_rows.astype(np.int64)
     return ScoringBatch(
-        sequences=seqs, num_candidates=[len(cands) for *_, cands in scored], token_index=token_index,
-        candidate_stops=[cands[-1] + 1 for *_, cands in scored], host_index=index, host_valid=valid,
-        block_ids=block_ids, block_index=index_dev, valid=valid_dev,
-        positions=torch.tensor([pos for _, _, pos, _ in scored]).to(dev, non_blocking=True),
-        acc=torch.zeros(r, c, dtype=torch.float32, device=dev), groups=_groups_by_scorer(seqs, dev))
+        sequences=sequences, slots=slots, epochs=epochs, at_pos=pos + 1,
+        candidate_stops=index[np.arange(len(rows)), counts - 1] + 1, host_index=index, host_valid=valid,
+        token_index=torch.from_numpy(token_index).to(dev, non_blocking=True), block_ids=block_ids,
+        block_index=index_dev, valid=valid_dev, positions=torch.from_numpy(pos.copy()).to(dev, non_blocking=True),
+        acc=torch.zeros(index.shape, dtype=torch.float32, device=dev), groups=_groups_by_scorer(sequences, dev))
 
 
 def score_layer(batch: ScoringBatch, query: torch.Tensor | None, kv_cache: torch.Tensor, backend: str,
@@ -228,7 +214,7 @@ def _groups_by_scorer(sequences, device):
     """Requests may override the policy: the rows of each scorer, scored in one call per layer."""
     groups: dict[int, tuple[object, list[int]]] = {}
     for i, seq in enumerate(sequences):
-        s = seq.tracker.scorer
+        s = seq.scorer
         groups.setdefault(id(s), (s, []))[1].append(i)
     if len(groups) == 1:
         (scorer, _), = groups.values()

@@ -1,11 +1,13 @@
-"""Worker-process ADSA state: one `SequenceTracker` per live request, and the evictions to report.
+"""Worker-process ADSA state: the tracker slot of every live request, and the evictions to report.
 
-The attention metadata builder sees rows of block ids, not request ids. Where the model runner exposes its batch
-order on the host (V1 runner: `input_batch.req_ids`; V2 runner: each step's InputBatch, see worker/worker.py), rows
-are matched by request id; otherwise by the physical id of a row's first KV block (prefix blocks are never evicted
-and prefix caching is off, so that id is unique among live requests), which costs one small device-to-host copy
-per step. The worker feeds request lifecycle events from each SchedulerOutput (`on_schedule`), binding request id,
-per-request settings and first block together; a preempted request restarts with a fresh tracker.
+Every live request's tracker state is one slot of a `SlotTrackers` (arrays, policy/slot_trackers.py), so a step is
+planned in bulk. The attention metadata builder sees rows of block ids, not request ids. Where the model runner
+exposes its batch order on the host (V1 runner: `input_batch.req_ids`; V2 runner: each step's InputBatch, see
+worker/worker.py), rows are matched by request id; otherwise by the physical id of a row's first KV block (prefix
+blocks are never evicted and prefix caching is off, so that id is unique among live requests), which costs one
+small device-to-host copy per step. The worker feeds request lifecycle events from each SchedulerOutput
+(`on_schedule`), binding request id, per-request settings and first block together; a preempted request restarts
+with a fresh slot.
 
 Protocol with the scheduler (worker-authoritative, see adsa_vllm/engine/manager.py): the builder decides an
 eviction *before* the forward that would have read the block, so the worker never reads it again; the eviction
@@ -21,10 +23,10 @@ import numpy as np
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
+from adsa_vllm.policy import BlockLayout, make_scorer
+from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.settings import request_overrides
 from adsa_vllm.worker.failures import RequestFailures
-from adsa_vllm.worker.slots import SlotTable
 from adsa_vllm.worker.summaries import BlockSummaries
 
 
@@ -32,20 +34,23 @@ from adsa_vllm.worker.summaries import BlockSummaries
 class LiveSequence:
     req_id: str
     first_block: int
-    tracker: SequenceTracker
+    layout: BlockLayout
+    scorer: object
     params: object = None    # SamplingParams, kept so a resumed request keeps its per-request settings
     summarized: int = 0      # logical blocks below this one have a summary in BlockSummaries (TopK-V)
-    slot: int = -1           # its row in the runtime's SlotTable
+    slot: int = -1           # its row in the runtime's SlotTrackers
 
 
 @dataclass
 class ScoringBatch:
     """Sequences scored in this step's forward; every ADSA layer adds its scores into `acc` ([R, C] on device)."""
     sequences: list[LiveSequence]
-    num_candidates: list[int]
-    candidate_stops: list[int]   # per sequence, 1 + its last candidate's logical index
-    host_index: object           # np.ndarray [R, C]: block_index on the host
-    host_valid: object           # np.ndarray [R, C]: valid on the host
+    slots: np.ndarray            # [R] their SlotTrackers slots ...
+    epochs: np.ndarray           # [R] ... and the slots' epochs (scores reach only the sequence that asked)
+    at_pos: np.ndarray           # [R] the position each selection is decided at
+    candidate_stops: np.ndarray  # [R] 1 + each sequence's last candidate's logical index
+    host_index: np.ndarray       # [R, C] block_index on the host
+    host_valid: np.ndarray       # [R, C] valid on the host
     token_index: torch.Tensor    # [R] row of each sequence's decode query in the batch
     block_ids: torch.Tensor      # [R, C] physical block ids (padding: the null block 0)
     block_index: torch.Tensor    # [R, C] logical block indices
@@ -87,7 +92,7 @@ class ADSARuntime:
     failures: RequestFailures = field(default_factory=RequestFailures)
     pending: list = field(default_factory=list)  # ScoringBatches of the last forward, absorbed by the next build
     summaries: BlockSummaries = field(default_factory=BlockSummaries)
-    slots: SlotTable = field(default_factory=SlotTable)
+    trackers: SlotTrackers = field(default_factory=SlotTrackers)
     stats: PlannerStats = field(default_factory=PlannerStats)
     _generation: int = 0                         # bumped by every start / drop (invalidates `_rows`)
     _rows: tuple = (None, None)                  # ((generation, batch ids), (sequences, slots)) of the last step
@@ -127,8 +132,8 @@ class ADSARuntime:
         except Exception as e:  # noqa: BLE001 - validated in the API process; this is the last line of defence
             self.fail(req_id, e)
             layout = self.layout_for(None)   # the forward of this step still needs a valid row
-        seq = LiveSequence(req_id, first_block, SequenceTracker(layout, self._scorer(layout)), params)
-        seq.slot = self.slots.add(seq.tracker)
+        seq = LiveSequence(req_id, first_block, layout, self._scorer(layout), params)
+        seq.slot = self.trackers.add(layout)
         self._generation += 1
         self._by_req[req_id] = seq
         self._by_block[first_block] = seq
@@ -137,7 +142,7 @@ class ADSARuntime:
         seq = self._by_req.pop(req_id, None)
         if seq is None:
             return
-        self.slots.remove(seq.slot)
+        self.trackers.remove(seq.slot)
         self._generation += 1
         if self._by_block.get(seq.first_block) is seq:
             del self._by_block[seq.first_block]
@@ -169,7 +174,7 @@ class ADSARuntime:
             batch.host_acc = acc
 
     def absorb_scores(self) -> None:
-        """Hand the scores computed last step to their trackers (they decide at this step's begin_step)."""
+        """Hand the scores computed last step to the trackers (they decide at this step's build)."""
         for batch in self.pending:
             if batch.layers_done != self.num_layers:
                 continue  # no complete forward ran (profiling, dummy batch): the trackers ask again next step
@@ -179,9 +184,8 @@ class ADSARuntime:
                 batch.ready.synchronize()  # normally long done: recorded before the previous forward
                 if batch.started is not None:
                     self.stats.scoring_s += batch.started.elapsed_time(batch.ready) / 1e3
-            for i, seq in enumerate(batch.sequences):
-                if self._by_req.get(seq.req_id) is seq:
-                    seq.tracker.add_layer_scores(batch.host_acc[i, : batch.num_candidates[i]])
+            self.trackers.add_scores(batch.slots, batch.epochs, batch.at_pos, batch.host_index, batch.host_valid,
+                                     batch.host_acc.numpy())
         self.pending = []
 
     def fail(self, req_id: str, error: BaseException) -> None:
