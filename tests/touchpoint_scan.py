@@ -94,10 +94,13 @@ class _Module:
                     self.imports[a.asname or a.name] = "." * node.level + (node.module or "")
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 self.functions.add(node.name)
-            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
-                    and isinstance(node.value.func, ast.Attribute) \
-                    and node.value.func.attr in ("parse_args", "parse_known_args"):
-                self.namespaces |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+                call, names = node.value, [t.id for t in node.targets if isinstance(t, ast.Name)]
+                fn = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+                if fn in ("parse_args", "parse_known_args"):
+                    self.namespaces.update(names)
+                elif fn == "import_module" and call.args and isinstance(call.args[0], ast.Constant):
+                    self.imports.update(dict.fromkeys(names, str(call.args[0].value)))   # m = import_module("x")
         self.classes = [n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)]
 
     def from_vllm(self, name: str | None) -> bool:
