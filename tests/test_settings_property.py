@@ -21,7 +21,6 @@ from adsa_vllm.errors import SettingsError
 from adsa_vllm.guidance.settings import GuidanceSettings
 from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.policy import SequenceTracker, make_scorer
-from adsa_vllm.policy.base import ScoreInputs
 from adsa_vllm.request_validation import EngineLimits, validate_settings
 from adsa_vllm.settings import ADSASettings
 
