@@ -61,11 +61,14 @@ def main():
     ap.add_argument("jsons", nargs="+")
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.md and PREFIX.png")
     a = ap.parse_args()
-    reports = [(Path(p).stem.split("_")[-1] if "batch" not in p else "d", json.loads(Path(p).read_text()))
+    # label: the file name after "throughput_<gpu>_" ("throughput_h200_a_sw_fp8.json" -> "a_sw_fp8")
+    reports = [("_".join(Path(p).stem.split("_")[2:]) or Path(p).stem, json.loads(Path(p).read_text()))
                for p in a.jsons]
     lines = []
     for label, rep in reports:
-        lines += [f"### ({label}) {setting(rep['args'])} — {rep.get('device', '?')}", "",
+        lines += [f"### ({label}) {setting(rep['args'])} — {rep.get('device', '?')}", ""]
+        lines += [f"_{rep['note']}_", ""] if rep.get("note") else []
+        lines += [
                   "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in rows(rep)] + [""]
     Path(a.out + ".md").write_text("\n".join(lines))
