@@ -5,15 +5,11 @@ import math
 import pytest
 import torch
 
-import importlib
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.policy import SequenceTracker
-from adsa_vllm.reference import LlamaGenReference, generate, score_tokens
+from adsa_vllm.reference import LlamaGenReference, decoder, generate, score_tokens
 from adsa_vllm.reference.model import apply_rotary_emb, precompute_freqs_cis_2d
-
-# The package re-exports the function `generate`, which shadows the submodule attribute of the same name.
-gen_mod = importlib.import_module("adsa_vllm.reference.generate")
 
 
 def tiny(grid=16, cls=1, kv=None, codebook=64, seed=0, std=0.2) -> LlamaGenReference:
@@ -121,7 +117,7 @@ def test_layout_budget_none_never_evicts(grid, cls):
 
 @pytest.mark.parametrize("policy", ["streaming", "topk_v", "attention_mass", "random"])
 def test_adsa_respects_budget_and_equals_masked_full_forward(policy, monkeypatch):
-    monkeypatch.setattr(gen_mod, "SequenceTracker", Recorder)
+    monkeypatch.setattr(decoder, "SequenceTracker", Recorder)
     m, adsa, bs = tiny(16), ADSAConfig(budget=96, policy=policy), 16   # 6 blocks: prefix 2 + local 2 + top-2
     full = generate(m, [1, 4], greedy=True)
     res = generate(m, [1, 4], greedy=True, adsa=adsa, cfg_scale=3.0, return_logprobs=True)
@@ -143,7 +139,7 @@ def test_adsa_respects_budget_and_equals_masked_full_forward(policy, monkeypatch
     plain = generate(m, [1, 4], greedy=True, adsa=adsa)
     assert not torch.equal(plain.tokens, full.tokens)                # eviction changes the image
     # The same run as one masked causal forward: row r at position p sees kept blocks of p, causally.
-    monkeypatch.setattr(gen_mod, "SequenceTracker", Recorder)
+    monkeypatch.setattr(decoder, "SequenceTracker", Recorder)
     rs = score_tokens(m, [1, 4], plain.tokens, adsa=adsa, return_result=True)
     L = m.cfg.cls_token_num + plain.tokens.shape[1] - 1
     j = torch.arange(L)

@@ -9,9 +9,9 @@ Under CFG with ADSA, `cfg_selection` says who decides evictions: "shared" (the v
 one tracker per pair scores both halves' heads together, conditional heads first, and both halves keep the same
 blocks) or "separate" (one tracker per row, as if the two halves were independent requests).
 
-ADSA is emulated exactly as the vLLM path does it, but with masks instead of freed blocks: every row owns a
-`SequenceTracker`; each single-token forward calls begin_step -> kept_blocks (the mask) -> scoring_request, and the
-requested candidates are scored in every layer, in layer order, right after that layer's K/V are cached.
+ADSA is emulated exactly as the vLLM path does it, but with masks instead of freed blocks: every row (or pair) owns
+a `SequenceTracker` (adsa_vllm/reference/decoder.py). `generate(batched=True)` makes the same decisions for all rows
+at once (adsa_vllm/reference/batched.py): the same tokens, much faster for many rows.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.guidance.settings import Guidance
-from adsa_vllm.policy import SequenceTracker, make_scorer
+from adsa_vllm.policy import SequenceTracker
+from adsa_vllm.reference.batched import BatchedDecoder
+from adsa_vllm.reference.decoder import TrackerDecoder
 from adsa_vllm.reference.model import LlamaGenReference
 
 
@@ -33,91 +35,10 @@ class GenerationResult:
     logprobs: torch.Tensor | None = None          # [B, n, V] float32 log_softmax of the guided logits
     trackers: list[SequenceTracker] | None = None  # one per row: B, or 2B under CFG (conditional rows first),
     #                                                B under CFG with shared selection; None when nothing is
-    #                                                evicted (no adsa, budget None or large)
+    #                                                evicted (no adsa, budget None or large) or when batched
 
 
-class _Decoder:
-    """Owns the static cache and the trackers of R rows; every forward returns float32 logits [R, V]."""
-
-    def __init__(self, model: LlamaGenReference, conds: list[int], length: int, adsa: ADSAConfig | None,
-                 block_size: int, pairs: int = 0):
-        """pairs > 0: rows r and r + pairs are the halves of one CFG pair and share one tracker."""
-        cfg = model.cfg
-        self.model, self.bs, self.T = model, block_size, cfg.cls_token_num
-        dev = model.tok_embeddings.weight.device
-        self.cond = torch.tensor(conds, dtype=torch.int64, device=dev)
-        self.L = length                                                   # cache slots: positions [0, L)
-        shape = (len(conds), cfg.kv_heads, length, cfg.head_dim)
-        self.caches = [(torch.zeros(shape, dtype=model.dtype, device=dev),
-                        torch.zeros(shape, dtype=model.dtype, device=dev)) for _ in range(cfg.n_layer)]
-        self.slots = torch.arange(length, device=dev)
-        self.trackers: list[SequenceTracker] | None = None
-        # budget None means "never evict": no layout at all (BlockLayout floors a None budget to whole blocks,
-        # which can still evict one block or even reject small grids).
-        layout = None if adsa is None or adsa.budget is None else adsa.layout(
-            block_size=block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
-        self.pairs = pairs
-        if layout is not None and layout.evicts:
-            self.trackers = [SequenceTracker(layout, make_scorer(layout.policy, keep=layout.keep, seed=layout.seed))
-                             for _ in range(pairs or len(conds))]
-        self._requests: list[tuple[int, SequenceTracker, torch.Tensor]] = []
-        self._pos = 0
-
-    def prefill(self) -> torch.Tensor:
-        h = self.model.embed_cond(self.cond)                              # [R, T, dim]
-        if self.T == 1:
-            return self._single(h, 0)
-        # Multi-token prefill: plain causal attention, the trackers are not consulted (as in the vLLM path).
-        pos = torch.arange(self.T, device=h.device)
-        mask = (self.slots[None, :] <= pos[:, None])[None, None]          # [1, 1, T, L]
-        return self.model.forward_hidden(h, pos, self.caches, mask)[:, -1]
-
-    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """tokens: [R] ids fed at position `pos` -> logits [R, V] predicting position pos + 1."""
-        return self._single(self.model.tok_embeddings(tokens)[:, None], pos)
-
-    def _single(self, h: torch.Tensor, pos: int) -> torch.Tensor:
-        causal = self.slots <= pos                                        # [L]
-        self._requests, self._pos = [], pos
-        if self.trackers is None:
-            mask = causal[None, None, None].expand(h.shape[0], 1, 1, self.L)
-        else:
-            rows = []
-            for r, tr in enumerate(self.trackers):
-                tr.begin_step(pos)
-                keep = torch.zeros(self.L // self.bs + 1, dtype=torch.bool, device=h.device)
-                keep[tr.kept_blocks(pos)] = True
-                rows.append(keep[self.slots // self.bs] & causal)
-                cands = tr.scoring_request(pos)
-                if cands is not None:
-                    idx = (torch.tensor(cands, device=h.device)[:, None] * self.bs
-                           + torch.arange(self.bs, device=h.device)).flatten()    # [n * bs] token positions
-                    self._requests.append((r, tr, idx))
-            if self.pairs:
-                rows = rows + rows                                        # both halves keep the same blocks
-            mask = torch.stack(rows)[:, None, None]                       # [R, 1, 1, L]
-        pos_t = torch.tensor([pos], device=h.device)
-        hook = self._score if self._requests else None
-        return self.model.forward_hidden(h, pos_t, self.caches, mask, hook=hook)[:, -1]
-
-    def _score(self, layer: int, q: torch.Tensor) -> None:
-        """Layer hook: q [R, H, 1, D] post-RoPE; the layer's K/V for this position are already cached."""
-        k_cache, v_cache = self.caches[layer]
-        scale = self.model.cfg.head_dim ** -0.5
-        hd = k_cache.shape[-1]
-        for r, tr, idx in self._requests:
-            if layer and not tr.scorer.reads_kv:
-                continue  # a position-only score is added once per selection, not once per layer (as in vLLM)
-            n = idx.numel() // self.bs
-            rows = [r, r + self.pairs] if self.pairs else [r]             # a pair: [cond heads, uncond heads]
-
-            def blocks(cache):  # [heads, n*bs, D] -> [n, bs, heads, D], the paged-cache layout the scorers expect
-                return torch.cat([cache[i][:, idx] for i in rows]).transpose(0, 1).reshape(n, self.bs, -1, hd)
-            tr.score_layer(blocks(k_cache), blocks(v_cache), torch.cat([q[i, :, 0] for i in rows]), self._pos,
-                           scale=scale)
-
-
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then nucleus filtering of [B, V] logits (the official semantics; at least one token survives)."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -133,7 +54,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose, want_logprobs,
-         cfg_interval=-1, cfg_selection="separate"):
+         cfg_interval=-1, cfg_selection="separate", batched=False):
     cfg = model.cfg
     for c in class_ids:
         cfg.class_token(c)  # validates the id (num_classes itself = unconditional)
@@ -145,8 +66,9 @@ def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose,
     scales = Guidance(cfg_scale, cfg_interval)          # validates scale and interval
     B = len(class_ids)
     conds = list(class_ids) + ([cfg.num_classes] * B if guided else [])
-    dec = _Decoder(model, conds, cfg.cls_token_num + n, adsa, block_size,
-                   pairs=B if guided and cfg_selection == "shared" else 0)
+    decoder = BatchedDecoder if batched else TrackerDecoder
+    dec = decoder(model, conds, cfg.cls_token_num + n, adsa, block_size,
+                  pairs=B if guided and cfg_selection == "shared" else 0)
     toks, lps = [], []
     logits = dec.prefill()
     for i in range(n):
@@ -168,13 +90,14 @@ def generate(model: LlamaGenReference, class_ids: list[int], *, max_new_tokens: 
              cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, seed: int | None = None, adsa: ADSAConfig | None = None, block_size: int = 16,
              return_logprobs: bool = False, force_cfg: bool = False, cfg_interval: int = -1,
-             cfg_selection: str = "separate") -> GenerationResult:
+             cfg_selection: str = "separate", batched: bool = False) -> GenerationResult:
     """Sample `max_new_tokens` (default grid**2) image tokens per class id -> GenerationResult, tokens [B, n].
 
     CFG (batch doubled with the null class) runs when cfg_scale > 1 as in the official code, or always with
     force_cfg; cfg_interval and cfg_selection as in the module docstring. logprobs are of the guided logits
     before temperature / top-k / top-p (the model's distribution).
     adsa: emulate ADSA eviction with per-row trackers (block_size tokens per block); None = full attention.
+    batched: decide every row's evictions at once (`BatchedDecoder`; the same tokens, no trackers in the result).
     """
     n = model.cfg.image_tokens if max_new_tokens is None else max_new_tokens
     dev = model.tok_embeddings.weight.device
@@ -183,11 +106,12 @@ def generate(model: LlamaGenReference, class_ids: list[int], *, max_new_tokens: 
     def choose(_i, logits):
         if greedy:
             return logits.argmax(-1)
-        probs = _filter(logits.float() / max(temperature, 1e-5), top_k, top_p).softmax(-1)
+        probs = filter_logits(logits.float() / max(temperature, 1e-5), top_k, top_p).softmax(-1)
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
     return _run(model, class_ids, n, cfg_scale=cfg_scale, force_cfg=force_cfg, adsa=adsa, block_size=block_size,
-                choose=choose, want_logprobs=return_logprobs, cfg_interval=cfg_interval, cfg_selection=cfg_selection)
+                choose=choose, want_logprobs=return_logprobs, cfg_interval=cfg_interval, cfg_selection=cfg_selection,
+                batched=batched)
 
 
 @torch.no_grad()
@@ -209,4 +133,4 @@ def score_tokens(model: LlamaGenReference, class_ids: list[int], tokens: torch.T
     return res if return_result else res.logprobs
 
 
-__all__ = ["GenerationResult", "generate", "score_tokens"]
+__all__ = ["GenerationResult", "filter_logits", "generate", "score_tokens"]

@@ -1,0 +1,132 @@
+"""The reference's ADSA decisions for many rows at once: `BatchedDecoder` and the teacher-forced
+`score_tokens_batched`, for measurements over thousands of images (benchmarks/quality.py).
+
+`TrackerDecoder` drives one `SequenceTracker` per row in Python at every step: exact, but 10k rows x 784 steps is
+hours even on a GPU. All rows of a batch sit at the same position, so one `LockstepTrackers` makes every row's
+decisions on [R, ...] tensors (the same layout, schedule, scorers on [R, C] candidate batches and top-k rule;
+tests/test_lockstep.py). Between two selections nothing changes, so teacher forcing feeds all positions up to
+the next scoring step in one chunked forward: keys/values are those of the one-token-per-step path, only the
+matmul shapes differ. tests/test_fashion.py checks logprobs, evicted sets and sampled tokens against the trackers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adsa_vllm.config import ADSAConfig
+from adsa_vllm.policy import LockstepTrackers, make_scorer
+from adsa_vllm.reference.decoder import Decoder
+from adsa_vllm.reference.model import LlamaGenReference
+
+
+class BatchedDecoder(Decoder):
+    """`forward(h, start)` runs positions [start, start + S) of all rows in one forward; a chunk must end at every
+    scoring position (`schedule`). `selection` holds the deciders' ADSA state (None: full attention)."""
+
+    def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
+                 pairs: int = 0):
+        super().__init__(model, conds, length, adsa, block_size, pairs)
+        lay = self.layout
+        self.selection = None if lay is None else LockstepTrackers(
+            lay, make_scorer(lay.policy, keep=lay.keep, seed=lay.seed), self.deciders, first=self.first,
+            device=self.slots.device)
+        self.schedule = {} if lay is None else self.selection.schedule
+        self._request: tuple[int, torch.Tensor] | None = None             # this forward's (pos, token slots)
+
+    def forward(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """h [R, S, dim] at positions [start, start + S) -> float32 logits [R, S, V]."""
+        S = h.shape[1]
+        end = start + S - 1
+        if any(start <= p < end for p in self.schedule):
+            raise ValueError(f"chunk [{start}, {end}] crosses a scoring position; split it there")
+        self._request = None
+        pos = torch.arange(start, start + S, device=h.device)
+        # Attend over the written slots [0, end] only: views of the static cache (the model writes through them),
+        # so a step reads ~half the cache on average instead of all of it. Slots past `end` are masked out in
+        # TrackerDecoder, i.e. contribute exactly zero there, so this changes no result.
+        n = end + 1
+        slots = self.slots[:n]
+        mask = (slots[None, :] <= pos[:, None])[None, None]                                  # [1, 1, S, n]
+        if self.selection is not None:
+            self.selection.begin_step(start)
+            cands = self.selection.scoring_request(end)
+            if cands is not None:
+                tok = (cands[:, :, None] * self.bs + torch.arange(self.bs, device=h.device)).flatten(1)
+                self._request = (end, tok)                                                   # [deciders, C*bs]
+            evicted = self.selection.evicted
+            if self.pairs:
+                evicted = evicted.repeat(2, 1)                            # both halves keep the same blocks
+            mask = mask & (~evicted)[:, slots // self.bs][:, None, None, :]                 # [R, 1, S, n]
+        else:
+            mask = mask.expand(h.shape[0], 1, S, n)
+        caches = [(k[:, :, :n], v[:, :, :n]) for k, v in self.caches]
+        hook = self._score if self._request is not None else None
+        return self.model.forward_hidden(h, pos, caches, mask, hook=hook)
+
+    def _single(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.forward(h, pos)[:, -1]
+
+    def _score(self, layer: int, q: torch.Tensor) -> None:
+        """Layer hook: q [R, H, S, D] post-RoPE; this layer's K/V of the chunk are already cached. The scoring
+        query is the chunk's last position (TrackerDecoder's single-token forward at that position)."""
+        if layer and not self.selection.scorer.reads_kv:
+            return  # a position-only score is added once per selection, not once per layer (as in vLLM)
+        pos, tok = self._request
+        k_cache, v_cache = self.caches[layer]
+        R, hkv, _, d = k_cache.shape
+        P, C = tok.shape[0], tok.shape[1] // self.bs                      # P deciders
+        if self.pairs:
+            tok = tok.repeat(2, 1)
+
+        def blocks(cache):  # [R, Hkv, C*bs, D] -> [deciders, C, bs, heads, D], the paged layout scorers expect
+            t = cache.gather(2, tok[:, None, :, None].expand(R, hkv, tok.shape[1], d))
+            t = t.permute(0, 2, 1, 3).reshape(R, C, self.bs, hkv, d)
+            return torch.cat([t[:P], t[P:]], dim=3) if self.pairs else t   # a pair: [cond heads, uncond heads]
+
+        query = q[:, :, -1]
+        if self.pairs:
+            query = torch.cat([query[:P], query[P:]], dim=1)
+        scale = self.model.cfg.head_dim ** -0.5
+        self.selection.score_layer(blocks(k_cache), blocks(v_cache), query, pos, scale=scale)
+
+    def evicted_sets(self) -> list[set[int]]:
+        """Each decider's evicted blocks, as `[t.evicted for t in TrackerDecoder.trackers]`."""
+        return [set() for _ in range(self.deciders)] if self.selection is None else self.selection.evicted_sets()
+
+
+def _chunks(first: int, last: int, cuts, max_len: int) -> list[tuple[int, int]]:
+    """Split positions [first, last] into chunks ending at every cut and no longer than max_len."""
+    bounds, s = [], first
+    for c in sorted(p for p in cuts if first <= p < last) + [last]:
+        while c - s + 1 > max_len:
+            bounds.append((s, s + max_len - 1))
+            s += max_len
+        bounds.append((s, c))
+        s = c + 1
+    return bounds
+
+
+@torch.no_grad()
+def score_tokens_batched(model: LlamaGenReference, class_ids, tokens: torch.Tensor, *,
+                         adsa: ADSAConfig | None = None, block_size: int = 16, max_chunk: int = 128,
+                         return_state: bool = False):
+    """Batched twin of `score_tokens` (no CFG): logprobs [B, n, V] float32 of tokens [B, n] given their prefix;
+    with return_state=True (logprobs, the BatchedDecoder)."""
+    dev = model.tok_embeddings.weight.device
+    tokens = tokens.to(dev, torch.int64)
+    B, n = tokens.shape
+    T = model.cfg.cls_token_num
+    dec = BatchedDecoder(model, class_ids, T + n, adsa, block_size)
+    h_all = torch.cat([model.embed_cond(dec.cond), model.tok_embeddings(tokens[:, : n - 1])], dim=1)  # [B, T+n-1, dim]
+    out = []
+    for s, e in _chunks(0, T + n - 2, dec.schedule, max_chunk):
+        logits = dec.forward(h_all[:, s:e + 1], s)
+        keep_from = max(s, T - 1)                       # position p predicts image token p - (T - 1)
+        if keep_from <= e:
+            out.append(F.log_softmax(logits[:, keep_from - s:], dim=-1))
+    lp = torch.cat(out, dim=1)
+    return (lp, dec) if return_state else lp
+
+
+__all__ = ["BatchedDecoder", "score_tokens_batched"]
