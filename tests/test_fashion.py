@@ -1,7 +1,9 @@
-"""Fashion-MNIST data, the batched quality measurement of benchmarks/quality.py, and the demo's image decoding.
+"""Fashion-MNIST data, the reference's batched decoder that benchmarks/quality.py measures with, its report merge,
+and the demo's image decoding.
 
 Pure torch/numpy, no vLLM. The dataset-dependent test is skipped where `dataset-fashion-mnist` is not installed.
-ADSA's ordering on the shipped trained model is tests/test_quality_shipped.py.
+ADSA's ordering on the shipped trained model is tests/test_quality_shipped.py; the batched selection engine alone
+against per-row trackers is tests/test_lockstep.py.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.data import fashion_mnist as fm
 from adsa_vllm.llamagen.config import LlamaGenConfig
-from adsa_vllm.reference import LlamaGenReference, generate, score_tokens
+from adsa_vllm.reference import LlamaGenReference, generate, score_tokens, score_tokens_batched
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "adsa_vllm" / "assets"
@@ -34,7 +36,9 @@ def _load_benchmark(name: str):
     return mod
 
 
-quality = _load_benchmark("quality")
+# The policies benchmarks/quality.py measures.
+POLICIES = [dict(policy="topk_v", keep="diverse"), dict(policy="topk_v", keep="similar"), dict(policy="streaming"),
+            dict(policy="random"), dict(policy="attention_mass")]
 
 
 def tiny(grid=16, cls=1, seed=0) -> LlamaGenReference:
@@ -97,46 +101,40 @@ def test_real_data_quantization_if_installed():
     assert rep[fm.NUM_LEVELS]["psnr_db"] > 37.0     # the number the docstring's choice of K rests on
 
 
-# ---- quality.py ----
-def test_bits_per_token_full_attention_equals_direct_forward():
+# ---- the batched decoder ----
+def test_batched_scoring_full_attention_equals_direct_forward():
     m = tiny(grid=28)
     tokens = torch.randint(0, fm.NUM_LEVELS, (3, 784), generator=torch.Generator().manual_seed(0))
-    labels = np.array([0, 4, 10])
+    labels = [0, 4, 10]
     with torch.no_grad():
         logits = m.forward_full(tokens[:, :-1], torch.as_tensor(labels))     # [B, 784, K], entry i -> token i
-    direct = -logits.log_softmax(-1).gather(-1, tokens[..., None]).mean().item() / math.log(2)
     for adsa in (None, ADSAConfig(budget=None)):
-        assert quality.bits_per_token(m, labels, tokens, adsa, batch=2) == pytest.approx(direct, abs=1e-5)
+        torch.testing.assert_close(score_tokens_batched(m, labels, tokens, adsa=adsa), logits.log_softmax(-1),
+                                   atol=1e-5, rtol=0)
 
 
-def test_budget_below_prefix_and_window_is_reported_not_run():
-    cfg = tiny(grid=28).cfg
-    why = quality.check_layout(ADSAConfig(budget=0.10), cfg, 16)
-    assert why is not None and "raise the budget" in why
-    assert quality.check_layout(ADSAConfig(budget=0.25), cfg, 16) is None
-
-
-@pytest.mark.parametrize("grid,cls,labels", [(16, 1, list(quality.POLICIES)), (12, 2, ["topk_v_diverse"])])
-def test_batched_scoring_matches_reference_trackers(grid, cls, labels):
+@pytest.mark.parametrize("grid,cls,policies", [(16, 1, POLICIES), (12, 2, POLICIES[:1])])
+def test_batched_scoring_matches_reference_trackers(grid, cls, policies):
     m = tiny(grid=grid, cls=cls)
     tokens = torch.randint(0, fm.NUM_LEVELS, (3, grid * grid), generator=torch.Generator().manual_seed(1))
     c = [1, 5, 10]
-    for label in labels:
-        adsa = quality.adsa_config(label, 0.5)
+    for fields in policies:
+        adsa = ADSAConfig(budget=0.5, **fields)
         ref = score_tokens(m, c, tokens, adsa=adsa, return_result=True)
-        lp, dec = quality.fast_score(m, c, tokens, adsa=adsa, max_chunk=37, return_state=True)
-        assert dec.selections > 0
+        lp, dec = score_tokens_batched(m, c, tokens, adsa=adsa, max_chunk=37, return_state=True)
+        assert dec.selection.selections > 0
         torch.testing.assert_close(lp, ref.logprobs, atol=1e-4, rtol=0)
-        assert [t.evicted for t in ref.trackers] == dec.evicted_sets(), label
+        assert [t.evicted for t in ref.trackers] == dec.evicted_sets(), fields
 
 
 def test_batched_sampling_matches_reference_generate():
     m = tiny(grid=16)
     # attention_mass: the only policy that reads the query, so the scoring forward's position must be right too
-    for adsa in (quality.adsa_config("topk_v_diverse", 0.5), quality.adsa_config("attention_mass", 0.5)):
+    for adsa in (ADSAConfig(budget=0.5, policy="topk_v"), ADSAConfig(budget=0.5, policy="attention_mass")):
         for selection in ("shared", "separate"):   # CFG pairs: one decision per pair (the vLLM path) or per row
             kw = dict(cfg_scale=2.0, top_k=8, seed=3, adsa=adsa, cfg_selection=selection)
-            assert torch.equal(quality.fast_generate(m, [1, 9], **kw), generate(m, [1, 9], **kw).tokens), selection
+            assert torch.equal(generate(m, [1, 9], batched=True, **kw).tokens, generate(m, [1, 9], **kw).tokens), \
+                selection
 
 
 def test_fid_is_zero_on_identical_features_and_grows_with_a_shift():
@@ -157,7 +155,7 @@ def test_demo_draws_fashion_tokens_as_labelled_garments():
 
 
 def test_merge_combines_parts_of_a_split_run(tmp_path):
-    """--merge: bits of one call + samples of another -> one report, tables and pictures of the union."""
+    """quality.py --merge: bits of one call + samples of another -> one report, tables and pictures of the union."""
     base = {"model": {"folder": "m", "codebook_size": fm.NUM_LEVELS}, "device": "gpu",
             "args": {"dtype": "float32", "block_size": 16, "budgets": [0.5], "cfg_scale": 2.0, "top_k": 8,
                      "temperature": 1.0, "sample_budget": 0.5, "gen_dtype": "bfloat16"}, "timings_s": {"total": 1}}
@@ -174,7 +172,9 @@ def test_merge_combines_parts_of_a_split_run(tmp_path):
         paths.append(str(tmp_path / f"{name}.json"))
     imgs = np.zeros((4, 28, 28), np.uint8)
     np.savez(tmp_path / "c_samples.npz", class_ids=np.arange(4), full=imgs)
-    out = quality.merge(paths, tmp_path / "out", "m")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--merge", *paths,
+                    "--out-dir", str(tmp_path / "out"), "--tag", "m"], check=True, capture_output=True)
+    out = json.loads((tmp_path / "out" / "m.json").read_text())
     assert set(out["bits"]["policies"]["random"]) == {"0.5", "0.1", "0.75"}
     assert out["args"]["budgets"] == [0.1, 0.5, 0.75] and out["samples"]["results"]["full"]["fid"] == 0.2
     assert len(out["runs"]) == 3

@@ -1,8 +1,9 @@
 """ADSA's quality ordering on the shipped model (the LlamaGen trained on Fashion-MNIST, issue 5).
 
-Teacher-forced bits/token at a 50% KV budget on the first 32 test images (CPU, float32), computed with the batched
-selection code of benchmarks/quality.py (tests/test_fashion.py checks it against the reference trackers; the GPU
-run repeats that check on the shipped model: benchmarks/results/fashion_quality_h200.json, "exact_check").
+Teacher-forced bits/token at a 50% KV budget on the first 32 test images (CPU, float32), computed with the
+reference's batched decoder that benchmarks/quality.py measures with (`score_tokens_batched`; tests/test_fashion.py
+checks it against the reference trackers; the GPU run repeats that check on the shipped model:
+benchmarks/results/fashion_quality_h200.json, "exact_check").
 
 What the data support, and the margins, from paired per-image differences (Δ = policy − full, bits/token):
 
@@ -25,29 +26,26 @@ Skipped only where Debian's dataset-fashion-mnist is not installed. ~1 minute on
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import math
 
 import numpy as np
 import pytest
 import torch
 
+from adsa_vllm.config import ADSAConfig
 from adsa_vllm.convert import load_reference
 from adsa_vllm.data import fashion_mnist as fm
 from adsa_vllm.default_model import SHIPPED_DIR
+from adsa_vllm.reference import score_tokens_batched
 
-ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 32
 BUDGET = 0.5
 
 
-def _quality():
-    spec = importlib.util.spec_from_file_location("bench_quality_shipped", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def _bits(model, labels, tokens, adsa) -> np.ndarray:
+    """[N] teacher-forced bits/token of each image."""
+    lp = score_tokens_batched(model, [int(c) for c in labels], tokens, adsa=adsa)
+    return (-lp.gather(-1, tokens[..., None])[..., 0]).mean(1).double().numpy() / math.log(2)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +54,12 @@ def per_image_bits():
         x, y = fm.load("test")
     except fm.FashionMNISTNotFound:
         pytest.skip("dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
-    q = _quality()
     model = load_reference(SHIPPED_DIR, dtype=torch.float32)
     tokens = torch.as_tensor(fm.tokenize(x[:N_IMAGES]))
-    labels = y[:N_IMAGES].astype(np.int64)
-    out = {"full": q.token_nll(model, labels, tokens, None, batch=N_IMAGES).numpy()}
-    for label in ("topk_v_diverse", "topk_v_similar"):
-        out[label] = q.token_nll(model, labels, tokens, q.adsa_config(label, BUDGET), batch=N_IMAGES).numpy()
+    labels = y[:N_IMAGES]
+    out = {"full": _bits(model, labels, tokens, None)}
+    for keep in ("diverse", "similar"):
+        out[f"topk_v_{keep}"] = _bits(model, labels, tokens, ADSAConfig(budget=BUDGET, policy="topk_v", keep=keep))
     return out
 
 

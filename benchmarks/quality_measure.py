@@ -1,0 +1,72 @@
+"""The measurements of benchmarks/quality.py: teacher-forced bits/token, CFG samples, and the batched path checked
+against the reference trackers. The batched selection lives in the library (adsa_vllm/reference/batched.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from adsa_vllm.config import ADSAConfig, ADSAConfigError
+from adsa_vllm.reference import generate, score_tokens, score_tokens_batched
+
+LN2 = math.log(2.0)
+# (label, ADSAConfig fields) of every policy measured; labels are the JSON / table / plot keys.
+POLICIES = {"topk_v_diverse": dict(policy="topk_v", keep="diverse"),
+            "topk_v_similar": dict(policy="topk_v", keep="similar"),
+            "streaming": dict(policy="streaming"),
+            "random": dict(policy="random"),
+            "attention_mass": dict(policy="attention_mass")}
+BUDGETS = (0.10, 0.25, 0.50, 0.75)
+
+
+def adsa_config(policy_label: str, budget) -> ADSAConfig:
+    return ADSAConfig(budget=budget, **POLICIES[policy_label])
+
+
+def check_layout(adsa: ADSAConfig, cfg, block_size: int) -> str | None:
+    """None if the budget is usable, else the reason it is not (the ADSAConfigError message)."""
+    try:
+        adsa.layout(block_size=block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+    except ADSAConfigError as e:
+        return str(e)
+    return None
+
+
+def token_nll(model, class_ids, tokens, adsa, *, block_size=16, batch=1000, exact=False) -> torch.Tensor:
+    """[N] mean NLL in bits per token of each image (teacher-forced, conditional on class_ids)."""
+    per_image = []
+    for i in range(0, len(tokens), batch):
+        t = tokens[i:i + batch]
+        c = [int(x) for x in class_ids[i:i + batch]]
+        lp = (score_tokens(model, c, t, adsa=adsa, block_size=block_size) if exact
+              else score_tokens_batched(model, c, t, adsa=adsa, block_size=block_size))
+        nll = -lp.gather(-1, t.to(lp.device, torch.int64)[..., None])[..., 0]
+        per_image.append(nll.mean(1).double().cpu() / LN2)
+    return torch.cat(per_image)
+
+
+def sample_tokens(model, class_ids, adsa, a, exact: bool) -> torch.Tensor:
+    """[N, grid**2] CFG samples, a.gen_batch at a time (batch i seeded a.seed + i); a pair shares one selection,
+    as in the vLLM path."""
+    outs = []
+    for i in range(0, len(class_ids), a.gen_batch):
+        c = class_ids[i:i + a.gen_batch]
+        kw = dict(cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  seed=a.seed + i, adsa=adsa, block_size=a.block_size, cfg_selection="shared")
+        outs.append(generate(model, c, batched=not exact, **kw).tokens.cpu())
+    return torch.cat(outs)
+
+
+def exact_check(model, class_ids, tokens, block_size, labels, budget) -> dict:
+    """Batched path vs the reference trackers on a few images: max |delta logprob|, identical evicted sets."""
+    out = {}
+    c = [int(x) for x in class_ids]
+    for label in labels:
+        adsa = adsa_config(label, budget)
+        ref = score_tokens(model, c, tokens, adsa=adsa, block_size=block_size, return_result=True)
+        lp, dec = score_tokens_batched(model, c, tokens, adsa=adsa, block_size=block_size, return_state=True)
+        same = [tr.evicted == ev for tr, ev in zip(ref.trackers or [], dec.evicted_sets())]
+        out[label] = {"max_abs_logprob_diff": float((ref.logprobs - lp).abs().max()),
+                      "evicted_sets_identical": f"{sum(same)}/{len(same)}"}
+    return out

@@ -1,0 +1,185 @@
+"""The outputs of benchmarks/quality.py: <tag>.json, <tag>.md (tables), <tag>_bits.png (bits/token vs budget, one
+line per policy), <tag>_samples.png (rows: full attention then each policy, columns: classes) and
+<tag>_samples.npz (the samples, for --merge); `merge` combines the reports of runs that measured different parts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from adsa_vllm.data import fashion_mnist as fm
+
+# Pictures: Pillow only.
+COLORS = {"full": (0, 0, 0), "topk_v_diverse": (214, 39, 40), "topk_v_similar": (255, 127, 14),
+          "streaming": (31, 119, 180), "random": (127, 127, 127), "attention_mass": (44, 160, 44)}
+
+
+def plot_bits(results: dict, full_bits: float, path: Path, title: str) -> None:
+    from PIL import Image, ImageDraw
+    W, H, ml, mr, mt, mb = 760, 480, 80, 200, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    pts = {lab: [(b, v["bits_per_token"]) for b, v in sorted(per.items()) if "bits_per_token" in v]
+           for lab, per in results.items()}
+    ys = [y for p in pts.values() for _, y in p] + [full_bits]
+    lo, hi = min(ys), max(ys)
+    pad = max((hi - lo) * 0.08, 1e-3)
+    lo, hi = lo - pad, hi + pad
+    x0, x1, y0, y1 = ml, W - mr, H - mb, mt
+
+    def X(b):
+        return x0 + (b - 0.0) / 1.0 * (x1 - x0)
+
+    def Y(v):
+        return y0 - (v - lo) / (hi - lo) * (y0 - y1)
+
+    d.rectangle([x0, y1, x1, y0], outline=(0, 0, 0))
+    for b in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.line([X(b), y0, X(b), y0 + 5], fill=(0, 0, 0))
+        d.text((X(b) - 12, y0 + 8), f"{b:.2f}", fill=(0, 0, 0))
+    for k in range(6):
+        v = lo + (hi - lo) * k / 5
+        d.line([x0 - 5, Y(v), x0, Y(v)], fill=(0, 0, 0))
+        d.line([x0, Y(v), x1, Y(v)], fill=(235, 235, 235))
+        d.text((8, Y(v) - 6), f"{v:.4f}", fill=(0, 0, 0))
+    d.text((x0 + 120, H - 22), "KV budget (fraction of the 784 image tokens)", fill=(0, 0, 0))
+    d.text((x0, 12), title, fill=(0, 0, 0))
+    yf = Y(full_bits)
+    for xs in range(int(x0), int(x1), 12):  # dashed: full attention
+        d.line([xs, yf, min(xs + 6, x1), yf], fill=COLORS["full"], width=2)
+    for lab, p in pts.items():
+        col = COLORS.get(lab, (148, 103, 189))
+        xy = [(X(b), Y(v)) for b, v in p]
+        if len(xy) > 1:
+            d.line(xy, fill=col, width=2)
+        for x, y in xy:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+    ly = mt
+    for lab in ["full"] + list(pts):
+        d.line([x1 + 15, ly + 6, x1 + 40, ly + 6], fill=COLORS.get(lab, (148, 103, 189)), width=3)
+        d.text((x1 + 46, ly), "full attention" if lab == "full" else lab, fill=(0, 0, 0))
+        ly += 20
+    d.text((x1 + 15, ly + 10), "y: test bits/token", fill=(0, 0, 0))
+    img.save(path)
+
+
+def sample_grid(rows: dict[str, np.ndarray], class_ids: np.ndarray, path: Path, per_class: int = 2,
+                scale: int = 3) -> None:
+    """rows: label -> uint8 [N, 28, 28] samples; columns: classes (per_class samples each, same seeds per row)."""
+    from PIL import Image, ImageDraw
+    g, pad, left, top = fm.GRID_SIZE * scale, 2, 120, 18
+    cols = [(c, j) for c in range(fm.NUM_CLASSES) for j in range(per_class)]
+    W = left + len(cols) * (g + pad)
+    H = top + len(rows) * (g + pad)
+    img = Image.new("L", (W, H), 255)
+    d = ImageDraw.Draw(img)
+    for ci, c in enumerate(range(fm.NUM_CLASSES)):
+        d.text((left + ci * per_class * (g + pad) + 2, 3), fm.CLASS_NAMES[c][:12], fill=0)
+    for ri, (lab, imgs) in enumerate(rows.items()):
+        d.text((4, top + ri * (g + pad) + g // 2 - 6), lab, fill=0)
+        for k, (c, j) in enumerate(cols):
+            idx = np.nonzero(class_ids == c)[0]
+            if j < len(idx):
+                tile = Image.fromarray(imgs[idx[j]]).resize((g, g), Image.NEAREST)
+                img.paste(tile, (left + k * (g + pad), top + ri * (g + pad)))
+    img.save(path)
+
+
+def markdown(rep: dict) -> str:
+    a = rep["args"]
+    bits = rep.get("bits")
+    lines = [f"# ADSA quality on Fashion-MNIST LlamaGen ({rep['model']['folder']})", "",
+             f"Device {rep['device']}, dtype {a['dtype']}, block size {a['block_size']}"
+             + (f"; model test bits/token (full attention) {bits['full']['bits_per_token']:.4f} on "
+                f"{bits['images']} test images (log2 K = {math.log2(rep['model']['codebook_size']):.0f})."
+                if bits else "."), ""]
+    if bits:
+        budgets = sorted({float(b) for per in bits["policies"].values() for b in per})
+        lines += ["## Teacher-forced bits/token (delta vs full attention, paired standard error)", "",
+                  "| policy | " + " | ".join(f"budget {b:.2f}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for lab, per in bits["policies"].items():
+            cells = []
+            for b in budgets:
+                v = per.get(str(b))
+                cells.append("not run" if v is None else "skipped" if "skipped" in v else
+                             f"{v['bits_per_token']:.4f} ({v['delta_vs_full']:+.4f} ± {v['delta_se']:.4f})")
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        skipped = {b: v["skipped"] for per in bits["policies"].values() for b, v in per.items() if "skipped" in v}
+        for b, why in skipped.items():
+            lines += ["", f"Budget {b} skipped: {why}"]
+    if rep.get("samples"):
+        s = rep["samples"]
+        lines += ["", f"## Samples ({s['per_policy']} per policy, CFG {a['cfg_scale']}, top-k {a['top_k']}, "
+                      f"temperature {a['temperature']}, budget {a['sample_budget']}, {a['gen_dtype']})", "",
+                  "| rows | FID (classifier features) | class accuracy |", "|---|---|---|"]
+        for lab, v in s["results"].items():
+            lines.append(f"| {lab} | skipped | |" if "skipped" in v else
+                         f"| {lab} | {v['fid']:.3f} | {v['class_accuracy']:.3f} |")
+        lines.append(f"| real train images (floor) | {s['real_floor']['fid']:.3f} | "
+                     f"{s['real_floor']['class_accuracy']:.3f} |")
+    if rep.get("exact_check"):
+        lines += ["", "## Batched path vs reference trackers", "", "```",
+                  json.dumps(rep["exact_check"], indent=1), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rep: dict, samples: dict, class_ids, out_dir: Path, tag: str) -> None:
+    """<tag>.json and .md always; the bits plot once a policy is measured; the sample grid and the samples
+    themselves (<tag>_samples.npz, for --merge) once a row is sampled. Called after every measured unit, so a run
+    stopped at its time limit leaves everything it finished."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{tag}.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    (out_dir / f"{tag}.md").write_text(markdown(rep))
+    bits = rep.get("bits")
+    if bits and any("bits_per_token" in v for per in bits["policies"].values() for v in per.values()):
+        plot_bits({lab: {float(b): v for b, v in per.items()} for lab, per in bits["policies"].items()},
+                  bits["full"]["bits_per_token"], out_dir / f"{tag}_bits.png",
+                  f"Fashion-MNIST LlamaGen, {bits['images']} test images: bits/token vs ADSA budget")
+    if samples:
+        sample_grid(samples, class_ids, out_dir / f"{tag}_samples.png")
+        np.savez_compressed(out_dir / f"{tag}_samples.npz", class_ids=class_ids, **samples)
+
+
+def _shape(model: dict) -> dict:
+    return {k: v for k, v in model.items() if k != "folder"}   # the same model may sit at another path
+
+
+def merge(paths: list[str], out_dir: Path, tag: str) -> dict:
+    """Combine the reports of runs that measured different parts / policies / sample rows of the same model and
+    settings (e.g. two calls of a time-limited GPU machine) into one <tag>.{json,md,png}. Later files win on
+    overlap; the per-run args, devices and timings are kept under `runs`."""
+    reps = [json.loads(Path(p).read_text()) for p in paths]
+    first = reps[0]
+    out = {"model": first["model"], "device": "; ".join(dict.fromkeys(r["device"] for r in reps)),
+           "args": dict(first["args"]), "timings_s": {}, "runs": []}
+    samples, class_ids = {}, None
+    for p, r in zip(paths, reps):
+        if _shape(r["model"]) != _shape(first["model"]):
+            raise SystemExit(f"{p}: another model than {paths[0]}")
+        out["runs"].append({"file": Path(p).name, "device": r["device"], "args": r["args"],
+                            "timings_s": r["timings_s"]})
+        if r.get("bits"):
+            b = out.setdefault("bits", {"images": r["bits"]["images"], "full": r["bits"]["full"], "policies": {}})
+            if b["images"] != r["bits"]["images"]:
+                raise SystemExit(f"{p}: bits/token on {r['bits']['images']} images, not {b['images']}")
+            for lab, per in r["bits"]["policies"].items():
+                b["policies"].setdefault(lab, {}).update(per)
+        if r.get("samples"):
+            s = out.setdefault("samples", {k: v for k, v in r["samples"].items() if k != "results"})
+            s.setdefault("results", {}).update(r["samples"]["results"])
+            npz = Path(p).with_name(Path(p).stem + "_samples.npz")
+            if npz.is_file():
+                with np.load(npz) as z:
+                    class_ids = z["class_ids"]
+                    samples.update({k: z[k] for k in z.files if k != "class_ids"})
+        if r.get("exact_check"):
+            out["exact_check"] = r["exact_check"]
+    if "bits" in out:
+        out["args"]["budgets"] = sorted({float(b) for per in out["bits"]["policies"].values() for b in per})
+        out["args"]["policies"] = list(out["bits"]["policies"])
+    write_outputs(out, samples, class_ids, out_dir, tag)
+    return out
