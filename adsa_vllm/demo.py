@@ -49,6 +49,14 @@ def class_label(c: int, cfg) -> str:
     return f"class {c}"
 
 
+def _check_out(ap: argparse.ArgumentParser, out: str) -> None:
+    from PIL import Image
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in Image.registered_extensions():
+        ap.error(f"--out {out!r}: the grid is one image file; give a name ending in an image extension, "
+                 "e.g. --out demo.png")
+
+
 def save_grid(rows: list[tuple[str, list[np.ndarray], list[str]]], path: str, tile: int = 128) -> None:
     """rows: (row label, images [H, W] uint8, per-image labels) -> one labelled PNG (Pillow only)."""
     from PIL import Image, ImageDraw
@@ -142,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="demo.png")
     args = ap.parse_args(argv)
+    _check_out(ap, args.out)   # before minutes of generation, not after
 
     t_all = time.perf_counter()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # EngineCore in-process: scheduler stats

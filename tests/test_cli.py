@@ -172,3 +172,11 @@ def test_vq_codebook_must_match_the_model():
     vq = VQDecoder(VQConfig(**{**SMALL, "codebook_size": 32})).eval()
     with pytest.raises(ValueError, match="32 codes but the model emits 64"):
         tokens_to_images(model_cfg, np.zeros((1, 16)), vq=vq)
+
+
+@pytest.mark.parametrize("out", ["pics/", "demo", "grid.txt"])
+def test_demo_rejects_an_output_without_image_extension_before_generating(out, capsys):
+    from adsa_vllm import demo
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", out])
+    assert e.value.code == 2 and "image extension" in capsys.readouterr().err
