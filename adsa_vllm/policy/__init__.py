@@ -1,5 +1,5 @@
-"""ADSA selection policies (pure torch, no vLLM import): layout math, block scorers, per-sequence tracker (and
-its batched form for sequences in lockstep).
+"""ADSA selection policies (pure torch, no vLLM import): layout math, block scorers, the per-sequence tracker, and
+its batched form `SlotTrackers` (many sequences as arrays; `LockstepTrackers` drives it for rows at one position).
 
 Each scorer module registers its class in `BlockScorer.registry` when imported; importing them all here (and
 nowhere else) keeps the arrows one-way: scorers -> base, this package -> scorers.
@@ -11,6 +11,7 @@ from adsa_vllm.policy import attention_mass, random_blocks, streaming, topk_v
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.layout import BlockLayout
 from adsa_vllm.policy.lockstep import LockstepTrackers, selection_schedule
+from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.policy.tracker import SequenceTracker, top_blocks, top_blocks_rows
 
 SCORER_MODULES = (attention_mass, random_blocks, streaming, topk_v)   # imported for their registration
@@ -25,5 +26,5 @@ def make_scorer(policy: str, **settings) -> BlockScorer:
     return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
 
 
-__all__ = ["BlockLayout", "BlockScorer", "LockstepTrackers", "ScoreInputs", "SequenceTracker", "make_scorer",
-           "selection_schedule", "top_blocks", "top_blocks_rows"]
+__all__ = ["BlockLayout", "BlockScorer", "LockstepTrackers", "ScoreInputs", "SequenceTracker", "SlotTrackers",
+           "make_scorer", "selection_schedule", "top_blocks", "top_blocks_rows"]

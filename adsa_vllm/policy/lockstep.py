@@ -1,21 +1,24 @@
-"""`SequenceTracker`s of many sequences that advance in lockstep, decided on [R, ...] tensors in one batched top-k.
+"""`SlotTrackers` for many sequences that advance in lockstep, with the tensor interface the reference's batched
+decoder (adsa_vllm/reference/batched.py) drives.
 
 Rows that sit at the same position at every step (a batch of teacher-forced images, or of samples generated
 together) share their selection schedule: whether a selection is due depends only on the position and on how many
-candidates survive, never on which, and every selection keeps `topk_blocks` of them. So the schedule comes from one
-real `SequenceTracker` fed dummy scores (`selection_schedule`), and only *which* blocks survive is per row: a row's
-candidates are its live blocks of `candidate_range`, its survivors `top_blocks_rows` of its scores (the same
-tie-breaking as `top_blocks`). Each row ends with exactly the evicted set of its own tracker fed the same scores
-(tests/test_lockstep.py). The reference's batched decoder (adsa_vllm/reference/batched.py) drives this.
+candidates survive, never on which, and every selection keeps `topk_blocks` of them. So the schedule is known in
+advance from one real `SequenceTracker` fed dummy scores (`selection_schedule`; the decoder feeds every position
+between two selections in one forward), while which blocks survive is decided per row by `SlotTrackers`, the same
+engine the vLLM worker plans with. Each row ends with exactly the evicted set of its own tracker fed the same
+scores (tests/test_lockstep.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.layout import BlockLayout
-from adsa_vllm.policy.tracker import SequenceTracker, top_blocks_rows
+from adsa_vllm.policy.slot_trackers import SlotTrackers
+from adsa_vllm.policy.tracker import SequenceTracker
 
 
 def selection_schedule(layout: BlockLayout, first: int) -> dict[int, int]:
@@ -43,42 +46,44 @@ class LockstepTrackers:
 
     def __init__(self, layout: BlockLayout, scorer: BlockScorer, rows: int, *, first: int = 0,
                  device: torch.device | str | None = None):
-        self.layout, self.scorer = layout, scorer
+        self.layout, self.scorer, self.device = layout, scorer, device
         self.schedule = selection_schedule(layout, first)
-        self.evicted = torch.zeros(rows, layout.num_blocks(layout.seq_len - 1), dtype=torch.bool, device=device)
         self.selections = 0
-        self._pending: tuple[int, torch.Tensor, torch.Tensor | None] | None = None   # (pos, cands, summed scores)
-        self._k = torch.full((rows,), layout.topk_blocks, dtype=torch.int64, device=device)
+        self._blocks = layout.num_blocks(layout.seq_len - 1)   # one more than max_blocks when the last block is full
+        self._engine = SlotTrackers(capacity=rows, width=self._blocks)
+        self._slots = np.array([self._engine.add(layout) for _ in range(rows)])
+        self._cands: torch.Tensor | None = None
+
+    def _at(self, pos: int) -> np.ndarray:
+        return np.full(len(self._slots), pos, dtype=np.int64)
 
     # 1.
     def begin_step(self, pos: int) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None or pending[0] != pos or pending[2] is None:
-            return
-        _, cands, scores = pending
-        keep = top_blocks_rows(cands, scores, self._k)
-        self.evicted.scatter_(1, cands, ~keep)   # candidates are live, so a kept one stays False
-        self.selections += 1
+        evict_rows, _ = self._engine.decide(self._slots, self._at(pos))
+        self.selections += bool(len(evict_rows))   # a selection always evicts (candidates outnumber the slots)
+
+    # 2.
+    @property
+    def evicted(self) -> torch.Tensor:
+        return torch.from_numpy(self._engine.evicted[self._slots, : self._blocks].copy()).to(self.device)
 
     # 3.
     def scoring_request(self, pos: int) -> torch.Tensor | None:
-        n = self.schedule.get(pos)
-        if n is None:
+        rows, cand = self._engine.request(self._slots, self._at(pos))
+        if not len(rows):
             return None
-        rng = self.layout.candidate_range(pos + 1)
-        alive = ~self.evicted[:, rng.start:rng.stop]
-        if not bool((alive.sum(1) == n).all()):
-            raise RuntimeError(f"rows disagree on the candidate count at position {pos}: expected {n} "
-                               "(rows not in lockstep?)")
-        cands = torch.arange(rng.start, rng.stop, device=alive.device).expand_as(alive)[alive].view(-1, n)
-        self._pending = (pos + 1, cands, None)
-        return cands
+        counts = cand.sum(1)
+        if len(rows) != len(self._slots) or (counts != counts[0]).any():
+            raise RuntimeError(f"rows disagree on the selection at position {pos} (rows not in lockstep?)")
+        self._cands = torch.from_numpy(np.nonzero(cand)[1].reshape(len(rows), -1)).to(self.device)
+        return self._cands
 
     def add_layer_scores(self, scores: torch.Tensor) -> None:
         """Add one layer's scores [rows, C] of the requested candidates."""
-        pos, cands, acc = self._pending
-        s = scores.detach().to(torch.float32)
-        self._pending = (pos, cands, s if acc is None else acc + s)
+        index = self._cands.cpu().numpy()
+        self._engine.add_scores(self._slots, self._engine.epoch[self._slots], self._engine.pending_pos[self._slots],
+                                index, np.ones(index.shape, dtype=bool),
+                                scores.detach().to(torch.float32).cpu().numpy())
 
     def score_layer(self, keys, values, query, pos: int, scale: float) -> None:
         """Score one layer: keys/values [rows, C, bs, Hkv, D] of the requested candidates (in `pending_blocks`
@@ -91,8 +96,8 @@ class LockstepTrackers:
 
     @property
     def pending_blocks(self) -> torch.Tensor:
-        return self._pending[1]
+        return self._cands
 
     def evicted_sets(self) -> list[set[int]]:
         """Each row's evicted blocks, as `SequenceTracker.evicted`."""
-        return [set(torch.nonzero(row).flatten().tolist()) for row in self.evicted.cpu()]
+        return [set(np.nonzero(row)[0].tolist()) for row in self._engine.evicted[self._slots]]
