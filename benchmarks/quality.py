@@ -5,7 +5,7 @@
     Every policy keeps the same number of blocks at a budget; budgets below prefix + local window are invalid
     (ADSAConfigError) and reported as skipped with the reason.
 (b) CFG samples for full attention and each policy at --sample-budget (0.5): FID between classifier features
-    (benchmarks/classifier.py) of the samples and of the test images, and classifier accuracy on the intended class.
+    (adsa_vllm.data.classifier) of the samples and of the test images, and classifier accuracy on the intended class.
 (c) <out-dir>/<tag>.json, <tag>.md (tables), <tag>_bits.png (bits/token vs budget, one line per policy) and
     <tag>_samples.png (rows: full attention then each policy, columns: classes).
 
@@ -107,7 +107,7 @@ def main(argv=None):
     a.sample_rows = a.sample_rows or ["full"] + list(a.policies)
     if cuda:  # full float32 matmuls: TF32 would add ~1e-3 relative noise to every score
         torch.backends.cuda.matmul.allow_tf32 = False
-    import classifier as clf
+    from adsa_vllm.data import classifier as clf
 
     t_start = time.time()
     model = load_reference(a.model, dtype=getattr(torch, a.dtype), device=a.device)

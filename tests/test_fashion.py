@@ -9,7 +9,6 @@ against per-row trackers is tests/test_lockstep.py.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,14 +25,6 @@ from adsa_vllm.reference import LlamaGenReference, generate, score_tokens, score
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "adsa_vllm" / "assets"
-
-
-def _load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # The policies benchmarks/quality.py measures.
@@ -138,10 +129,18 @@ def test_batched_sampling_matches_reference_generate():
 
 
 def test_fid_is_zero_on_identical_features_and_grows_with_a_shift():
-    clf = _load_benchmark("classifier")
+    from adsa_vllm.data import classifier as clf
     f = np.random.default_rng(0).normal(size=(500, 8))
     assert abs(clf.fid(f, f)) < 1e-6
     assert clf.fid(f, f + 1.0) == pytest.approx(8.0, rel=1e-6)   # |mu shift|^2, same covariance
+
+
+def test_shipped_classifier_loads_from_the_package_assets():
+    from adsa_vllm.data import classifier as clf
+    assert clf.DEFAULT_PATH == ASSETS / "fashion_classifier.pt"
+    imgs = clf.quantize(np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8))
+    assert clf.features(imgs).shape == (3, clf.FEATURES)
+    assert clf.predict(imgs).shape == (3,) and set(clf.predict(imgs)) <= set(range(fm.NUM_CLASSES))
 
 
 def test_demo_draws_fashion_tokens_as_labelled_garments():
