@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from adsa_vllm.llamagen.config import PRESETS, LlamaGenConfig, grid_for_image_size
+from adsa_vllm.model_config import PRESETS, LlamaGenConfig, grid_for_image_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Non-parameter tensors the official model may carry (plain attributes or KV-cache buffers).

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adsa_vllm.llamagen.config import LlamaGenConfig
+from adsa_vllm.model_config import LlamaGenConfig
 
 DEFAULT_CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
 DEFAULT_SEED = 0

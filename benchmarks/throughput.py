@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0) -> Path:
-    from adsa_vllm.llamagen.config import preset as make_preset
+    from adsa_vllm.model_config import preset as make_preset
     cfg = make_preset(preset, grid_size=grid)
     d = cfg.to_hf_dict()
     if kind in ("llama", "llama-sw"):  # same shape, stock architecture, 1D RoPE, codebook-sized vocabulary
@@ -61,7 +61,7 @@ def run_mode(args) -> dict:
     if "v1" in args.mode.split(":")[1:]:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"   # e.g. "llamagen:v1": stock on the V1 runner
     from vllm import LLM, SamplingParams
-    from adsa_vllm.llamagen.config import preset as make_preset
+    from adsa_vllm.model_config import preset as make_preset
     cfg = make_preset(args.preset, grid_size=args.grid)
     base, policy, budget = parse_mode(args.mode, args.policy, args.budget)
     kind = base if base in ("llama", "llama-sw") else "llamagen"

@@ -73,7 +73,7 @@ def launch_server(model_dir, log_path, *extra):
 def tiny_model_dir(tmp_path_factory, grid_size: int):
     """A small random LlamaGen (head_dim 32, 10 classes) for server tests: a fast start on 2 CPU cores."""
     from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.llamagen.config import LlamaGenConfig
+    from adsa_vllm.model_config import LlamaGenConfig
     shape = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=grid_size)
     return make_random_model_dir(tmp_path_factory.mktemp(f"llamagen{grid_size}"), shape, seed=0, std=0.1)
 

@@ -9,7 +9,7 @@ import torch
 from adsa_vllm import convert as conv
 from adsa_vllm.default_model import (DEFAULT_CONFIG, SHIPPED_DIR, default_model_dir, make_random_model_dir,
                                      random_model_dir)
-from adsa_vllm.llamagen.config import LlamaGenConfig, preset
+from adsa_vllm.model_config import LlamaGenConfig, preset
 from adsa_vllm.reference import LlamaGenReference, generate
 
 CFG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, codebook_size=64, num_classes=10, grid_size=4)

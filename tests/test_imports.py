@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "adsa_vllm"
@@ -90,3 +92,19 @@ def test_the_circle_finder_finds_a_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert circles(graph) == [["a", "b", "c"]]
     assert "adsa_vllm.policy.base" in import_graph()["adsa_vllm.policy.tracker"]   # the walker sees real edges
+
+
+def test_only_the_vllm_model_imports_the_llamagen_package():
+    """llamagen/ is the vLLM model; the hyper-parameters every pure module needs are adsa_vllm.model_config.
+    (adsa_vllm.llamagen.config is a transitional re-export for engine/config_hook.py alone; see its docstring.)"""
+    graph = import_graph()
+    users = {m for m, edges in graph.items() if not m.startswith("adsa_vllm.llamagen")
+             and any(e.startswith("adsa_vllm.llamagen") for e in edges)}
+    assert users <= {"adsa_vllm.engine.config_hook"}, users
+
+
+def test_model_config_imports_neither_torch_nor_vllm():
+    code = "import sys, adsa_vllm.model_config; print(sorted({'torch', 'vllm'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.strip() == "[]", out

@@ -36,8 +36,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from adsa_vllm.guidance.runtime import make_guidance_runtime
-from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.llamagen.rope2d import apply_rope_2d, rope_2d_table
+from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.worker.layer import make_attention, make_runtime
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.llamagen.config import LlamaGenConfig
+from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
 from adsa_vllm.reference.model import LlamaGenReference
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adsa_vllm.llamagen.config import LlamaGenConfig
+from adsa_vllm.model_config import LlamaGenConfig
 
 # Called inside every layer once its K/V are in the cache: (layer_idx, q [B, H, S, D] post-RoPE).
 LayerHook = Callable[[int, torch.Tensor], None]
