@@ -7,7 +7,9 @@ agreement is reported, not asserted; (3) the pool's free-block count returns to 
 (4) classifier-free guidance (pairs as one sequence with 2H heads): CFG with ADSA budget None equals CFG with full
 attention token for token, CFG + ADSA 50% frees blocks within the bound, and the logprobs vLLM returns match the
 fp32 reference's guided distribution teacher-forced on vLLM's own tokens (bf16 tolerance, reported).
-Prints one JSON line; exits non-zero if (1), (3), (4)'s equality or a bound fails.
+(5) FP8 KV cache: ADSA with a budget covering the sequence equals stock vLLM with the same fp8 cache token for token;
+ADSA 50% on it frees blocks.
+Prints one JSON line; exits non-zero if (1), (3), (4), (5)'s equality or a bound fails.
 """
 
 from __future__ import annotations
@@ -31,21 +33,23 @@ from adsa_vllm.reference.generate import generate, score_tokens  # noqa: E402
 CFG_SCALE = 3.0
 
 
-def run(model_dir, cfg, classes, adsa: dict | None, guided: bool = False):
+def run(model_dir, cfg, classes, adsa: dict | None, guided: bool = False, kv_cache_dtype: str = "auto"):
     """One engine in a fresh process (vLLM does not give all GPU memory back, and a later engine's memory
     profiling in the same process trips over the earlier one's memory being returned)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        toks, stats, restored, lps = pool.submit(_run_engine, model_dir, cfg, classes, adsa, guided).result()
+        toks, stats, restored, lps = pool.submit(_run_engine, model_dir, cfg, classes, adsa, guided,
+                                                 kv_cache_dtype).result()
     return torch.tensor(toks), stats, restored, torch.tensor(lps)
 
 
-def _run_engine(model_dir, cfg, classes, adsa, guided):
+def _run_engine(model_dir, cfg, classes, adsa, guided, kv_cache_dtype):
     extra = {"cfg": {"scale": CFG_SCALE}} if guided else {}
     kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **extra}) if adsa is not None else \
         dict(additional_config=extra)
-    llm = LLM(model=str(model_dir), dtype="bfloat16", block_size=16, gpu_memory_utilization=0.3, seed=0, **kw)
+    llm = LLM(model=str(model_dir), dtype="bfloat16", block_size=16, gpu_memory_utilization=0.3, seed=0,
+              kv_cache_dtype=kv_cache_dtype, **kw)
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     free0 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in classes],
@@ -77,11 +81,24 @@ def main():
            "adsa50_vs_reference_fp32_matching_prefix": agree.tolist(),
            "device": torch.cuda.get_device_name(0)}
     out.update(check_guidance(d, cfg, classes, ref_model))
+    out.update(check_fp8(d, cfg, classes))
     print("GPUCHECK " + json.dumps(out), flush=True)
     ok = out["budget_none_equals_full"] and out["pool_restored"] and max(peaks) <= bound and \
         out["adsa50_freed_blocks"] > 0 and out["cfg_budget_none_equals_cfg_full"] and out["cfg_pool_restored"] \
-        and out["cfg_adsa50_peak_held"] <= out["cfg_adsa50_bound"] and out["cfg_adsa50_freed_blocks"] > 0
+        and out["cfg_adsa50_peak_held"] <= out["cfg_adsa50_bound"] and out["cfg_adsa50_freed_blocks"] > 0 \
+        and out["fp8_budget_none_equals_fp8_full"] and out["fp8_pool_restored"] and out["fp8_adsa50_freed_blocks"] > 0
     sys.exit(0 if ok else 1)
+
+
+def check_fp8(d, cfg, classes) -> dict:
+    """FP8 KV cache: ADSA with a budget covering the sequence equals stock vLLM with the same fp8 cache, token for
+    token; at 50% it runs, frees blocks, and TopK-V scores read the cache in its own dtype (worker/summaries.py)."""
+    full, _, ok_full, _ = run(d, cfg, classes, None, kv_cache_dtype="fp8")
+    same, _, ok_same, _ = run(d, cfg, classes, {"budget": None}, kv_cache_dtype="fp8")
+    half, st, ok_half, _ = run(d, cfg, classes, {"budget": 0.5, "policy": "topk_v"}, kv_cache_dtype="fp8")
+    return {"fp8_budget_none_equals_fp8_full": bool(torch.equal(full, same)),
+            "fp8_pool_restored": ok_full and ok_same and ok_half, "fp8_adsa50_freed_blocks": st["total_freed_blocks"],
+            "fp8_adsa50_peak_held": max(r["peak_held_blocks"] for r in st["requests"].values())}
 
 
 def check_guidance(d, cfg, classes, ref_model) -> dict:
