@@ -72,7 +72,8 @@ class ADSAConfig:
         if not overrides:
             return self
         if not isinstance(overrides, dict):
-            raise ADSAConfigError(f"adsa settings must be a JSON object, got {type(overrides).__name__}")
+            raise ADSAConfigError(f'"adsa" must be a JSON object, e.g. {{"adsa": {{"budget": 0.5}}}}, '
+                                  f"got {type(overrides).__name__}")
         valid = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(map(repr, set(overrides) - valid))   # repr: keys may be of mixed types
         if unknown:

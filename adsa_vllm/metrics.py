@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from adsa_vllm.config import POLICIES
-from adsa_vllm.settings import ADSASettings
+from adsa_vllm.settings import EngineSettings
 
 PREFIX = "adsa:"
 
@@ -32,7 +32,7 @@ def _unregister_adsa_metrics() -> None:
 class ADSAStatLogger(AggregateStatLoggerBase):
     def __init__(self, vllm_config, engine_indexes: list[int] | None = None):
         self.engine_indexes = engine_indexes or [0]
-        self.enabled = ADSASettings.from_vllm_config(vllm_config).enabled
+        self.enabled = EngineSettings.from_vllm_config(vllm_config).adsa is not None
         if not self.enabled:
             return  # not an ADSA engine: register nothing, so /metrics shows no idle ADSA series
         _unregister_adsa_metrics()

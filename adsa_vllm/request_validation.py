@@ -7,7 +7,7 @@ tokenizer is checked here against the LlamaGen codebook: the model has no tokeni
 adsa_vllm/llamagen/model.py), so vLLM skips those checks, and an id outside the logits row crashes the worker.
 
 Per-request settings (`extra_args["adsa"]`, `extra_args["cfg"]`, a dict offline or its JSON string over HTTP) are
-parsed with the same code the worker and scheduler run (`ADSAConfig.merged`, `GuidanceSettings.for_request`), and
+parsed with the same code the worker and scheduler run (`ADSASettings.layout`, `GuidanceSettings.for_request`), and
 fully: the ADSA layout and scorer are built here, so whatever passes is a setting the worker can use.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adsa_vllm.errors import SettingsError
-from adsa_vllm.guidance.settings import Guidance, GuidanceSettings
+from adsa_vllm.guidance.settings import Guidance
 from adsa_vllm.policy import BlockLayout, make_scorer
-from adsa_vllm.settings import ADSASettings, request_overrides
+from adsa_vllm.settings import EngineSettings, request_overrides
 
 # extra_args keys: the plugin's, plus those vLLM itself puts there (kv/ec transfer parameters).
 EXTRA_ARG_KEYS = ("adsa", "cfg", "kv_transfer_params", "ec_transfer_params")
@@ -36,11 +36,9 @@ class RequestSettings:
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """What a request is checked against: the model's shape and the engine's ADSA / guidance settings."""
+    """What a request is checked against: the model's shape and the engine's settings."""
     model: object                # LlamaGenConfig
-    adsa: ADSASettings
-    guidance: GuidanceSettings
-    block_size: int
+    engine: EngineSettings
 
 
 def validate_settings(extra_args, limits: EngineLimits) -> RequestSettings:
@@ -53,15 +51,13 @@ def validate_settings(extra_args, limits: EngineLimits) -> RequestSettings:
                                 '"adsa" and "cfg" (e.g. "vllm_xargs": {"adsa": "{\\"budget\\": 0.25}"})')
     overrides = request_overrides(extra_args)
     layout = None
-    if limits.adsa.enabled:
-        model = limits.model
-        layout = limits.adsa.defaults.merged(overrides).layout(
-            block_size=limits.block_size, cls_token_num=model.cls_token_num, grid_size=model.grid_size)
+    if limits.engine.adsa is not None:
+        layout = limits.engine.adsa.layout(overrides)
         make_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
     elif overrides is not None:
         raise RequestFieldError('this engine runs without ADSA, so extra_args["adsa"] cannot apply: start it with '
                                 "--attention-backend adsa (offline: LLM(..., attention_backend=\"adsa\"))")
-    return RequestSettings(layout=layout, guidance=limits.guidance.for_request(extra_args))
+    return RequestSettings(layout=layout, guidance=limits.engine.guidance.for_request(extra_args))
 
 
 def _ids_in_codebook(field: str, ids, codebook_size: int) -> None:
@@ -98,7 +94,7 @@ def validate_request(params, limits: EngineLimits) -> RequestSettings:
     """All checks of one generation request (SamplingParams); raises SettingsError naming the field and the fix."""
     validate_sampling_fields(params, limits.model)
     settings = validate_settings(params.extra_args, limits)
-    if limits.guidance.enabled and params.prompt_logprobs is not None:
+    if limits.engine.guidance.enabled and params.prompt_logprobs is not None:
         raise RequestFieldError("prompt_logprobs are not available with classifier-free guidance (the prompt is "
                                 "the condition, which the model does not predict); use logprobs for image tokens")
     return settings

@@ -1,41 +1,103 @@
-"""Engine-wide ADSA settings, read from ``--additional-config '{"adsa": {...}}'`` (duck-typed; no vLLM import).
+"""The engine's settings: one frozen, validated `EngineSettings`, built once by the config hook (duck-typed; no
+vLLM import).
 
-Besides the `ADSAConfig` fields the "adsa" object takes:
+Users give them with ``--additional-config '{"adsa": {...}, "cfg": {...}}'``. Besides the `ADSAConfig` fields the
+"adsa" object takes:
   enabled        -- turn ADSA on (``--attention-backend adsa`` sets it);
   inner_backend  -- the paged kernel ADSA wraps (e.g. "FLASH_ATTN", "TRITON_ATTN"); default: the platform's choice.
-  async_lag      -- set by the config hook, not by users: async scheduling returns evicted blocks one step later.
 Per-request overrides use the same `ADSAConfig` keys under ``SamplingParams.extra_args["adsa"]``.
+
+How every process gets the same object: vLLM runs the config hook once, where the VllmConfig is built (the API
+server or the offline LLM's process), then pickles the config to EngineCore and the workers. Some settings are
+decided only there and cannot be recomputed later (ADSA on through ``--attention-backend adsa``, which the hook then
+resets to the inner kernel; the async lag, tied to the scheduler class the hook picks). So the hook leaves the
+user's dict untouched and sets `VllmConfig.additional_config` to a copy carrying the resolved settings, as plain
+JSON (vLLM hashes additional_config with json.dumps), under the private key `ENGINE_KEY`. Every reader (worker,
+request validation, metrics, guidance API) decodes that with `EngineSettings.from_vllm_config`: a decode, nothing
+resolved again. The scheduler side gets `ADSASettings` through the layers' `ADSASpec`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from adsa_vllm.config import ADSAConfig, ADSAConfigError
+from adsa_vllm.config import ADSAConfig
+from adsa_vllm.errors import ADSAConfigError
 from adsa_vllm.extra_args import extra_arg_object
+from adsa_vllm.guidance.settings import Guidance, GuidanceSettings
+
+if TYPE_CHECKING:
+    from adsa_vllm.policy.layout import BlockLayout
+
+ENGINE_KEY = "_adsa_engine"             # additional_config key of the resolved settings (set by the config hook)
+SWITCHES = ("enabled", "inner_backend")  # "adsa" keys that are not ADSAConfig fields
 
 
 @dataclass(frozen=True)
 class ADSASettings:
-    enabled: bool
-    inner_backend: str | None
+    """Engine-wide ADSA: the default settings and what turns them, with a request's overrides, into its layout.
+    Validated on construction (the defaults' layout is built), so a bad setting fails at startup."""
     defaults: ADSAConfig
-    async_lag: bool = False
+    block_size: int
+    cls_token_num: int
+    grid_size: int
+    lag: int = 0            # async scheduling returns evicted blocks one step later (see BlockLayout.lag)
+
+    def __post_init__(self):
+        self.layout()
+
+    def config_for(self, overrides: dict | None) -> ADSAConfig:
+        return self.defaults.merged(overrides)
+
+    def layout_of(self, cfg: ADSAConfig) -> BlockLayout:
+        return cfg.layout(block_size=self.block_size, cls_token_num=self.cls_token_num, grid_size=self.grid_size,
+                          lag=self.lag)
+
+    def layout(self, overrides: dict | None = None) -> BlockLayout:
+        """The layout of a request with these overrides (its extra_args["adsa"]); raises ADSAConfigError."""
+        return self.layout_of(self.config_for(overrides))
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    """What ``--additional-config`` asks for, validated (the config hook's input)."""
+    adsa_enabled: bool
+    inner_backend: str | None
+    adsa_defaults: ADSAConfig
+    guidance: GuidanceSettings
 
     @classmethod
-    def from_additional_config(cls, additional_config: dict | None) -> "ADSASettings":
+    def from_additional_config(cls, additional_config: dict | None) -> "UserSettings":
         raw = (additional_config or {}).get("adsa") or {}
-        if not isinstance(raw, dict):
-            raise ADSAConfigError('--additional-config "adsa" must be a JSON object, e.g. {"adsa": {"budget": 0.5}}')
-        raw = dict(raw)
-        enabled = bool(raw.pop("enabled", False))
-        inner = raw.pop("inner_backend", None)
-        lag = bool(raw.pop("async_lag", False))
-        return cls(enabled=enabled, inner_backend=inner, defaults=ADSAConfig.from_dict(raw), async_lag=lag)
+        fields = {k: v for k, v in raw.items() if k not in SWITCHES} if isinstance(raw, dict) else raw
+        defaults = ADSAConfig.from_dict(fields)   # checks that "adsa" is a JSON object
+        return cls(adsa_enabled=bool(raw.get("enabled", False)), inner_backend=raw.get("inner_backend"),
+                   adsa_defaults=defaults, guidance=GuidanceSettings.from_additional_config(additional_config))
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    adsa: ADSASettings | None    # None: ADSA off
+    guidance: GuidanceSettings
 
     @classmethod
-    def from_vllm_config(cls, vllm_config) -> "ADSASettings":
-        return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
+    def from_vllm_config(cls, vllm_config) -> "EngineSettings":
+        """The settings the config hook resolved; all off for an engine the hook did not configure (another
+        model)."""
+        stored = (getattr(vllm_config, "additional_config", None) or {}).get(ENGINE_KEY)
+        return cls.from_json(stored) if stored is not None else cls(adsa=None, guidance=GuidanceSettings(False))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "EngineSettings":
+        adsa, g = d["adsa"], d["guidance"]
+        if adsa is not None:
+            adsa = ADSASettings(**{**adsa, "defaults": ADSAConfig(**adsa["defaults"])})
+        return cls(adsa=adsa, guidance=GuidanceSettings(enabled=g["enabled"], defaults=Guidance(**g["defaults"])))
 
 
 def request_overrides(extra_args: dict | None) -> dict | None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from adsa_vllm.config import ADSAConfig
+from adsa_vllm.settings import ADSASettings
 from adsa_vllm.worker.kept_tables import KeptTables
 from adsa_vllm.worker.planner import plan_step
 from adsa_vllm.worker.runtime import ADSARuntime
@@ -25,8 +26,8 @@ from adsa_vllm.worker.runtime import ADSARuntime
 
 def run(rows: int, budget: float, grid: int, steps: int, policy: str) -> dict:
     bs, cls = 16, 1
-    rt = ADSARuntime(defaults=ADSAConfig(budget=budget, policy=policy), block_size=bs, cls_token_num=cls,
-                     grid_size=grid, num_layers=1)
+    rt = ADSARuntime(ADSASettings(ADSAConfig(budget=budget, policy=policy), block_size=bs, cls_token_num=cls,
+                                  grid_size=grid), num_layers=1)
     seq_len = cls + grid * grid
     width = -(-seq_len // bs)
     ids = [f"r{i}" for i in range(rows)]

@@ -29,14 +29,11 @@ def _limits(processor):
         limits = None
         mc = processor.model_config
         if _ARCH in (getattr(mc.hf_config, "architectures", None) or []):
-            from adsa_vllm.guidance.settings import GuidanceSettings
             from adsa_vllm.llamagen.config import LlamaGenConfig
             from adsa_vllm.request_validation import EngineLimits
-            from adsa_vllm.settings import ADSASettings
-            vc = processor.vllm_config
+            from adsa_vllm.settings import EngineSettings
             limits = EngineLimits(model=LlamaGenConfig.from_hf_dict(mc.hf_config.to_dict()),
-                                  adsa=ADSASettings.from_vllm_config(vc), guidance=GuidanceSettings.from_vllm_config(vc),
-                                  block_size=vc.cache_config.block_size)
+                                  engine=EngineSettings.from_vllm_config(processor.vllm_config))
         processor._adsa_llamagen = limits
     return limits
 

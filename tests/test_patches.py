@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import patches
+from adsa_vllm.settings import ADSASettings, EngineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "patches" / "README.md"
@@ -116,17 +117,35 @@ def test_engine_args_convert_adsa_backend(model_dir):
     vc = EngineArgs(model=str(model_dir), attention_backend="adsa", dtype="float32").create_engine_config()
     backend = vc.attention_config.backend
     assert backend is None or backend.name != "ADSA", "ADSA must wrap a real kernel, not be the kernel"
-    assert vc.additional_config["adsa"]["enabled"] is True
+    assert EngineSettings.from_vllm_config(vc).adsa is not None
     assert vc.scheduler_config.scheduler_cls == "adsa_vllm.engine.scheduler.ADSAScheduler"
     assert vc.cache_config.block_size == 16 and not vc.cache_config.enable_prefix_caching
     assert vc.parallel_config.worker_cls.startswith("adsa_vllm.worker.worker.ADSA")
     assert vc.model_config.skip_tokenizer_init
 
 
+def test_config_hook_leaves_the_users_dict_untouched(model_dir):
+    """The hook resolves the settings once into an EngineSettings that every process reads back from the config;
+    the dict the user passed (and its nested objects) stays exactly as given."""
+    import copy
+
+    from vllm.engine.arg_utils import EngineArgs
+    user = {"adsa": {"budget": 0.25, "policy": "streaming", "enabled": True}, "cfg": {"scale": 2.0}}
+    given = copy.deepcopy(user)
+    vc = EngineArgs(model=str(model_dir), attention_backend="adsa", dtype="float32",
+                    additional_config=user).create_engine_config()
+    assert user == given and vc.additional_config["adsa"] == given["adsa"]
+    settings = EngineSettings.from_vllm_config(vc)
+    assert settings == EngineSettings.from_vllm_config(pickle.loads(pickle.dumps(vc)))   # as workers get it
+    assert isinstance(settings.adsa, ADSASettings) and settings.adsa.block_size == vc.cache_config.block_size
+    assert (settings.adsa.defaults.budget, settings.adsa.defaults.policy) == (0.25, "streaming")
+    assert settings.guidance.enabled and settings.guidance.defaults.scale == 2.0
+
+
 def test_engine_args_without_adsa_stay_stock(model_dir):
     from vllm.engine.arg_utils import EngineArgs
     vc = EngineArgs(model=str(model_dir), dtype="float32").create_engine_config()
-    assert not vc.additional_config.get("adsa", {}).get("enabled")
+    assert EngineSettings.from_vllm_config(vc).adsa is None
     assert "adsa_vllm" not in str(vc.scheduler_config.scheduler_cls)
     assert "adsa_vllm" not in str(vc.parallel_config.worker_cls)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from adsa_vllm.config import ADSAConfig
+from adsa_vllm.settings import ADSASettings
 from adsa_vllm.policy import BlockScorer, ScoreInputs, SequenceTracker, top_blocks, top_blocks_rows
 from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.worker.kept_tables import KeptTables, compacted_block_table
@@ -48,8 +49,8 @@ OVERRIDES = [None, {"budget": 0.25}, {"budget": 0.75, "refresh": 40}, {"policy":
 def test_bulk_planner_equals_the_trackers(grid, bs, policy):
     rows, steps, cls = 12, 3 * grid * grid // 2, 1
     rng = np.random.default_rng(grid * bs)
-    rt = ADSARuntime(defaults=ADSAConfig(budget=0.5, policy="streaming"), block_size=bs, cls_token_num=cls,
-                     grid_size=grid, num_layers=1)
+    rt = ADSARuntime(ADSASettings(ADSAConfig(budget=0.5, policy="streaming"), block_size=bs, cls_token_num=cls,
+                                  grid_size=grid), num_layers=1)
     rt.trackers = SlotTrackers(capacity=2, width=1)    # start tiny: growth is part of what is tested
     if policy == "ties":
         for key in [("streaming", "diverse", 0)]:
@@ -141,7 +142,7 @@ def test_batched_top_k_equals_top_blocks(seed):
 def test_row_lookup_follows_a_restarted_request():
     """The batch's rows -> sequences answer is reused while the batch ids are unchanged; a request restarted under
     the same id (preempted and resumed; a benchmark reusing ids) must map to its new tracker, not the old one."""
-    rt = ADSARuntime(defaults=ADSAConfig(budget=0.5), block_size=16, cls_token_num=1, grid_size=16)
+    rt = ADSARuntime(ADSASettings(ADSAConfig(budget=0.5), block_size=16, cls_token_num=1, grid_size=16))
     ids = ["a", "b"]
     rt.batch_req_ids = lambda n: ids[:n]
     for i, rid in enumerate(ids):

@@ -22,11 +22,13 @@ from adsa_vllm.guidance.settings import GuidanceSettings
 from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.policy import SequenceTracker, make_scorer
 from adsa_vllm.request_validation import EngineLimits, validate_settings
-from adsa_vllm.settings import ADSASettings
+from adsa_vllm.settings import ADSASettings, EngineSettings
 
 MODEL = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
-LIMITS = EngineLimits(model=MODEL, adsa=ADSASettings(enabled=True, inner_backend=None, defaults=ADSAConfig()),
-                      guidance=GuidanceSettings(enabled=True), block_size=16)
+ENGINE = EngineSettings(adsa=ADSASettings(defaults=ADSAConfig(), block_size=16, cls_token_num=MODEL.cls_token_num,
+                                          grid_size=MODEL.grid_size),
+                        guidance=GuidanceSettings(enabled=True))
+LIMITS = EngineLimits(model=MODEL, engine=ENGINE)
 
 _numbers = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
                      st.sampled_from([0, 1, -1, 0.5, 1.0, 2**31, 2**32, 2**63, 1e300]))

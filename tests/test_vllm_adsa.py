@@ -476,7 +476,7 @@ def test_invalid_config_fails_at_startup(kwargs, match, engines, model16):
         LLM(**args)
 
 
-# A non-object "adsa" value must fail with ADSASettings' clear message, and null means {} (ADSA on or off).
+# A non-object "adsa" value must fail with ADSAConfig's clear message, and null means {} (ADSA on or off).
 @pytest.mark.parametrize("adsa_value,backend", [("x", "adsa"), (["budget"], "adsa"), ("x", None)])
 def test_adsa_setting_not_an_object_fails_with_clear_message(adsa_value, backend, engines, model16):
     from vllm import LLM
@@ -493,7 +493,8 @@ def test_adsa_setting_null_is_accepted_like_empty(backend, model16):
     model_dir, _ = model16
     vc = EngineArgs(model=str(model_dir), dtype="float32", attention_backend=backend,
                     additional_config={"adsa": None}).create_engine_config()
-    assert bool((vc.additional_config.get("adsa") or {}).get("enabled")) == (backend == "adsa")
+    from adsa_vllm.settings import EngineSettings
+    assert (EngineSettings.from_vllm_config(vc).adsa is not None) == (backend == "adsa")
 
 
 # ====================================================================== block size 32

@@ -3,16 +3,19 @@
 the result is pickled to EngineCore and workers).
 
 * Image-token models have no tokenizer: skip its initialisation (prompts are token ids).
-* `--attention-backend adsa` becomes `additional_config["adsa"]["enabled"] = True`, and the attention backend
-  is reset to the kernel ADSA wraps (`adsa.inner_backend`, default the platform's choice), so every later
-  consumer of the backend setting sees a real kernel.
+* The settings are resolved here, once, into an `EngineSettings` (adsa_vllm/settings.py says how every process
+  reads it back); the user's additional_config dict is left as given.
+* `--attention-backend adsa` turns ADSA on, and the attention backend is reset to the kernel ADSA wraps
+  (`adsa.inner_backend`, default the platform's choice), so every later consumer of the backend setting sees a
+  real kernel.
 * With classifier-free guidance on (``"cfg"``), the config declares twice the attention heads (see
   adsa_vllm/llamagen/model.py: a request's cond and uncond branches are one sequence with 2H heads).
 * With ADSA or classifier-free guidance on: the plugin's worker (it feeds the model's runtimes every
   SchedulerOutput and tells them the batch order on the host, with vLLM's V1 or V2 model runner alike).
 * With ADSA or guidance on: the plugin's scheduler (the async variant when async scheduling is on: GPU default);
   it finishes requests that fail inside the worker alone, and with ADSA frees evicted blocks.
-* With ADSA on: validate the settings now (clear startup errors), block size 16 unless the user chose one,
+* With ADSA on: validate the settings now (clear startup errors: `ADSASettings` builds the default layout, which
+  checks the block size too), block size 16 unless the user chose one,
   prefix caching off (holes in block lists and hashed prefixes do not mix).
 """
 
@@ -21,10 +24,8 @@ from __future__ import annotations
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from adsa_vllm.config import ADSAConfigError
-from adsa_vllm.guidance.settings import GuidanceSettings
 from adsa_vllm.llamagen.config import LlamaGenConfig
-from adsa_vllm.policy.layout import SUPPORTED_BLOCK_SIZES
-from adsa_vllm.settings import ADSASettings
+from adsa_vllm.settings import ENGINE_KEY, ADSASettings, EngineSettings, UserSettings
 
 ADSA_BACKEND_NAME = "ADSA"
 
@@ -36,24 +37,21 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
         model_config.skip_tokenizer_init = True
         model_cfg = LlamaGenConfig.from_hf_dict(model_config.hf_config.to_dict())
 
-        if vllm_config.additional_config is None:
-            vllm_config.additional_config = {}
-        adsa_raw = vllm_config.additional_config.get("adsa") or {}
-        if not isinstance(adsa_raw, dict):
-            raise ADSAConfigError('--additional-config "adsa" must be a JSON object, e.g. {"adsa": {"budget": 0.5}}')
-        vllm_config.additional_config["adsa"] = adsa_raw
+        user = vllm_config.additional_config or {}   # the user's dict: read, never written
+        choice = UserSettings.from_additional_config(user)
         attn = vllm_config.attention_config
+        # A second run on this config (the backend is no longer "ADSA" then) keeps what the first decided.
+        adsa_on = choice.adsa_enabled or EngineSettings.from_vllm_config(vllm_config).adsa is not None
         if attn.backend is not None and attn.backend.name == ADSA_BACKEND_NAME:
-            adsa_raw["enabled"] = True
-            attn.backend = _inner_backend(adsa_raw.get("inner_backend"))
-        elif adsa_raw.get("inner_backend") and adsa_raw.get("enabled"):
-            attn.backend = _inner_backend(adsa_raw["inner_backend"])
+            adsa_on = True
+            attn.backend = _inner_backend(choice.inner_backend)
+        elif choice.inner_backend and adsa_on:
+            attn.backend = _inner_backend(choice.inner_backend)
 
-        settings = ADSASettings.from_additional_config(vllm_config.additional_config)
-        guidance = GuidanceSettings.from_additional_config(vllm_config.additional_config)  # validates "cfg"
+        guidance = choice.guidance
         from vllm.platforms import current_platform
         _declare_attention_heads(model_config, model_cfg, 2 if guidance.enabled else 1)
-        if guidance.enabled or settings.enabled:
+        if guidance.enabled or adsa_on:
             parallel = vllm_config.parallel_config
             if parallel.worker_cls == "auto":
                 parallel.worker_cls = ("adsa_vllm.worker.worker.ADSACPUWorker" if current_platform.is_cpu()
@@ -67,20 +65,19 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                 sched.async_scheduling = True
             sched.scheduler_cls = ("adsa_vllm.engine.scheduler.ADSAAsyncScheduler" if sched.async_scheduling
                                    else "adsa_vllm.engine.scheduler.ADSAScheduler")
-        if not settings.enabled:
-            return
-        cache = vllm_config.cache_config
-        if not cache.user_specified_block_size:
-            cache.block_size = 16
-            cache.user_specified_block_size = True  # or the CPU platform raises it to 128 afterwards
-        if cache.block_size not in SUPPORTED_BLOCK_SIZES:
-            raise ADSAConfigError(f"--block-size {cache.block_size} is not supported by ADSA; use 16 or 32")
-        settings.defaults.layout(block_size=cache.block_size, cls_token_num=model_cfg.cls_token_num,
-                                 grid_size=model_cfg.grid_size)
-        cache.enable_prefix_caching = False
-        model_config.disable_cascade_attn = True  # a cascade prefix would be read through uncompacted tables
-        additional = vllm_config.additional_config["adsa"]
-        additional["async_lag"] = bool(vllm_config.scheduler_config.async_scheduling)
+        adsa = None
+        if adsa_on:
+            cache = vllm_config.cache_config
+            if not cache.user_specified_block_size:
+                cache.block_size = 16
+                cache.user_specified_block_size = True  # or the CPU platform raises it to 128 afterwards
+            adsa = ADSASettings(defaults=choice.adsa_defaults, block_size=cache.block_size,   # validates
+                                cls_token_num=model_cfg.cls_token_num, grid_size=model_cfg.grid_size,
+                                lag=int(bool(vllm_config.scheduler_config.async_scheduling)))
+            cache.enable_prefix_caching = False
+            model_config.disable_cascade_attn = True  # a cascade prefix would be read through uncompacted tables
+        settings = EngineSettings(adsa=adsa, guidance=guidance)
+        vllm_config.additional_config = {**user, ENGINE_KEY: settings.to_json()}
 
 
 def _declare_attention_heads(model_config, model_cfg: LlamaGenConfig, branches: int) -> None:

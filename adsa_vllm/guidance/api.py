@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adsa_vllm.guidance.settings import Guidance, GuidanceConfigError, GuidanceSettings
+from adsa_vllm.guidance.settings import Guidance, GuidanceConfigError
+from adsa_vllm.settings import EngineSettings
 
 
 @dataclass
@@ -43,7 +44,7 @@ def generate_images(llm, class_ids: list[int], *, cfg_scale: float | None = None
     """One guided image per class id, batched by vLLM (continuous batching; each pair is one request)."""
     from adsa_vllm.model_config import LlamaGenConfig
     vllm_config = llm.llm_engine.vllm_config
-    if not GuidanceSettings.from_vllm_config(vllm_config).enabled:
+    if not EngineSettings.from_vllm_config(vllm_config).guidance.enabled:
         raise GuidanceConfigError('this LLM runs without classifier-free guidance: create it with '
                                   'LLM(..., additional_config={"cfg": {"scale": 4.0}}) (the model then runs each '
                                   'request as a conditional/unconditional pair)')

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adsa_vllm.guidance.settings import Guidance, GuidanceSettings
+from adsa_vllm.settings import EngineSettings
 from adsa_vllm.worker.failures import RequestFailures
 
 
@@ -65,7 +66,7 @@ class GuidanceRuntime:
 
 def make_guidance_runtime(vllm_config, model_cfg) -> GuidanceRuntime | None:
     """One per model instance; None when the engine runs without guidance (the model then runs one branch)."""
-    settings = GuidanceSettings.from_vllm_config(vllm_config)
+    settings = EngineSettings.from_vllm_config(vllm_config).guidance
     if not settings.enabled:
         return None
     return GuidanceRuntime(settings=settings, cls_token_num=model_cfg.cls_token_num)

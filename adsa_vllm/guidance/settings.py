@@ -72,10 +72,6 @@ class GuidanceSettings:
                                       '{"cfg": {"scale": 4.0}}')
         return cls(enabled=True, defaults=Guidance().merged(raw))
 
-    @classmethod
-    def from_vllm_config(cls, vllm_config) -> "GuidanceSettings":
-        return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
-
     def for_request(self, extra_args: dict | None) -> Guidance:
         """The guidance of one request (its extra_args["cfg"] over the engine defaults); validates."""
         value = extra_arg_object(extra_args, "cfg", GuidanceConfigError, '{"scale": 4.0}')

@@ -30,7 +30,7 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
         @classmethod
         def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
             from adsa_vllm.policy import make_scorer
-            defaults = kv_cache_spec.defaults
+            defaults = kv_cache_spec.adsa.defaults
             if make_scorer(defaults.policy, keep=defaults.keep).needs_query:
                 # Scoring runs Python inside each layer's forward: keep attention out of CUDA graphs.
                 return AttentionCGSupport.NEVER

@@ -13,26 +13,20 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.selector import get_attn_backend
 
 from adsa_vllm.engine.spec import ADSASpec
-from adsa_vllm.settings import ADSASettings
+from adsa_vllm.settings import EngineSettings
 from adsa_vllm.worker.backend import make_adsa_backend
 from adsa_vllm.worker.runtime import ADSARuntime
 
 
 def make_runtime(vllm_config: VllmConfig, model_cfg) -> ADSARuntime | None:
-    settings = ADSASettings.from_vllm_config(vllm_config)
-    if not settings.enabled:
+    settings = EngineSettings.from_vllm_config(vllm_config).adsa   # resolved and validated by the config hook
+    if settings is None:
         return None
-    block_size = vllm_config.cache_config.block_size
-    # Validate the engine-wide layout once, here, so a bad setting fails at startup with its message.
-    settings.defaults.layout(block_size=block_size, cls_token_num=model_cfg.cls_token_num,
-                             grid_size=model_cfg.grid_size)
     tp_group = None
     if vllm_config.parallel_config.tensor_parallel_size > 1:
         from vllm.distributed import get_tp_group
         tp_group = get_tp_group()
-    return ADSARuntime(defaults=settings.defaults, block_size=block_size, cls_token_num=model_cfg.cls_token_num,
-                       grid_size=model_cfg.grid_size, lag=int(settings.async_lag), num_layers=model_cfg.n_layer,
-                       tp_group=tp_group)
+    return ADSARuntime(settings=settings, num_layers=model_cfg.n_layer, tp_group=tp_group)
 
 
 class ADSAAttention(Attention):
@@ -44,9 +38,7 @@ class ADSAAttention(Attention):
         self.adsa_runtime = runtime
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig):
-        rt = self.adsa_runtime
-        return ADSASpec.from_full(super().get_kv_cache_spec(vllm_config), rt.defaults, rt.cls_token_num,
-                                  rt.grid_size, rt.lag)
+        return ADSASpec.from_full(super().get_kv_cache_spec(vllm_config), self.adsa_runtime.settings)
 
 
 def make_attention(num_heads: int, head_size: int, scale: float, num_kv_heads: int, *, vllm_config: VllmConfig,

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy import BlockLayout, make_scorer
 from adsa_vllm.policy.slot_trackers import SlotTrackers
-from adsa_vllm.settings import request_overrides
+from adsa_vllm.settings import ADSASettings, request_overrides
 from adsa_vllm.worker.failures import RequestFailures
 from adsa_vllm.worker.summaries import BlockSummaries
 
@@ -76,11 +75,7 @@ class PlannerStats:
 
 @dataclass
 class ADSARuntime:
-    defaults: ADSAConfig
-    block_size: int
-    cls_token_num: int
-    grid_size: int
-    lag: int = 0                                 # async scheduling: evictions reach the pool one step later
+    settings: ADSASettings                       # the engine's (resolved by the config hook)
     num_layers: int = 1                          # a ScoringBatch counts only once every layer has scored it
     tp_group: object = None                      # all-reduce group for scores under tensor parallelism
     batch_req_ids: object = None                 # callable n -> the first n request ids in batch order, if known
@@ -97,11 +92,14 @@ class ADSARuntime:
     _generation: int = 0                         # bumped by every start / drop (invalidates `_rows`)
     _rows: tuple = (None, None)                  # ((generation, batch ids), (sequences, slots)) of the last step
 
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
+
     def layout_for(self, extra_args: dict | None) -> BlockLayout:
-        cfg = self.defaults.merged(request_overrides(extra_args))
-        if cfg not in self._layouts:
-            self._layouts[cfg] = cfg.layout(block_size=self.block_size, cls_token_num=self.cls_token_num,
-                                            grid_size=self.grid_size, lag=self.lag)
+        cfg = self.settings.config_for(request_overrides(extra_args))
+        if cfg not in self._layouts:   # one layout per distinct setting, shared by the requests that use it
+            self._layouts[cfg] = self.settings.layout_of(cfg)
         return self._layouts[cfg]
 
     def _scorer(self, layout: BlockLayout):
