@@ -18,9 +18,8 @@ from adsa_vllm.reference.model import LlamaGenReference
 
 
 def evicting_layout(adsa: ADSAConfig | None, cfg: LlamaGenConfig, block_size: int) -> BlockLayout | None:
-    """The layout of `adsa` if it ever evicts, else None (full attention). Budget None means "never evict": no
-    layout at all (BlockLayout floors a None budget to whole blocks, which can still evict one block or even
-    reject small grids)."""
+    """The layout of `adsa` if it ever evicts, else None (full attention; budget None means "never evict", and
+    then no layout is built at all, so no layout setting can be rejected for a run that evicts nothing)."""
     if adsa is None or adsa.budget is None:
         return None
     layout = adsa.layout(block_size=block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
