@@ -169,4 +169,5 @@ class ADSAScheduler(ADSASchedulerMixin, Scheduler):
 
 class ADSAAsyncScheduler(ADSASchedulerMixin, AsyncScheduler):
     """Async scheduling (GPU default): step s+1 is scheduled before step s's output arrives, so evictions are
-    returned one step later; the layouts count that step in their slack (`async_lag`)."""
+    returned one step later; the layouts count that step in their slack (`ADSASettings.lag`, set by the config
+    hook)."""
