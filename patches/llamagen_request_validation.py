@@ -29,7 +29,7 @@ def _limits(processor):
         limits = None
         mc = processor.model_config
         if _ARCH in (getattr(mc.hf_config, "architectures", None) or []):
-            from adsa_vllm.llamagen.config import LlamaGenConfig
+            from adsa_vllm.model_config import LlamaGenConfig
             from adsa_vllm.request_validation import EngineLimits
             from adsa_vllm.settings import EngineSettings
             limits = EngineLimits(model=LlamaGenConfig.from_hf_dict(mc.hf_config.to_dict()),

@@ -95,12 +95,11 @@ def test_the_circle_finder_finds_a_circle():
 
 
 def test_only_the_vllm_model_imports_the_llamagen_package():
-    """llamagen/ is the vLLM model; the hyper-parameters every pure module needs are adsa_vllm.model_config.
-    (adsa_vllm.llamagen.config is a transitional re-export for engine/config_hook.py alone; see its docstring.)"""
+    """llamagen/ is the vLLM model; the hyper-parameters every pure module needs are adsa_vllm.model_config."""
     graph = import_graph()
     users = {m for m, edges in graph.items() if not m.startswith("adsa_vllm.llamagen")
              and any(e.startswith("adsa_vllm.llamagen") for e in edges)}
-    assert users <= {"adsa_vllm.engine.config_hook"}, users
+    assert users == set(), users
 
 
 def test_model_config_imports_neither_torch_nor_vllm():

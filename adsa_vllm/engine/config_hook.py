@@ -24,7 +24,7 @@ from __future__ import annotations
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from adsa_vllm.config import ADSAConfigError
-from adsa_vllm.llamagen.config import LlamaGenConfig
+from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.settings import ENGINE_KEY, ADSASettings, EngineSettings, UserSettings
 
 ADSA_BACKEND_NAME = "ADSA"
