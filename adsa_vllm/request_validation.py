@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from adsa_vllm.errors import SettingsError
 from adsa_vllm.guidance.settings import Guidance
+from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.policy import BlockLayout, make_scorer
 from adsa_vllm.settings import EngineSettings, request_overrides
 
@@ -37,7 +38,7 @@ class RequestSettings:
 @dataclass(frozen=True)
 class EngineLimits:
     """What a request is checked against: the model's shape and the engine's settings."""
-    model: object                # LlamaGenConfig
+    model: LlamaGenConfig
     engine: EngineSettings
 
 

@@ -16,11 +16,12 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from adsa_vllm.engine.spec import ADSASpec
+from adsa_vllm.policy import BlockLayout
 
 
 @dataclass
 class RequestKV:
-    layout: object          # BlockLayout
+    layout: BlockLayout
     bound: int              # most blocks this request may ever hold (what admission reserves)
     freed: int = 0
     peak_held: int = 0      # most blocks held so far, recorded before each eviction and at the final free

@@ -1,13 +1,15 @@
 """Worker-side guidance state: each live request's `Guidance` and the image-token index its next sample has.
 
 The model's `compute_logits` receives one row per request in the runner's batch order (V1 or V2 runner, bound by
-the worker, see adsa_vllm/worker/worker.py) and asks `row_scales(n)` for the scale of every row. The worker feeds `on_schedule` with each SchedulerOutput before the step runs, so the index
-of the token a row samples this step (num_computed + num_scheduled - prompt length) is known on the host.
+the worker, see adsa_vllm/worker/worker.py) and asks `row_scales(n)` for the scale of every row. The worker feeds
+`on_schedule` with each SchedulerOutput before the step runs, so the index of the token a row samples this step
+(num_computed + num_scheduled - prompt length) is known on the host.
 A preempted request keeps its guidance (it resumes); a finished one is dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +23,7 @@ from adsa_vllm.worker.failures import RequestFailures
 class GuidanceRuntime:
     settings: GuidanceSettings
     cls_token_num: int
-    batch_req_ids: object = None     # callable n -> the first n request ids in batch order (set by the worker)
+    batch_req_ids: Callable[[int], list] | None = None   # n -> the first n request ids in batch order (worker)
     _guidance: dict = field(default_factory=dict)
     _index: dict = field(default_factory=dict)
     _buf: torch.Tensor | None = None

@@ -17,16 +17,22 @@ A block can therefore never be reallocated while any worker still reads it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from adsa_vllm.policy import BlockLayout, make_scorer
+from adsa_vllm.policy import BlockLayout, BlockScorer, make_scorer
 from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.settings import ADSASettings, request_overrides
 from adsa_vllm.worker.failures import RequestFailures
 from adsa_vllm.worker.summaries import BlockSummaries
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.distributed.parallel_state import GroupCoordinator
 
 
 @dataclass
@@ -34,8 +40,8 @@ class LiveSequence:
     req_id: str
     first_block: int
     layout: BlockLayout
-    scorer: object
-    params: object = None    # SamplingParams, kept so a resumed request keeps its per-request settings
+    scorer: BlockScorer
+    params: SamplingParams | None = None   # kept so a resumed request keeps its per-request settings
     summarized: int = 0      # logical blocks below this one have a summary in BlockSummaries (TopK-V)
     slot: int = -1           # its row in the runtime's SlotTrackers
 
@@ -59,8 +65,8 @@ class ScoringBatch:
     groups: list                 # [(scorer, row selector)]: rows sharing a scorer are scored in one call
     layers_done: int = 0
     host_acc: torch.Tensor | None = None   # pinned copy of acc, valid once `ready` has fired
-    ready: object = None                   # CUDA event recorded after the copy (None on CPU: already done)
-    started: object = None                 # CUDA event recorded before the scoring kernels (device timing)
+    ready: torch.cuda.Event | None = None  # CUDA event recorded after the copy (None on CPU: already done)
+    started: torch.cuda.Event | None = None   # CUDA event recorded before the scoring kernels (device timing)
 
 
 @dataclass
@@ -77,8 +83,8 @@ class PlannerStats:
 class ADSARuntime:
     settings: ADSASettings                       # the engine's (resolved by the config hook)
     num_layers: int = 1                          # a ScoringBatch counts only once every layer has scored it
-    tp_group: object = None                      # all-reduce group for scores under tensor parallelism
-    batch_req_ids: object = None                 # callable n -> the first n request ids in batch order, if known
+    tp_group: GroupCoordinator | None = None     # all-reduce group for scores under tensor parallelism
+    batch_req_ids: Callable[[int], list] | None = None   # n -> the first n request ids in batch order, if known
     _by_req: dict = field(default_factory=dict)
     _by_block: dict = field(default_factory=dict)
     _layouts: dict = field(default_factory=dict)
