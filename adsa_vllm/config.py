@@ -1,4 +1,4 @@
-"""ADSA settings: one validated dataclass, resolved per sequence into a `BlockLayout` (pure Python, no vLLM).
+"""ADSA settings: one validated dataclass, resolved per sequence into a `BlockLayout` (no vLLM import).
 
 Global knobs come from ``--additional-config '{"adsa": {...}}'``; a request may override them with
 ``SamplingParams(extra_args={"adsa": {...}})``. Every error names the offending key and the fix.
@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from adsa_vllm.errors import ADSAConfigError
+from adsa_vllm.policy import KEEP_DIRECTIONS, POLICIES   # names from the scorer registry (policy/ never imports us)
 
 if TYPE_CHECKING:
     from adsa_vllm.policy.layout import BlockLayout
-
-POLICIES = ("topk_v", "streaming", "random", "attention_mass")
-KEEP_DIRECTIONS = ("diverse", "similar")
 
 
 # The random policy hashes the seed in int64 arithmetic kept to 31 bits (policy/random_blocks.py): a seed past 32
@@ -55,7 +53,7 @@ class ADSAConfig:
         if self.policy not in POLICIES:
             raise ADSAConfigError(f"adsa.policy={self.policy!r} is unknown; choose one of {', '.join(POLICIES)}")
         if self.keep not in KEEP_DIRECTIONS:
-            raise ADSAConfigError(f"adsa.keep={self.keep!r} is unknown; choose 'diverse' or 'similar'")
+            raise ADSAConfigError(f"adsa.keep={self.keep!r} is unknown; choose one of {', '.join(KEEP_DIRECTIONS)}")
         for name in ("prefix", "local", "refresh"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "prefix" else 1)):

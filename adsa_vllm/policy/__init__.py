@@ -15,6 +15,8 @@ from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.policy.tracker import SequenceTracker, top_blocks, top_blocks_rows
 
 SCORER_MODULES = (attention_mass, random_blocks, streaming, topk_v)   # imported for their registration
+POLICIES = tuple(sorted(BlockScorer.registry))        # the policy names settings accept, from the registry
+KEEP_DIRECTIONS = topk_v.TopKV.KEEPS                  # TopK-V's `keep`, the only direction setting
 
 
 def make_scorer(policy: str, **settings) -> BlockScorer:
@@ -26,5 +28,5 @@ def make_scorer(policy: str, **settings) -> BlockScorer:
     return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
 
 
-__all__ = ["BlockLayout", "BlockScorer", "LockstepTrackers", "ScoreInputs", "SequenceTracker", "SlotTrackers",
-           "make_scorer", "selection_schedule", "top_blocks", "top_blocks_rows"]
+__all__ = ["KEEP_DIRECTIONS", "POLICIES", "BlockLayout", "BlockScorer", "LockstepTrackers", "ScoreInputs",
+           "SequenceTracker", "SlotTrackers", "make_scorer", "selection_schedule", "top_blocks", "top_blocks_rows"]

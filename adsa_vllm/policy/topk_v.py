@@ -14,6 +14,7 @@ alone (the vLLM worker keeps them per physical block); `score` is the direct for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,11 +24,12 @@ from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 @dataclass(frozen=True)
 class TopKV(BlockScorer):
     name = "topk_v"
+    KEEPS: ClassVar[tuple[str, ...]] = ("diverse", "similar")   # the directions `keep` may take
     keep: str = "diverse"
 
     def __post_init__(self):
-        if self.keep not in ("diverse", "similar"):
-            raise ValueError(f"keep={self.keep!r}: choose 'diverse' or 'similar'")
+        if self.keep not in self.KEEPS:
+            raise ValueError(f"keep={self.keep!r}: choose one of {', '.join(self.KEEPS)}")
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         v = torch.nn.functional.normalize(x.values.float(), dim=-1)            # [R, C, bs, H, D]
