@@ -76,9 +76,10 @@ class SlotTrackers:
         self._free.append(slot)
 
     # ---- 1. decide (SequenceTracker.begin_step) ----
-    def decide(self, slots: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decide(self, slots: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Select for every row whose scored request is due at its `pos`; drop requests that cannot be decided.
-        Returns (row, block) pairs of the newly evicted blocks: rows index `slots`, blocks ascend within a row."""
+        Returns (rows, blocks), two equal-length arrays pairing each newly evicted block with its row: rows index
+        `slots` (ascending), blocks ascend within a row."""
         waiting = self.pending_pos[slots] >= 0
         due = waiting & (self.pending_pos[slots] == pos) & self.scored[slots]
         rows = np.nonzero(due)[0]
