@@ -11,7 +11,7 @@ from adsa_vllm.policy import attention_mass, random_blocks, streaming, topk_v
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.layout import BlockLayout
 from adsa_vllm.policy.lockstep import LockstepTrackers, selection_schedule
-from adsa_vllm.policy.slot_trackers import SlotTrackers
+from adsa_vllm.policy.slot_trackers import SlotTrackers, pack_rows
 from adsa_vllm.policy.tracker import SequenceTracker, top_blocks, top_blocks_rows
 
 SCORER_MODULES = (attention_mass, random_blocks, streaming, topk_v)   # imported for their registration
@@ -29,4 +29,5 @@ def make_scorer(policy: str, **settings) -> BlockScorer:
 
 
 __all__ = ["KEEP_DIRECTIONS", "POLICIES", "BlockLayout", "BlockScorer", "LockstepTrackers", "ScoreInputs",
-           "SequenceTracker", "SlotTrackers", "make_scorer", "selection_schedule", "top_blocks", "top_blocks_rows"]
+           "SequenceTracker", "SlotTrackers", "make_scorer", "pack_rows", "selection_schedule", "top_blocks",
+           "top_blocks_rows"]

@@ -27,6 +27,16 @@ NEVER = np.iinfo(np.int64).max
 NO_SELECTION = -(1 << 40)     # last selection of a sequence that never selected: every refresh test passes
 
 
+def pack_rows(mask: np.ndarray, width: int | None = None) -> np.ndarray:
+    """Mask [R, W] bool -> [R, width] int64: each row's True columns, ascending, packed to the left (0 beyond
+    them). `width` defaults to the largest count of a row; it must be at least that."""
+    r, c = np.nonzero(mask)
+    rank = (np.cumsum(mask, axis=1) - 1)[r, c]
+    out = np.zeros((mask.shape[0], int(mask.sum(1).max(initial=0)) if width is None else width), dtype=np.int64)
+    out[r, rank] = c
+    return out
+
+
 class SlotTrackers:
     def __init__(self, capacity: int = 64, width: int = 8):
         z = lambda dtype, fill=0: np.full(capacity, fill, dtype=dtype)   # noqa: E731
@@ -167,9 +177,7 @@ class SlotTrackers:
         if head_len.max(initial=0) > self.head.shape[1]:
             self.head = np.pad(self.head, ((0, 0), (0, max(int(head_len.max()), 2 * self.head.shape[1])
                                                      - self.head.shape[1])))
-        r, c = np.nonzero(survivors)
-        head = np.zeros((len(slots), self.head.shape[1]), dtype=np.int64)
-        head[r, (np.cumsum(survivors, axis=1) - 1)[r, c]] = c
+        head = pack_rows(survivors, self.head.shape[1])
         self.head[slots], self.tail_from[slots], self.head_len[slots] = head, tail_from, head_len
 
     def _grow_rows(self) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from adsa_vllm.policy import ScoreInputs
+from adsa_vllm.policy import ScoreInputs, pack_rows
 from adsa_vllm.worker.kv_views import check_cpu_layout, gather_blocks
 from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
 
@@ -172,10 +172,7 @@ def scoring_batch(bt: torch.Tensor, rows: np.ndarray, sequences: list, slots: np
     row's candidates ascending, then padding) on bt's device."""
     dev = bt.device
     counts = cand.sum(1)
-    r, c = np.nonzero(cand)
-    rank = (np.cumsum(cand, axis=1) - 1)[r, c]
-    index = np.zeros((len(rows), int(counts.max())), dtype=np.int64)
-    index[r, rank] = c
+    index = pack_rows(cand)
     valid = np.arange(index.shape[1])[None, :] < counts[:, None]
     index_dev = torch.from_numpy(index).to(dev, non_blocking=True)
     valid_dev = torch.from_numpy(valid).to(dev, non_blocking=True)
