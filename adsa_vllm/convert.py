@@ -85,8 +85,9 @@ def validate(sd: dict[str, torch.Tensor], cfg: LlamaGenConfig) -> None:
     bad = [f"{k}: checkpoint {tuple(sd[k].shape)} != expected {want[k]}" for k in want
            if k in sd and tuple(sd[k].shape) != want[k]]
     if missing or extra or bad:
-        lines = ([f"missing keys: {missing[:8]}"] if missing else []) + \
-                ([f"unexpected keys: {extra[:8]} (only c2i LlamaGen checkpoints are supported)"] if extra else []) + bad[:8]
+        lines = ([f"missing keys: {missing[:8]}"] if missing else []) \
+            + ([f"unexpected keys: {extra[:8]} (only c2i LlamaGen checkpoints are supported)"] if extra else []) \
+            + bad[:8]
         raise ConversionError("checkpoint does not match " + _describe(cfg) + ":\n  " + "\n  ".join(lines) +
                               "\nCheck --preset/--n-head/--n-kv-head (and --num-classes/--codebook-size).")
 

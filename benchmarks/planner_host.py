@@ -1,8 +1,9 @@
 """Host time of ADSA's per-step planner (`plan_step` + the kept tables) at N running sequences.
 
 No model and no GPU: N live sequences of the XL/1024-token layout are driven through every decode step of an
-image, staggered as in a full server, scored by position (streaming, no KV read), so only the planning is timed. What is timed is the host work
-the metadata builder adds per step, i.e. what must stay below the GPU's step time to be hidden by async scheduling.
+image, staggered as in a full server, scored by position (streaming, no KV read), so only the planning is timed.
+What is timed is the host work the metadata builder adds per step, i.e. what must stay below the GPU's step time
+to be hidden by async scheduling.
 
   python benchmarks/planner_host.py --rows 512 1024 --budget 0.5 0.25
 """

@@ -166,7 +166,8 @@ def test_topk_v_diverse_keeps_the_outlier_block():
     r, c, bs, h, d = 1, 5, 4, 1, 8
     base = torch.zeros(d)
     base[0] = 1
-    values = base.repeat(r, c, bs, h, 1) + 0.01 * torch.randn(r, c, bs, h, d, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(r, c, bs, h, d, generator=torch.Generator().manual_seed(0))
+    values = base.repeat(r, c, bs, h, 1) + 0.01 * noise
     values[0, 2] = -base + 0.01
     x = ScoreInputs(keys=values.clone(), values=values, valid=torch.ones(r, c, dtype=torch.bool),
                     block_index=torch.arange(c)[None] + 2, positions=torch.tensor([200]), query=None, scale=1.0)

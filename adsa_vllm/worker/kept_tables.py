@@ -1,11 +1,11 @@
 """The compacted block table and seq_lens the inner kernel reads, kept in persistent device buffers.
 
 Persistent, because a CUDA graph captured their addresses. Rewritten only when they can have changed: a row's
-compacted entries change when its kept set changes (an eviction, see SlotTrackers.version) or when it starts a new block, and
-its seq_len is always the runner's minus a fixed offset between two events ((blocks dropped) x block size). So a
-step where no row had an event and none started a block costs one device op (the subtraction) instead of a table
-copy, two host-to-device copies and three indexing kernels — at batch 1 that is 13 to 15 steps in 16 (a new
-block, a selection requested and one decided change the key).
+compacted entries change when its kept set changes (an eviction, see SlotTrackers.version) or when it starts a
+new block, and its seq_len is always the runner's minus a fixed offset between two events ((blocks dropped) x
+block size). So a step where no row had an event and none started a block costs one device op (the subtraction)
+instead of a table copy, two host-to-device copies and three indexing kernels — at batch 1 that is 13 to 15
+steps in 16 (a new block, a selection requested and one decided change the key).
 """
 
 from __future__ import annotations
