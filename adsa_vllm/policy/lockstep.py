@@ -53,6 +53,7 @@ class LockstepTrackers:
         self._engine = SlotTrackers(capacity=rows, width=self._blocks)
         self._slots = np.array([self._engine.add(layout) for _ in range(rows)])
         self._cands: torch.Tensor | None = None
+        self._index: np.ndarray | None = None   # `_cands` on the host
 
     def _at(self, pos: int) -> np.ndarray:
         return np.full(len(self._slots), pos, dtype=np.int64)
@@ -75,12 +76,14 @@ class LockstepTrackers:
         counts = cand.sum(1)
         if len(rows) != len(self._slots) or (counts != counts[0]).any():
             raise RuntimeError(f"rows disagree on the selection at position {pos} (rows not in lockstep?)")
-        self._cands = torch.from_numpy(np.nonzero(cand)[1].reshape(len(rows), -1)).to(self.device)
+        self._index = np.nonzero(cand)[1].reshape(len(rows), -1)
+        self._cands = torch.from_numpy(self._index).to(self.device)
         return self._cands
 
     def add_layer_scores(self, scores: torch.Tensor) -> None:
-        """Add one layer's scores [rows, C] of the requested candidates."""
-        index = self._cands.cpu().numpy()
+        """Add one layer's scores [rows, C] of the requested candidates (their index stays on the host from the
+        request on: no device-to-host copy per layer)."""
+        index = self._index
         self._engine.add_scores(self._slots, self._engine.epoch[self._slots], self._engine.pending_pos[self._slots],
                                 index, np.ones(index.shape, dtype=bool),
                                 scores.detach().to(torch.float32).cpu().numpy())
