@@ -29,37 +29,37 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def class_names(cfg) -> list[str] | None:
+def class_names(config) -> list[str] | None:
     """Class names of the model (the shipped Fashion-MNIST model), or None when only ids exist."""
     from adsa_vllm.data import fashion_mnist as fm
     from adsa_vllm.images import is_pixel_token_model
-    return [n.lower() for n in fm.CLASS_NAMES] if is_pixel_token_model(cfg) and cfg.num_classes == 10 else None
+    return [n.lower() for n in fm.CLASS_NAMES] if is_pixel_token_model(config) and config.num_classes == 10 else None
 
 
-def parse_classes(specs: list[str], cfg) -> list[int]:
+def parse_classes(specs: list[str], config) -> list[int]:
     """Class ids or names -> ids; ValueError listing the valid ones. A name matches a whole class name or one of
     its '/'-separated parts, ignoring case and punctuation ("T-shirt", "tshirt/top", "ankle-boot")."""
-    names = class_names(cfg) or []
+    names = class_names(config) or []
     lookup = {}
     for i, n in enumerate(names):
         for alias in [n, *n.split("/")]:
             lookup[_norm(alias)] = i
     ids = []
     for s in specs:
-        if re.fullmatch(r"\d+", s.strip()) and int(s) < cfg.num_classes:
+        if re.fullmatch(r"\d+", s.strip()) and int(s) < config.num_classes:
             ids.append(int(s))
         elif _norm(s) in lookup:
             ids.append(lookup[_norm(s)])
         else:
-            valid = f"class ids 0..{cfg.num_classes - 1}"
+            valid = f"class ids 0..{config.num_classes - 1}"
             if names:
                 valid += " or names " + ", ".join(f"{n!r} ({i})" for i, n in enumerate(names))
             raise ValueError(f"unknown class {s!r}: valid are {valid}")
     return ids
 
 
-def file_label(class_id: int, cfg) -> str:
-    names = class_names(cfg)
+def file_label(class_id: int, config) -> str:
+    names = class_names(config)
     return re.sub(r"[^a-z0-9]+", "-", names[class_id]).strip("-") if names else f"class{class_id}"
 
 
@@ -105,7 +105,7 @@ def generate_offline(model_dir: str, class_ids: list[int], args, adsa: dict) -> 
     from vllm import LLM
     from adsa_vllm.convert import load_config
     from adsa_vllm.guidance.api import generate_images, image_params
-    cfg = load_config(model_dir)
+    config = load_config(model_dir)
     guided = args.cfg != 1.0
     extra = {"adsa": adsa, **({"cfg": {"scale": args.cfg}} if guided else {})}
     llm = LLM(model=model_dir, attention_backend="adsa", additional_config=extra, dtype=args.dtype,
@@ -113,8 +113,8 @@ def generate_offline(model_dir: str, class_ids: list[int], args, adsa: dict) -> 
     sampling = dict(seed=args.seed, temperature=args.temperature, top_k=args.top_k)
     if guided:
         return generate_images(llm, class_ids, cfg_scale=args.cfg, use_tqdm=True, **sampling).tokens
-    params = [image_params(cfg, **{**sampling, "seed": args.seed + i}) for i in range(len(class_ids))]
-    outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in class_ids], params, use_tqdm=True)
+    params = [image_params(config, **{**sampling, "seed": args.seed + i}) for i in range(len(class_ids))]
+    outs = llm.generate([{"prompt_token_ids": config.prompt(c)} for c in class_ids], params, use_tqdm=True)
     return np.array([list(o.outputs[0].token_ids) for o in outs], dtype=np.int64)
 
 
@@ -123,7 +123,7 @@ def generate_remote(url: str, model_dir: str, class_ids: list[int], args, adsa: 
     from adsa_vllm.client import generate_via_server
     from adsa_vllm.convert import load_config
     print(f"[adsa-vllm] sending {len(class_ids)} request(s) to {url} ...", flush=True)
-    tokens = generate_via_server(url, class_ids, cfg=load_config(model_dir), adsa=adsa, seed=args.seed,
+    tokens = generate_via_server(url, class_ids, config=load_config(model_dir), adsa=adsa, seed=args.seed,
                                  temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg)
     return np.array(tokens, dtype=np.int64)
 
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = str(args.model or default_model_dir())
     # Everything a user can get wrong is checked here, before the (slow) engine or any request.
     try:
-        cfg = load_config(model_dir)
-        class_ids = parse_classes(args.classes, cfg)
+        config = load_config(model_dir)
+        class_ids = parse_classes(args.classes, config)
         adsa = {}  # client: only what was given, the server's defaults for the rest
         if args.budget is not None:
             adsa["budget"] = parse_budget(args.budget)
@@ -188,12 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.cfg is not None:
             Guidance().merged({"scale": args.cfg})
         if args.command == "generate":  # a server checks the layout against its own block size
-            settings.layout(block_size=BLOCK_SIZE, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+            settings.layout(block_size=BLOCK_SIZE, cls_token_num=config.cls_token_num, grid_size=config.grid_size)
         vq = load_vq_decoder(model_dir, args.vq)
     except (ValueError, SettingsError, VQCheckpointError, OSError) as e:
         ap.exit(2, f"adsa-vllm {args.command}: error: {e}\n")
     if args.top_k is None:
-        args.top_k = PIXEL_MODEL_TOP_K if is_pixel_token_model(cfg) else min(VQ_MODEL_TOP_K, cfg.codebook_size)
+        args.top_k = PIXEL_MODEL_TOP_K if is_pixel_token_model(config) else min(VQ_MODEL_TOP_K, config.codebook_size)
     if args.command == "generate":
         _set_cpu_defaults()
         tokens = generate_offline(model_dir, class_ids, args, adsa)
@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> None:
             ap.exit(1, f"adsa-vllm client: the server refused the request: {e}\n")
         except OSError as e:
             ap.exit(1, f"adsa-vllm client: cannot reach {args.url}: {e}\n")
-    images = tokens_to_images(cfg, tokens, vq=vq)
-    if vq is None and not is_pixel_token_model(cfg):
+    images = tokens_to_images(config, tokens, vq=vq)
+    if vq is None and not is_pixel_token_model(config):
         print("[adsa-vllm] no VQ decoder configured: wrote token maps (pass --vq vq_ds16_c2i.pt for pictures)")
-    paths = write_images(images, [file_label(c, cfg) for c in class_ids], Path(args.out), args.nrow)
+    paths = write_images(images, [file_label(c, config) for c in class_ids], Path(args.out), args.nrow)
     h, w = images.shape[1:3]
     print(f"wrote {len(images)} image(s) of {w}x{h} and {paths[-1].name} to {Path(args.out).resolve()}")
 

@@ -5,7 +5,7 @@ Start the server with the plugin installed (the `vllm` console script of vllm-cp
     python -m vllm.entrypoints.openai.api_server --model DIR --attention-backend adsa \\
         --additional-config '{"adsa": {"budget": 0.5}}' --dtype float32 --block-size 16 --enforce-eager
 
-An image is one /v1/completions request: the prompt is the condition token ids (`cfg.prompt(class_id)`),
+An image is one /v1/completions request: the prompt is the condition token ids (`config.prompt(class_id)`),
 max_tokens is grid_size**2, and `return_token_ids: true` makes the response carry the generated ids in
 `choices[i].token_ids` (the model has no tokenizer, so `text` is empty).
 
@@ -19,7 +19,7 @@ sent JSON-encoded as a string, ``"vllm_xargs": {"adsa": "{\\"budget\\": 0.25}"}`
 Classifier-free guidance (server started with ``--additional-config '{"cfg": {"scale": 4.0}}'``): an image is
 still one request, because the server runs each request as a conditional/unconditional pair. The guidance rides
 in `vllm_xargs` the same way, ``"vllm_xargs": {"cfg": "{\"scale\": 4.0, \"interval\": -1}"}``; leave it out to use
-the server's defaults. `image_request(cfg, class_id, cfg_scale=4.0)` writes it; `generate_via_server(...,
+the server's defaults. `image_request(config, class_id, cfg_scale=4.0)` writes it; `generate_via_server(...,
 cfg_scale=4.0, seed=0)` sends one request per class id concurrently (request i with seed + i).
 """
 
@@ -54,19 +54,19 @@ def encode_guidance(cfg_scale: float | None = None, cfg_interval: int | None = N
     return {"cfg": json.dumps(value, separators=(",", ":"))} if value else None
 
 
-def image_request(cfg, class_id: int, *, adsa: dict | None = None, seed: int | None = None,
+def image_request(config, class_id: int, *, adsa: dict | None = None, seed: int | None = None,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, model: str | None = None,
                   max_tokens: int | None = None, prompt: list[int] | None = None, cfg_scale: float | None = None,
                   cfg_interval: int | None = None, logprobs: int | None = None) -> dict:
     """A /v1/completions body generating one image of `class_id` (a `LlamaGenConfig`'s grid).
 
     temperature 0 is greedy; top_k 0 means no top-k cut (LlamaGen's own sampling uses e.g. top_k 2000).
-    `max_tokens` and `prompt` default to the full image and `cfg.prompt(class_id)`; they are exposed for tests.
+    `max_tokens` and `prompt` default to the full image and `config.prompt(class_id)`; they are exposed for tests.
     cfg_scale / cfg_interval: classifier-free guidance of this image (the server must run with guidance on).
     """
     body: dict[str, Any] = {
-        "prompt": list(prompt) if prompt is not None else cfg.prompt(class_id),
-        "max_tokens": cfg.image_tokens if max_tokens is None else max_tokens,
+        "prompt": list(prompt) if prompt is not None else config.prompt(class_id),
+        "max_tokens": config.image_tokens if max_tokens is None else max_tokens,
         "temperature": temperature,
         "top_k": top_k,
         "top_p": top_p,
@@ -114,23 +114,23 @@ def server_model(base_url: str, timeout: float = 30.0) -> str:
         return json.loads(resp.read())["data"][0]["id"]
 
 
-def generate_via_server(base_url: str, class_ids: list[int], *, cfg=None, adsa: dict | None = None,
+def generate_via_server(base_url: str, class_ids: list[int], *, config=None, adsa: dict | None = None,
                         seed: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         cfg_scale: float | None = None, cfg_interval: int | None = None,
                         timeout: float = 300.0) -> list[list[int]]:
     """One image per class id through POST {base_url}/v1/completions; returns each image's token ids.
 
-    `cfg` (a LlamaGenConfig) defaults to the config of the default model. Requests are sent concurrently (one
+    `config` (a LlamaGenConfig) defaults to the config of the default model. Requests are sent concurrently (one
     thread each) so the server batches them. With `seed`, request i uses seed + i.
     """
     from concurrent.futures import ThreadPoolExecutor
-    if cfg is None:
+    if config is None:
         from adsa_vllm.convert import load_config
         from adsa_vllm.default_model import default_model_dir
-        cfg = load_config(default_model_dir())
+        config = load_config(default_model_dir())
     base_url = base_url.rstrip("/")
     model = server_model(base_url, timeout)
-    bodies = [image_request(cfg, c, adsa=adsa, seed=None if seed is None else seed + i, temperature=temperature,
+    bodies = [image_request(config, c, adsa=adsa, seed=None if seed is None else seed + i, temperature=temperature,
                             top_k=top_k, top_p=top_p, model=model, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
               for i, c in enumerate(class_ids)]
     url = f"{base_url}/v1/completions"

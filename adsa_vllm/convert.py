@@ -64,23 +64,23 @@ def clean_state_dict(obj) -> dict[str, torch.Tensor]:
     return out
 
 
-def expected_shapes(cfg: LlamaGenConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: LlamaGenConfig) -> dict[str, tuple[int, ...]]:
     """Official key -> shape for a LlamaGen c2i model with this config."""
-    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_hidden
-    shapes = {"tok_embeddings.weight": (cfg.codebook_size, d),
-              "cls_embedding.embedding_table.weight": (cfg.num_classes + 1, d),
-              "norm.weight": (d,), "output.weight": (cfg.codebook_size, d)}
-    for i in range(cfg.n_layer):
+    d, hd, f = config.dim, config.head_dim, config.ffn_hidden
+    shapes = {"tok_embeddings.weight": (config.codebook_size, d),
+              "cls_embedding.embedding_table.weight": (config.num_classes + 1, d),
+              "norm.weight": (d,), "output.weight": (config.codebook_size, d)}
+    for i in range(config.n_layer):
         p = f"layers.{i}."
-        shapes.update({p + "attention.wqkv.weight": ((cfg.n_head + 2 * cfg.kv_heads) * hd, d),
+        shapes.update({p + "attention.wqkv.weight": ((config.n_head + 2 * config.kv_heads) * hd, d),
                        p + "attention.wo.weight": (d, d), p + "feed_forward.w1.weight": (f, d),
                        p + "feed_forward.w3.weight": (f, d), p + "feed_forward.w2.weight": (d, f),
                        p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,)})
     return shapes
 
 
-def validate(sd: dict[str, torch.Tensor], cfg: LlamaGenConfig) -> None:
-    want = expected_shapes(cfg)
+def validate(sd: dict[str, torch.Tensor], config: LlamaGenConfig) -> None:
+    want = expected_shapes(config)
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     bad = [f"{k}: checkpoint {tuple(sd[k].shape)} != expected {want[k]}" for k in want
            if k in sd and tuple(sd[k].shape) != want[k]]
@@ -88,13 +88,13 @@ def validate(sd: dict[str, torch.Tensor], cfg: LlamaGenConfig) -> None:
         lines = ([f"missing keys: {missing[:8]}"] if missing else []) \
             + ([f"unexpected keys: {extra[:8]} (only c2i LlamaGen checkpoints are supported)"] if extra else []) \
             + bad[:8]
-        raise ConversionError("checkpoint does not match " + _describe(cfg) + ":\n  " + "\n  ".join(lines) +
+        raise ConversionError("checkpoint does not match " + _describe(config) + ":\n  " + "\n  ".join(lines) +
                               "\nCheck --preset/--n-head/--n-kv-head (and --num-classes/--codebook-size).")
 
 
-def _describe(cfg: LlamaGenConfig) -> str:
-    return (f"LlamaGen(dim={cfg.dim}, n_layer={cfg.n_layer}, n_head={cfg.n_head}, n_kv_head={cfg.kv_heads}, "
-            f"codebook={cfg.codebook_size}, classes={cfg.num_classes})")
+def _describe(config: LlamaGenConfig) -> str:
+    return (f"LlamaGen(dim={config.dim}, n_layer={config.n_layer}, n_head={config.n_head}, "
+            f"n_kv_head={config.kv_heads}, codebook={config.codebook_size}, classes={config.num_classes})")
 
 
 def infer_config(sd: dict[str, torch.Tensor], *, preset: str | None = None, n_head: int | None = None,
@@ -138,26 +138,26 @@ def infer_config(sd: dict[str, torch.Tensor], *, preset: str | None = None, n_he
     if num_classes is None:
         num_classes = rows - 1  # the last row is the null class used for classifier-free guidance
     try:
-        cfg = LlamaGenConfig(dim=dim, n_layer=n_layer, n_head=heads, n_kv_head=n_kv_head,
+        config = LlamaGenConfig(dim=dim, n_layer=n_layer, n_head=heads, n_kv_head=n_kv_head,
                              codebook_size=codebook_size or cb, num_classes=num_classes,
                              cls_token_num=cls_token_num, grid_size=grid_size, **extra)
     except ValueError as e:
         raise ConversionError(f"{e}; fix --n-head/--n-kv-head") from None
-    validate(sd, cfg)
-    return cfg
+    validate(sd, config)
+    return config
 
 
-def save_model_folder(model_or_state_dict, cfg: LlamaGenConfig, out_dir: str | Path, dtype: str = "float32") -> Path:
+def save_model_folder(model_or_state_dict, config: LlamaGenConfig, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write config.json + model.safetensors (official key names) into out_dir; returns the folder."""
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
-    validate(sd, cfg)
+    validate(sd, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous().clone() for k, v in sorted(sd.items())}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf = cfg.to_hf_dict()
+    hf = config.to_hf_dict()
     hf["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     return out
@@ -170,10 +170,10 @@ def load_config(model_dir: str | Path) -> LlamaGenConfig:
 def load_reference(model_dir: str | Path, *, dtype: torch.dtype | None = None, device="cpu"):
     """LlamaGenReference (eval mode) from a model folder; dtype defaults to the stored one."""
     from adsa_vllm.reference.model import LlamaGenReference
-    cfg = load_config(model_dir)
+    config = load_config(model_dir)
     sd = load_file(str(Path(model_dir) / "model.safetensors"), device=str(device))
-    validate(sd, cfg)
-    model = LlamaGenReference(cfg).to(device=device, dtype=dtype or next(iter(sd.values())).dtype)
+    validate(sd, config)
+    model = LlamaGenReference(config).to(device=device, dtype=dtype or next(iter(sd.values())).dtype)
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
@@ -187,10 +187,10 @@ def convert(ckpt_path: str | Path, out_dir: str | Path, *, preset: str | None = 
     if preset is not None and preset not in PRESETS:
         raise ConversionError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     sd = load_checkpoint(ckpt_path)
-    cfg = infer_config(sd, preset=preset, n_head=n_head, n_kv_head=n_kv_head, grid_size=grid_size,
+    config = infer_config(sd, preset=preset, n_head=n_head, n_kv_head=n_kv_head, grid_size=grid_size,
                        image_size=image_size, codebook_size=codebook_size, num_classes=num_classes,
                        cls_token_num=cls_token_num)
-    return save_model_folder(sd, cfg, out_dir, dtype)
+    return save_model_folder(sd, config, out_dir, dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                       num_classes=a.num_classes, cls_token_num=a.cls_token_num, dtype=a.dtype)
     except ConversionError as e:
         ap.exit(2, f"adsa-convert: error: {e}\n")
-    cfg = load_config(out)
-    print(f"wrote {out}: {_describe(cfg)}, grid {cfg.grid_size}x{cfg.grid_size}, dtype {a.dtype}")
+    config = load_config(out)
+    print(f"wrote {out}: {_describe(config)}, grid {config.grid_size}x{config.grid_size}, dtype {a.dtype}")
 
 
 if __name__ == "__main__":

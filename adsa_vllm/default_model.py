@@ -32,13 +32,13 @@ _FORMAT = 1  # bump when the init or the file layout changes, so stale cache fol
 SHIPPED_DIR = Path(__file__).with_name("assets")
 
 
-def make_random_model_dir(out_dir: str | Path, cfg: LlamaGenConfig, seed: int = 0, std: float = 0.02,
+def make_random_model_dir(out_dir: str | Path, config: LlamaGenConfig, seed: int = 0, std: float = 0.02,
                           dtype: str = "float32") -> Path:
     """Write a deterministic random LlamaGen (config.json + model.safetensors) into out_dir; returns it."""
     from adsa_vllm.convert import save_model_folder
     from adsa_vllm.reference.model import LlamaGenReference
-    model = LlamaGenReference(cfg).init_random_(seed, std)
-    return save_model_folder(model, cfg, out_dir, dtype)
+    model = LlamaGenReference(config).init_random_(seed, std)
+    return save_model_folder(model, config, out_dir, dtype)
 
 
 def cache_root() -> Path:

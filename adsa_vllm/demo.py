@@ -30,20 +30,20 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
-def is_fashion_model(cfg) -> bool:
+def is_fashion_model(config) -> bool:
     from adsa_vllm.images import is_pixel_token_model
-    return is_pixel_token_model(cfg)
+    return is_pixel_token_model(config)
 
 
-def tokens_to_image(tokens, cfg) -> np.ndarray:
+def tokens_to_image(tokens, config) -> np.ndarray:
     """Image token ids (grid*grid, raster order) -> uint8 [H, W]: grey levels for a Fashion-MNIST pixel-token
     model, else a token map (adsa_vllm.images.tokens_to_images, which `adsa-vllm` uses too)."""
     from adsa_vllm.images import tokens_to_images
-    return tokens_to_images(cfg, [tokens])[0]
+    return tokens_to_images(config, [tokens])[0]
 
 
-def class_label(c: int, cfg) -> str:
-    if is_fashion_model(cfg) and cfg.num_classes == 10:
+def class_label(c: int, config) -> str:
+    if is_fashion_model(config) and config.num_classes == 10:
         from adsa_vllm.data import fashion_mnist as fm
         return fm.CLASS_NAMES[c]
     return f"class {c}"
@@ -85,7 +85,7 @@ def _peak_held(seen: dict):
     return on_step
 
 
-def sample_images(llm, cfg, classes: list[int], *, top_k: int, temperature: float, seed: int,
+def sample_images(llm, config, classes: list[int], *, top_k: int, temperature: float, seed: int,
                   greedy: bool = False, cfg_scale: float = 1.0) -> list[list[int]]:
     """One image per class id (request i uses seed + i); token ids per image. With cfg_scale != 1 each request is
     a guided cond/uncond pair (adsa_vllm.guidance), and the engine must have been built with guidance on."""
@@ -94,13 +94,13 @@ def sample_images(llm, cfg, classes: list[int], *, top_k: int, temperature: floa
         out = generate_images(llm, classes, cfg_scale=cfg_scale, seed=seed, temperature=temperature, top_k=top_k,
                               greedy=greedy)
         return out.tokens.tolist()
-    params = [image_params(cfg, seed=seed + i, temperature=temperature, top_k=top_k, greedy=greedy)
+    params = [image_params(config, seed=seed + i, temperature=temperature, top_k=top_k, greedy=greedy)
               for i in range(len(classes))]
-    outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in classes], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": config.prompt(c)} for c in classes], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def run(model_dir: str, cfg, classes: list[int], adsa: dict | None, dtype: str, sampling: dict) -> dict:
+def run(model_dir: str, config, classes: list[int], adsa: dict | None, dtype: str, sampling: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     from adsa_vllm.engine.observe import SchedulerWatch, engine_scheduler
@@ -111,14 +111,14 @@ def run(model_dir: str, cfg, classes: list[int], adsa: dict | None, dtype: str, 
     llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, block_size=16, seed=0,
               max_num_seqs=max(len(classes), 1), **kw)
     scheduler = engine_scheduler(llm)
-    llm.generate([{"prompt_token_ids": cfg.prompt(classes[0])}],  # warm-up: kernels, allocator
+    llm.generate([{"prompt_token_ids": config.prompt(classes[0])}],  # warm-up: kernels, allocator
                  SamplingParams(temperature=0.0, max_tokens=16, detokenize=False), use_tqdm=False)
     startup = time.perf_counter() - t_start
     stats0 = scheduler.adsa_stats() if hasattr(scheduler, "adsa_stats") else {}
     seen = {"peak": 0}
     with SchedulerWatch(scheduler, on_step=_peak_held(seen)) as watch:
         t0 = time.perf_counter()
-        tokens = sample_images(llm, cfg, classes, **sampling)
+        tokens = sample_images(llm, config, classes, **sampling)
         seconds = time.perf_counter() - t0
     res = {"tokens": tokens, "n_tokens": sum(map(len, tokens)), "seconds": seconds, "startup": startup,
            "peak": seen["peak"],
@@ -164,12 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     from adsa_vllm.default_model import default_model_dir
 
     model_dir = str(args.model or default_model_dir())
-    cfg = load_config(model_dir)
-    n = args.num_images or (len(args.classes) if args.classes else cfg.num_classes)
-    base = args.classes or list(range(cfg.num_classes))
+    config = load_config(model_dir)
+    n = args.num_images or (len(args.classes) if args.classes else config.num_classes)
+    base = args.classes or list(range(config.num_classes))
     classes = [base[i % len(base)] for i in range(n)]
     for c in classes:
-        cfg.class_token(c)  # clear error for an out-of-range class id
+        config.class_token(c)  # clear error for an out-of-range class id
     budget = int(args.budget) if args.budget > 1 else args.budget
     adsa = {"budget": budget, "policy": args.policy}
     ADSAConfig.from_dict(adsa)  # validate before building an engine
@@ -181,11 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     runs = [(f"adsa {args.policy} b={budget}", adsa)] + ([] if args.no_full else [("full attention", None)])
     for name, a in runs:
-        print(f"[demo] {name}: {n} images of {cfg.grid_size}x{cfg.grid_size} tokens ({how}) ...", flush=True)
-        results[name] = run(model_dir, cfg, classes, a, args.dtype, sampling)
+        print(f"[demo] {name}: {n} images of {config.grid_size}x{config.grid_size} tokens ({how}) ...", flush=True)
+        results[name] = run(model_dir, config, classes, a, args.dtype, sampling)
 
     bs = 16
-    full_blocks = math.ceil((cfg.max_seq_len - 1) / bs)  # the last image token is emitted, never cached
+    full_blocks = math.ceil((config.max_seq_len - 1) / bs)  # the last image token is emitted, never cached
     head = f"{'mode':<26}{'images':>7}{'tokens':>8}{'start s':>8}{'gen s':>7}{'tok/s':>8}{'peak blk/seq':>13}" \
            f"{'budget+slack':>13}{'full blk':>9}{'freed':>7}{'preempt':>8}"
     print("\n" + head + "\n" + "-" * len(head))
@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nADSA vs full attention, same seeds: {same:.0%} of image tokens equal "
               f"(eviction starts once a sequence passes its budget)")
 
-    labels = [class_label(c, cfg) for c in classes]
-    save_grid([(name.replace(" b=", "\nbudget "), [tokens_to_image(t, cfg) for t in r["tokens"]], labels)
-               for name, r in results.items()], args.out, tile=112 if is_fashion_model(cfg) else 128)
+    labels = [class_label(c, config) for c in classes]
+    save_grid([(name.replace(" b=", "\nbudget "), [tokens_to_image(t, config) for t in r["tokens"]], labels)
+               for name, r in results.items()], args.out, tile=112 if is_fashion_model(config) else 128)
     print(f"wrote {args.out} ({len(results)} rows x {n} images) in {time.perf_counter() - t_all:.0f} s")
 
 

@@ -19,10 +19,10 @@ import numpy as np
 VQ_CKPT_KEY, VQ_CONFIG_KEY = "vq_ckpt", "vq_config"
 
 
-def is_pixel_token_model(cfg) -> bool:
+def is_pixel_token_model(config) -> bool:
     """The Fashion-MNIST layout: tokens are grey levels of a 28x28 image."""
     from adsa_vllm.data import fashion_mnist as fm
-    return (cfg.grid_size, cfg.codebook_size) == (fm.GRID_SIZE, fm.NUM_LEVELS)
+    return (config.grid_size, config.codebook_size) == (fm.GRID_SIZE, fm.NUM_LEVELS)
 
 
 def configured_vq(model_dir: str | Path) -> tuple[Path | None, dict]:
@@ -44,28 +44,29 @@ def load_vq_decoder(model_dir: str | Path | None, vq_ckpt: str | Path | None = N
     return None if path is None else VQDecoder.from_checkpoint(path, **overrides)
 
 
-def tokens_to_images(model_dir_or_cfg, tokens, *, vq=None) -> np.ndarray:
+def tokens_to_images(model_dir_or_config, tokens, *, vq=None) -> np.ndarray:
     """Image token ids [B, grid*grid] (raster order) -> uint8 images: [B, H, W] grey or [B, H, W, 3] RGB.
 
-    model_dir_or_cfg: a model folder (its config.json may name a VQ checkpoint) or a LlamaGenConfig.
+    model_dir_or_config: a model folder (its config.json may name a VQ checkpoint) or a LlamaGenConfig.
     vq: a VQDecoder or a checkpoint path, overriding the folder's; required for VQ decoding from a bare config.
     """
     from adsa_vllm.convert import load_config
     from adsa_vllm.vq import VQDecoder
-    is_dir = isinstance(model_dir_or_cfg, (str, Path))
-    cfg = load_config(model_dir_or_cfg) if is_dir else model_dir_or_cfg
+    is_dir = isinstance(model_dir_or_config, (str, Path))
+    config = load_config(model_dir_or_config) if is_dir else model_dir_or_config
     if not isinstance(vq, VQDecoder) and (vq is not None or is_dir):
-        vq = load_vq_decoder(model_dir_or_cfg if is_dir else None, vq)
-    t = np.asarray(tokens, dtype=np.int64).reshape(-1, cfg.image_tokens)
+        vq = load_vq_decoder(model_dir_or_config if is_dir else None, vq)
+    t = np.asarray(tokens, dtype=np.int64).reshape(-1, config.image_tokens)
     if vq is not None:
-        if vq.cfg.codebook_size != cfg.codebook_size:
-            raise ValueError(f"the VQ decoder has {vq.cfg.codebook_size} codes but the model emits "
-                             f"{cfg.codebook_size}: use the VQ checkpoint the model was trained with")
-        return vq.decode_codes(t, cfg.grid_size)
-    if is_pixel_token_model(cfg):
+        if vq.config.codebook_size != config.codebook_size:
+            raise ValueError(f"the VQ decoder has {vq.config.codebook_size} codes but the model emits "
+                             f"{config.codebook_size}: use the VQ checkpoint the model was trained with")
+        return vq.decode_codes(t, config.grid_size)
+    if is_pixel_token_model(config):
         from adsa_vllm.data import fashion_mnist as fm
         return fm.detokenize(t)
-    return (t * 255 // max(cfg.codebook_size - 1, 1)).astype(np.uint8).reshape(-1, cfg.grid_size, cfg.grid_size)
+    grey = (t * 255 // max(config.codebook_size - 1, 1)).astype(np.uint8)
+    return grey.reshape(-1, config.grid_size, config.grid_size)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:

@@ -51,8 +51,8 @@ class ADSASettings:
     def config_for(self, overrides: dict | None) -> ADSAConfig:
         return self.defaults.merged(overrides)
 
-    def layout_of(self, cfg: ADSAConfig) -> BlockLayout:
-        return cfg.layout(block_size=self.block_size, cls_token_num=self.cls_token_num, grid_size=self.grid_size,
+    def layout_of(self, config: ADSAConfig) -> BlockLayout:
+        return config.layout(block_size=self.block_size, cls_token_num=self.cls_token_num, grid_size=self.grid_size,
                           lag=self.lag)
 
     def layout(self, overrides: dict | None = None) -> BlockLayout:

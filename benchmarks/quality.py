@@ -111,15 +111,15 @@ def main(argv=None):
 
     t_start = time.time()
     model = load_reference(a.model, dtype=getattr(torch, a.dtype), device=a.device)
-    cfg = model.cfg
-    if (cfg.grid_size, cfg.codebook_size) != (fm.GRID_SIZE, fm.NUM_LEVELS):
-        sys.exit(f"{a.model}: grid {cfg.grid_size} / codebook {cfg.codebook_size} is not a Fashion-MNIST model "
+    config = model.config
+    if (config.grid_size, config.codebook_size) != (fm.GRID_SIZE, fm.NUM_LEVELS):
+        sys.exit(f"{a.model}: grid {config.grid_size} / codebook {config.codebook_size} is not a Fashion-MNIST model "
                  f"(grid {fm.GRID_SIZE}, K {fm.NUM_LEVELS})")
     xte, yte = fm.load("test")
     tokens = torch.as_tensor(fm.tokenize(xte[:a.limit]))
     labels = yte[:a.limit].astype(np.int64)
     dev_name = torch.cuda.get_device_name() if cuda else "cpu"
-    rep = {"model": {"folder": str(a.model), **cfg.to_hf_dict()["llamagen"]}, "device": dev_name,
+    rep = {"model": {"folder": str(a.model), **config.to_hf_dict()["llamagen"]}, "device": dev_name,
            "args": vars(a), "timings_s": {}}
     samples, class_ids = {}, np.arange(a.samples_per_policy) % fm.NUM_CLASSES
 
@@ -139,14 +139,15 @@ def main(argv=None):
             bits["policies"][lab] = {}
             for b in a.budgets:
                 adsa = adsa_config(lab, b)
-                why = check_layout(adsa, cfg, a.block_size)
+                why = check_layout(adsa, config, a.block_size)
                 if why is not None:
                     bits["policies"][lab][str(b)] = {"skipped": why}
                     continue
                 t1 = time.time()
                 per = token_nll(model, labels, tokens, adsa, **kw)
                 delta = per - full
-                lay = adsa.layout(block_size=a.block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+                lay = adsa.layout(block_size=a.block_size, cls_token_num=config.cls_token_num,
+                                  grid_size=config.grid_size)
                 bits["policies"][lab][str(b)] = {
                     "bits_per_token": float(per.mean()), "delta_vs_full": float(delta.mean()),
                     "delta_se": float(delta.std() / math.sqrt(len(delta))) if len(delta) > 1 else 0.0,
@@ -176,7 +177,7 @@ def main(argv=None):
                                                                          device=a.device)
         for lab in a.sample_rows:
             adsa = None if lab == "full" else adsa_config(lab, a.sample_budget)
-            if adsa is not None and (why := check_layout(adsa, cfg, a.block_size)):
+            if adsa is not None and (why := check_layout(adsa, config, a.block_size)):
                 results[lab] = {"skipped": why}
                 continue
             t1 = time.time()

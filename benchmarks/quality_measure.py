@@ -24,10 +24,10 @@ def adsa_config(policy_label: str, budget) -> ADSAConfig:
     return ADSAConfig(budget=budget, **POLICIES[policy_label])
 
 
-def check_layout(adsa: ADSAConfig, cfg, block_size: int) -> str | None:
+def check_layout(adsa: ADSAConfig, config, block_size: int) -> str | None:
     """None if the budget is usable, else the reason it is not (the ADSAConfigError message)."""
     try:
-        adsa.layout(block_size=block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+        adsa.layout(block_size=block_size, cls_token_num=config.cls_token_num, grid_size=config.grid_size)
     except ADSAConfigError as e:
         return str(e)
     return None

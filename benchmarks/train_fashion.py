@@ -55,8 +55,8 @@ def make_config(a) -> LlamaGenConfig:
                           **fm.llamagen_config_kwargs())
 
 
-def param_bytes(cfg: LlamaGenConfig, bytes_per_param: int = 2) -> int:
-    return sum(p.numel() for p in LlamaGenReference(cfg).parameters()) * bytes_per_param
+def param_bytes(config: LlamaGenConfig, bytes_per_param: int = 2) -> int:
+    return sum(p.numel() for p in LlamaGenReference(config).parameters()) * bytes_per_param
 
 
 @torch.no_grad()
@@ -118,8 +118,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     batch = a.batch_size or (128 if cuda else 32)
     lr = a.lr or (1e-3 if cuda else 2e-3)
-    cfg = make_config(a)
-    size = param_bytes(cfg)
+    config = make_config(a)
+    size = param_bytes(config)
     if size > MAX_FOLDER_BYTES:  # fail before training, not after ten minutes
         sys.exit(f"model would take {size / 1e6:.1f} MB in float16 > {MAX_FOLDER_BYTES / 1e6:.0f} MB; shrink "
                  "--dim/--n-layer/--ffn-mult")
@@ -133,7 +133,7 @@ def main(argv=None):
     test_tok = torch.as_tensor(fm.tokenize(xte))
     test_lab = torch.as_tensor(yte.astype(np.int64))
 
-    model = LlamaGenReference(cfg).init_random_(a.seed, 0.02).to(dev).train()
+    model = LlamaGenReference(config).init_random_(a.seed, 0.02).to(dev).train()
     nparams = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -141,8 +141,8 @@ def main(argv=None):
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
                             fused=cuda)
     fwd = torch.compile(model.forward_full) if a.compile else model.forward_full
-    print(f"LlamaGen dim={cfg.dim} layers={cfg.n_layer} heads={cfg.n_head} head_dim={cfg.head_dim} "
-          f"ffn={cfg.ffn_hidden} codebook={cfg.codebook_size}: {nparams / 1e6:.2f}M params "
+    print(f"LlamaGen dim={config.dim} layers={config.n_layer} heads={config.n_head} head_dim={config.head_dim} "
+          f"ffn={config.ffn_hidden} codebook={config.codebook_size}: {nparams / 1e6:.2f}M params "
           f"({size / 1e6:.1f} MB float16); device {dev}, batch {batch}, lr {lr}", flush=True)
 
     gen = torch.Generator(device=dev).manual_seed(a.seed)
@@ -166,7 +166,7 @@ def main(argv=None):
         # Classifier-free guidance needs an unconditional model: the null class (id num_classes) replaces the
         # label with probability label_dropout.
         drop = torch.rand(batch, device=dev, generator=gen) < a.label_dropout
-        cond = torch.where(drop, torch.full_like(train_lab[idx], cfg.num_classes), train_lab[idx])
+        cond = torch.where(drop, torch.full_like(train_lab[idx], config.num_classes), train_lab[idx])
         with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
             logits = fwd(tok[:, :-1], cond)           # [B, 784, K]: entry i predicts token i
         loss = F.cross_entropy(logits.float().flatten(0, 1), tok.flatten())
@@ -189,7 +189,7 @@ def main(argv=None):
     train_seconds = time.time() - t0
     final_loss = loss.item()
 
-    out = save_model_folder(model.eval(), cfg, a.out, dtype="float16")
+    out = save_model_folder(model.eval(), config, a.out, dtype="float16")
     if cuda:  # evaluate in full float32 (TF32 matmuls would blur the bits/token in the 3rd decimal)
         torch.backends.cuda.matmul.allow_tf32 = False
     folder_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -198,15 +198,15 @@ def main(argv=None):
     n_eval = a.eval_limit or len(test_tok)
     t1 = time.time()
     test_bits = bits_per_token(saved, test_tok[:n_eval], test_lab[:n_eval], batch=500 if cuda else 50)
-    null_bits = bits_per_token(saved, test_tok[:n_eval], torch.full_like(test_lab[:n_eval], cfg.num_classes),
+    null_bits = bits_per_token(saved, test_tok[:n_eval], torch.full_like(test_lab[:n_eval], config.num_classes),
                                batch=500 if cuda else 50)
     metrics = {"test_bits_per_token": test_bits, "test_bits_per_token_null_class": null_bits,
-               "log2_codebook": math.log2(cfg.codebook_size), "test_images": n_eval,
+               "log2_codebook": math.log2(config.codebook_size), "test_images": n_eval,
                "final_train_loss_nats": final_loss, "final_train_bits_per_token": final_loss / LN2,
                "steps": step, "epochs_seen": seen / len(train_tok), "batch_size": batch, "peak_lr": lr,
                "train_seconds": train_seconds, "eval_seconds": time.time() - t1, "device": str(dev),
                "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu", "params": nparams,
-               "folder_bytes": folder_bytes, "config": cfg.to_hf_dict()["llamagen"],
+               "folder_bytes": folder_bytes, "config": config.to_hf_dict()["llamagen"],
                "label_dropout": a.label_dropout, "seed": a.seed, "history": history}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "config")}, indent=2))

@@ -29,9 +29,9 @@ GRID24 = dict(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, gr
 def _make_dir(tmp_path_factory, name: str, shape: dict, seed: int = 0):
     from adsa_vllm.default_model import make_random_model_dir
     from adsa_vllm.model_config import LlamaGenConfig
-    cfg = LlamaGenConfig(**shape)
+    config = LlamaGenConfig(**shape)
     # std 0.1 keeps greedy argmax well separated (no near-ties between vLLM and the reference).
-    return make_random_model_dir(tmp_path_factory.mktemp(name), cfg, seed=seed, std=0.1), cfg
+    return make_random_model_dir(tmp_path_factory.mktemp(name), config, seed=seed, std=0.1), config
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,13 @@ import json
 SMALL = 4   # max_tokens of cases that are not about length
 
 
-def cases(cfg) -> list[tuple[str, object, int, str | None]]:
-    """The table for a LlamaGen config `cfg` (grid, codebook, classes) on a server with CFG + ADSA on."""
-    cond = cfg.codebook_size            # class 0's prompt id; cond + num_classes is the null class
-    image = cfg.image_tokens
+def cases(config) -> list[tuple[str, object, int, str | None]]:
+    """The table for a LlamaGen config `config` (grid, codebook, classes) on a server with CFG + ADSA on."""
+    cond = config.codebook_size            # class 0's prompt id; cond + num_classes is the null class
+    image = config.image_tokens
 
     def body(**over):
-        b = {"prompt": cfg.prompt(1), "max_tokens": SMALL, "temperature": 0.0, "return_token_ids": True}
+        b = {"prompt": config.prompt(1), "max_tokens": SMALL, "temperature": 0.0, "return_token_ids": True}
         b.update(over)
         return b
 
@@ -129,7 +129,7 @@ def cases(cfg) -> list[tuple[str, object, int, str | None]]:
         # ---- prompts of the wrong shape
         ("prompt empty", body(prompt=[]), 400, None),
         ("prompt image token", body(prompt=[0]), 400, None),
-        ("prompt class past the table", body(prompt=[cond + cfg.num_classes + 1]), 400, None),
+        ("prompt class past the table", body(prompt=[cond + config.num_classes + 1]), 400, None),
         ("prompt two tokens", body(prompt=[cond, cond]), 400, None),
         ("prompt negative id", body(prompt=[-1]), 400, None),
         ("prompt huge id", body(prompt=[10**30]), 400, None),

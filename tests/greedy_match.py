@@ -49,7 +49,7 @@ def teacher_forced_logprobs(got: torch.Tensor, ref_model, class_ids, *, own: Gen
     """Reference logprobs [B, n, V] of `got` [B, n]. Rows equal to the reference's own greedy run `own` (same
     settings, generated with logprobs) reuse its logprobs: teacher forcing identical tokens gives the same ones."""
     got = torch.as_tensor(got)
-    out = torch.empty(*got.shape, ref_model.cfg.codebook_size)
+    out = torch.empty(*got.shape, ref_model.config.codebook_size)
     todo = []
     for i in range(got.shape[0]):
         if own is not None and own.logprobs is not None and torch.equal(got[i], own.tokens[i]):

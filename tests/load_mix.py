@@ -31,7 +31,7 @@ class PlannedRequest:
     drop_after: float = 0.0   # events (stream_drop) or seconds (plain_drop)
 
 
-def plan(cfg, model: str, count: int, seed: int = 0) -> list[PlannedRequest]:
+def plan(config, model: str, count: int, seed: int = 0) -> list[PlannedRequest]:
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -43,7 +43,7 @@ def plan(cfg, model: str, count: int, seed: int = 0) -> list[PlannedRequest]:
             adsa["seed"] = rng.randrange(1000)
         greedy = rng.random() < 0.3
         body = image_request(
-            cfg, rng.randrange(cfg.num_classes), adsa=adsa, model=model,
+            config, rng.randrange(config.num_classes), adsa=adsa, model=model,
             seed=None if greedy or rng.random() < 0.2 else rng.randrange(1 << 20),
             temperature=0.0 if greedy else rng.choice((0.7, 1.0, 1.3)),
             top_k=0 if greedy else rng.choice((0, 1, 20, 200)),

@@ -80,12 +80,12 @@ def tiny_model_dir(tmp_path_factory, grid_size: int):
 
 def adsa_server(tmp_path_factory, name: str, additional: dict, *extra, grid_size: int = 10):
     """A server with ADSA on (`--additional-config` = `additional`) for a `tiny_model_dir` model. Yields
-    {"base", "cfg", "model", "model_dir", "log"} once it is healthy, then stops it."""
+    {"base", "config", "model", "model_dir", "log"} once it is healthy, then stops it."""
     from adsa_vllm.client import server_model
     from adsa_vllm.convert import load_config
     model_dir = tiny_model_dir(tmp_path_factory, grid_size=grid_size)
     log_path = tmp_path_factory.mktemp(name) / "server.log"
     for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config",
                               json.dumps(additional), *extra):
-        yield {"base": base, "cfg": load_config(model_dir), "model": server_model(base), "model_dir": model_dir,
+        yield {"base": base, "config": load_config(model_dir), "model": server_model(base), "model_dir": model_dir,
                "log": log_path}

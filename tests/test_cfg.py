@@ -30,9 +30,9 @@ ADSA50 = ADSAConfig(budget=0.5)
 
 
 def _cfg_engine(engines, model16, key="cfg16", **kw):
-    model_dir, cfg = model16
+    model_dir, config = model16
     kw.setdefault("additional_config", {"cfg": {"scale": SCALE}})
-    return engines.get(key, model_dir, **kw), cfg
+    return engines.get(key, model_dir, **kw), config
 
 
 def _mismatch(a, b):
@@ -86,15 +86,15 @@ def test_greedy_cfg_equals_reference(adsa, engines, model16, ref_model):
 def test_aborted_pairs_free_everything_and_leave_the_others_exact(engines, model16, ref_model):
     """An abort ends the whole pair (one request); with ADSA evicting, nothing leaks and the rest stay exact."""
     from vllm import SamplingParams
-    llm, cfg = _cfg_engine(engines, model16, key="cfg16_adsa", attention_backend="adsa",
+    llm, config = _cfg_engine(engines, model16, key="cfg16_adsa", attention_backend="adsa",
                            additional_config={"cfg": {"scale": SCALE}, "adsa": {"budget": 0.5}})
     eng = llm.llm_engine
     pool = eng.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
     free0 = pool.get_num_free_blocks()
     ids = [f"pair{c}" for c in CLASSES[:4]]
     for c, rid in zip(CLASSES[:4], ids):
-        eng.add_request(rid, {"prompt_token_ids": cfg.prompt(c)},
-                        SamplingParams(max_tokens=cfg.image_tokens, temperature=0.0, detokenize=False))
+        eng.add_request(rid, {"prompt_token_ids": config.prompt(c)},
+                        SamplingParams(max_tokens=config.image_tokens, temperature=0.0, detokenize=False))
     for _ in range(3):
         eng.step()
     eng.abort_request([ids[0]])                       # before any eviction
@@ -161,12 +161,12 @@ def test_per_request_scale_one_is_the_conditional_model(engines, model16, ref_mo
     (dict(cfg_interval=-2), "interval=-2: use -1"),
 ])
 def test_bad_guidance_fails_the_request_only(kwargs, match, engines, model16, ref_model):
-    llm, cfg = _cfg_engine(engines, model16)
+    llm, config = _cfg_engine(engines, model16)
     with pytest.raises(GuidanceConfigError, match=match):
         generate_images(llm, [1], greedy=True, **kwargs)
     from vllm import SamplingParams
     with pytest.raises(ValueError, match="unknown cfg setting"):   # through vLLM's own input checks
-        llm.generate([{"prompt_token_ids": cfg.prompt(1)}],
+        llm.generate([{"prompt_token_ids": config.prompt(1)}],
                      SamplingParams(max_tokens=4, temperature=0.0, extra_args={"cfg": {"scael": 2.0}}))
     got = generate_images(llm, [1], greedy=True)
     assert_greedy_matches_reference(got.tokens, ref_model, [1], cfg_scale=SCALE)
@@ -189,13 +189,13 @@ def test_preempted_pairs_resume_in_step_and_equal_the_unpreempted_run(engines, m
 # ---------------------------------------------------------------- guidance off
 
 def test_guidance_off_rejects_cfg_requests_with_the_fix(engines, model16):
-    model_dir, cfg = model16
+    model_dir, config = model16
     llm = engines.get("plain16", model_dir)
     with pytest.raises(GuidanceConfigError, match='additional_config={"cfg"'):
         generate_images(llm, [1], cfg_scale=2.0)
     from vllm import SamplingParams
     with pytest.raises(ValueError, match="runs without classifier-free guidance"):
-        llm.generate([{"prompt_token_ids": cfg.prompt(1)}],
+        llm.generate([{"prompt_token_ids": config.prompt(1)}],
                      SamplingParams(max_tokens=4, temperature=0.0, extra_args={"cfg": {"scale": 2.0}}))
-    out = llm.generate([{"prompt_token_ids": cfg.prompt(1)}], SamplingParams(max_tokens=4, temperature=0.0))
+    out = llm.generate([{"prompt_token_ids": config.prompt(1)}], SamplingParams(max_tokens=4, temperature=0.0))
     assert len(out[0].outputs[0].token_ids) == 4

@@ -135,10 +135,10 @@ def test_client_without_settings_leaves_server_defaults(tmp_path, fake_server):
 
 def _vq_model_dir(tmp_path: Path, with_ckpt: bool) -> Path:
     """A model folder (config.json only: decoding needs no GPT weights) for a 4x4 grid of 64 VQ codes."""
-    cfg = LlamaGenConfig(dim=64, n_layer=1, n_head=2, codebook_size=SMALL["codebook_size"], num_classes=10,
+    config = LlamaGenConfig(dim=64, n_layer=1, n_head=2, codebook_size=SMALL["codebook_size"], num_classes=10,
                          grid_size=4)
     torch.save({"model": _random_official_state_dict(seed=7)}, tmp_path / "vq_small.pt")
-    hf = {**cfg.to_hf_dict(), "vq_config": SMALL, **({"vq_ckpt": "vq_small.pt"} if with_ckpt else {})}
+    hf = {**config.to_hf_dict(), "vq_config": SMALL, **({"vq_ckpt": "vq_small.pt"} if with_ckpt else {})}
     (tmp_path / "config.json").write_text(json.dumps(hf))
     return tmp_path
 

@@ -12,11 +12,11 @@ from adsa_vllm.default_model import (DEFAULT_CONFIG, SHIPPED_DIR, default_model_
 from adsa_vllm.model_config import LlamaGenConfig, preset
 from adsa_vllm.reference import LlamaGenReference, generate
 
-CFG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, codebook_size=64, num_classes=10, grid_size=4)
+CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, codebook_size=64, num_classes=10, grid_size=4)
 
 
-def official_model(cfg=CFG, seed=1):
-    return LlamaGenReference(cfg).init_random_(seed, 0.2).eval()
+def official_model(config=CONFIG, seed=1):
+    return LlamaGenReference(config).init_random_(seed, 0.2).eval()
 
 
 def wrap_plain(sd):
@@ -40,7 +40,7 @@ def test_round_trip_gives_identical_greedy_tokens(tmp_path, wrap):
     torch.save(wrap(ref.state_dict()), tmp_path / "c2i.pt")
     out = conv.convert(tmp_path / "c2i.pt", tmp_path / "folder", n_head=4, grid_size=4)
     loaded = conv.load_reference(out)
-    assert loaded.cfg == CFG
+    assert loaded.config == CONFIG
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaGenForCausalLM"]
     for k, v in ref.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -49,8 +49,8 @@ def test_round_trip_gives_identical_greedy_tokens(tmp_path, wrap):
 
 
 def test_cli_gqa_bfloat16_and_untrusted_pickle_fallback(tmp_path, capsys):
-    cfg = LlamaGenConfig(dim=64, n_layer=2, n_head=4, n_kv_head=2, codebook_size=64, num_classes=10, grid_size=4)
-    ref = official_model(cfg)
+    config = LlamaGenConfig(dim=64, n_layer=2, n_head=4, n_kv_head=2, codebook_size=64, num_classes=10, grid_size=4)
+    ref = official_model(config)
     # Official training checkpoints also pickle an argparse Namespace, which weights_only loading refuses.
     torch.save({"model": ref.state_dict(), "args": argparse.Namespace(lr=1e-4)}, tmp_path / "c2i.pt")
     with pytest.warns(UserWarning, match="weights_only"):
@@ -58,7 +58,7 @@ def test_cli_gqa_bfloat16_and_untrusted_pickle_fallback(tmp_path, capsys):
                    "--dtype", "bfloat16"])
     assert "wrote" in capsys.readouterr().out
     loaded = conv.load_reference(tmp_path / "out")
-    assert loaded.cfg == cfg and loaded.cfg.kv_heads == 2 and loaded.dtype == torch.bfloat16
+    assert loaded.config == config and loaded.config.kv_heads == 2 and loaded.dtype == torch.bfloat16
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
@@ -92,8 +92,8 @@ def test_wrong_shapes_are_reported_by_key(tmp_path):
 def test_official_sizes_are_recognised_without_n_head():
     with torch.device("meta"):  # shapes only: no memory for a 111M-parameter model
         sd = LlamaGenReference(preset("B", grid_size=16)).state_dict()
-    cfg = conv.infer_config(sd, image_size=384)
-    assert (cfg.n_head, cfg.grid_size, cfg.codebook_size, cfg.num_classes) == (12, 24, 16384, 1000)
+    config = conv.infer_config(sd, image_size=384)
+    assert (config.n_head, config.grid_size, config.codebook_size, config.num_classes) == (12, 24, 16384, 1000)
 
 
 def test_random_model_is_deterministic_and_loadable(tmp_path, monkeypatch):
@@ -107,7 +107,7 @@ def test_random_model_is_deterministic_and_loadable(tmp_path, monkeypatch):
     for name in ("config.json", "model.safetensors"):
         assert (again / name).read_bytes() == (first / name).read_bytes()
     model = conv.load_reference(first)
-    assert model.cfg == DEFAULT_CONFIG
+    assert model.config == DEFAULT_CONFIG
     assert generate(model, [0], greedy=True, max_new_tokens=8).tokens.shape == (1, 8)
 
 
@@ -118,10 +118,10 @@ def test_default_model_is_the_shipped_fashion_model(tmp_path, monkeypatch):
     assert d == SHIPPED_DIR and not (tmp_path / "cache").exists()
     assert (d / "model.safetensors").stat().st_size <= 12 * 2 ** 20
     model = conv.load_reference(d)
-    cfg = model.cfg
-    assert (cfg.grid_size, cfg.codebook_size, cfg.num_classes, cfg.cls_token_num) == \
+    config = model.config
+    assert (config.grid_size, config.codebook_size, config.num_classes, config.cls_token_num) == \
         (fm.GRID_SIZE, fm.NUM_LEVELS, fm.NUM_CLASSES, 1)
-    assert (cfg.dim, cfg.n_layer, cfg.n_head) == (256, 8, 8)
+    assert (config.dim, config.n_layer, config.n_head) == (256, 8, 8)
     # Trained, not random: on a plain black image (50% of Fashion-MNIST pixels are 0) the model is confident
     # that the next pixel is black, far from the uniform 4 bits a random model gives.
     black = torch.zeros(1, fm.IMAGE_TOKENS, dtype=torch.int64)

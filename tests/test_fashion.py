@@ -33,9 +33,9 @@ POLICIES = [dict(policy="topk_v", keep="diverse"), dict(policy="topk_v", keep="s
 
 
 def tiny(grid=16, cls=1, seed=0) -> LlamaGenReference:
-    cfg = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=fm.NUM_LEVELS, num_classes=10,
+    config = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=fm.NUM_LEVELS, num_classes=10,
                          cls_token_num=cls, grid_size=grid)
-    return LlamaGenReference(cfg).init_random_(seed, 0.2).eval()
+    return LlamaGenReference(config).init_random_(seed, 0.2).eval()
 
 
 # ---- data ----
@@ -145,10 +145,10 @@ def test_shipped_classifier_loads_from_the_package_assets():
 
 def test_demo_draws_fashion_tokens_as_labelled_garments():
     from adsa_vllm import demo
-    cfg = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=fm.NUM_LEVELS, num_classes=10, grid_size=28)
+    config = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=fm.NUM_LEVELS, num_classes=10, grid_size=28)
     tokens = fm.tokenize(np.arange(784).reshape(1, 28, 28) % 256)[0]
-    assert np.array_equal(demo.tokens_to_image(tokens, cfg), fm.detokenize(tokens)[0])
-    assert [demo.class_label(c, cfg) for c in (0, 9)] == ["T-shirt/top", "Ankle boot"]
+    assert np.array_equal(demo.tokens_to_image(tokens, config), fm.detokenize(tokens)[0])
+    assert [demo.class_label(c, config) for c in (0, 9)] == ["T-shirt/top", "Ankle boot"]
     other = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
     assert demo.tokens_to_image(np.full(256, 511), other).shape == (16, 16) and demo.class_label(3, other) == "class 3"
 

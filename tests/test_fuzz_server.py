@@ -37,7 +37,7 @@ BUDGET = 0.75
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
     for srv in adsa_server(tmp_path_factory, "fuzz_server", {"adsa": {"budget": BUDGET}, "cfg": {"scale": 2.0}}):
-        srv["good_body"] = image_request(srv["cfg"], GOOD_CLASS, temperature=0.0, model=srv["model"])
+        srv["good_body"] = image_request(srv["config"], GOOD_CLASS, temperature=0.0, model=srv["model"])
         good = _good_image(srv)
         assert_greedy_matches_reference([good], load_reference(srv["model_dir"]), [GOOD_CLASS], cfg_scale=2.0,
                                         adsa=ADSAConfig(budget=BUDGET), cfg_selection="shared")
@@ -99,7 +99,7 @@ def _assert_still_serving(srv, after: str) -> None:
 
 
 def test_table_of_bad_requests_each_fails_alone(fuzz_server):
-    table = cases(fuzz_server["cfg"])
+    table = cases(fuzz_server["config"])
     assert len(table) >= 60
     wrong = []
     for name, body, status, text in table:

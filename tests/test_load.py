@@ -77,18 +77,18 @@ def _send(base: str, req) -> tuple[str, list[int] | str]:
 
 
 def _greedy_image(srv) -> list[int]:
-    body = image_request(srv["cfg"], 3, temperature=0.0, model=srv["model"], adsa={"budget": 0.5})
+    body = image_request(srv["config"], 3, temperature=0.0, model=srv["model"], adsa={"budget": 0.5})
     return completion_token_ids(post_json(f"{srv['base']}/v1/completions", body, timeout=120))
 
 
 def test_mixed_load_keeps_the_engine_alive_and_returns_every_block(server):
-    base, cfg = server["base"], server["cfg"]
+    base, config = server["base"], server["config"]
     before_image = _greedy_image(server)
     before = wait_idle(base)
     requests_before = before.by_label("adsa:requests_total", "policy")
     assert before.total("vllm:kv_cache_usage_perc") == 0.0
 
-    planned = plan(cfg, server["model"], NUM_REQUESTS, seed=0)
+    planned = plan(config, server["model"], NUM_REQUESTS, seed=0)
     outcomes: dict[int, tuple[str, object]] = {}
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
@@ -103,8 +103,8 @@ def test_mixed_load_keeps_the_engine_alive_and_returns_every_block(server):
     for r in planned:
         kind, tokens = outcomes[r.index]
         if kind == "done":
-            assert len(tokens) == cfg.image_tokens, (r.way, r.body, len(tokens))
-            assert all(0 <= t < cfg.codebook_size for t in tokens), (r.way, r.body)
+            assert len(tokens) == config.image_tokens, (r.way, r.body, len(tokens))
+            assert all(0 <= t < config.codebook_size for t in tokens), (r.way, r.body)
     assert kinds["done"] >= NUM_REQUESTS * 0.7, kinds   # the drops are a fifth of the mix
 
     after = wait_idle(base)

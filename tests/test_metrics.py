@@ -28,9 +28,9 @@ POLICY_OF_REQUEST = ["topk_v", "topk_v", "streaming", "random", "attention_mass"
 def server(tmp_path_factory):
     for srv in adsa_server(tmp_path_factory, "metrics_server", {"adsa": {"budget": BUDGET}},
                            "--num-gpu-blocks-override", str(POOL_BLOCKS), grid_size=16):
-        cfg = srv["cfg"]
-        layout = ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=cfg.cls_token_num,
-                                                  grid_size=cfg.grid_size)
+        config = srv["config"]
+        layout = ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=config.cls_token_num,
+                                                  grid_size=config.grid_size)
         yield {**srv, "bound": layout.held_bound}
 
 
@@ -66,12 +66,12 @@ def test_idle_server_exports_every_adsa_series_at_rest(server):
 
 
 def test_gauges_move_during_generation_and_return_to_idle(server):
-    base, cfg = server["base"], server["cfg"]
+    base, config = server["base"], server["config"]
     images: dict[int, list[int]] = {}
     errors: list[BaseException] = []
 
     def generate(i: int, policy: str) -> None:
-        body = image_request(cfg, i % cfg.num_classes, adsa={"policy": policy}, seed=i, temperature=1.0,
+        body = image_request(config, i % config.num_classes, adsa={"policy": policy}, seed=i, temperature=1.0,
                              top_k=100, model=server["model"])
         try:
             images[i] = completion_token_ids(post_json(f"{base}/v1/completions", body, timeout=300))
@@ -108,14 +108,14 @@ def test_gauges_move_during_generation_and_return_to_idle(server):
     assert seen["ratio"] < 1.0, "adsa:kept_ratio stayed at 1 although ADSA evicts at a 50% budget"
 
     for i, toks in images.items():
-        assert len(toks) == cfg.image_tokens and all(0 <= t < cfg.codebook_size for t in toks), i
+        assert len(toks) == config.image_tokens and all(0 <= t < config.codebook_size for t in toks), i
 
     m = wait_idle(base)
     assert m.total("adsa:blocks_held") == 0 and m.total("adsa:full_attention_blocks") == 0, m.lines("adsa:")
     assert m.total("adsa:kept_ratio") == 1.0
     assert m.total("vllm:kv_cache_usage_perc") == 0.0
     # Each finished image allocated cdiv(256, 16) = 16 logical blocks and never held more than its bound.
-    full_blocks = -(-(cfg.cls_token_num + cfg.image_tokens - 1) // 16)
+    full_blocks = -(-(config.cls_token_num + config.image_tokens - 1) // 16)
     assert m.total("adsa:blocks_freed_total") >= len(POLICY_OF_REQUEST) * (full_blocks - server["bound"])
     sent = {p: float(POLICY_OF_REQUEST.count(p)) for p in POLICIES}
     assert m.by_label("adsa:requests_total", "policy") == sent

@@ -13,9 +13,9 @@ from adsa_vllm.reference.model import apply_rotary_emb, precompute_freqs_cis_2d
 
 
 def tiny(grid=16, cls=1, kv=None, codebook=64, seed=0, std=0.2) -> LlamaGenReference:
-    cfg = LlamaGenConfig(dim=64, n_layer=2, n_head=4, n_kv_head=kv, codebook_size=codebook, num_classes=10,
+    config = LlamaGenConfig(dim=64, n_layer=2, n_head=4, n_kv_head=kv, codebook_size=codebook, num_classes=10,
                          cls_token_num=cls, grid_size=grid)
-    return LlamaGenReference(cfg).init_random_(seed, std).eval()
+    return LlamaGenReference(config).init_random_(seed, std).eval()
 
 
 class Recorder(SequenceTracker):
@@ -128,7 +128,7 @@ def test_adsa_respects_budget_and_equals_masked_full_forward(policy, monkeypatch
         last_fed = tr.layout.seq_len - 2
         assert {p + 1 for p in tr.requests if p < last_fed} == {p for p, _ in tr.selections}
         # Once per layer; a position-only score (streaming, random) once per selection, as in the vLLM path.
-        calls = m.cfg.n_layer if tr.scorer.reads_kv else 1
+        calls = m.config.n_layer if tr.scorer.reads_kv else 1
         assert all(tr.layer_calls[p] == calls for p in tr.requests)
         assert all(len(k) <= tr.layout.held_bound for k in tr.kept_log.values())
     if policy == "streaming":  # content-free: survivors are the newest candidates
@@ -141,7 +141,7 @@ def test_adsa_respects_budget_and_equals_masked_full_forward(policy, monkeypatch
     # The same run as one masked causal forward: row r at position p sees kept blocks of p, causally.
     monkeypatch.setattr(decoder, "SequenceTracker", Recorder)
     rs = score_tokens(m, [1, 4], plain.tokens, adsa=adsa, return_result=True)
-    L = m.cfg.cls_token_num + plain.tokens.shape[1] - 1
+    L = m.config.cls_token_num + plain.tokens.shape[1] - 1
     j = torch.arange(L)
     mask = torch.zeros(2, L, L, dtype=torch.bool)
     for r, tr in enumerate(rs.trackers):

@@ -24,7 +24,7 @@ def server(tmp_path_factory, model16):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     for base in _launch(model_dir, log_path, "--attention-backend", "adsa",
                         "--additional-config", '{"adsa": {"budget": 0.5}}'):
-        yield {"base": base, "cfg": load_config(model_dir), "model_dir": model_dir, "log": log_path}
+        yield {"base": base, "config": load_config(model_dir), "model_dir": model_dir, "log": log_path}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def guided_server(tmp_path_factory, model16):
     log_path = tmp_path_factory.mktemp("guided_server") / "server.log"
     for base in _launch(model_dir, log_path, "--attention-backend", "adsa",
                         "--additional-config", '{"adsa": {"budget": 0.5}, "cfg": {"scale": 2.0}}'):
-        yield {"base": base, "cfg": load_config(model_dir), "model_dir": model_dir, "log": log_path}
+        yield {"base": base, "config": load_config(model_dir), "model_dir": model_dir, "log": log_path}
 
 
 @functools.cache
@@ -62,45 +62,45 @@ def _assert_matches_reference(server, images, class_ids, cfg_scale=1.0, **adsa) 
 
 
 def _serves_good_request(server) -> None:
-    cfg = server["cfg"]
-    images = generate_via_server(server["base"], [2], cfg=cfg, temperature=0.0, timeout=60)
+    config = server["config"]
+    images = generate_via_server(server["base"], [2], config=config, temperature=0.0, timeout=60)
     _assert_matches_reference(server, images, [2], budget=0.5)
 
 
 def test_greedy_images_match_reference(server):
-    cfg = server["cfg"]
+    config = server["config"]
     classes = [1, 4]
-    images = generate_via_server(server["base"], classes, cfg=cfg, temperature=0.0, timeout=60)
+    images = generate_via_server(server["base"], classes, config=config, temperature=0.0, timeout=60)
     assert len(images) == len(classes)
     for c, tokens in zip(classes, images):
-        assert len(tokens) == cfg.image_tokens == 256
-        assert all(0 <= t < cfg.codebook_size for t in tokens)
+        assert len(tokens) == config.image_tokens == 256
+        assert all(0 <= t < config.codebook_size for t in tokens)
     _assert_matches_reference(server, images, classes, budget=0.5)
 
 
 def test_bad_requests_get_400_naming_the_fix(server):
-    cfg = server["cfg"]
-    bad_class = cfg.num_classes + 1
-    msg = _reject(server, image_request(cfg, 0, prompt=[cfg.codebook_size + bad_class], temperature=0.0))
-    assert f"0..{cfg.num_classes - 1}" in msg and str(bad_class) in msg, msg
+    config = server["config"]
+    bad_class = config.num_classes + 1
+    msg = _reject(server, image_request(config, 0, prompt=[config.codebook_size + bad_class], temperature=0.0))
+    assert f"0..{config.num_classes - 1}" in msg and str(bad_class) in msg, msg
 
-    msg = _reject(server, image_request(cfg, 0, max_tokens=999, temperature=0.0))
+    msg = _reject(server, image_request(config, 0, max_tokens=999, temperature=0.0))
     # vLLM's own length check answers first (max_model_len = 1 + grid**2), before the plugin's image-range check.
-    assert "max_tokens" in msg and str(cfg.max_seq_len) in msg, msg
+    assert "max_tokens" in msg and str(config.max_seq_len) in msg, msg
 
     _serves_good_request(server)
 
 
 def test_bad_adsa_setting_gets_400_naming_the_policies(server):
-    cfg = server["cfg"]
-    msg = _reject(server, image_request(cfg, 0, adsa={"policy": "nope"}, temperature=0.0))
+    config = server["config"]
+    msg = _reject(server, image_request(config, 0, adsa={"policy": "nope"}, temperature=0.0))
     _serves_good_request(server)
     assert "nope" in msg and "topk_v" in msg and "streaming" in msg, msg
 
 
 def test_per_request_adsa_override(server):
-    cfg = server["cfg"]
-    images = generate_via_server(server["base"], [1], cfg=cfg, temperature=0.0, timeout=60,
+    config = server["config"]
+    images = generate_via_server(server["base"], [1], config=config, temperature=0.0, timeout=60,
                                  adsa={"budget": 0.25, "policy": "streaming"})
     _assert_matches_reference(server, images, [1], budget=0.25, policy="streaming")
     assert images[0] != _reference(server["model_dir"], 1, budget=0.5)
@@ -109,23 +109,24 @@ def test_per_request_adsa_override(server):
 # ---------------------------------------------------------------- classifier-free guidance over HTTP
 
 def test_guided_images_match_reference_cfg(guided_server):
-    cfg = guided_server["cfg"]
+    config = guided_server["config"]
     classes = [1, 4]
     # The server's default scale (2.0), then a per-request scale through vllm_xargs. Class 1 at scale 4 has a
     # near-tie at token 246 (top-2 margin 4.8e-6, below the fp32 error at that scale): margin-aware check.
-    default = generate_via_server(guided_server["base"], classes, cfg=cfg, temperature=0.0, timeout=60)
+    default = generate_via_server(guided_server["base"], classes, config=config, temperature=0.0, timeout=60)
     _assert_matches_reference(guided_server, default, classes, 2.0, budget=0.5)
-    scaled = generate_via_server(guided_server["base"], classes, cfg=cfg, temperature=0.0, timeout=60, cfg_scale=4.0)
+    scaled = generate_via_server(guided_server["base"], classes, config=config, temperature=0.0, timeout=60,
+                                 cfg_scale=4.0)
     _assert_matches_reference(guided_server, scaled, classes, 4.0, budget=0.5)
     assert scaled != default
 
 
 def test_bad_guidance_gets_400_and_the_server_keeps_serving(guided_server, server):
-    cfg = guided_server["cfg"]
-    msg = _reject(guided_server, image_request(cfg, 0, cfg_scale=-2.0, temperature=0.0))
+    config = guided_server["config"]
+    msg = _reject(guided_server, image_request(config, 0, cfg_scale=-2.0, temperature=0.0))
     assert "finite number >= 0" in msg, msg
-    msg = _reject(server, image_request(cfg, 0, cfg_scale=2.0, temperature=0.0))   # guidance off there
+    msg = _reject(server, image_request(config, 0, cfg_scale=2.0, temperature=0.0))   # guidance off there
     assert "without classifier-free guidance" in msg and '{"cfg": {}}' in msg, msg
-    images = generate_via_server(guided_server["base"], [3], cfg=cfg, temperature=0.0, timeout=60)
+    images = generate_via_server(guided_server["base"], [3], config=config, temperature=0.0, timeout=60)
     _assert_matches_reference(guided_server, images, [3], 2.0, budget=0.5)
     _serves_good_request(server)

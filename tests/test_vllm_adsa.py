@@ -47,10 +47,10 @@ def _kv_caches(llm):
     return caches
 
 
-def _generate(llm, cfg, requests, n=None):
+def _generate(llm, config, requests, n=None):
     """requests: [(label, class_id, overrides|None)] -> {label: token tensor} (one batched generate call)."""
-    prompts = [{"prompt_token_ids": cfg.prompt(c)} for _, c, _ in requests]
-    params = [_params(cfg.image_tokens if n is None else n, ov) for _, _, ov in requests]
+    prompts = [{"prompt_token_ids": config.prompt(c)} for _, c, _ in requests]
+    params = [_params(config.image_tokens if n is None else n, ov) for _, _, ov in requests]
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert len(outs) == len(requests)
     return {label: torch.tensor(list(o.outputs[0].token_ids)) for (label, _, _), o in zip(requests, outs)}, outs
@@ -141,20 +141,20 @@ MAIN_REQUESTS = ([("diverse", c, None) for c in C16]
 
 
 def _adsa16(engines, model16):
-    model_dir, cfg = model16
+    model_dir, config = model16
     return engines.get("adsa16", model_dir, **ADSA_ON,
-                       additional_config={"adsa": {"budget": 0.5, "policy": "topk_v"}}), cfg, model_dir
+                       additional_config={"adsa": {"budget": 0.5, "policy": "topk_v"}}), config, model_dir
 
 
 @pytest.fixture(scope="module")
 def main16(engines, model16):
-    llm, cfg, model_dir = _adsa16(engines, model16)
+    llm, config, model_dir = _adsa16(engines, model16)
     m = _manager(llm)
     free_before = m.block_pool.get_num_free_blocks()
     freed_before = m.total_freed
     rec = HeldRecorder(llm)
     try:
-        tokens, outs = _generate(llm, cfg, [(f"{lab}/{c}", c, ov) for lab, c, ov in MAIN_REQUESTS])
+        tokens, outs = _generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in MAIN_REQUESTS])
     finally:
         rec.remove()
     ids = _internal_ids(outs, list(rec.log))
@@ -181,11 +181,11 @@ def _assert_matches(reference, model_dir, got, classes, adsa=None, label="", blo
 
 def _assert_equals_reference(tokens, label, adsa, model, classes, reference):
     """vLLM's greedy ADSA images equal the reference ADSA's (near-ties aside) and differ from full attention."""
-    model_dir, cfg = model
+    model_dir, config = model
     got = torch.stack([tokens[f"{label}/{c}"] for c in classes])
     want = reference.greedy(model_dir, classes, adsa).tokens
     full = reference.greedy(model_dir, classes).tokens
-    assert got.shape == (len(classes), cfg.image_tokens)
+    assert got.shape == (len(classes), config.image_tokens)
     _assert_matches(reference, model_dir, got, classes, adsa, label)
     # The check can fail: ADSA at 50% changes the image somewhere (else equality above would prove nothing).
     assert not torch.equal(want, full), f"{label}: reference ADSA equals full attention; pick another seed"
@@ -208,10 +208,10 @@ def test_bounded_scratch_memory_changes_nothing(main16, engines, model16, monkey
     """TopK-V summaries are written and read in chunks that bound the temporary device memory (many sequences may
     reach their first selection in one step); one block and one row per chunk gives the very same images."""
     from adsa_vllm.worker import summaries
-    llm, cfg, _ = _adsa16(engines, model16)
+    llm, config, _ = _adsa16(engines, model16)
     monkeypatch.setattr(summaries, "SCRATCH_BYTES", 1)
     requests = [r for r in MAIN_REQUESTS if r[0] in ("diverse", "similar")]
-    tokens, _ = _generate(llm, cfg, [(f"{lab}/{c}", c, ov) for lab, c, ov in requests])
+    tokens, _ = _generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in requests])
     for label, got in tokens.items():
         assert torch.equal(got, main16["tokens"][label]), label
 
@@ -290,13 +290,13 @@ def test_no_leak_after_all_requests_finish(main16):
 # ---------------------------------------------------------------------- safety: freed blocks are never read
 
 def test_freed_blocks_overwritten_with_garbage_do_not_change_outputs(engines, model16, main16):
-    llm, cfg, _ = _adsa16(engines, model16)
+    llm, config, _ = _adsa16(engines, model16)
     reqs = [(f"diverse/{c}", c, None) for c in C16] + [(f"streaming/{C16[0]}", C16[0], {"policy": "streaming"})]
     # Finite garbage: a freed block is typically handed straight to another sequence as its new tail, whose
     # not-yet-written slots the CPU kernel masks by value (NaN there would poison even stock vLLM; see report).
     gw = GarbageWriter(llm, value=1e4)
     try:
-        tokens, _ = _generate(llm, cfg, reqs)
+        tokens, _ = _generate(llm, config, reqs)
     finally:
         gw.remove()
     assert len(gw.written) > 0 and gw.calls > 0, "no block was freed, the test proves nothing"
@@ -307,18 +307,18 @@ def test_freed_blocks_overwritten_with_garbage_do_not_change_outputs(engines, mo
 
 
 def test_garbage_writer_control_kept_block_changes_output(engines, model16, main16):
-    llm, cfg, _ = _adsa16(engines, model16)
+    llm, config, _ = _adsa16(engines, model16)
     c = C16[0]
     gw = GarbageWriter(llm, value=1e4, kept=True)
     try:
-        tokens, _ = _generate(llm, cfg, [("ctl", c, None)], n=200)
+        tokens, _ = _generate(llm, config, [("ctl", c, None)], n=200)
     finally:
         gw.remove()
     assert gw.written, "the control never wrote (no eviction within 200 tokens)"
     assert not torch.equal(tokens["ctl"], main16["tokens"][f"diverse/{c}"][:200]), \
         "garbage in a kept block did not change the output: the writer does not reach the KV the kernel reads"
     # The engine still produces the clean result afterwards (block 0 of that request was freed with it).
-    again, _ = _generate(llm, cfg, [("again", c, None)])
+    again, _ = _generate(llm, config, [("again", c, None)])
     assert torch.equal(again["again"], main16["tokens"][f"diverse/{c}"])
 
 
@@ -326,14 +326,14 @@ def test_garbage_writer_control_kept_block_changes_output(engines, model16, main
 
 @pytest.fixture(scope="module")
 def main24(engines, model24):
-    model_dir, cfg = model24
+    model_dir, config = model24
     llm = engines.get("adsa24", model_dir, **ADSA_ON,
                       additional_config={"adsa": {"budget": 0.5, "policy": "streaming"}})
     reqs = ([(f"streaming/{c}", c, None) for c in C24]
             + [(f"diverse/{c}", c, {"policy": "topk_v"}) for c in C24]
             + [(f"similar/{c}", c, {"policy": "topk_v", "keep": "similar"}) for c in C24])
     freed0 = _manager(llm).total_freed
-    tokens, _ = _generate(llm, cfg, reqs)
+    tokens, _ = _generate(llm, config, reqs)
     return dict(tokens=tokens, freed=_manager(llm).total_freed - freed0)
 
 
@@ -350,10 +350,10 @@ def test_adsa_greedy_equals_reference_24x24(label, adsa, main24, model24, refere
 # ====================================================================== budget None at engine level
 
 def test_engine_budget_none_equals_full_attention_and_frees_nothing(engines, model16, reference):
-    model_dir, cfg = model16
+    model_dir, config = model16
     llm = engines.get("none16", model_dir, **ADSA_ON, additional_config={"adsa": {"budget": None}})
     sched = _sched(llm)
-    tokens, outs = _generate(llm, cfg, [(c, c, None) for c in C16])
+    tokens, outs = _generate(llm, config, [(c, c, None) for c in C16])
     _assert_matches(reference, model_dir, torch.stack([tokens[c] for c in C16]), C16, None, "budget None")
     stats = sched.adsa_stats()
     assert stats["enabled"] and stats["total_freed_blocks"] == 0
@@ -372,11 +372,11 @@ IMAGE = 576
 
 
 def _capacity_engine(engines, model24, adsa: bool):
-    model_dir, cfg = model24
+    model_dir, config = model24
     kw = dict(**ADSA_ON, additional_config={"adsa": {"budget": 0.5, "policy": "topk_v"}}) if adsa else {}
     llm = engines.get(f"cap_{'adsa' if adsa else 'full'}", model_dir, num_gpu_blocks_override=POOL,
                       max_num_seqs=64, **kw)
-    return llm, cfg
+    return llm, config
 
 
 @pytest.fixture(scope="module")
@@ -385,13 +385,13 @@ def capacity_numbers():
 
 
 def test_capacity_adsa_runs_more_sequences_without_preemption(engines, model24, reference, capacity_numbers):
-    llm, cfg = _capacity_engine(engines, model24, adsa=True)
+    llm, config = _capacity_engine(engines, model24, adsa=True)
     sched, m = _sched(llm), _manager(llm)
     assert m.block_pool.num_gpu_blocks == POOL
     free0 = m.block_pool.get_num_free_blocks()
     assert free0 == POOL - 1
     with SchedulerWatch(sched) as conc:   # max len(running) after schedule() and preemptions, stock scheduler too
-        tokens, outs = _generate(llm, cfg, [(i, i % 10, None) for i in range(NUM_REQ)])
+        tokens, outs = _generate(llm, config, [(i, i % 10, None) for i in range(NUM_REQ)])
     capacity_numbers["adsa"] = (conc.max_running, conc.preemptions)
     msg = f"ADSA: max running {conc.max_running} (scheduler.max_running {sched.max_running}), preemptions " \
           f"{conc.preemptions} (scheduler.num_preemptions {sched.num_preemptions}); need >= {1.8 * N_FULL}"
@@ -406,13 +406,13 @@ def test_capacity_adsa_runs_more_sequences_without_preemption(engines, model24, 
 
 
 def test_no_leak_after_aborts_mid_generation(engines, model24):
-    llm, cfg = _capacity_engine(engines, model24, adsa=True)
+    llm, config = _capacity_engine(engines, model24, adsa=True)
     sched, m, eng = _sched(llm), _manager(llm), llm.llm_engine
     free0 = m.block_pool.get_num_free_blocks()
     assert free0 == POOL - 1
     ids = [f"abort{i}" for i in range(6)]
     for i, rid in enumerate(ids):
-        eng.add_request(rid, {"prompt_token_ids": cfg.prompt(i)}, _params(cfg.image_tokens))
+        eng.add_request(rid, {"prompt_token_ids": config.prompt(i)}, _params(config.image_tokens))
     eng.step()
     eng.step()
     eng.abort_request([ids[0]])                     # early: before any eviction
@@ -440,11 +440,11 @@ def test_no_leak_after_aborts_mid_generation(engines, model24):
 
 
 def test_capacity_full_attention_baseline_cannot_keep_up(engines, model24, capacity_numbers):
-    llm, cfg = _capacity_engine(engines, model24, adsa=False)
+    llm, config = _capacity_engine(engines, model24, adsa=False)
     sched = _sched(llm)
     assert not hasattr(sched, "adsa_managers")  # the stock scheduler
     with SchedulerWatch(sched) as conc:   # max len(running) after schedule() and preemptions, stock scheduler too
-        tokens, outs = _generate(llm, cfg, [(i, i % 10, None) for i in range(NUM_REQ)])
+        tokens, outs = _generate(llm, config, [(i, i % 10, None) for i in range(NUM_REQ)])
     capacity_numbers["full"] = (conc.max_running, conc.preemptions)
     print(f"capacity (max running, preemptions): ADSA {capacity_numbers.get('adsa')}, full {capacity_numbers['full']}")
     msg = f"full attention: max running {conc.max_running}, preemptions {conc.preemptions}; " \
@@ -501,12 +501,12 @@ def test_adsa_setting_null_is_accepted_like_empty(backend, model16):
 # ====================================================================== block size 32
 
 def test_block_size_32_equals_reference(engines, model16, reference):
-    model_dir, cfg = model16
+    model_dir, config = model16
     llm = engines.get("adsa16_bs32", model_dir, **ADSA_ON, block_size=32,
                       additional_config={"adsa": {"budget": 0.5, "policy": "topk_v"}})
     rec = HeldRecorder(llm)
     try:
-        tokens, _ = _generate(llm, cfg, [(c, c, None) for c in C16])
+        tokens, _ = _generate(llm, config, [(c, c, None) for c in C16])
     finally:
         rec.remove()
     reference.greedy(model_dir, C16[:1])   # loads and caches the reference model

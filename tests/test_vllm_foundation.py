@@ -21,9 +21,9 @@ def _params(n, **kw):
     return SamplingParams(temperature=0.0, max_tokens=n, logprobs=1, detokenize=False, **kw)
 
 
-def _run(llm, cfg, class_ids, n=None, **kw):
-    outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in class_ids],
-                        _params(cfg.image_tokens if n is None else n, **kw), use_tqdm=False)
+def _run(llm, config, class_ids, n=None, **kw):
+    outs = llm.generate([{"prompt_token_ids": config.prompt(c)} for c in class_ids],
+                        _params(config.image_tokens if n is None else n, **kw), use_tqdm=False)
     return outs
 
 
@@ -46,17 +46,17 @@ def _first_mismatch(a, b):
 
 @pytest.fixture
 def full16(engines, model16):
-    model_dir, cfg = model16
-    return engines.get("full16", model_dir), cfg, model_dir
+    model_dir, config = model16
+    return engines.get("full16", model_dir), config, model_dir
 
 
 # ---------------------------------------------------------------- greedy == reference
 
 def _check_greedy_and_logprobs(grid, engines, model16, model24, reference):
-    model_dir, cfg = model16 if grid == 16 else model24
+    model_dir, config = model16 if grid == 16 else model24
     classes = CLASSES16 if grid == 16 else CLASSES24
     llm = engines.get(f"full{grid}", model_dir)
-    outs = _run(llm, cfg, classes)
+    outs = _run(llm, config, classes)
     toks = _tokens(outs)
     ref = reference.greedy(model_dir, classes, logprobs=True)
     assert toks.shape == (len(classes), grid * grid) == ref.tokens.shape
@@ -65,7 +65,7 @@ def _check_greedy_and_logprobs(grid, engines, model16, model24, reference):
     got_lp = _chosen_logprobs(outs)
     err = (got_lp - ref_lp).abs().max().item()
     assert err < 1e-4, f"sample logprobs differ from the reference log_softmax by up to {err}"
-    assert [list(o.prompt_token_ids) for o in outs] == [cfg.prompt(c) for c in classes]
+    assert [list(o.prompt_token_ids) for o in outs] == [config.prompt(c) for c in classes]
 
 
 def test_greedy_equals_reference_with_logprobs_16x16(engines, model16, model24, reference):
@@ -73,16 +73,16 @@ def test_greedy_equals_reference_with_logprobs_16x16(engines, model16, model24, 
 
 
 def test_prompt_logprobs_single_token_prompt_has_nothing_to_compare(full16):
-    llm, cfg, _ = full16
-    out = _run(llm, cfg, [3], n=4, prompt_logprobs=1)[0]
+    llm, config, _ = full16
+    out = _run(llm, config, [3], n=4, prompt_logprobs=1)[0]
     # One prompt token: the only entry is None (no context to score it against).
     assert out.prompt_logprobs is None or all(p is None for p in out.prompt_logprobs)
 
 
 # ---------------------------------------------------------------- bad input
 
-def _bad_inputs(cfg):
-    cb, nc = cfg.codebook_size, cfg.num_classes
+def _bad_inputs(config):
+    cb, nc = config.codebook_size, config.num_classes
     return {
         "class id past num_classes": [cb + nc + 1],
         "class id far past the table": [cb + nc + 100],
@@ -100,35 +100,35 @@ BAD_CASES = ("class id past num_classes", "class id far past the table", "negati
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_prompt_raises_value_error_naming_valid_range(case, full16):
-    llm, cfg, _ = full16
-    ids = _bad_inputs(cfg)[case]
-    lo, hi = cfg.codebook_size, cfg.codebook_size + cfg.num_classes
+    llm, config, _ = full16
+    ids = _bad_inputs(config)[case]
+    lo, hi = config.codebook_size, config.codebook_size + config.num_classes
     with pytest.raises(ValueError) as exc:
         llm.generate([{"prompt_token_ids": ids}], _params(4), use_tqdm=False)
     msg = str(exc.value)
-    assert f"{lo}..{hi}" in msg and f"0..{cfg.num_classes - 1}" in msg, msg
+    assert f"{lo}..{hi}" in msg and f"0..{config.num_classes - 1}" in msg, msg
 
 
 @pytest.mark.parametrize("max_tokens", [257, 1000])
 def test_max_tokens_past_the_image_raises(max_tokens, full16):
-    llm, cfg, _ = full16
+    llm, config, _ = full16
     with pytest.raises(ValueError, match=r"1\.\.256") as exc:
-        _run(llm, cfg, [1], n=max_tokens)
+        _run(llm, config, [1], n=max_tokens)
     assert str(max_tokens) in str(exc.value)
 
 
 def test_engine_keeps_serving_after_bad_requests(full16, reference):
-    llm, cfg, model_dir = full16
+    llm, config, model_dir = full16
     sched = llm.llm_engine.engine_core.engine_core.scheduler
-    for ids in _bad_inputs(cfg).values():
+    for ids in _bad_inputs(config).values():
         with pytest.raises(ValueError):
             llm.generate([{"prompt_token_ids": ids}], _params(4), use_tqdm=False)
     # A batch mixing a bad prompt with good ones is rejected as a whole, before anything is queued.
     with pytest.raises(ValueError):
-        llm.generate([{"prompt_token_ids": cfg.prompt(3)}, {"prompt_token_ids": [cfg.codebook_size + 99]}],
+        llm.generate([{"prompt_token_ids": config.prompt(3)}, {"prompt_token_ids": [config.codebook_size + 99]}],
                      _params(4), use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests() and not sched.requests
-    got = _tokens(_run(llm, cfg, [3], n=64))
+    got = _tokens(_run(llm, config, [3], n=64))
     want = reference.greedy(model_dir, CLASSES16).tokens[CLASSES16.index(3), :64]
     assert torch.equal(got[0], want)
 
@@ -147,39 +147,39 @@ def test_round_trip_official_checkpoint_to_vllm(tmp_path, engines, reference):
     from adsa_vllm.reference.generate import generate
     from adsa_vllm.reference.model import LlamaGenReference
 
-    cfg = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
-    ref = LlamaGenReference(cfg).init_random_(7, 0.1).eval()
+    config = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
+    ref = LlamaGenReference(config).init_random_(7, 0.1).eval()
     torch.save({"model": ref.state_dict()}, tmp_path / "c2i.pt")   # the official checkpoint format
     folder = convert(tmp_path / "c2i.pt", tmp_path / "folder", n_head=2, grid_size=16)
-    assert load_config(folder) == cfg
+    assert load_config(folder) == config
     classes = [2, 9]
     want = generate(ref, classes, greedy=True).tokens
     llm = engines.get(("roundtrip", str(folder)), folder)
-    got = _tokens(_run(llm, cfg, classes))
+    got = _tokens(_run(llm, config, classes))
     assert torch.equal(got, want), f"first mismatch {_first_mismatch(got, want)}"
 
 
 # ---------------------------------------------------------------- bad ADSA overrides
 
 def test_bad_per_request_adsa_override_raises_with_adsa_on(engines, model16, reference):
-    model_dir, cfg = model16
+    model_dir, config = model16
     llm = engines.get("adsa16_override_check", model_dir, attention_backend="adsa",
                       additional_config={"adsa": {"budget": 0.5, "policy": "topk_v"}})
     with pytest.raises(ValueError, match=r"adsa\.policy='nope' is unknown; choose one of .*topk_v"):
-        _run(llm, cfg, [1], n=8, extra_args={"adsa": {"policy": "nope"}})
+        _run(llm, config, [1], n=8, extra_args={"adsa": {"policy": "nope"}})
     with pytest.raises(ValueError, match=r"adsa\.budget=1 .*raise the budget to at least \d+ tokens"):
-        _run(llm, cfg, [1], n=8, extra_args={"adsa": {"budget": 1}})
+        _run(llm, config, [1], n=8, extra_args={"adsa": {"budget": 1}})
     with pytest.raises(ValueError, match=r"unknown adsa setting"):
-        _run(llm, cfg, [1], n=8, extra_args={"adsa": {"bugdet": 0.5}})
+        _run(llm, config, [1], n=8, extra_args={"adsa": {"bugdet": 0.5}})
     with pytest.raises(ValueError, match=r"must be a dict"):
-        _run(llm, cfg, [1], n=8, extra_args={"adsa": 0.5})
+        _run(llm, config, [1], n=8, extra_args={"adsa": 0.5})
     with pytest.raises(ValueError, match=r"not valid JSON"):      # the HTTP form is a JSON string
-        _run(llm, cfg, [1], n=8, extra_args={"adsa": "budget=0.5"})
+        _run(llm, config, [1], n=8, extra_args={"adsa": "budget=0.5"})
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     assert not sched.requests and not sched.adsa_managers[0].requests
     # Still serving, and still exact.
     adsa = ADSAConfig(budget=0.5, policy="topk_v")
-    got = _tokens(_run(llm, cfg, [2]))
+    got = _tokens(_run(llm, config, [2]))
     assert torch.equal(got, reference.greedy(model_dir, (2,), adsa).tokens)
 
 

@@ -18,14 +18,14 @@ BAD_SETTINGS = [{"adsa": {"policy": "random", "seed": "3"}},   # a TypeError in 
 
 @pytest.fixture(scope="module")
 def guided(engines, model16):
-    model_dir, cfg = model16
+    model_dir, config = model16
     llm = engines.get("cfg-adsa-failures", model_dir, attention_backend="adsa",
                       additional_config={"adsa": {"budget": 0.5}, "cfg": {"scale": 2.0}})
-    return llm, cfg
+    return llm, config
 
 
-def _params(cfg, extra_args=None):
-    return SamplingParams(temperature=0.0, max_tokens=cfg.image_tokens, detokenize=False, extra_args=extra_args)
+def _params(config, extra_args=None):
+    return SamplingParams(temperature=0.0, max_tokens=config.image_tokens, detokenize=False, extra_args=extra_args)
 
 
 def _free_blocks(llm) -> int:
@@ -34,23 +34,23 @@ def _free_blocks(llm) -> int:
 
 @pytest.mark.parametrize("bad", BAD_SETTINGS, ids=["seed-string", "cfg-scale-string", "budget-negative"])
 def test_bad_request_in_the_worker_fails_alone(bad, guided, monkeypatch):
-    llm, cfg = guided
-    good = [{"prompt_token_ids": cfg.prompt(c)} for c in (1, 2)]
-    alone = [list(o.outputs[0].token_ids) for o in llm.generate(good, _params(cfg), use_tqdm=False)]
+    llm, config = guided
+    good = [{"prompt_token_ids": config.prompt(c)} for c in (1, 2)]
+    alone = [list(o.outputs[0].token_ids) for o in llm.generate(good, _params(config), use_tqdm=False)]
     free0 = _free_blocks(llm)
 
     monkeypatch.setattr(request_validation, "validate_request", lambda params, limits: None)
-    outs = llm.generate([good[0], {"prompt_token_ids": cfg.prompt(3)}, good[1]],
-                        [_params(cfg), _params(cfg, bad), _params(cfg)], use_tqdm=False)
+    outs = llm.generate([good[0], {"prompt_token_ids": config.prompt(3)}, good[1]],
+                        [_params(config), _params(config, bad), _params(config)], use_tqdm=False)
     monkeypatch.undo()
 
     assert outs[1].outputs[0].finish_reason == "error", outs[1].outputs[0]
-    assert len(outs[1].outputs[0].token_ids) < cfg.image_tokens
+    assert len(outs[1].outputs[0].token_ids) < config.image_tokens
     # The requests batched with it ran to the end and equal their run without it.
     assert [list(outs[i].outputs[0].token_ids) for i in (0, 2)] == alone
     assert _free_blocks(llm) == free0
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     assert sched.num_worker_failures >= 1
     # And the engine keeps serving.
-    again = [list(o.outputs[0].token_ids) for o in llm.generate(good, _params(cfg), use_tqdm=False)]
+    again = [list(o.outputs[0].token_ids) for o in llm.generate(good, _params(config), use_tqdm=False)]
     assert again == alone

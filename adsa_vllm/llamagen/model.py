@@ -42,17 +42,17 @@ from adsa_vllm.worker.layer import make_attention, make_runtime
 
 
 class LlamaGenAttention(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, runtime, branches: int, prefix: str):
+    def __init__(self, config: LlamaGenConfig, vllm_config: VllmConfig, runtime, branches: int, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        self.num_heads = cfg.n_head // tp
-        self.num_kv_heads = max(1, cfg.kv_heads // tp)
-        self.head_dim = cfg.head_dim
+        self.num_heads = config.n_head // tp
+        self.num_kv_heads = max(1, config.kv_heads // tp)
+        self.head_dim = config.head_dim
         self.branches = branches
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.wqkv = QKVParallelLinear(cfg.dim, self.head_dim, cfg.n_head, cfg.kv_heads, bias=False,
+        self.wqkv = QKVParallelLinear(config.dim, self.head_dim, config.n_head, config.kv_heads, bias=False,
                                       prefix=f"{prefix}.wqkv")
-        self.wo = RowParallelLinear(cfg.n_head * self.head_dim, cfg.dim, bias=False, prefix=f"{prefix}.wo")
+        self.wo = RowParallelLinear(config.n_head * self.head_dim, config.dim, bias=False, prefix=f"{prefix}.wo")
         # Under CFG the layer attends over both branches' heads: [conditional heads, unconditional heads].
         self.attn = make_attention(branches * self.num_heads, self.head_dim, self.head_dim ** -0.5,
                                    branches * self.num_kv_heads, vllm_config=vllm_config, runtime=runtime,
@@ -69,10 +69,10 @@ class LlamaGenAttention(nn.Module):
 
 
 class LlamaGenFeedForward(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig, prefix: str):
+    def __init__(self, config: LlamaGenConfig, prefix: str):
         super().__init__()
-        self.w13 = MergedColumnParallelLinear(cfg.dim, [cfg.ffn_hidden] * 2, bias=False, prefix=f"{prefix}.w13")
-        self.w2 = RowParallelLinear(cfg.ffn_hidden, cfg.dim, bias=False, prefix=f"{prefix}.w2")
+        self.w13 = MergedColumnParallelLinear(config.dim, [config.ffn_hidden] * 2, bias=False, prefix=f"{prefix}.w13")
+        self.w2 = RowParallelLinear(config.ffn_hidden, config.dim, bias=False, prefix=f"{prefix}.w2")
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,12 +82,12 @@ class LlamaGenFeedForward(nn.Module):
 
 
 class LlamaGenBlock(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, runtime, branches: int, prefix: str):
+    def __init__(self, config: LlamaGenConfig, vllm_config: VllmConfig, runtime, branches: int, prefix: str):
         super().__init__()
-        self.attention = LlamaGenAttention(cfg, vllm_config, runtime, branches, f"{prefix}.attention")
-        self.feed_forward = LlamaGenFeedForward(cfg, f"{prefix}.feed_forward")
-        self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = LlamaGenAttention(config, vllm_config, runtime, branches, f"{prefix}.attention")
+        self.feed_forward = LlamaGenFeedForward(config, f"{prefix}.feed_forward")
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
 
     def forward(self, cos_sin, h, residual):
         if residual is None:
@@ -103,22 +103,22 @@ class LlamaGenBlock(nn.Module):
 class LlamaGenTransformer(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        cfg = LlamaGenConfig.from_hf_dict(vllm_config.model_config.hf_config.to_dict())
-        self.cfg = cfg
-        self.runtime = make_runtime(vllm_config, cfg)
-        self.guidance = make_guidance_runtime(vllm_config, cfg)
+        config = LlamaGenConfig.from_hf_dict(vllm_config.model_config.hf_config.to_dict())
+        self.config = config
+        self.runtime = make_runtime(vllm_config, config)
+        self.guidance = make_guidance_runtime(vllm_config, config)
         self.branches = 1 if self.guidance is None else 2
-        self.tok_embeddings = VocabParallelEmbedding(cfg.codebook_size, cfg.dim)
-        self.cls_embedding = VocabParallelEmbedding(cfg.num_classes + 1, cfg.dim)
+        self.tok_embeddings = VocabParallelEmbedding(config.codebook_size, config.dim)
+        self.cls_embedding = VocabParallelEmbedding(config.num_classes + 1, config.dim)
         self.layers = nn.ModuleList(
-            LlamaGenBlock(cfg, vllm_config, self.runtime, self.branches, f"{prefix}.layers.{i}")
-            for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.register_buffer("rope", rope_2d_table(cfg.grid_size, cfg.head_dim, cfg.rope_base,
-                                                   cfg.cls_token_num), persistent=False)
+            LlamaGenBlock(config, vllm_config, self.runtime, self.branches, f"{prefix}.layers.{i}")
+            for i in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.register_buffer("rope", rope_2d_table(config.grid_size, config.head_dim, config.rope_base,
+                                                   config.cls_token_num), persistent=False)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = self.cfg.codebook_size
+        n = self.config.codebook_size
         is_cond = input_ids >= n
         img = self.tok_embeddings(torch.where(is_cond, 0, input_ids))
         cond = self.cls_embedding(torch.where(is_cond, input_ids - n, 0))
@@ -127,8 +127,8 @@ class LlamaGenTransformer(nn.Module):
     def embed_pair(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] ids -> [2T, dim]: each token's conditional row, then its unconditional row (null class)."""
         cond = self.embed_input_ids(input_ids)
-        null = self.cls_embedding(torch.full_like(input_ids[:1], self.cfg.num_classes))
-        uncond = torch.where((input_ids >= self.cfg.codebook_size)[:, None], null, cond)
+        null = self.cls_embedding(torch.full_like(input_ids[:1], self.config.num_classes))
+        uncond = torch.where((input_ids >= self.config.codebook_size)[:, None], null, cond)
         return torch.stack([cond, uncond], dim=1).reshape(-1, cond.shape[-1])
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
@@ -148,11 +148,11 @@ class LlamaGenForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.model = LlamaGenTransformer(vllm_config=vllm_config, prefix="model")
-        cfg = self.model.cfg
-        self.cfg = cfg
-        self.output = ParallelLMHead(cfg.codebook_size, cfg.dim, prefix="output")
-        self.logits_processor = LogitsProcessor(cfg.codebook_size)
-        self.num_cond_ids = cfg.input_vocab_size - cfg.codebook_size
+        config = self.model.config
+        self.config = config
+        self.output = ParallelLMHead(config.codebook_size, config.dim, prefix="output")
+        self.logits_processor = LogitsProcessor(config.codebook_size)
+        self.num_cond_ids = config.input_vocab_size - config.codebook_size
 
     @property
     def adsa_runtime(self):
@@ -174,16 +174,16 @@ class LlamaGenForCausalLM(nn.Module):
         if logits is None:
             return None
         if self.model.branches > 1:
-            pair = logits[:, : self.cfg.codebook_size].float().reshape(n, 2, -1)
+            pair = logits[:, : self.config.codebook_size].float().reshape(n, 2, -1)
             c, u = pair[:, 0], pair[:, 1]
             logits = u + self.model.guidance.row_scales(n, logits.device) * (c - u)
         pad = logits.new_full((logits.shape[0], self.num_cond_ids), float("-inf"))
-        return torch.cat([logits[:, : self.cfg.codebook_size], pad], dim=-1)
+        return torch.cat([logits[:, : self.config.codebook_size], pad], dim=-1)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        q, kv = self.cfg.n_head * self.cfg.head_dim, self.cfg.kv_heads * self.cfg.head_dim
+        q, kv = self.config.n_head * self.config.head_dim, self.config.kv_heads * self.config.head_dim
         for name, w in weights:
             for target, shards in _route(name, q, kv, w):
                 p = params[target]

@@ -37,35 +37,36 @@ class BlockLayout:
     lag: int = 0           # steps between a selection and the pool getting the blocks back, beyond the first
 
     @classmethod
-    def from_config(cls, cfg: "ADSAConfig", *, block_size: int, cls_token_num: int, grid_size: int,
+    def from_config(cls, config: "ADSAConfig", *, block_size: int, cls_token_num: int, grid_size: int,
                     lag: int = 0) -> "BlockLayout":
         if block_size not in SUPPORTED_BLOCK_SIZES:
             raise ADSAConfigError(f"block size {block_size} is not supported by ADSA; use --block-size 16 or 32 "
                                   "(one block is the unit of eviction)")
         image_tokens = grid_size * grid_size
         seq_len = cls_token_num + image_tokens
-        prefix = cfg.prefix if cfg.prefix is not None else cls_token_num + grid_size
-        local = cfg.local if cfg.local is not None else grid_size + 1
+        prefix = config.prefix if config.prefix is not None else cls_token_num + grid_size
+        local = config.local if config.local is not None else grid_size + 1
         if prefix < cls_token_num:
             raise ADSAConfigError(f"adsa.prefix={prefix} would evict condition tokens; use at least "
                                   f"{cls_token_num} (the condition length)")
         if local < 2:
             raise ADSAConfigError(f"adsa.local={local}: the window must hold at least the query and its predecessor")
         max_blocks = cdiv(seq_len - 1, block_size)
-        if cfg.budget is None:
+        if config.budget is None:
             budget_tokens = seq_len
-        elif isinstance(cfg.budget, float):  # a fraction of the image; 1.0 keeps everything
-            budget_tokens = seq_len if cfg.budget >= 1.0 else int(cfg.budget * image_tokens)
+        elif isinstance(config.budget, float):  # a fraction of the image; 1.0 keeps everything
+            budget_tokens = seq_len if config.budget >= 1.0 else int(config.budget * image_tokens)
         else:
-            budget_tokens = cfg.budget
+            budget_tokens = config.budget
         # A budget that covers the whole sequence keeps every block (no rounding down to whole blocks).
         budget_blocks = max_blocks if budget_tokens >= seq_len else budget_tokens // block_size
-        refresh = cfg.refresh if cfg.refresh is not None else block_size
+        refresh = config.refresh if config.refresh is not None else block_size
         layout = cls(block_size=block_size, prefix_tokens=prefix, local_tokens=local, budget_blocks=budget_blocks,
-                     refresh=refresh, seq_len=seq_len, policy=cfg.policy, keep=cfg.keep, seed=cfg.seed, lag=lag)
+                     refresh=refresh, seq_len=seq_len, policy=config.policy, keep=config.keep, seed=config.seed,
+                     lag=lag)
         if layout.evicts and layout.topk_blocks < 0:
             raise ADSAConfigError(
-                f"adsa.budget={cfg.budget!r} gives {layout.budget_blocks} blocks of {block_size} tokens, fewer than "
+                f"adsa.budget={config.budget!r} gives {layout.budget_blocks} blocks of {block_size} tokens, fewer than "
                 f"prefix ({layout.prefix_blocks} blocks for {prefix} tokens) + local window "
                 f"({layout.local_blocks} blocks for {local} tokens); raise the budget to at least "
                 f"{(layout.prefix_blocks + layout.local_blocks) * block_size} tokens or shrink prefix/local")

@@ -87,7 +87,7 @@ class BatchedDecoder(Decoder):
         query = q[:, :, -1]
         if self.pairs:
             query = torch.cat([query[:P], query[P:]], dim=1)
-        scale = self.model.cfg.head_dim ** -0.5
+        scale = self.model.config.head_dim ** -0.5
         self.selection.score_layer(blocks(k_cache), blocks(v_cache), query, pos, scale=scale)
 
     def evicted_sets(self) -> list[set[int]]:
@@ -116,7 +116,7 @@ def score_tokens_batched(model: LlamaGenReference, class_ids, tokens: torch.Tens
     dev = model.tok_embeddings.weight.device
     tokens = tokens.to(dev, torch.int64)
     B, n = tokens.shape
-    T = model.cfg.cls_token_num
+    T = model.config.cls_token_num
     dec = BatchedDecoder(model, class_ids, T + n, adsa, block_size)
     h_all = torch.cat([model.embed_cond(dec.cond), model.tok_embeddings(tokens[:, : n - 1])], dim=1)  # [B, T+n-1, dim]
     out = []

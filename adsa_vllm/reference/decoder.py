@@ -17,12 +17,12 @@ from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
 from adsa_vllm.reference.model import LlamaGenReference
 
 
-def evicting_layout(adsa: ADSAConfig | None, cfg: LlamaGenConfig, block_size: int) -> BlockLayout | None:
+def evicting_layout(adsa: ADSAConfig | None, config: LlamaGenConfig, block_size: int) -> BlockLayout | None:
     """The layout of `adsa` if it ever evicts, else None (full attention; budget None means "never evict", and
     then no layout is built at all, so no layout setting can be rejected for a run that evicts nothing)."""
     if adsa is None or adsa.budget is None:
         return None
-    layout = adsa.layout(block_size=block_size, cls_token_num=cfg.cls_token_num, grid_size=cfg.grid_size)
+    layout = adsa.layout(block_size=block_size, cls_token_num=config.cls_token_num, grid_size=config.grid_size)
     return layout if layout.evicts else None
 
 
@@ -37,16 +37,16 @@ class Decoder:
                  pairs: int = 0):
         """conds: [R] class ids; pairs > 0: rows r and r + pairs are the halves of one CFG pair and make one
         selection together, from both halves' heads (conditional heads first), as the vLLM path does."""
-        cfg = model.cfg
-        self.model, self.bs, self.T, self.pairs = model, block_size, cfg.cls_token_num, pairs
+        config = model.config
+        self.model, self.bs, self.T, self.pairs = model, block_size, config.cls_token_num, pairs
         dev = model.tok_embeddings.weight.device
         self.cond = torch.as_tensor(conds, dtype=torch.int64).to(dev)
         self.L = length                                                   # cache slots: positions [0, L)
-        shape = (len(self.cond), cfg.kv_heads, length, cfg.head_dim)
+        shape = (len(self.cond), config.kv_heads, length, config.head_dim)
         self.caches = [(torch.zeros(shape, dtype=model.dtype, device=dev),
-                        torch.zeros(shape, dtype=model.dtype, device=dev)) for _ in range(cfg.n_layer)]
+                        torch.zeros(shape, dtype=model.dtype, device=dev)) for _ in range(config.n_layer)]
         self.slots = torch.arange(length, device=dev)
-        self.layout = evicting_layout(adsa, cfg, block_size)
+        self.layout = evicting_layout(adsa, config, block_size)
         self.deciders = pairs or len(self.cond)                          # rows that own a selection
         # ADSA is consulted from the first single-token forward on: position 0 when the condition is one token,
         # else T (a multi-token prefill is plain causal, as in the vLLM path).
@@ -108,7 +108,7 @@ class TrackerDecoder(Decoder):
     def _score(self, layer: int, q: torch.Tensor) -> None:
         """Layer hook: q [R, H, 1, D] post-RoPE; the layer's K/V for this position are already cached."""
         k_cache, v_cache = self.caches[layer]
-        scale = self.model.cfg.head_dim ** -0.5
+        scale = self.model.config.head_dim ** -0.5
         hd = k_cache.shape[-1]
         for r, tr, idx in self._requests:
             if layer and not tr.scorer.reads_kv:

@@ -55,26 +55,26 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose, want_logprobs,
          cfg_interval=-1, cfg_selection="separate", batched=False):
-    cfg = model.cfg
+    config = model.config
     for c in class_ids:
-        cfg.class_token(c)  # validates the id (num_classes itself = unconditional)
-    if not 1 <= n <= cfg.image_tokens:
-        raise ValueError(f"{n} image tokens requested; the model's grid holds 1..{cfg.image_tokens}")
+        config.class_token(c)  # validates the id (num_classes itself = unconditional)
+    if not 1 <= n <= config.image_tokens:
+        raise ValueError(f"{n} image tokens requested; the model's grid holds 1..{config.image_tokens}")
     guided = cfg_scale > 1.0 or force_cfg
     if cfg_selection not in ("shared", "separate"):
         raise ValueError(f"cfg_selection={cfg_selection!r}: choose 'shared' or 'separate'")
     scales = Guidance(cfg_scale, cfg_interval)          # validates scale and interval
     B = len(class_ids)
-    conds = list(class_ids) + ([cfg.num_classes] * B if guided else [])
+    conds = list(class_ids) + ([config.num_classes] * B if guided else [])
     decoder = BatchedDecoder if batched else TrackerDecoder
-    dec = decoder(model, conds, cfg.cls_token_num + n, adsa, block_size,
+    dec = decoder(model, conds, config.cls_token_num + n, adsa, block_size,
                   pairs=B if guided and cfg_selection == "shared" else 0)
     toks, lps = [], []
     logits = dec.prefill()
     for i in range(n):
         if i:
             fed = toks[-1].repeat(2) if guided else toks[-1]
-            logits = dec.step(fed, cfg.cls_token_num + i - 1)
+            logits = dec.step(fed, config.cls_token_num + i - 1)
         if guided:
             c, u = logits[:B], logits[B:]
             logits = u + scales.scale_at(i) * (c - u)
@@ -99,7 +99,7 @@ def generate(model: LlamaGenReference, class_ids: list[int], *, max_new_tokens: 
     adsa: emulate ADSA eviction with per-row trackers (block_size tokens per block); None = full attention.
     batched: decide every row's evictions at once (`BatchedDecoder`; the same tokens, no trackers in the result).
     """
-    n = model.cfg.image_tokens if max_new_tokens is None else max_new_tokens
+    n = model.config.image_tokens if max_new_tokens is None else max_new_tokens
     dev = model.tok_embeddings.weight.device
     gen = None if seed is None else torch.Generator(device=dev).manual_seed(seed)
 

@@ -61,22 +61,23 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig):
+    def __init__(self, config: LlamaGenConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig):
+    def __init__(self, config: LlamaGenConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim, self.dim = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_dim, self.dim = config.head_dim, config.dim
+        self.wqkv = nn.Linear(config.dim, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
     def project(self, x: torch.Tensor, freqs: torch.Tensor):
         """x: [B, S, dim] -> q [B, S, H, D], k, v [B, S, Hkv, D]; q and k are post-RoPE."""
@@ -105,12 +106,12 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig):
+    def __init__(self, config: LlamaGenConfig):
         super().__init__()
-        self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x, freqs, **attn_kw):
         h = x + self.attention(self.attention_norm(x), freqs, **attn_kw)
@@ -126,16 +127,17 @@ class LabelEmbedder(nn.Module):
 
 
 class LlamaGenReference(nn.Module):
-    def __init__(self, cfg: LlamaGenConfig):
+    def __init__(self, config: LlamaGenConfig):
         super().__init__()
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.codebook_size, cfg.dim)
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.codebook_size, config.dim)
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.codebook_size, bias=False)
         # Not a registered buffer, so the state dict stays exactly the official parameter set.
-        self.freqs_cis = precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+        self.freqs_cis = precompute_freqs_cis_2d(config.grid_size, config.head_dim, config.rope_base,
+                                                 config.cls_token_num)
 
     @torch.no_grad()
     def init_random_(self, seed: int = 0, std: float = 0.02) -> "LlamaGenReference":
@@ -158,7 +160,7 @@ class LlamaGenReference(nn.Module):
         """cond: [B] class ids in [0, num_classes] -> [B, cls_token_num, dim] (the class repeated, as the
         prompt holds `cls_token_num` copies of the class token)."""
         e = self.cls_embedding.embedding_table(cond)
-        return e[:, None, :].expand(-1, self.cfg.cls_token_num, -1)
+        return e[:, None, :].expand(-1, self.config.cls_token_num, -1)
 
     def forward_hidden(self, h: torch.Tensor, pos: torch.Tensor, caches=None, mask=None,
                        hook: LayerHook | None = None) -> torch.Tensor:
@@ -181,7 +183,7 @@ class LlamaGenReference(nn.Module):
         h = torch.cat([self.embed_cond(cond), self.tok_embeddings(idx)], dim=1)
         pos = torch.arange(h.shape[1], device=h.device)
         logits = self.forward_hidden(h, pos, mask=None if mask is None else mask[:, None])
-        return logits[:, self.cfg.cls_token_num - 1:]
+        return logits[:, self.config.cls_token_num - 1:]
 
 
 __all__ = ["LlamaGenReference", "precompute_freqs_cis_2d", "apply_rotary_emb", "RMSNorm", "LayerHook"]

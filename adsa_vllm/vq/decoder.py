@@ -54,10 +54,10 @@ class VQConfig:
 class Codebook(nn.Module):
     """The `quantize` part used for decoding: `embedding` [codebook_size, embed_dim]."""
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, config: VQConfig):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
-        self.l2_norm = cfg.codebook_l2_norm
+        self.embedding = nn.Embedding(config.codebook_size, config.codebook_embed_dim)
+        self.l2_norm = config.codebook_l2_norm
 
     def lookup(self, codes: torch.Tensor, grid: int) -> torch.Tensor:
         """int [B, grid*grid] (raster order) -> z_q [B, embed_dim, grid, grid]."""
@@ -66,12 +66,12 @@ class Codebook(nn.Module):
 
 
 class VQDecoder(nn.Module):
-    def __init__(self, cfg: VQConfig = VQConfig()):
+    def __init__(self, config: VQConfig = VQConfig()):
         super().__init__()
-        self.cfg = cfg
-        self.quantize = Codebook(cfg)
-        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
-        self.decoder = Decoder(cfg.z_channels, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.dropout)
+        self.config = config
+        self.quantize = Codebook(config)
+        self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
+        self.decoder = Decoder(config.z_channels, config.ch, config.ch_mult, config.num_res_blocks, config.dropout)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **config) -> "VQDecoder":
@@ -103,7 +103,7 @@ class VQDecoder(nn.Module):
             problems.append(f"{len(wrong)} shape mismatch(es): {_some(wrong)}")
         if problems:
             raise VQCheckpointError(
-                f"{source} is not a LlamaGen VQ decoder checkpoint for {asdict(self.cfg)}: " + "; ".join(problems)
+                f"{source} is not a LlamaGen VQ decoder checkpoint for {asdict(self.config)}: " + "; ".join(problems)
                 + ". Expected the official vq_model.py layout ({'model': state_dict} with quantize.embedding.weight, "
                 "post_quant_conv.*, decoder.*); for another VQ size pass its config (codebook_size, "
                 "codebook_embed_dim, z_channels, ch, ch_mult, num_res_blocks).")
@@ -118,8 +118,8 @@ class VQDecoder(nn.Module):
         """Codebook ids [B, grid*grid] (numpy, list or tensor; raster order) -> uint8 RGB [B, H, W, 3]."""
         device = self.post_quant_conv.weight.device
         codes = torch.as_tensor(np.asarray(tokens), dtype=torch.int64, device=device).reshape(-1, grid * grid)
-        if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < self.cfg.codebook_size:
-            raise ValueError(f"codebook ids must be in 0..{self.cfg.codebook_size - 1}, "
+        if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < self.config.codebook_size:
+            raise ValueError(f"codebook ids must be in 0..{self.config.codebook_size - 1}, "
                              f"got {int(codes.min())}..{int(codes.max())}")
         x = self.decode(codes, grid).clamp(-1, 1)
         return torch.round((x + 1) / 2 * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -103,10 +103,10 @@ class ADSARuntime:
         return self.settings.block_size
 
     def layout_for(self, extra_args: dict | None) -> BlockLayout:
-        cfg = self.settings.config_for(request_overrides(extra_args))
-        if cfg not in self._layouts:   # one layout per distinct setting, shared by the requests that use it
-            self._layouts[cfg] = self.settings.layout_of(cfg)
-        return self._layouts[cfg]
+        config = self.settings.config_for(request_overrides(extra_args))
+        if config not in self._layouts:   # one layout per distinct setting, shared by the requests that use it
+            self._layouts[config] = self.settings.layout_of(config)
+        return self._layouts[config]
 
     def _scorer(self, layout: BlockLayout):
         # One scorer instance per setting, so the builder can score all rows sharing it in one batched call.
