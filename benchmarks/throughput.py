@@ -70,6 +70,8 @@ def run_mode(args) -> dict:
     kw = dict(model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.num_seqs,
               kv_cache_memory_bytes=int(args.kv_gib * (1 << 30)), block_size=16, seed=0,
               max_model_len=cfg.max_seq_len, enforce_eager=args.eager)
+    if args.max_graph_size:
+        kw["compilation_config"] = {"max_cudagraph_capture_size": args.max_graph_size}
     stock_llama = kind in ("llama", "llama-sw")
     if stock_llama:
         kw["skip_tokenizer_init"] = True
@@ -229,6 +231,9 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--policy", default="topk_v")
     ap.add_argument("--eager", action="store_true", help="disable torch.compile and CUDA graphs")
+    ap.add_argument("--max-graph-size", type=int, default=None,
+                    help="CUDA graphs up to this many tokens per step, every mode (vLLM's default stops at 512, "
+                         "so larger decode batches run without graphs)")
     ap.add_argument("--modes", nargs="+", default=["llama", "llamagen", "adsa"],
                     help="llama | llama-sw (vLLM sliding window, window = budget tokens) | llamagen (stock vLLM) | "
                          "adsa-full (ADSA scheduler, no eviction) | adsa | adsa:POLICY:BUDGET[:fp8] | "
