@@ -18,11 +18,11 @@ def register() -> None:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    import patches
-    from patches import touchpoints
+    import adsa_vllm_patches
+    from adsa_vllm_patches import touchpoints
 
     touchpoints.check()   # before anything is changed: an unknown vLLM fails here, naming what broke
-    patches.apply_all()
+    adsa_vllm_patches.apply_all()
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, "adsa_vllm.llamagen.model:LlamaGenForCausalLM")
 

@@ -1,5 +1,8 @@
 """Changes vLLM itself lacks, one small module each (vllm-ascend `patch/` style).
 
+The folder is patches/; it installs and imports as `adsa_vllm_patches` (pyproject.toml's package-dir), so no
+generic top-level `patches` lands in site-packages.
+
 Every module declares TARGET, WHY, VLLM_VERSIONS (the versions it was written and tested against), RETIRED_BY
 (the upstream change that makes it unnecessary) and an idempotent `apply()` that keeps the original callable and
 refuses to run on an untested vLLM version. `patches/README.md` is the ledger; tests/test_patches.py checks that
@@ -11,8 +14,8 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = ("patches.attention_backend_name", "patches.llamagen_request_validation",
-           "patches.engine_core_outputs_adsa_stats")
+PATCHES = ("adsa_vllm_patches.attention_backend_name", "adsa_vllm_patches.llamagen_request_validation",
+           "adsa_vllm_patches.engine_core_outputs_adsa_stats")
 
 
 def apply_all() -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copyreg
 
-from patches import check_version
+from adsa_vllm_patches import check_version
 
 TARGET = "vllm.v1.attention.backends.registry.AttentionBackendEnum"
 WHY = ("0.26 converts the backend string with AttentionBackendEnum[name.upper()], a closed enum: 'adsa' raises "
        "'Unknown attention backend'. We add a member ADSA, and a pickle reducer so processes that unpickle a config "
        "before loading plugins (spawned EngineCore/workers) rebuild the member by importing this module.")
-VLLM_VERSIONS = ("0.26",)   # release series, see patches.check_version
+VLLM_VERSIONS = ("0.26",)   # release series, see adsa_vllm_patches.check_version
 RETIRED_BY = ("vLLM 0.33 AttentionBackendEnum.register(name, path) / register_backend('ADSA', ...) "
               "(dynamic backend names); still needs the pickle reducer there.")
 

@@ -3,7 +3,7 @@ adsa_vllm/engine/stats.py for why they ride there)."""
 
 # No `from __future__ import annotations`: msgspec resolves the struct's annotations against module globals, and the
 # class below is built inside a function.
-from patches import check_version
+from adsa_vllm_patches import check_version
 
 TARGET = "vllm.v1.engine.core_client.EngineCoreOutputs"
 WHY = ("The EngineCore's MsgpackEncoder writes every field of the SchedulerStats subclass ADSASchedulerStats "
@@ -12,7 +12,7 @@ WHY = ("The EngineCore's MsgpackEncoder writes every field of the SchedulerStats
        "The client module's EngineCoreOutputs becomes a subclass struct (same fields, same positions, same "
        "array_like encoding) whose `scheduler_stats` is typed ADSASchedulerStats; plain SchedulerStats payloads "
        "decode with adsa=None.")
-VLLM_VERSIONS = ("0.26",)   # release series, see patches.check_version
+VLLM_VERSIONS = ("0.26",)   # release series, see adsa_vllm_patches.check_version
 RETIRED_BY = "no upstream way yet for a plugin scheduler to send extra per-step stats to the front-end"
 
 

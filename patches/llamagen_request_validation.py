@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from patches import check_version
+from adsa_vllm_patches import check_version
 
 TARGET = ("vllm.v1.engine.input_processor.InputProcessor._validate_model_inputs, "
           "InputProcessor._validate_params, "
@@ -16,7 +16,7 @@ WHY = ("vLLM validates prompts and token-id fields against a text tokenizer, whi
        "generate the whole image before failing to detokenize. These checks run where vLLM's own input checks run "
        "(the API process, before the request is queued), so the request fails alone with a ValueError (HTTP 400) "
        "and the engine keeps serving; logprobs come back as 'token_id:N'.")
-VLLM_VERSIONS = ("0.26",)   # release series, see patches.check_version
+VLLM_VERSIONS = ("0.26",)   # release series, see adsa_vllm_patches.check_version
 RETIRED_BY = "no upstream hook for model-specific request validation yet (a model-level validate_request would do)"
 
 _ARCH = "LlamaGenForCausalLM"

@@ -1,11 +1,11 @@
 """The ledger, in code, of every vLLM internal the project relies on outside a patch module ("touchpoints"), each with
 the file(s) that hold it, why, what upstream change retires it, and its own guard.
 
-A patch module (patches.PATCHES) changes vLLM; a touchpoint only relies on something vLLM does not promise: a private
-method overridden or wrapped, an attribute given to a vLLM object, a field vLLM reads but does not document as
-a setting. `check()` runs the guards of the serving touchpoints once per process (adsa_vllm.plugin.register(), before
-any patch is applied): an unknown vLLM fails there with one message naming each touchpoint that broke, instead of an
-AttributeError deep inside a step. Guards are attribute, signature and field checks (`Has`, `Fields`, `Reads`,
+A patch module (adsa_vllm_patches.PATCHES) changes vLLM; a touchpoint only relies on something vLLM does not promise:
+a private method overridden or wrapped, an attribute given to a vLLM object, a field vLLM reads but does not document
+as a setting. `check()` runs the guards of the serving touchpoints once per process (adsa_vllm.plugin.register(),
+before any patch is applied): an unknown vLLM fails there with one message naming each touchpoint that broke, instead
+of an AttributeError deep inside a step. Guards are attribute, signature and field checks (`Has`, `Fields`, `Reads`,
 `OpenInstances`); `Series` pins a release series where no attribute check can see the contract.
 
 patches/README.md lists the same rows; tests/test_touchpoints.py checks that the two agree, that every touchpoint the
@@ -19,7 +19,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 
-from patches import release_series
+from adsa_vllm_patches import release_series
 
 
 def _resolve(path: str):

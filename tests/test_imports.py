@@ -107,3 +107,15 @@ def test_model_config_imports_neither_torch_nor_vllm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent).stdout
     assert out.strip() == "[]", out
+
+
+def test_pyproject_lists_every_package():
+    """pyproject.toml lists the packages explicitly (patches/ installs as `adsa_vllm_patches`): every folder holding
+    modules must be listed, or `pip install .` silently leaves it out (an editable install would not notice)."""
+    import tomllib
+    setuptools = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: PACKAGE.parent / path for name, path in setuptools["package-dir"].items()}
+    assert folders == {"adsa_vllm": PACKAGE, "adsa_vllm_patches": PACKAGE.parent / "patches"}
+    on_disk = {".".join((name,) + p.parent.relative_to(root).parts) for name, root in folders.items()
+               for p in root.rglob("*.py")}
+    assert set(setuptools["packages"]) == on_disk

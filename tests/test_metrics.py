@@ -36,13 +36,13 @@ def server(tmp_path_factory):
 
 def test_adsa_stats_survive_the_engine_to_api_process_codec():
     """The carrier alone, through vLLM's own msgpack encoder and the client's decoder type (no server)."""
-    import patches
+    import adsa_vllm_patches
     from vllm.v1.engine import EngineCoreOutputs, core_client
     from vllm.v1.metrics.stats import SchedulerStats
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     from adsa_vllm.engine.stats import ADSAStats, with_adsa
-    patches.apply_all()
+    adsa_vllm_patches.apply_all()
     adsa = ADSAStats(blocks_freed=7, blocks_held=3, blocks_full_attention=6, admission_waits=2,
                      requests_by_policy={"random": 1})
     sent = EngineCoreOutputs(scheduler_stats=with_adsa(SchedulerStats(num_running_reqs=2), adsa))

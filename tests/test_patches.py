@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import patches
+import adsa_vllm_patches
 from adsa_vllm.settings import ADSASettings, EngineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "patches" / "README.md"
-MODULES = [importlib.import_module(name) for name in patches.PATCHES]
+MODULES = [importlib.import_module(name) for name in adsa_vllm_patches.PATCHES]
 MODULE_IDS = [m.__name__ for m in MODULES]
 
 
@@ -26,7 +26,8 @@ def test_module_declares_target_why_versions_retired_by_apply(mod):
     assert isinstance(mod.TARGET, str) and mod.TARGET.strip()
     assert isinstance(mod.WHY, str) and len(mod.WHY) > 40
     assert isinstance(mod.VLLM_VERSIONS, tuple) and all(isinstance(v, str) for v in mod.VLLM_VERSIONS)
-    assert patches.release_series(vllm.__version__) in mod.VLLM_VERSIONS, "patch not declared for the installed vLLM"
+    assert adsa_vllm_patches.release_series(vllm.__version__) in mod.VLLM_VERSIONS, \
+        "patch not declared for the installed vLLM"
     assert isinstance(mod.RETIRED_BY, str) and mod.RETIRED_BY.strip()
     assert callable(mod.apply)
 
@@ -35,16 +36,18 @@ def test_version_guard_accepts_patch_releases_and_refuses_other_series(monkeypat
     import vllm
     for ok in ("0.26.0", "0.26.1", "0.26.3+cpu"):
         monkeypatch.setattr(vllm, "__version__", ok)
-        patches.check_version(("0.26",), "patches.x")
+        adsa_vllm_patches.check_version(("0.26",), "adsa_vllm_patches.x")
     for bad in ("0.27.0", "0.2.6", "1.26.0"):
         monkeypatch.setattr(vllm, "__version__", bad)
-        with pytest.raises(RuntimeError, match=r"patches\.x was written for vLLM 0\.26\.x, found .*patches/README"):
-            patches.check_version(("0.26",), "patches.x")
+        with pytest.raises(RuntimeError,
+                           match=r"adsa_vllm_patches\.x was written for vLLM 0\.26\.x, found .*patches/README"):
+            adsa_vllm_patches.check_version(("0.26",), "adsa_vllm_patches.x")
 
 
 def test_every_patch_module_is_listed():
     on_disk = {p.stem for p in (ROOT / "patches").glob("*.py") if p.stem not in ("__init__", "touchpoints")}
-    assert {n.split(".", 1)[1] for n in patches.PATCHES} == on_disk, "patches.PATCHES and patches/*.py disagree"
+    assert {n.split(".", 1)[1] for n in adsa_vllm_patches.PATCHES} == on_disk, \
+        "adsa_vllm_patches.PATCHES and patches/*.py disagree"
 
 
 def test_readme_ledger_exists():
@@ -70,12 +73,12 @@ def test_readme_ledger_names_each_patch_and_its_target(mod):
 def test_apply_is_idempotent():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.engine.input_processor import InputProcessor
-    patches.apply_all()
+    adsa_vllm_patches.apply_all()
     members = list(AttentionBackendEnum._member_names_)
     value_map = dict(AttentionBackendEnum._value2member_map_)
     methods = (InputProcessor._validate_model_inputs, InputProcessor._validate_params)
     for _ in range(3):
-        patches.apply_all()
+        adsa_vllm_patches.apply_all()
         for mod in MODULES:
             mod.apply()
     assert list(AttentionBackendEnum._member_names_) == members and members.count("ADSA") == 1
@@ -87,7 +90,7 @@ def test_apply_is_idempotent():
 
 
 def test_adsa_enum_member_behaves_like_a_member():
-    patches.apply_all()
+    adsa_vllm_patches.apply_all()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
     m = E["ADSA"]
     assert E.ADSA is m and isinstance(m, E) and m in list(E) and m.name == "ADSA"
@@ -100,7 +103,7 @@ def test_adsa_enum_member_behaves_like_a_member():
 # ====================================================================== through vLLM's own factories
 
 def test_attention_config_parses_adsa_string():
-    patches.apply_all()
+    adsa_vllm_patches.apply_all()
     from vllm.config import AttentionConfig
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     assert AttentionConfig(backend="adsa").backend is AttentionBackendEnum["ADSA"]

@@ -15,8 +15,8 @@ import re
 import pytest
 from touchpoint_scan import ROOT, Project
 
-from patches import touchpoints
-from patches.touchpoints import TOUCHPOINTS
+from adsa_vllm_patches import touchpoints
+from adsa_vllm_patches.touchpoints import TOUCHPOINTS
 
 README = ROOT / "patches" / "README.md"
 LEDGER_FILES = {"patches/touchpoints.py", "tests/touchpoint_scan.py", "tests/test_touchpoints.py"}
@@ -158,11 +158,12 @@ def test_a_broken_internal_fails_with_one_message_naming_the_touchpoint(monkeypa
 def test_register_checks_the_touchpoints_before_changing_anything(monkeypatch):
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    import patches
+    import adsa_vllm_patches
     from adsa_vllm import plugin
     monkeypatch.delattr(Scheduler, "_free_request")
     monkeypatch.setattr(plugin, "_done", False)
-    monkeypatch.setattr(patches, "apply_all", lambda: pytest.fail("patches applied before the touchpoint check"))
+    monkeypatch.setattr(adsa_vllm_patches, "apply_all",
+                        lambda: pytest.fail("patches applied before the touchpoint check"))
     with pytest.raises(RuntimeError, match=r"scheduler-free \(adsa_vllm/engine/scheduler.py\)"):
         plugin.register()
 
@@ -171,7 +172,7 @@ def test_each_guard_kind_reports_what_changed(monkeypatch):
     import vllm
     import vllm.v1.outputs
 
-    from patches.touchpoints import Fields, Has, OpenInstances, Reads, Series
+    from adsa_vllm_patches.touchpoints import Fields, Has, OpenInstances, Reads, Series
     assert "is gone" in Has("vllm.v1.outputs:NoSuchThing").problem()
     assert "has no field(s) nope" in Fields("vllm.v1.outputs:ModelRunnerOutput", ("req_ids", "nope")).problem()
     assert "no longer uses nope" in Reads("vllm.v1.core.sched.scheduler:Scheduler.schedule", ("nope",)).problem()

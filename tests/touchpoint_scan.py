@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("adsa_vllm", "benchmarks", "tests", "patches")
+IMPORTED_AS = {"patches": "adsa_vllm_patches"}   # folder -> package name where they differ (pyproject package-dir)
 DYNAMIC = "<dynamic setattr>"   # setattr(x, name, ...) whose name the scan cannot resolve: never in a ledger
 
 
@@ -144,7 +145,8 @@ class Project:
         sources.update(extra or {})
         self.modules = [_Module(rel, src) for rel, src in sources.items()]
         self._classes = {c.name: (m, c) for m in self.modules for c in m.classes}
-        self._module_names = {m.rel.split("/")[-1][:-3] for m in self.modules} | set(SCANNED)
+        self._module_names = {m.rel.split("/")[-1][:-3] for m in self.modules} | set(SCANNED) \
+            | set(IMPORTED_AS.values())
         self._derived: dict[ast.ClassDef, bool] = {}
         self.vllm = vllm = vllm_names()
         self.own, self.methods = set(), set()
