@@ -34,18 +34,18 @@ from adsa_vllm.reference.generate import generate, score_tokens  # noqa: E402
 CFG_SCALE = 3.0
 
 
-def run(model_dir, cfg, classes, adsa: dict | None, guided: bool = False, kv_cache_dtype: str = "auto"):
+def run(model_dir, config, classes, adsa: dict | None, guided: bool = False, kv_cache_dtype: str = "auto"):
     """One engine in a fresh process (vLLM does not give all GPU memory back, and a later engine's memory
     profiling in the same process trips over the earlier one's memory being returned)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        toks, stats, restored, lps = pool.submit(_run_engine, model_dir, cfg, classes, adsa, guided,
+        toks, stats, restored, lps = pool.submit(_run_engine, model_dir, config, classes, adsa, guided,
                                                  kv_cache_dtype).result()
     return torch.tensor(toks), stats, restored, torch.tensor(lps)
 
 
-def _run_engine(model_dir, cfg, classes, adsa, guided, kv_cache_dtype):
+def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype):
     extra = {"cfg": {"scale": CFG_SCALE}} if guided else {}
     kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **extra}) if adsa is not None else \
         dict(additional_config=extra)
@@ -53,8 +53,8 @@ def _run_engine(model_dir, cfg, classes, adsa, guided, kv_cache_dtype):
               kv_cache_dtype=kv_cache_dtype, **kw)
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     free0 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
-    outs = llm.generate([{"prompt_token_ids": cfg.prompt(c)} for c in classes],
-                        SamplingParams(temperature=0.0, max_tokens=cfg.image_tokens, detokenize=False, logprobs=0),
+    outs = llm.generate([{"prompt_token_ids": config.prompt(c)} for c in classes],
+                        SamplingParams(temperature=0.0, max_tokens=config.image_tokens, detokenize=False, logprobs=0),
                         use_tqdm=False)
     toks = [list(o.outputs[0].token_ids) for o in outs]
     lps = [[s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
@@ -69,13 +69,13 @@ def main():
     ap.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS),
                     help="a subset, e.g. to spread the checks over two GPUs (one engine start is about a minute)")
     args = ap.parse_args()
-    cfg = LlamaGenConfig(dim=256, n_layer=4, n_head=4, codebook_size=1024, num_classes=10, grid_size=16)
-    d = make_random_model_dir(tempfile.mkdtemp(), cfg, seed=0, std=0.1)
+    config = LlamaGenConfig(dim=256, n_layer=4, n_head=4, codebook_size=1024, num_classes=10, grid_size=16)
+    d = make_random_model_dir(tempfile.mkdtemp(), config, seed=0, std=0.1)
     classes = list(range(8))
     out = {"device": torch.cuda.get_device_name(0), "checks": args.checks}
     ref_model = load_reference(d, device="cuda") if {"basic", "cfg"} & set(args.checks) else None
     for name in args.checks:
-        out.update(CHECKS[name](d, cfg, classes, ref_model))
+        out.update(CHECKS[name](d, config, classes, ref_model))
     print("GPUCHECK " + json.dumps(out), flush=True)
     failed = [k for k, ok in _verdicts(out).items() if not ok]
     if failed:
@@ -101,10 +101,10 @@ def _verdicts(out: dict) -> dict:
     return v
 
 
-def check_basic(d, cfg, classes, ref_model) -> dict:
-    full, _, ok_full, _ = run(d, cfg, classes, None)
-    same, st_same, ok_same, _ = run(d, cfg, classes, {"budget": None})
-    half, st_half, ok_half, _ = run(d, cfg, classes, {"budget": 0.5, "policy": "topk_v"})
+def check_basic(d, config, classes, ref_model) -> dict:
+    full, _, ok_full, _ = run(d, config, classes, None)
+    same, st_same, ok_same, _ = run(d, config, classes, {"budget": None})
+    half, st_half, ok_half, _ = run(d, config, classes, {"budget": 0.5, "policy": "topk_v"})
     ref = generate(ref_model, classes, greedy=True, adsa=ADSAConfig(budget=0.5)).tokens.cpu()
     agree = (half == ref).float().cumprod(1).sum(1)  # matching prefix length per image
     peaks = [r["peak_held_blocks"] for r in st_half["requests"].values()]
@@ -116,21 +116,21 @@ def check_basic(d, cfg, classes, ref_model) -> dict:
             "adsa50_vs_reference_fp32_matching_prefix": agree.tolist()}
 
 
-def check_fp8(d, cfg, classes, ref_model=None) -> dict:
+def check_fp8(d, config, classes, ref_model=None) -> dict:
     """FP8 KV cache: ADSA with a budget covering the sequence equals stock vLLM with the same fp8 cache, token for
     token; at 50% it runs, frees blocks, and TopK-V scores read the cache in its own dtype (worker/summaries.py)."""
-    full, _, ok_full, _ = run(d, cfg, classes, None, kv_cache_dtype="fp8")
-    same, _, ok_same, _ = run(d, cfg, classes, {"budget": None}, kv_cache_dtype="fp8")
-    half, st, ok_half, _ = run(d, cfg, classes, {"budget": 0.5, "policy": "topk_v"}, kv_cache_dtype="fp8")
+    full, _, ok_full, _ = run(d, config, classes, None, kv_cache_dtype="fp8")
+    same, _, ok_same, _ = run(d, config, classes, {"budget": None}, kv_cache_dtype="fp8")
+    half, st, ok_half, _ = run(d, config, classes, {"budget": 0.5, "policy": "topk_v"}, kv_cache_dtype="fp8")
     return {"fp8_budget_none_equals_fp8_full": bool(torch.equal(full, same)),
             "fp8_pool_restored": ok_full and ok_same and ok_half, "fp8_adsa50_freed_blocks": st["total_freed_blocks"],
             "fp8_adsa50_peak_held": max(r["peak_held_blocks"] for r in st["requests"].values())}
 
 
-def check_guidance(d, cfg, classes, ref_model) -> dict:
-    full, _, ok_full, lp_full = run(d, cfg, classes, None, guided=True)
-    same, _, ok_same, _ = run(d, cfg, classes, {"budget": None}, guided=True)
-    half, st, ok_half, lp_half = run(d, cfg, classes, {"budget": 0.5, "policy": "topk_v"}, guided=True)
+def check_guidance(d, config, classes, ref_model) -> dict:
+    full, _, ok_full, lp_full = run(d, config, classes, None, guided=True)
+    same, _, ok_same, _ = run(d, config, classes, {"budget": None}, guided=True)
+    half, st, ok_half, lp_half = run(d, config, classes, {"budget": 0.5, "policy": "topk_v"}, guided=True)
     out = {"cfg_budget_none_equals_cfg_full": bool(torch.equal(full, same)),
            "cfg_pool_restored": ok_full and ok_same and ok_half,
            "cfg_adsa50_freed_blocks": st["total_freed_blocks"],

@@ -28,13 +28,13 @@ HERE = Path(__file__).resolve().parent
 
 def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0) -> Path:
     from adsa_vllm.model_config import preset as make_preset
-    cfg = make_preset(preset, grid_size=grid)
-    d = cfg.to_hf_dict()
+    config = make_preset(preset, grid_size=grid)
+    d = config.to_hf_dict()
     if kind in ("llama", "llama-sw"):  # same shape, stock architecture, 1D RoPE, codebook-sized vocabulary
         d = {k: v for k, v in d.items() if k != "llamagen"}
-        d.update(architectures=["LlamaForCausalLM"], vocab_size=cfg.codebook_size)
+        d.update(architectures=["LlamaForCausalLM"], vocab_size=config.codebook_size)
     if kind == "llama-sw":        # vLLM's own sliding window at the same KV token budget as ADSA
-        d.update(sliding_window=window, layer_types=["sliding_attention"] * cfg.n_layer)
+        d.update(sliding_window=window, layer_types=["sliding_attention"] * config.n_layer)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(d))
     return out
@@ -62,14 +62,14 @@ def run_mode(args) -> dict:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"   # e.g. "llamagen:v1": stock on the V1 runner
     from vllm import LLM, SamplingParams
     from adsa_vllm.model_config import preset as make_preset
-    cfg = make_preset(args.preset, grid_size=args.grid)
+    config = make_preset(args.preset, grid_size=args.grid)
     base, policy, budget = parse_mode(args.mode, args.policy, args.budget)
     kind = base if base in ("llama", "llama-sw") else "llamagen"
-    window = int(budget * cfg.image_tokens) if budget <= 1 else int(budget)
+    window = int(budget * config.image_tokens) if budget <= 1 else int(budget)
     model_dir = write_config(kind, args.preset, args.grid, Path(tempfile.mkdtemp()) / args.mode, window)
     kw = dict(model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.num_seqs,
               kv_cache_memory_bytes=int(args.kv_gib * (1 << 30)), block_size=16, seed=0,
-              max_model_len=cfg.max_seq_len, enforce_eager=args.eager)
+              max_model_len=config.max_seq_len, enforce_eager=args.eager)
     if args.max_graph_size:
         kw["compilation_config"] = {"max_cudagraph_capture_size": args.max_graph_size}
     stock_llama = kind in ("llama", "llama-sw")
@@ -86,16 +86,16 @@ def run_mode(args) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
-    n = cfg.image_tokens
+    n = config.image_tokens
     # A plain Llama has no class tokens: its prompt is one ordinary token id inside its (codebook-sized) vocabulary.
-    prompts = [{"prompt_token_ids": [i % min(1000, cfg.codebook_size)] if stock_llama
-                else cfg.prompt(i % cfg.num_classes)} for i in range(args.num_seqs)]
+    prompts = [{"prompt_token_ids": [i % min(1000, config.codebook_size)] if stock_llama
+                else config.prompt(i % config.num_classes)} for i in range(args.num_seqs)]
     images = args.num_seqs
     if args.mode in ("cfg", "pairs2n"):     # num_seqs sequences = num_seqs / 2 images
         images = args.num_seqs // 2
         prompts = prompts[:images]
         if args.mode == "pairs2n":          # the unconditional halves as requests of their own
-            prompts += [{"prompt_token_ids": cfg.prompt(cfg.num_classes)}] * images
+            prompts += [{"prompt_token_ids": config.prompt(config.num_classes)}] * images
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
     llm.generate(prompts[: min(8, len(prompts))], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
                                                                   detokenize=False), use_tqdm=False)  # warm-up
