@@ -247,7 +247,8 @@ TOUCHPOINTS = (
         ("adsa_vllm/engine/config_hook.py",),
         ("skip_tokenizer_init", "additional_config", "backend", "worker_cls", "async_scheduling", "scheduler_cls",
          "user_specified_block_size", "enable_prefix_caching", "disable_cascade_attn", "num_attention_heads",
-         "num_key_value_heads", "head_size", "total_num_attention_heads", "total_num_kv_heads"),
+         "num_key_value_heads", "head_size", "total_num_attention_heads", "total_num_kv_heads",
+         "max_cudagraph_capture_size"),
         "The per-architecture hook is vLLM's place to change the config, but two of the fields are internal: "
         "user_specified_block_size (else the CPU platform raises the block size to 128 afterwards) and "
         "model_arch_config, derived from hf_config when ModelConfig was built and read by the attention builders "
@@ -259,7 +260,8 @@ TOUCHPOINTS = (
          Fields("vllm.config.model_arch:ModelArchitectureConfig",
                 ("total_num_attention_heads", "total_num_kv_heads", "head_size")),
          Reads("vllm.config:ModelConfig.get_num_attention_heads", ("model_arch_config",)),
-         Fields("vllm.config:SchedulerConfig", ("scheduler_cls", "async_scheduling")),
+         Fields("vllm.config:SchedulerConfig", ("scheduler_cls", "async_scheduling", "max_num_seqs")),
+         Fields("vllm.config:CompilationConfig", ("max_cudagraph_capture_size", "cudagraph_capture_sizes")),
          Fields("vllm.config:ParallelConfig", ("worker_cls",)),
          Fields("vllm.config:AttentionConfig", ("backend",)),
          Fields("vllm.config:VllmConfig", ("additional_config",)))),

@@ -186,3 +186,24 @@ def test_input_processor_rejects_bad_adsa_overrides_and_any_without_adsa(model_d
     with pytest.raises(ValueError, match=r"runs without ADSA.*--attention-backend adsa"):
         _process(_processor(model_dir), [513], **bad)
     _process(_processor(model_dir), [513], max_tokens=4)
+
+
+def test_adsa_graphs_cover_max_num_seqs_unless_the_user_chose_sizes():
+    """vLLM stops capturing CUDA graphs at 512 tokens per step by default; ADSA runs max_num_seqs sequences at once
+    for most of a run, so the hook raises the limit to max_num_seqs, and leaves any size the user chose alone."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig
+
+    from adsa_vllm.engine.config_hook import graphs_cover_max_num_seqs
+
+    def limit(max_num_seqs, **user):
+        vc = SimpleNamespace(compilation_config=CompilationConfig(**user),
+                             scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs))
+        graphs_cover_max_num_seqs(vc)
+        return vc.compilation_config.max_cudagraph_capture_size
+
+    assert limit(1024) == 1024
+    assert limit(256) is None                       # vLLM's default (2 * 256, capped at 512) covers it
+    assert limit(1024, max_cudagraph_capture_size=64) == 64
+    assert limit(1024, cudagraph_capture_sizes=[1, 2, 4]) is None
