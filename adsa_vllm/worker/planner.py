@@ -76,6 +76,9 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     if live.all():
         offset_key = slots.tobytes() + trackers.version[slots].tobytes()
         key = offset_key + (pos // bs).tobytes()
+    # Every TP rank plans every step (same SchedulerOutput), so this count, the cadence of the ranks' eviction
+    # check (a collective), advances identically on all of them.
+    runtime.end_plan_step()
     return StepPlan(rows, offsets, seq_lens, scoring, key, offset_key, index_of)
 
 

@@ -28,6 +28,7 @@ from adsa_vllm.policy import BlockLayout, BlockScorer, make_scorer
 from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.settings import ADSASettings, request_overrides
 from adsa_vllm.worker.failures import RequestFailures
+from adsa_vllm.worker.rank_agreement import RankAgreement
 from adsa_vllm.worker.summaries import BlockSummaries
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class PlannerStats:
     scoring_s: float = 0.0      # device time of query-free scoring (CUDA events; host time on CPU)
     scored_rows: int = 0        # selections scored
     summarized_blocks: int = 0  # blocks summarised for TopK-V (each once per sequence)
+    tp_checks: int = 0          # tensor-parallel eviction agreement checks (worker/rank_agreement.py)
+    tp_mismatches: int = 0      # ... that found ranks disagreeing (each one also raised)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class ADSARuntime:
     summaries: BlockSummaries = field(default_factory=BlockSummaries)
     trackers: SlotTrackers = field(default_factory=SlotTrackers)
     stats: PlannerStats = field(default_factory=PlannerStats)
+    agreement: RankAgreement = field(default_factory=RankAgreement)   # digest of the evictions decided here
     _generation: int = 0                         # bumped by every start / drop (invalidates `_rows`)
     _rows: tuple = (None, None)                  # ((generation, batch ids), (sequences, slots)) of the last step
 
@@ -199,6 +203,12 @@ class ADSARuntime:
     def record_evictions(self, seq: LiveSequence, blocks: list[int]) -> None:
         if blocks:
             self._outbox.setdefault(seq.req_id, []).extend(blocks)
+            self.agreement.record(seq.req_id, blocks)
+
+    def end_plan_step(self) -> None:
+        """Called once per planning step on every rank: under tensor parallelism the ranks' evictions are compared
+        every few steps (rank_agreement.py)."""
+        self.agreement.end_step(self.tp_group, self.stats)
 
     def drain_evictions(self) -> dict[str, list[int]]:
         out, self._outbox = self._outbox, {}

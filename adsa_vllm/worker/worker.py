@@ -5,8 +5,9 @@ Before each step the runtimes learn which requests started, resumed, were preemp
 SchedulerOutput); after the step, the evictions its builder decided ride back to the scheduler as
 `ModelRunnerOutput.adsa_evictions`, and requests that failed inside the worker as `adsa_failed`
 (ModelRunnerOutput is a plain dataclass, pickled with its __dict__; touchpoint `runner-output-report`). Under
-tensor parallelism every rank decides the same evictions (scores are all-reduced); rank 0's report is the one the
-scheduler receives. The vLLM internals used here are in the ledger, patches/touchpoints.py.
+tensor parallelism every rank decides the same evictions (scores are all-reduced; the ranks compare digests of them,
+worker/rank_agreement.py); rank 0's report is the one the scheduler receives. The vLLM internals used here are in
+the ledger, patches/touchpoints.py.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class ADSAWorkerMixin:
 
     def sample_tokens(self, *args, **kwargs):
         return self._attach(super().sample_tokens(*args, **kwargs))
+
+    def adsa_rank_digest(self) -> dict | None:
+        """This rank's running digest of the evictions it decided (worker/rank_agreement.py), by name through
+        `llm.collective_rpc("adsa_rank_digest")`: every tensor-parallel rank must return the same steps and digest.
+        None with ADSA off."""
+        return None if self._adsa_rt is None else self._adsa_rt.agreement.report()
 
     def _attach(self, output):
         if not self._step_rts or not isinstance(output, ModelRunnerOutput | AsyncModelRunnerOutput):
