@@ -15,7 +15,8 @@ rank folds the evictions it decides into a running digest, and the ranks compare
     `PlannerStats.tp_checks` / `tp_mismatches` count them.
   * From outside: `llm.collective_rpc("adsa_rank_digest")` (ADSAWorkerMixin.adsa_rank_digest) returns
     {"steps", "digest", "checks", "mismatches"} of every rank, e.g. for a GPU script to compare after a run; the
-    digest covers every step, also those after the last periodic check.
+    digest covers every step, also those after the last periodic check. Digests compare ranks of one engine, not
+    runs: vLLM's internal request ids carry a random suffix.
 """
 
 from __future__ import annotations
