@@ -137,7 +137,8 @@ def run_mode(args) -> dict:
         d = {k: v - p0[k] for k, v in vars(planner).items()}
         res.update(adsa_host_ms_per_step=1e3 * d["host_s"] / max(1, steps),
                    adsa_scoring_ms_per_step=1e3 * d["scoring_s"] / max(1, steps),
-                   adsa_scored_rows=d["scored_rows"], adsa_summarized_blocks=d["summarized_blocks"])
+                   adsa_scored_rows=d["scored_rows"], adsa_summarized_blocks=d["summarized_blocks"],
+                   adsa_tp_checks=d.get("tp_checks", 0), adsa_tp_mismatches=d.get("tp_mismatches", 0))
     if hasattr(sched, "adsa_stats"):
         res["total_freed_blocks"] = sched.adsa_stats().get("total_freed_blocks")
     return res
