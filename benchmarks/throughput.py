@@ -69,7 +69,7 @@ def run_mode(args) -> dict:
     model_dir = write_config(kind, args.preset, args.grid, Path(tempfile.mkdtemp()) / args.mode, window)
     kw = dict(model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.num_seqs,
               kv_cache_memory_bytes=int(args.kv_gib * (1 << 30)), block_size=16, seed=0,
-              max_model_len=config.max_seq_len, enforce_eager=args.eager)
+              max_model_len=config.max_seq_len, enforce_eager=args.eager, tensor_parallel_size=args.tp)
     if args.max_graph_size:
         kw["compilation_config"] = {"max_cudagraph_capture_size": args.max_graph_size}
     stock_llama = kind in ("llama", "llama-sw")
@@ -107,8 +107,10 @@ def run_mode(args) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         _profile_window(sched, first, count, out)
     batch_sizes, watch = _watch(sched)
-    host = _time_worker(core.model_executor.driver_worker.worker)
-    planner = _planner_stats(core.model_executor.driver_worker.worker)
+    # Under tensor parallelism the workers run in processes of their own: no per-step worker timings then.
+    worker = getattr(getattr(core.model_executor, "driver_worker", None), "worker", None)
+    host = _time_worker(worker) if worker is not None else None
+    planner = _planner_stats(worker) if worker is not None else None
     p0 = dict(vars(planner)) if planner is not None else None
     t0 = time.perf_counter()
     if args.arrival_rate:
@@ -130,7 +132,13 @@ def run_mode(args) -> dict:
            "num_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks,
            "mean_running": sum(batch_sizes) / max(1, steps), "max_running": max(batch_sizes),
            "steps": steps, "num_preemptions": watch.preemptions, "step_ms": 1e3 * elapsed / max(1, steps),
-           "worker_host_ms_per_step": 1e3 * host["s"] / max(1, host["calls"])}
+           "tensor_parallel_size": args.tp}
+    if host is not None:
+        res["worker_host_ms_per_step"] = 1e3 * host["s"] / max(1, host["calls"])
+    if args.tp > 1 and base.startswith("adsa"):
+        digests = llm.collective_rpc("adsa_rank_digest")   # every rank evicted the same blocks (worker/rank_agreement)
+        res.update(adsa_rank_digests_equal=len({d["digest"] for d in digests}) == 1,
+                   adsa_tp_checks=digests[0]["checks"], adsa_tp_mismatches=sum(d["mismatches"] for d in digests))
     if args.arrival_rate:
         res.update(arrival_rate=args.arrival_rate, measured_window_s=window)
     if planner is not None:
@@ -232,6 +240,7 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--policy", default="topk_v")
     ap.add_argument("--eager", action="store_true", help="disable torch.compile and CUDA graphs")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every mode (KV GiB is per GPU)")
     ap.add_argument("--max-graph-size", type=int, default=None,
                     help="CUDA graphs up to this many tokens per step, every mode (vLLM's default stops at 512, "
                          "so larger decode batches run without graphs)")
