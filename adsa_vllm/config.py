@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 # The random policy hashes the seed in int64 arithmetic kept to 31 bits (policy/random_blocks.py): a seed past 32
 # bits could overflow there, inside the worker.
 MAX_SEED = 2**32 - 1
+# What one selection decides: "block" keeps whole KV blocks, one decision for every layer and head (the vLLM path);
+# "token" keeps single tokens, a decision per (layer, KV head) (adsa_vllm/policy/token_select.py; reference only).
+GRANULARITIES = ("block", "token")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class ADSAConfig:
     refresh: int | None = None
     # Seed of the random policy.
     seed: int = 0
+    # Unit of selection: "block" (vLLM and reference) or "token" (per layer and KV head; the reference only so far).
+    granularity: str = "block"
 
     def __post_init__(self):
         b = self.budget
@@ -58,6 +63,9 @@ class ADSAConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "prefix" else 1)):
                 raise ADSAConfigError(f"adsa.{name}={v!r}: must be a positive token/step count or null")
+        if self.granularity not in GRANULARITIES:
+            raise ADSAConfigError(f"adsa.granularity={self.granularity!r} is unknown; choose one of "
+                                  f"{', '.join(map(repr, GRANULARITIES))}")
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
             raise ADSAConfigError(f"adsa.seed={s!r}: use an integer in 0..{MAX_SEED} (the random policy's seed)")

@@ -52,6 +52,12 @@ class ADSASettings:
         return self.defaults.merged(overrides)
 
     def layout_of(self, config: ADSAConfig) -> BlockLayout:
+        # Every vLLM-side layout comes from here (engine defaults at startup, each request's overrides at
+        # validation, the worker), so a token-granularity request fails loudly instead of running in block mode.
+        if config.granularity != "block":
+            raise ADSAConfigError(f"adsa.granularity={config.granularity!r} is not yet supported on the vLLM path; "
+                                  "use the reference (adsa_vllm.reference score_tokens / generate), or granularity "
+                                  "'block' here (in vLLM one block id spans every layer and head)")
         return config.layout(block_size=self.block_size, cls_token_num=self.cls_token_num, grid_size=self.grid_size,
                           lag=self.lag)
 

@@ -49,8 +49,15 @@ for p in (str(ROOT), str(HERE)):
 from adsa_vllm.convert import load_reference  # noqa: E402
 from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
 from quality_measure import (BUDGETS, POLICIES, adsa_config, check_layout, exact_check,  # noqa: E402
-                             sample_tokens, token_nll)
+                             row_label, sample_tokens, token_nll)
 from quality_report import markdown, merge, write_outputs  # noqa: E402
+
+
+def paired(x: torch.Tensor, y: torch.Tensor, name: str) -> dict:
+    """Mean per-image difference x - y and its paired standard error, as delta_vs_<name> / delta_se[_<name>]."""
+    d = x - y
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return {f"delta_vs_{name}": float(d.mean()), "delta_se" if name == "full" else f"delta_se_{name}": se}
 
 
 def main(argv=None):
@@ -72,6 +79,9 @@ def main(argv=None):
                     help="none: full attention only (e.g. to choose --cfg-scale)")
     ap.add_argument("--sample-rows", nargs="+", default=None, choices=["full"] + list(POLICIES),
                     help="rows of samples (default: full attention, then every --policies)")
+    ap.add_argument("--granularities", nargs="+", choices=("block", "token"), default=["block"],
+                    help="bits/token only: selection unit(s); token = per (layer, KV head) tokens, rows "
+                    "'<policy>/token', each with its paired delta vs the same policy's block row")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--batch", type=int, default=None, help="rows per scoring batch (default 2000 CUDA, 64 CPU)")
     ap.add_argument("--samples-per-policy", type=int, default=1000)
@@ -135,25 +145,27 @@ def main(argv=None):
         bits = rep["bits"] = {"images": len(tokens), "full": {"bits_per_token": float(full.mean()),
                                                               "seconds": time.time() - t0}, "policies": {}}
         print(f"full attention: {full.mean():.4f} bits/token ({time.time() - t0:.1f} s)", flush=True)
-        for lab in a.policies:
+        per_image = {}   # (row, budget) -> per-image bits, for the token-vs-block pairing
+        for pol, g in [(p, g) for p in a.policies for g in a.granularities]:
+            lab = row_label(pol, g)
             bits["policies"][lab] = {}
             for b in a.budgets:
-                adsa = adsa_config(lab, b)
+                adsa = adsa_config(pol, b, g)
                 why = check_layout(adsa, config, a.block_size)
                 if why is not None:
                     bits["policies"][lab][str(b)] = {"skipped": why}
                     continue
                 t1 = time.time()
-                per = token_nll(model, labels, tokens, adsa, **kw)
-                delta = per - full
+                per = per_image[lab, b] = token_nll(model, labels, tokens, adsa, **kw)
                 lay = adsa.layout(block_size=a.block_size, cls_token_num=config.cls_token_num,
                                   grid_size=config.grid_size)
-                bits["policies"][lab][str(b)] = {
-                    "bits_per_token": float(per.mean()), "delta_vs_full": float(delta.mean()),
-                    "delta_se": float(delta.std() / math.sqrt(len(delta))) if len(delta) > 1 else 0.0,
+                row = bits["policies"][lab][str(b)] = {
+                    "bits_per_token": float(per.mean()), **paired(per, full, "full"),
                     "kept_blocks": lay.budget_blocks, "topk_blocks": lay.topk_blocks, "seconds": time.time() - t1}
-                print(f"{lab} @ {b}: {per.mean():.4f} bits/token ({delta.mean():+.4f}) ({time.time() - t1:.1f} s)",
-                      flush=True)
+                if g != "block" and (pol, b) in per_image:
+                    row.update(paired(per, per_image[pol, b], "block"))
+                print(f"{lab} @ {b}: {per.mean():.4f} bits/token ({row['delta_vs_full']:+.4f}) "
+                      f"({time.time() - t1:.1f} s)", flush=True)
                 rep["timings_s"]["bits"] = time.time() - t0
                 save()
         rep["timings_s"]["bits"] = time.time() - t0

@@ -20,8 +20,13 @@ POLICIES = {"topk_v_diverse": dict(policy="topk_v", keep="diverse"),
 BUDGETS = (0.10, 0.25, 0.50, 0.75)
 
 
-def adsa_config(policy_label: str, budget) -> ADSAConfig:
-    return ADSAConfig(budget=budget, **POLICIES[policy_label])
+def adsa_config(policy_label: str, budget, granularity: str = "block") -> ADSAConfig:
+    return ADSAConfig(budget=budget, granularity=granularity, **POLICIES[policy_label])
+
+
+def row_label(policy_label: str, granularity: str) -> str:
+    """The JSON / table key of a measured row: the policy label, + "/token" for token granularity."""
+    return policy_label if granularity == "block" else f"{policy_label}/{granularity}"
 
 
 def check_layout(adsa: ADSAConfig, config, block_size: int) -> str | None:

@@ -108,6 +108,16 @@ def markdown(rep: dict) -> str:
                 cells.append("not run" if v is None else "skipped" if "skipped" in v else
                              f"{v['bits_per_token']:.4f} ({v['delta_vs_full']:+.4f} ± {v['delta_se']:.4f})")
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        vs_block = [(lab, per) for lab, per in bits["policies"].items()
+                    if any("delta_vs_block" in v for v in per.values())]
+        if vs_block:
+            lines += ["", "### Token vs block granularity (token minus block, same images, paired standard error)",
+                      "", "| policy | " + " | ".join(f"budget {b:.2f}" for b in budgets) + " |",
+                      "|---|" + "---|" * len(budgets)]
+            for lab, per in vs_block:
+                cells = [f"{v['delta_vs_block']:+.4f} ± {v['delta_se_block']:.4f}"
+                         if (v := per.get(str(b))) and "delta_vs_block" in v else "" for b in budgets]
+                lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         skipped = {b: v["skipped"] for per in bits["policies"].values() for b, v in per.items() if "skipped" in v}
         for b, why in skipped.items():
             lines += ["", f"Budget {b} skipped: {why}"]

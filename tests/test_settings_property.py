@@ -52,6 +52,7 @@ _adsa_object = st.fixed_dictionaries({}, optional={
     "keep": _plausible("diverse", "similar"),
     "refresh": _plausible(None, 1, 16, 10**9),
     "seed": _plausible(0, 3, 2**32 - 1, "3", 3.0),
+    "granularity": _plausible("block", "token"),   # "token" is the reference's only: must raise here
 })
 _cfg_object = st.fixed_dictionaries({}, optional={
     "scale": _plausible(1.0, 2.0, 4, 0, 1e4, "4"),

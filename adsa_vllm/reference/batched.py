@@ -18,6 +18,7 @@ from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy import LockstepTrackers, make_scorer
 from adsa_vllm.reference.decoder import Decoder
 from adsa_vllm.reference.model import LlamaGenReference
+from adsa_vllm.reference.token_decoder import TokenDecoder
 
 
 class BatchedDecoder(Decoder):
@@ -112,12 +113,15 @@ def score_tokens_batched(model: LlamaGenReference, class_ids, tokens: torch.Tens
                          adsa: ADSAConfig | None = None, block_size: int = 16, max_chunk: int = 128,
                          return_state: bool = False):
     """Batched twin of `score_tokens` (no CFG): logprobs [B, n, V] float32 of tokens [B, n] given their prefix;
-    with return_state=True (logprobs, the BatchedDecoder)."""
+    with return_state=True (logprobs, the BatchedDecoder, or the TokenDecoder for granularity "token")."""
     dev = model.tok_embeddings.weight.device
     tokens = tokens.to(dev, torch.int64)
     B, n = tokens.shape
     T = model.config.cls_token_num
-    dec = BatchedDecoder(model, class_ids, T + n, adsa, block_size)
+    if adsa is not None and adsa.granularity == "token":
+        dec = TokenDecoder(model, class_ids, T + n, adsa, block_size)
+    else:
+        dec = BatchedDecoder(model, class_ids, T + n, adsa, block_size)
     h_all = torch.cat([model.embed_cond(dec.cond), model.tok_embeddings(tokens[:, : n - 1])], dim=1)  # [B, T+n-1, dim]
     out = []
     for s, e in _chunks(0, T + n - 2, dec.schedule, max_chunk):

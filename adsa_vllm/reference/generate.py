@@ -11,7 +11,9 @@ blocks) or "separate" (one tracker per row, as if the two halves were independen
 
 ADSA is emulated exactly as the vLLM path does it, but with masks instead of freed blocks: every row (or pair) owns
 a `SequenceTracker` (adsa_vllm/reference/decoder.py). `generate(batched=True)` makes the same decisions for all rows
-at once (adsa_vllm/reference/batched.py): the same tokens, much faster for many rows.
+at once (adsa_vllm/reference/batched.py): the same tokens, much faster for many rows. With
+adsa.granularity="token" every row selects per layer and KV head (adsa_vllm/reference/token_decoder.py; CFG
+separate only).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from adsa_vllm.policy import SequenceTracker
 from adsa_vllm.reference.batched import BatchedDecoder
 from adsa_vllm.reference.decoder import TrackerDecoder
 from adsa_vllm.reference.model import LlamaGenReference
+from adsa_vllm.reference.token_decoder import TokenDecoder
 
 
 @dataclass
@@ -66,9 +69,16 @@ def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose,
     scales = Guidance(cfg_scale, cfg_interval)          # validates scale and interval
     B = len(class_ids)
     conds = list(class_ids) + ([config.num_classes] * B if guided else [])
-    decoder = BatchedDecoder if batched else TrackerDecoder
-    dec = decoder(model, conds, config.cls_token_num + n, adsa, block_size,
-                  pairs=B if guided and cfg_selection == "shared" else 0)
+    if adsa is not None and adsa.granularity == "token":
+        # One decoder for both paths: step by step (batched or not) it is the exact token-mode oracle.
+        if guided and cfg_selection == "shared":
+            raise ValueError("granularity 'token': each CFG half selects for itself; pass cfg_selection='separate' "
+                             "(a shared per-head selection is not implemented yet)")
+        dec = TokenDecoder(model, conds, config.cls_token_num + n, adsa, block_size)
+    else:
+        decoder = BatchedDecoder if batched else TrackerDecoder
+        dec = decoder(model, conds, config.cls_token_num + n, adsa, block_size,
+                      pairs=B if guided and cfg_selection == "shared" else 0)
     toks, lps = [], []
     logits = dec.prefill()
     for i in range(n):

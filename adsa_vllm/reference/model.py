@@ -100,7 +100,8 @@ class Attention(nn.Module):
             if hook is not None:
                 hook(layer_idx, q)
         rep = self.n_head // self.n_kv_head
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if rep > 1:   # MHA needs no copy (repeat_interleave always copies: the whole cache, every layer and step)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(b, s, self.dim))
 
@@ -166,12 +167,13 @@ class LlamaGenReference(nn.Module):
                        hook: LayerHook | None = None) -> torch.Tensor:
         """h: [B, S, dim] input embeddings at positions pos [S] -> float32 logits [B, S, codebook_size].
 
-        caches: per layer (k, v) [B, Hkv, L, D] static cache (written at `pos`); mask: [B, 1, S, L] bool.
+        caches: per layer (k, v) [B, Hkv, L, D] static cache (written at `pos`); mask: [B, 1 or H, S, L] bool, or a
+        function of the layer index giving that layer's mask (token-granularity ADSA masks per layer and head).
         """
         freqs = self.freqs_cis.to(h.device)[pos]
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, pos=pos, cache=None if caches is None else caches[i], mask=mask, hook=hook,
-                      layer_idx=i)
+            h = layer(h, freqs, pos=pos, cache=None if caches is None else caches[i],
+                      mask=mask(i) if callable(mask) else mask, hook=hook, layer_idx=i)
         return self.output(self.norm(h)).float()
 
     def forward_full(self, idx: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

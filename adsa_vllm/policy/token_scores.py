@@ -1,0 +1,110 @@
+"""Token-level scores for `granularity="token"`: every (layer, KV head) rates its own candidate tokens; higher = keep.
+Pure torch, no vLLM.
+
+The per-token counterparts of the block scorers (same names, same settings), each using only its own head:
+  topk_v          the token's unit value vector · the mean unit value vector of *that head's* candidates (the
+                  formula TopKV applies per block, here per token and head, not averaged); keep="diverse" negates.
+  attention_mass  the head's softmax probability of the token under the current query, over that head's candidates
+                  only (AttentionMass per head and token, not summed over a block nor averaged over heads); query
+                  heads that share a KV head (GQA) are averaged, as AttentionMass averages heads.
+  random          an integer hash of (seed, layer, KV head, token position, query position): reproducible, and
+                  independent between heads and layers.
+  streaming       the token position: the newest aged tokens win, which keeps exactly what block mode keeps.
+A score is computed for every token of the aged range [lo, hi); `valid` [R, Hkv, N] marks each head's candidates
+(the tokens it has not evicted); scores elsewhere are ignored by the selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+_MASK = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    keys: torch.Tensor          # [R, N, Hkv, D] the aged tokens [lo, hi) of one layer (post-RoPE)
+    values: torch.Tensor        # [R, N, Hkv, D]
+    valid: torch.Tensor         # [R, Hkv, N] bool, each head's candidates
+    positions: torch.Tensor     # [N] int64 token positions (lo .. hi-1)
+    query_pos: int              # position of the query whose forward scores
+    query: torch.Tensor | None  # [R, H, D] decode queries (post-RoPE)
+    scale: float
+    layer: int
+
+
+class TokenScorer:
+    name: ClassVar[str]
+    registry: ClassVar[dict[str, type["TokenScorer"]]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if getattr(cls, "name", None):
+            TokenScorer.registry[cls.name] = cls
+
+    def score(self, x: TokenInputs) -> torch.Tensor:
+        """[R, Hkv, N] float32."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TokenTopKV(TokenScorer):
+    name = "topk_v"
+    keep: str = "diverse"
+
+    def score(self, x: TokenInputs) -> torch.Tensor:
+        v = torch.nn.functional.normalize(x.values.float(), dim=-1)             # [R, N, H, D]
+        w = x.valid.to(v.dtype)                                                  # [R, H, N]
+        mean = torch.einsum("rnhd,rhn->rhd", v, w) / w.sum(-1).clamp(min=1)[..., None]
+        sim = torch.einsum("rnhd,rhd->rhn", v, mean)
+        return -sim if self.keep == "diverse" else sim
+
+
+@dataclass(frozen=True)
+class TokenAttentionMass(TokenScorer):
+    name = "attention_mass"
+
+    def score(self, x: TokenInputs) -> torch.Tensor:
+        r, n, hkv, d = x.keys.shape
+        q = x.query.float()                                                      # [R, H, D]
+        rep = q.shape[1] // hkv
+        logits = torch.einsum("rhd,rnhd->rhn", q, x.keys.float().repeat_interleave(rep, dim=2)) * x.scale
+        valid = x.valid.repeat_interleave(rep, dim=1)                            # [R, H, N]
+        p = logits.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)   # a head with no candidate: 0
+        return p.reshape(r, hkv, rep, n).mean(2)
+
+
+@dataclass(frozen=True)
+class TokenRandom(TokenScorer):
+    name = "random"
+    seed: int = 0
+
+    def score(self, x: TokenInputs) -> torch.Tensor:
+        r, hkv, n = x.valid.shape
+        head = torch.arange(hkv, device=x.valid.device, dtype=torch.int64)
+        h = (x.positions.to(torch.int64)[None, :] * 2654435761 + (x.query_pos * 40503 + self.seed * 97 + 12345)
+             + (x.layer * 1009 + head[:, None]) * 69069)                          # [Hkv, N]
+        for _ in range(3):  # the xorshift-multiply rounds of RandomBlocks, in 31 bits
+            h = (h ^ (h >> 13)) & _MASK
+            h = (h * 1103515245 + 12345) & _MASK
+        return (h.to(torch.float32) / _MASK).expand(r, hkv, n)
+
+
+@dataclass(frozen=True)
+class TokenStreaming(TokenScorer):
+    name = "streaming"
+
+    def score(self, x: TokenInputs) -> torch.Tensor:
+        r, hkv, n = x.valid.shape
+        return x.positions.to(torch.float32).expand(r, hkv, n)
+
+
+def make_token_scorer(policy: str, *, keep: str = "diverse", seed: int = 0) -> TokenScorer:
+    cls = TokenScorer.registry.get(policy)
+    if cls is None:
+        raise ValueError(f"policy {policy!r} has no token-level scorer; choose one of {sorted(TokenScorer.registry)}")
+    kw = {"keep": keep} if cls is TokenTopKV else {"seed": seed} if cls is TokenRandom else {}
+    return cls(**kw)

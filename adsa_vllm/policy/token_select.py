@@ -1,0 +1,101 @@
+"""Token-level, per-(layer, KV head) selection (`ADSAConfig.granularity="token"`), for R sequences in lockstep.
+Pure torch, no vLLM. The reference (adsa_vllm/reference/token_decoder.py) is its only user so far: the oracle a
+later vLLM path must match token for token.
+
+Semantics (issue 12, step 1):
+  * When: the block-mode event schedule, unchanged. A `SequenceTracker` decides when a selection happens (the
+    scores are requested in the forward at p, the selection is made at p + 1, `refresh` steps apart) and which
+    positions are aged (out of the prefix and the local window). Every head keeps exactly `topk_tokens` aged
+    tokens after a selection and gains one block of newly aged tokens per block of decoding, so a head's candidates
+    always number block mode's candidate blocks x block_size and the schedule is the same (`selection_schedule`).
+  * Prefix and local window: the layout's, in whole blocks (prefix_blocks * bs tokens from the start; the window
+    from the block of t - local + 1 on), so block and token modes always keep the same prefix and window.
+  * Budget: topk_tokens = layout.topk_blocks * block_size per (layer, KV head), so both modes keep the same number
+    of KV entries per head. (Budgets whose top-k part is not whole blocks, e.g. 10% with a token-level prefix and
+    window, are a later goal: they change the layout and the schedule, not this selection.)
+  * What: at each selection, for every (row, layer, KV head) separately, the candidates are the head's kept aged
+    tokens plus the newly aged ones; it keeps the `topk_tokens` best by its own score (token_scores.py) and evicts
+    the rest for good, as freed blocks never come back. Ties go to the more recent token (`select`), as block
+    mode's go to the more recent block; so block-constant scores keep exactly block mode's blocks.
+  * CFG: each half of a pair is its own row and its heads select for themselves ("shared" is a later option).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adsa_vllm.policy.layout import BlockLayout
+from adsa_vllm.policy.lockstep import selection_schedule
+from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer
+from adsa_vllm.policy.tracker import top_blocks_rows
+
+
+def select(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [..., N], valid [..., N] bool -> keep mask [..., N]: the k best valid entries of every row (all of
+    them if fewer), ties to the higher index (the more recent token), exactly `top_blocks_rows`' rule."""
+    shape = scores.shape
+    n = shape[-1]
+    index = torch.where(valid, torch.arange(n, device=scores.device), -1).reshape(-1, n)
+    k_rows = torch.full((index.shape[0],), k, dtype=torch.int64, device=scores.device)
+    return top_blocks_rows(index, scores.reshape(-1, n), k_rows).reshape(shape)
+
+
+class TokenTrackers:
+    """Token-mode state of `rows` sequences at the same position, consulted from position `first` on:
+      1. `begin_step(pos)`: select if the scores requested for `pos` arrived from every layer, else drop them.
+      2. `evicted` [rows, layers, kv_heads, positions] bool: what each head no longer attends to.
+      3. `scoring_request(pos)` -> the aged range (lo, hi) if a selection is due at pos + 1, else None; then
+         `score_layer` for every layer inside this forward.
+    """
+
+    def __init__(self, layout: BlockLayout, scorer: TokenScorer, rows: int, layers: int, kv_heads: int, *,
+                 first: int = 0, device: torch.device | str | None = None):
+        self.layout, self.scorer = layout, scorer
+        self.schedule = selection_schedule(layout, first)
+        self.topk_tokens = layout.topk_blocks * layout.block_size
+        width = layout.num_blocks(layout.seq_len - 1) * layout.block_size
+        self.evicted = torch.zeros(rows, layers, kv_heads, width, dtype=torch.bool, device=device)
+        self.selections = 0
+        self._pending: tuple[int, int, int] | None = None      # (position it decides at, lo, hi)
+        self._scores: torch.Tensor | None = None                # [rows, layers, kv_heads, hi - lo]
+        self._scored: set[int] = set()                          # layers that added scores
+
+    # 1.
+    def begin_step(self, pos: int) -> None:
+        pend, self._pending = self._pending, None
+        if pend is None or pend[0] != pos or len(self._scored) != self.evicted.shape[1]:
+            return
+        _, lo, hi = pend
+        valid = self.candidates(lo, hi)
+        keep = select(self._scores, valid, self.topk_tokens)
+        self.evicted[..., lo:hi] |= valid & ~keep
+        self.selections += 1
+
+    # 3.
+    def scoring_request(self, pos: int) -> tuple[int, int] | None:
+        if pos not in self.schedule:
+            return None
+        lay, nxt = self.layout, pos + 1
+        lo, hi = lay.prefix_blocks * lay.block_size, lay.local_start(nxt) * lay.block_size
+        counts = self.candidates(lo, hi).sum(-1)
+        want = self.schedule[pos] * lay.block_size
+        if not bool((counts == want).all()):   # the schedule argument in the module docstring, checked
+            raise RuntimeError(f"position {pos}: a head holds {counts.min()}..{counts.max()} candidate tokens, "
+                               f"block mode's schedule says {want}")
+        self._pending = (nxt, lo, hi)
+        self._scores = torch.full((*self.evicted.shape[:3], hi - lo), float("-inf"), device=self.evicted.device)
+        self._scored = set()
+        return lo, hi
+
+    def candidates(self, lo: int, hi: int) -> torch.Tensor:
+        """[rows, layers, kv_heads, hi - lo] bool: each head's tokens of the aged range it still holds."""
+        return ~self.evicted[..., lo:hi]
+
+    def score_layer(self, layer: int, keys, values, query, pos: int, scale: float) -> None:
+        """keys/values [rows, N, Hkv, D] of the requested range [lo, hi) in this layer; query [rows, H, D]."""
+        _, lo, hi = self._pending
+        x = TokenInputs(keys=keys, values=values, valid=self.candidates(lo, hi)[:, layer],
+                        positions=torch.arange(lo, hi, device=keys.device), query_pos=pos, query=query,
+                        scale=scale, layer=layer)
+        self._scores[:, layer] = self.scorer.score(x).float()
+        self._scored.add(layer)
