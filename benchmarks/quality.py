@@ -24,6 +24,8 @@ Files: quality_measure.py (the measurements), quality_report.py (tables, plots, 
   # A run that may not fit one time-limited call: measure in parts, then merge (tables and plots of the union)
   python benchmarks/quality.py --parts bits --tag q_bits && python benchmarks/quality.py --parts samples --tag q_s
   python benchmarks/quality.py --merge benchmarks/results/q_bits.json benchmarks/results/q_s.json --tag q
+  # Token- vs block-level selection (issue 12): rows '<policy>/token' with their paired delta vs the block row
+  python benchmarks/quality.py --device cpu --limit 32 --budgets 0.25 0.5 --granularities block token --parts bits
   # CPU smoke run (~2 min on 2 cores)
   python benchmarks/quality.py --device cpu --limit 64 --policies random --samples-per-policy 10 --out-dir /tmp/q
 """
