@@ -37,12 +37,8 @@ class BatchedDecoder(Decoder):
 
     def forward(self, h: torch.Tensor, start: int) -> torch.Tensor:
         """h [R, S, dim] at positions [start, start + S) -> float32 logits [R, S, V]."""
-        S = h.shape[1]
-        end = start + S - 1
-        if any(start <= p < end for p in self.schedule):
-            raise ValueError(f"chunk [{start}, {end}] crosses a scoring position; split it there")
+        end, pos = self._chunk(h, start)
         self._request = None
-        pos = torch.arange(start, start + S, device=h.device)
         # Attend over the written slots [0, end] only: views of the static cache (the model writes through them),
         # so a step reads ~half the cache on average instead of all of it. Slots past `end` are masked out in
         # TrackerDecoder, i.e. contribute exactly zero there, so this changes no result.
@@ -60,7 +56,7 @@ class BatchedDecoder(Decoder):
                 evicted = evicted.repeat(2, 1)                            # both halves keep the same blocks
             mask = mask & (~evicted)[:, slots // self.bs][:, None, None, :]                 # [R, 1, S, n]
         else:
-            mask = mask.expand(h.shape[0], 1, S, n)
+            mask = mask.expand(h.shape[0], 1, len(pos), n)
         caches = [(k[:, :, :n], v[:, :, :n]) for k, v in self.caches]
         hook = self._score if self._request is not None else None
         return self.model.forward_hidden(h, pos, caches, mask, hook=hook)

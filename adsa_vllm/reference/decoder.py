@@ -32,6 +32,7 @@ class Decoder:
     per-row ones."""
 
     trackers: list[SequenceTracker] | None = None
+    schedule: dict | None = None   # scoring positions, for the decoders that run multi-position chunks
 
     def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
                  pairs: int = 0):
@@ -66,6 +67,14 @@ class Decoder:
 
     def _single(self, h: torch.Tensor, pos: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def _chunk(self, h: torch.Tensor, start: int) -> tuple[int, torch.Tensor]:
+        """A multi-position forward's last position and positions [start, start + S). A chunk must end at each
+        scoring position it reaches (`self.schedule`): the selection it requests is decided before the next one."""
+        end = start + h.shape[1] - 1
+        if any(start <= p < end for p in self.schedule or ()):
+            raise ValueError(f"chunk [{start}, {end}] crosses a scoring position; split it there")
+        return end, torch.arange(start, start + h.shape[1], device=h.device)
 
 
 class TrackerDecoder(Decoder):

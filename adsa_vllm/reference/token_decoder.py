@@ -25,26 +25,22 @@ class TokenDecoder(Decoder):
     def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
                  scorer: TokenScorer | None = None):
         super().__init__(model, conds, length, adsa, block_size, pairs=0)
-        lay, cfg = self.layout, model.config
+        lay, config = self.layout, model.config
         self.selection = None if lay is None else TokenTrackers(
             lay, scorer or make_token_scorer(lay.policy, keep=lay.keep, seed=lay.seed), len(self.cond),
-            cfg.n_layer, cfg.kv_heads, first=self.first, device=self.slots.device)
+            config.n_layer, config.kv_heads, first=self.first, device=self.slots.device)
         self.schedule = {} if lay is None else self.selection.schedule
-        self._rep = cfg.n_head // cfg.kv_heads
+        self._rep = config.n_head // config.kv_heads
         self._request: tuple[int, int, int] | None = None                # this forward's (pos, lo, hi)
 
     def forward(self, h: torch.Tensor, start: int) -> torch.Tensor:
         """h [R, S, dim] at positions [start, start + S) -> float32 logits [R, S, V]."""
-        S = h.shape[1]
-        end = start + S - 1
-        if any(start <= p < end for p in self.schedule):
-            raise ValueError(f"chunk [{start}, {end}] crosses a scoring position; split it there")
+        end, pos = self._chunk(h, start)
         self._request = None
-        pos = torch.arange(start, start + S, device=h.device)
         n = end + 1                                                       # attend over the written slots only
         causal = (self.slots[:n][None, :] <= pos[:, None])[None, None]   # [1, 1, S, n]
         if self.selection is None:
-            mask = causal.expand(h.shape[0], 1, S, n)
+            mask = causal.expand(h.shape[0], 1, len(pos), n)
         else:
             self.selection.begin_step(start)
             req = self.selection.scoring_request(end)
