@@ -16,14 +16,13 @@ import torch.nn.functional as F
 
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy import LockstepTrackers, make_scorer
-from adsa_vllm.reference.decoder import Decoder
+from adsa_vllm.reference.decoder import ChunkedDecoder
 from adsa_vllm.reference.model import LlamaGenReference
 from adsa_vllm.reference.token_decoder import TokenDecoder
 
 
-class BatchedDecoder(Decoder):
-    """`forward(h, start)` runs positions [start, start + S) of all rows in one forward; a chunk must end at every
-    scoring position (`schedule`). `selection` holds the deciders' ADSA state (None: full attention)."""
+class BatchedDecoder(ChunkedDecoder):
+    """Block mode for all rows at once; `selection` holds the deciders' ADSA state (None: full attention)."""
 
     def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
                  pairs: int = 0):
@@ -39,9 +38,6 @@ class BatchedDecoder(Decoder):
         """h [R, S, dim] at positions [start, start + S) -> float32 logits [R, S, V]."""
         end, pos = self._chunk(h, start)
         self._request = None
-        # Attend over the written slots [0, end] only: views of the static cache (the model writes through them),
-        # so a step reads ~half the cache on average instead of all of it. Slots past `end` are masked out in
-        # TrackerDecoder, i.e. contribute exactly zero there, so this changes no result.
         n = end + 1
         slots = self.slots[:n]
         mask = (slots[None, :] <= pos[:, None])[None, None]                                  # [1, 1, S, n]
@@ -57,12 +53,7 @@ class BatchedDecoder(Decoder):
             mask = mask & (~evicted)[:, slots // self.bs][:, None, None, :]                 # [R, 1, S, n]
         else:
             mask = mask.expand(h.shape[0], 1, len(pos), n)
-        caches = [(k[:, :, :n], v[:, :, :n]) for k, v in self.caches]
-        hook = self._score if self._request is not None else None
-        return self.model.forward_hidden(h, pos, caches, mask, hook=hook)
-
-    def _single(self, h: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.forward(h, pos)[:, -1]
+        return self._attend(h, pos, mask)
 
     def _score(self, layer: int, q: torch.Tensor) -> None:
         """Layer hook: q [R, H, S, D] post-RoPE; this layer's K/V of the chunk are already cached. The scoring

@@ -32,7 +32,6 @@ class Decoder:
     per-row ones."""
 
     trackers: list[SequenceTracker] | None = None
-    schedule: dict | None = None   # scoring positions, for the decoders that run multi-position chunks
 
     def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
                  pairs: int = 0):
@@ -67,14 +66,6 @@ class Decoder:
 
     def _single(self, h: torch.Tensor, pos: int) -> torch.Tensor:
         raise NotImplementedError
-
-    def _chunk(self, h: torch.Tensor, start: int) -> tuple[int, torch.Tensor]:
-        """A multi-position forward's last position and positions [start, start + S). A chunk must end at each
-        scoring position it reaches (`self.schedule`): the selection it requests is decided before the next one."""
-        end = start + h.shape[1] - 1
-        if any(start <= p < end for p in self.schedule or ()):
-            raise ValueError(f"chunk [{start}, {end}] crosses a scoring position; split it there")
-        return end, torch.arange(start, start + h.shape[1], device=h.device)
 
 
 class TrackerDecoder(Decoder):
@@ -129,3 +120,36 @@ class TrackerDecoder(Decoder):
                 return torch.cat([cache[i][:, idx] for i in rows]).transpose(0, 1).reshape(n, self.bs, -1, hd)
             tr.score_layer(blocks(k_cache), blocks(v_cache), torch.cat([q[i, :, 0] for i in rows]), self._pos,
                            scale=scale)
+
+
+class ChunkedDecoder(Decoder):
+    """A decoder whose `forward(h, start)` runs positions [start, start + S) of all rows in one forward (the
+    batched and token-mode decoders); `_single` is a one-position chunk, the exact oracle of the vLLM path. A
+    subclass sets `schedule` (the scoring positions), `_request` (this forward's scoring request, or None) and
+    `_score` (the layer hook that scores it)."""
+
+    schedule: dict = {}
+    _request = None
+
+    def _single(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.forward(h, pos)[:, -1]
+
+    def _chunk(self, h: torch.Tensor, start: int) -> tuple[int, torch.Tensor]:
+        """The chunk's last position and its positions. A chunk must end at each scoring position it reaches: the
+        selection requested there is decided before the next position."""
+        end = start + h.shape[1] - 1
+        if any(start <= p < end for p in self.schedule):
+            raise ValueError(f"chunk [{start}, {end}] crosses a scoring position; split it there")
+        return end, torch.arange(start, start + h.shape[1], device=h.device)
+
+    def _attend(self, h: torch.Tensor, pos: torch.Tensor, mask) -> torch.Tensor:
+        """The forward over the written slots [0, pos[-1]] only: views of the static cache (the model writes
+        through them), so a step reads ~half the cache on average; later slots are masked out in TrackerDecoder,
+        i.e. contribute exactly zero there, so this changes no result. `mask`: a tensor or layer -> tensor."""
+        n = int(pos[-1]) + 1
+        caches = [(k[:, :, :n], v[:, :, :n]) for k, v in self.caches]
+        hook = self._score if self._request is not None else None
+        return self.model.forward_hidden(h, pos, caches, mask, hook=hook)
+
+    def _score(self, layer: int, q: torch.Tensor) -> None:
+        raise NotImplementedError

@@ -14,11 +14,11 @@ import torch
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.policy.token_scores import TokenScorer, make_token_scorer
 from adsa_vllm.policy.token_select import TokenTrackers
-from adsa_vllm.reference.decoder import Decoder
+from adsa_vllm.reference.decoder import ChunkedDecoder
 from adsa_vllm.reference.model import LlamaGenReference
 
 
-class TokenDecoder(Decoder):
+class TokenDecoder(ChunkedDecoder):
     """`selection` holds every row's token-mode state (None: full attention); `scorer` overrides the policy's
     token scorer (tests)."""
 
@@ -52,12 +52,7 @@ class TokenDecoder(Decoder):
 
             def mask(layer):                                              # [R, H, S, n], built layer by layer
                 return causal & kept[:, layer, :, None, :]
-        caches = [(k[:, :, :n], v[:, :, :n]) for k, v in self.caches]
-        hook = self._score if self._request is not None else None
-        return self.model.forward_hidden(h, pos, caches, mask, hook=hook)
-
-    def _single(self, h: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.forward(h, pos)[:, -1]
+        return self._attend(h, pos, mask)
 
     def _score(self, layer: int, q: torch.Tensor) -> None:
         """Layer hook: q [R, H, S, D] post-RoPE; this layer's K/V of the chunk are already cached. The scoring
