@@ -16,6 +16,7 @@ A score is computed for every token of the aged range [lo, hi); `valid` [R, Hkv,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -102,9 +103,9 @@ class TokenStreaming(TokenScorer):
         return x.positions.to(torch.float32).expand(r, hkv, n)
 
 
-def make_token_scorer(policy: str, *, keep: str = "diverse", seed: int = 0) -> TokenScorer:
+def make_token_scorer(policy: str, **settings) -> TokenScorer:
+    """The token scorer of `policy`, built from the settings it has fields for (as `make_scorer` does for blocks)."""
     cls = TokenScorer.registry.get(policy)
     if cls is None:
         raise ValueError(f"policy {policy!r} has no token-level scorer; choose one of {sorted(TokenScorer.registry)}")
-    kw = {"keep": keep} if cls is TokenTopKV else {"seed": seed} if cls is TokenRandom else {}
-    return cls(**kw)
+    return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
