@@ -5,10 +5,8 @@ Each scorer module registers its class in `BlockScorer.registry` when imported; 
 nowhere else) keeps the arrows one-way: scorers -> base, this package -> scorers.
 """
 
-import dataclasses
-
 from adsa_vllm.policy import attention_mass, random_blocks, streaming, topk_v
-from adsa_vllm.policy.base import BlockScorer, ScoreInputs
+from adsa_vllm.policy.base import BlockScorer, ScoreInputs, from_settings
 from adsa_vllm.policy.layout import BlockLayout
 from adsa_vllm.policy.lockstep import LockstepTrackers, selection_schedule
 from adsa_vllm.policy.slot_trackers import SlotTrackers, pack_rows
@@ -25,7 +23,7 @@ def make_scorer(policy: str, **settings) -> BlockScorer:
     cls = BlockScorer.registry.get(policy)
     if cls is None:
         raise ValueError(f"unknown ADSA policy {policy!r}; choose one of {sorted(BlockScorer.registry)}")
-    return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
+    return from_settings(cls, settings)
 
 
 __all__ = ["KEEP_DIRECTIONS", "POLICIES", "BlockLayout", "BlockScorer", "LockstepTrackers", "ScoreInputs",

@@ -12,6 +12,8 @@ reads each block's K/V once in its lifetime instead of at every selection.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,6 +29,12 @@ class ScoreInputs:
     positions: torch.Tensor      # [R] int64 position of each row's query
     query: torch.Tensor | None   # [R, num_heads, head_dim] decode queries (post-RoPE); None unless needs_query
     scale: float                 # softmax scale of the attention
+
+
+def from_settings(cls: type, settings: dict):
+    """An instance of the scorer dataclass `cls` built from the settings it has fields for (e.g. keep=, seed=);
+    the others are ignored, so a caller can pass every policy setting it holds."""
+    return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
 
 
 class BlockScorer:

@@ -17,7 +17,7 @@ import torch
 
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.layout import BlockLayout
-from adsa_vllm.policy.slot_trackers import SlotTrackers
+from adsa_vllm.policy.slot_trackers import SlotTrackers, pack_rows
 from adsa_vllm.policy.tracker import SequenceTracker
 
 
@@ -76,7 +76,7 @@ class LockstepTrackers:
         counts = cand.sum(1)
         if len(rows) != len(self._slots) or (counts != counts[0]).any():
             raise RuntimeError(f"rows disagree on the selection at position {pos} (rows not in lockstep?)")
-        self._index = np.nonzero(cand)[1].reshape(len(rows), -1)
+        self._index = pack_rows(cand)
         self._cands = torch.from_numpy(self._index).to(self.device)
         return self._cands
 

@@ -16,11 +16,12 @@ A score is computed for every token of the aged range [lo, hi); `valid` [R, Hkv,
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from adsa_vllm.policy.base import from_settings
 
 _MASK = (1 << 31) - 1
 
@@ -108,4 +109,4 @@ def make_token_scorer(policy: str, **settings) -> TokenScorer:
     cls = TokenScorer.registry.get(policy)
     if cls is None:
         raise ValueError(f"policy {policy!r} has no token-level scorer; choose one of {sorted(TokenScorer.registry)}")
-    return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
+    return from_settings(cls, settings)
