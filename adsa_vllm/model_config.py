@@ -7,6 +7,13 @@ Pure Python (no torch, no vLLM): a model folder's ``config.json`` is a transform
 Token layout (c2i): the prompt is ``cls_token_num`` condition ids, each ``codebook_size + class_id`` with ``class_id``
 in ``[0, num_classes]`` (``num_classes`` itself is the null class used for classifier-free guidance); the model then
 emits exactly ``grid_size**2`` image-token ids in ``[0, codebook_size)``.
+
+Token layout (t2i, ``model_type="t2i"``): the condition is a caption, ``cls_token_num`` (120) rows of
+``caption_dim`` (2048) text-encoder features, projected by the caption MLP. LlamaGen left-pads short captions and
+masks the padding out of every attention; here a prompt is the *valid* caption rows only (1..cls_token_num of them,
+sent as ``prompt_embeds``), which is the same computation: condition positions have no rotary angle, so where a
+caption row sits does not matter, and the image tokens keep their official positions ``cls_token_num + i`` (the
+vLLM model gives them those positions whatever the caption length, see adsa_vllm/llamagen/caption.py).
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ class LlamaGenConfig:
     num_classes: int = 1000
     cls_token_num: int = 1
     grid_size: int = 16
-    model_type: str = "c2i"
+    model_type: str = "c2i"       # "c2i" (class-conditional) | "t2i" (text-conditional, caption features)
+    caption_dim: int = 2048       # t2i: width of one caption row (flan-t5-xl features)
 
     def __post_init__(self):
         if self.dim % self.n_head:
@@ -45,10 +53,19 @@ class LlamaGenConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
         if self.head_dim % 4:
             raise ValueError(f"head_dim={self.head_dim} must be a multiple of 4 for 2D RoPE")
-        if self.model_type != "c2i":
-            raise ValueError(f"model_type={self.model_type!r}: only 'c2i' (class-conditional) is supported")
+        if self.model_type not in ("c2i", "t2i"):
+            raise ValueError(f"model_type={self.model_type!r}: choose 'c2i' (class-conditional) or 't2i' "
+                             "(text-conditional)")
+        if self.is_t2i and self.dim > self.caption_dim:
+            # One inputs_embeds buffer carries caption rows and (zero-padded) image-token rows.
+            raise ValueError(f"t2i: dim={self.dim} > caption_dim={self.caption_dim} is not supported (the official "
+                             "t2i models have dim <= caption_dim)")
         if self.grid_size < 1 or self.cls_token_num < 1:
             raise ValueError("grid_size and cls_token_num must be >= 1")
+
+    @property
+    def is_t2i(self) -> bool:
+        return self.model_type == "t2i"
 
     @property
     def kv_heads(self) -> int:
@@ -76,10 +93,27 @@ class LlamaGenConfig:
 
     @property
     def input_vocab_size(self) -> int:
-        """Codebook ids, then one id per class, then the null class."""
-        return self.codebook_size + self.num_classes + 1
+        """Codebook ids, then (c2i) one id per class and the null class; a t2i prompt is embeddings, not ids."""
+        return self.codebook_size if self.is_t2i else self.codebook_size + self.num_classes + 1
+
+    def check_caption(self, shape: tuple, floating: bool = True) -> None:
+        """Raise ValueError naming the valid form unless `shape` is a t2i prompt: [rows, caption_dim] with
+        1 <= rows <= cls_token_num (the valid caption rows, padding left out)."""
+        if not self.is_t2i:
+            raise ValueError("this is a class-to-image LlamaGen: send prompt_token_ids = config.prompt(class_id), "
+                             "not prompt_embeds")
+        ok = len(shape) == 2 and 1 <= shape[0] <= self.cls_token_num and shape[1] == self.caption_dim
+        if not ok or not floating:
+            raise ValueError(
+                f"a text-to-image prompt is prompt_embeds of shape [rows, {self.caption_dim}] in a floating dtype, "
+                f"1 <= rows <= {self.cls_token_num}: the caption's valid text-encoder rows, padding left out "
+                f"(adsa_vllm.llamagen.caption.caption_prompt makes it from features and mask); got shape "
+                f"{list(shape)}" + ("" if floating else " with a non-floating dtype"))
 
     def class_token(self, class_id: int) -> int:
+        if self.is_t2i:
+            raise ValueError("this is a text-to-image LlamaGen: its prompt is caption features (prompt_embeds), "
+                             "not a class id")
         if not 0 <= class_id <= self.num_classes:
             raise ValueError(
                 f"class id {class_id} is out of range: valid ids are 0..{self.num_classes - 1} "
@@ -88,6 +122,11 @@ class LlamaGenConfig:
 
     def check_prompt(self, ids: list[int]) -> None:
         """Raise ValueError naming the valid form unless `ids` is a condition prompt of this model."""
+        if self.is_t2i:
+            raise ValueError(
+                f"this is a text-to-image LlamaGen: send the caption as prompt_embeds [rows, {self.caption_dim}] "
+                f"(1 <= rows <= {self.cls_token_num}), not prompt_token_ids; see "
+                "adsa_vllm.llamagen.caption.caption_prompt")
         lo, hi = self.codebook_size, self.codebook_size + self.num_classes
         if len(ids) != self.cls_token_num or any(not lo <= i <= hi for i in ids):
             bad = [i - lo for i in ids if not lo <= i <= hi]
@@ -122,6 +161,13 @@ class LlamaGenConfig:
             "torch_dtype": "float32",
             "llamagen": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
         }
+        if self.is_t2i:
+            # vLLM sizes its inputs_embeds buffer by `projection_dim` (ModelConfig.get_inputs_embeds_size): caption
+            # rows are that wide. An "mrope_section" makes vLLM ask the model for each request's positions
+            # (SupportsMRoPE), which keeps the image tokens at their official positions for any caption length.
+            d["projection_dim"] = self.caption_dim
+            d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_base,
+                                    "mrope_section": [self.head_dim // 4, self.head_dim // 4]}
         return d
 
     @classmethod
@@ -144,7 +190,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Official text-to-image settings (t2i_XL_stage1_256.pt: a 120-row flan-t5-xl caption).
+T2I = dict(model_type="t2i", cls_token_num=120, caption_dim=2048)
+
+
 def preset(name: str, **overrides) -> LlamaGenConfig:
+    """An official size; `preset("XL", **T2I)` is the text-to-image XL."""
     if name not in PRESETS:
         raise ValueError(f"unknown LlamaGen preset {name!r}; choose one of {sorted(PRESETS)}")
     return LlamaGenConfig(**{**PRESETS[name], **overrides})
@@ -157,4 +208,4 @@ def grid_for_image_size(image_size: int, downsample: int = 16) -> int:
     return grid
 
 
-__all__ = ["ARCHITECTURE", "LlamaGenConfig", "PRESETS", "preset", "find_multiple", "grid_for_image_size"]
+__all__ = ["ARCHITECTURE", "LlamaGenConfig", "PRESETS", "T2I", "preset", "find_multiple", "grid_for_image_size"]
