@@ -13,7 +13,7 @@ Token layout (t2i, ``model_type="t2i"``): the condition is a caption, ``cls_toke
 masks the padding out of every attention; here a prompt is the *valid* caption rows only (1..cls_token_num of them,
 sent as ``prompt_embeds``), which is the same computation: condition positions have no rotary angle, so where a
 caption row sits does not matter, and the image tokens keep their official positions ``cls_token_num + i`` (the
-vLLM model gives them those positions whatever the caption length, see adsa_vllm/llamagen/caption.py).
+vLLM model gives them those positions whatever the caption length, see adsa_vllm/llamagen/model.py).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class LlamaGenConfig:
             raise ValueError(
                 f"a text-to-image prompt is prompt_embeds of shape [rows, {self.caption_dim}] in a floating dtype, "
                 f"1 <= rows <= {self.cls_token_num}: the caption's valid text-encoder rows, padding left out "
-                f"(adsa_vllm.llamagen.caption.caption_prompt makes it from features and mask); got shape "
+                f"(adsa_vllm.captions.caption_prompt makes it from features and mask); got shape "
                 f"{list(shape)}" + ("" if floating else " with a non-floating dtype"))
 
     def class_token(self, class_id: int) -> int:
@@ -126,7 +126,7 @@ class LlamaGenConfig:
             raise ValueError(
                 f"this is a text-to-image LlamaGen: send the caption as prompt_embeds [rows, {self.caption_dim}] "
                 f"(1 <= rows <= {self.cls_token_num}), not prompt_token_ids; see "
-                "adsa_vllm.llamagen.caption.caption_prompt")
+                "adsa_vllm.captions.caption_prompt")
         lo, hi = self.codebook_size, self.codebook_size + self.num_classes
         if len(ids) != self.cls_token_num or any(not lo <= i <= hi for i in ids):
             bad = [i - lo for i in ids if not lo <= i <= hi]
