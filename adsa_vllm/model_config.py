@@ -11,9 +11,9 @@ emits exactly ``grid_size**2`` image-token ids in ``[0, codebook_size)``.
 Token layout (t2i, ``model_type="t2i"``): the condition is a caption, ``cls_token_num`` (120) rows of
 ``caption_dim`` (2048) text-encoder features, projected by the caption MLP. LlamaGen left-pads short captions and
 masks the padding out of every attention; here a prompt is the *valid* caption rows only (1..cls_token_num of them,
-sent as ``prompt_embeds``), which is the same computation: condition positions have no rotary angle, so where a
-caption row sits does not matter, and the image tokens keep their official positions ``cls_token_num + i`` (the
-vLLM model gives them those positions whatever the caption length, see adsa_vllm/llamagen/model.py).
+sent as ``prompt_embeds``), which is the same computation: condition positions have all-zero rotary rows (their q
+and k are zero), so where a caption row sits does not matter, and the image tokens keep their official positions
+``cls_token_num + i`` whatever the caption length (the vLLM model asks for those positions, adsa_vllm/llamagen/caption.py).
 """
 
 from __future__ import annotations
