@@ -186,7 +186,8 @@ def test_block_constant_head_constant_scores_reproduce_block_mode(policy, scorer
     t = tokens_of(m)
     adsa = ADSAConfig(**SMALL, policy=policy)
     blp, bdec = score_tokens_batched(m, [1, 4], t, adsa=adsa, max_chunk=1, return_state=True)
-    tdec = TokenDecoder(m, [1, 4], m.config.cls_token_num + t.shape[1], replace(adsa, granularity="token"), bs,
+    tdec = TokenDecoder(m, m.embed_cond(torch.tensor([1, 4])), m.config.cls_token_num + t.shape[1],
+                        replace(adsa, granularity="token"), bs,
                         scorer=scorer)
     lps = [tdec.prefill()] + [tdec.step(t[:, i - 1], i) for i in range(1, t.shape[1])]
     tlp = torch.stack(lps, 1).log_softmax(-1)

@@ -24,9 +24,9 @@ from adsa_vllm.reference.token_decoder import TokenDecoder
 class BatchedDecoder(ChunkedDecoder):
     """Block mode for all rows at once; `selection` holds the deciders' ADSA state (None: full attention)."""
 
-    def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
-                 pairs: int = 0):
-        super().__init__(model, conds, length, adsa, block_size, pairs)
+    def __init__(self, model: LlamaGenReference, cond: torch.Tensor, length: int, adsa: ADSAConfig | None,
+                 block_size: int, pairs: int = 0):
+        super().__init__(model, cond, length, adsa, block_size, pairs)
         lay = self.layout
         self.selection = None if lay is None else LockstepTrackers(
             lay, make_scorer(lay.policy, keep=lay.keep, seed=lay.seed), self.deciders, first=self.first,
@@ -105,11 +105,12 @@ def score_tokens_batched(model: LlamaGenReference, class_ids, tokens: torch.Tens
     tokens = tokens.to(dev, torch.int64)
     B, n = tokens.shape
     T = model.config.cls_token_num
+    cond = model.embed_cond(torch.as_tensor(class_ids, dtype=torch.int64, device=dev))
     if adsa is not None and adsa.granularity == "token":
-        dec = TokenDecoder(model, class_ids, T + n, adsa, block_size)
+        dec = TokenDecoder(model, cond, T + n, adsa, block_size)
     else:
-        dec = BatchedDecoder(model, class_ids, T + n, adsa, block_size)
-    h_all = torch.cat([model.embed_cond(dec.cond), model.tok_embeddings(tokens[:, : n - 1])], dim=1)  # [B, T+n-1, dim]
+        dec = BatchedDecoder(model, cond, T + n, adsa, block_size)
+    h_all = torch.cat([dec.cond, model.tok_embeddings(tokens[:, : n - 1])], dim=1)  # [B, T+n-1, dim]
     out = []
     for s, e in _chunks(0, T + n - 2, dec.schedule, max_chunk):
         logits = dec.forward(h_all[:, s:e + 1], s)

@@ -17,12 +17,15 @@ from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
 from adsa_vllm.reference.model import LlamaGenReference
 
 
-def evicting_layout(adsa: ADSAConfig | None, config: LlamaGenConfig, block_size: int) -> BlockLayout | None:
+def evicting_layout(adsa: ADSAConfig | None, config: LlamaGenConfig, block_size: int,
+                    cond_len: int | None = None) -> BlockLayout | None:
     """The layout of `adsa` if it ever evicts, else None (full attention; budget None means "never evict", and
-    then no layout is built at all, so no layout setting can be rejected for a run that evicts nothing)."""
+    then no layout is built at all, so no layout setting can be rejected for a run that evicts nothing).
+    cond_len: the condition's length in the sequence (default cls_token_num; a compact t2i caption: its rows)."""
     if adsa is None or adsa.budget is None:
         return None
-    layout = adsa.layout(block_size=block_size, cls_token_num=config.cls_token_num, grid_size=config.grid_size)
+    cls = config.cls_token_num if cond_len is None else cond_len
+    layout = adsa.layout(block_size=block_size, cls_token_num=cls, grid_size=config.grid_size)
     return layout if layout.evicts else None
 
 
@@ -33,32 +36,35 @@ class Decoder:
 
     trackers: list[SequenceTracker] | None = None
 
-    def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
-                 pairs: int = 0):
-        """conds: [R] class ids; pairs > 0: rows r and r + pairs are the halves of one CFG pair and make one
+    def __init__(self, model: LlamaGenReference, cond: torch.Tensor, length: int, adsa: ADSAConfig | None,
+                 block_size: int, pairs: int = 0):
+        """cond: [R, T, dim] condition embeddings (`model.embed_cond(class ids)`, or `model.embed_caption(rows)`:
+        a compact caption of T rows, whose RoPE rows start at `model.rope_offset_for(T)` and whose ADSA layout has
+        cls_token_num = T); pairs > 0: rows r and r + pairs are the halves of one CFG pair and make one
         selection together, from both halves' heads (conditional heads first), as the vLLM path does."""
         config = model.config
-        self.model, self.bs, self.T, self.pairs = model, block_size, config.cls_token_num, pairs
+        self.model, self.bs, self.T, self.pairs = model, block_size, cond.shape[1], pairs
         dev = model.tok_embeddings.weight.device
-        self.cond = torch.as_tensor(conds, dtype=torch.int64).to(dev)
+        self.cond, self.rows = cond.to(dev), cond.shape[0]
+        self.rope_offset = model.rope_offset_for(self.T)
         self.L = length                                                   # cache slots: positions [0, L)
-        shape = (len(self.cond), config.kv_heads, length, config.head_dim)
+        shape = (self.rows, config.kv_heads, length, config.head_dim)
         self.caches = [(torch.zeros(shape, dtype=model.dtype, device=dev),
                         torch.zeros(shape, dtype=model.dtype, device=dev)) for _ in range(config.n_layer)]
         self.slots = torch.arange(length, device=dev)
-        self.layout = evicting_layout(adsa, config, block_size)
-        self.deciders = pairs or len(self.cond)                          # rows that own a selection
+        self.layout = evicting_layout(adsa, config, block_size, self.T)
+        self.deciders = pairs or self.rows                               # rows that own a selection
         # ADSA is consulted from the first single-token forward on: position 0 when the condition is one token,
         # else T (a multi-token prefill is plain causal, as in the vLLM path).
         self.first = 0 if self.T == 1 else self.T
 
     def prefill(self) -> torch.Tensor:
-        h = self.model.embed_cond(self.cond)                              # [R, T, dim]
+        h = self.cond                                                     # [R, T, dim]
         if self.T == 1:
             return self._single(h, 0)
         pos = torch.arange(self.T, device=h.device)
         mask = (self.slots[None, :] <= pos[:, None])[None, None]          # [1, 1, T, L]
-        return self.model.forward_hidden(h, pos, self.caches, mask)[:, -1]
+        return self.model.forward_hidden(h, pos, self.caches, mask, rope_offset=self.rope_offset)[:, -1]
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """tokens: [R] ids fed at position `pos` -> logits [R, V] predicting position pos + 1."""
@@ -71,9 +77,9 @@ class Decoder:
 class TrackerDecoder(Decoder):
     """One `SequenceTracker` per decider, driven in Python at every step: exact, and slow for many rows."""
 
-    def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
-                 pairs: int = 0):
-        super().__init__(model, conds, length, adsa, block_size, pairs)
+    def __init__(self, model: LlamaGenReference, cond: torch.Tensor, length: int, adsa: ADSAConfig | None,
+                 block_size: int, pairs: int = 0):
+        super().__init__(model, cond, length, adsa, block_size, pairs)
         lay = self.layout
         if lay is not None:
             self.trackers = [SequenceTracker(lay, make_scorer(lay.policy, keep=lay.keep, seed=lay.seed))
@@ -103,7 +109,7 @@ class TrackerDecoder(Decoder):
             mask = torch.stack(rows)[:, None, None]                       # [R, 1, 1, L]
         pos_t = torch.tensor([pos], device=h.device)
         hook = self._score if self._requests else None
-        return self.model.forward_hidden(h, pos_t, self.caches, mask, hook=hook)[:, -1]
+        return self.model.forward_hidden(h, pos_t, self.caches, mask, hook=hook, rope_offset=self.rope_offset)[:, -1]
 
     def _score(self, layer: int, q: torch.Tensor) -> None:
         """Layer hook: q [R, H, 1, D] post-RoPE; the layer's K/V for this position are already cached."""
@@ -149,7 +155,7 @@ class ChunkedDecoder(Decoder):
         n = int(pos[-1]) + 1
         caches = [(k[:, :, :n], v[:, :, :n]) for k, v in self.caches]
         hook = self._score if self._request is not None else None
-        return self.model.forward_hidden(h, pos, caches, mask, hook=hook)
+        return self.model.forward_hidden(h, pos, caches, mask, hook=hook, rope_offset=self.rope_offset)
 
     def _score(self, layer: int, q: torch.Tensor) -> None:
         raise NotImplementedError

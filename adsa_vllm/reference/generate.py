@@ -56,35 +56,50 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def check_run(config, n: int, cfg_scale: float, cfg_interval: int, cfg_selection: str) -> Guidance:
+    """Validate what every generation run shares; returns the guidance schedule."""
+    if not 1 <= n <= config.image_tokens:
+        raise ValueError(f"{n} image tokens requested; the model's grid holds 1..{config.image_tokens}")
+    if cfg_selection not in ("shared", "separate"):
+        raise ValueError(f"cfg_selection={cfg_selection!r}: choose 'shared' or 'separate'")
+    return Guidance(cfg_scale, cfg_interval)          # validates scale and interval
+
+
 def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose, want_logprobs,
          cfg_interval=-1, cfg_selection="separate", batched=False):
     config = model.config
     for c in class_ids:
         config.class_token(c)  # validates the id (num_classes itself = unconditional)
-    if not 1 <= n <= config.image_tokens:
-        raise ValueError(f"{n} image tokens requested; the model's grid holds 1..{config.image_tokens}")
+    scales = check_run(config, n, cfg_scale, cfg_interval, cfg_selection)
     guided = cfg_scale > 1.0 or force_cfg
-    if cfg_selection not in ("shared", "separate"):
-        raise ValueError(f"cfg_selection={cfg_selection!r}: choose 'shared' or 'separate'")
-    scales = Guidance(cfg_scale, cfg_interval)          # validates scale and interval
-    B = len(class_ids)
-    conds = list(class_ids) + ([config.num_classes] * B if guided else [])
+    conds = list(class_ids) + ([config.num_classes] * len(class_ids) if guided else [])
+    cond = model.embed_cond(torch.as_tensor(conds, dtype=torch.int64, device=model.tok_embeddings.weight.device))
+    return decode(model, cond, n, guided=guided, scales=scales, adsa=adsa, block_size=block_size, choose=choose,
+                  want_logprobs=want_logprobs, cfg_selection=cfg_selection, batched=batched)
+
+
+def decode(model: LlamaGenReference, cond: torch.Tensor, n: int, *, guided: bool, scales: Guidance,
+           adsa: ADSAConfig | None, block_size: int, choose, want_logprobs: bool, cfg_selection: str = "separate",
+           batched: bool = False) -> GenerationResult:
+    """The generation loop on condition embeddings cond [R, T, dim] (R = B, or 2B under CFG: conditional rows
+    then null rows): n image tokens per conditional row, `choose(i, guided logits [B, V]) -> [B]` picking them."""
+    B = cond.shape[0] // 2 if guided else cond.shape[0]
+    T = cond.shape[1]
     if adsa is not None and adsa.granularity == "token":
         # One decoder for both paths: step by step (batched or not) it is the exact token-mode oracle.
         if guided and cfg_selection == "shared":
             raise ValueError("granularity 'token': each CFG half selects for itself; pass cfg_selection='separate' "
                              "(a shared per-head selection is not implemented yet)")
-        dec = TokenDecoder(model, conds, config.cls_token_num + n, adsa, block_size)
+        dec = TokenDecoder(model, cond, T + n, adsa, block_size)
     else:
         decoder = BatchedDecoder if batched else TrackerDecoder
-        dec = decoder(model, conds, config.cls_token_num + n, adsa, block_size,
-                      pairs=B if guided and cfg_selection == "shared" else 0)
+        dec = decoder(model, cond, T + n, adsa, block_size, pairs=B if guided and cfg_selection == "shared" else 0)
     toks, lps = [], []
     logits = dec.prefill()
     for i in range(n):
         if i:
             fed = toks[-1].repeat(2) if guided else toks[-1]
-            logits = dec.step(fed, config.cls_token_num + i - 1)
+            logits = dec.step(fed, T + i - 1)
         if guided:
             c, u = logits[:B], logits[B:]
             logits = u + scales.scale_at(i) * (c - u)
@@ -93,6 +108,18 @@ def _run(model, class_ids, n, *, cfg_scale, force_cfg, adsa, block_size, choose,
         toks.append(choose(i, logits))
     logprobs = torch.stack(lps, dim=1) if want_logprobs else None
     return GenerationResult(torch.stack(toks, dim=1), logprobs, dec.trackers)
+
+
+def sampler(*, greedy: bool, temperature: float, top_k: int, top_p: float, seed: int | None, device):
+    """`choose(i, logits [B, V]) -> [B]`: argmax, or a draw from the filtered, tempered distribution."""
+    gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    def choose(_i, logits):
+        if greedy:
+            return logits.argmax(-1)
+        probs = filter_logits(logits.float() / max(temperature, 1e-5), top_k, top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return choose
 
 
 @torch.no_grad()
@@ -110,15 +137,8 @@ def generate(model: LlamaGenReference, class_ids: list[int], *, max_new_tokens: 
     batched: decide every row's evictions at once (`BatchedDecoder`; the same tokens, no trackers in the result).
     """
     n = model.config.image_tokens if max_new_tokens is None else max_new_tokens
-    dev = model.tok_embeddings.weight.device
-    gen = None if seed is None else torch.Generator(device=dev).manual_seed(seed)
-
-    def choose(_i, logits):
-        if greedy:
-            return logits.argmax(-1)
-        probs = filter_logits(logits.float() / max(temperature, 1e-5), top_k, top_p).softmax(-1)
-        return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
+    choose = sampler(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     device=model.tok_embeddings.weight.device)
     return _run(model, class_ids, n, cfg_scale=cfg_scale, force_cfg=force_cfg, adsa=adsa, block_size=block_size,
                 choose=choose, want_logprobs=return_logprobs, cfg_interval=cfg_interval, cfg_selection=cfg_selection,
                 batched=batched)

@@ -1,4 +1,4 @@
-"""Plain-PyTorch LlamaGen (class-conditional), numerically faithful to the official model.
+"""Plain-PyTorch LlamaGen (class- or text-conditional), numerically faithful to the official model.
 
 Mirrors FoundationVision/LlamaGen `autoregressive/models/gpt.py` (reimplemented, not copied): fused `wqkv`,
 SwiGLU feed-forward, RMSNorm computed in float32, 2D RoPE on interleaved pairs with zero rotation tables for the
@@ -127,12 +127,35 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
 
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+    """t2i condition: caption rows [.., caption_dim] projected to the model width. `uncond_embedding` is the null
+    caption used for classifier-free guidance (a buffer in the official model; a parameter here so `init_random_`
+    draws it; the state-dict key is the same)."""
+
+    def __init__(self, caption_dim: int, dim: int, token_num: int):
+        super().__init__()
+        self.cap_proj = MLP(caption_dim, dim, dim)
+        self.uncond_embedding = nn.Parameter(torch.zeros(token_num, caption_dim))
+
+
 class LlamaGenReference(nn.Module):
     def __init__(self, config: LlamaGenConfig):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.codebook_size, config.dim)
-        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim)
+        self.cls_embedding = (CaptionEmbedder(config.caption_dim, config.dim, config.cls_token_num) if config.is_t2i
+                              else LabelEmbedder(config.num_classes, config.dim))
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.codebook_size, bias=False)
@@ -160,17 +183,36 @@ class LlamaGenReference(nn.Module):
     def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """cond: [B] class ids in [0, num_classes] -> [B, cls_token_num, dim] (the class repeated, as the
         prompt holds `cls_token_num` copies of the class token)."""
+        if self.config.is_t2i:
+            raise ValueError("a text-to-image LlamaGen is conditioned on captions: use embed_caption(rows)")
         e = self.cls_embedding.embedding_table(cond)
         return e[:, None, :].expand(-1, self.config.cls_token_num, -1)
 
+    def embed_caption(self, rows: torch.Tensor, null: bool = False) -> torch.Tensor:
+        """t2i: rows [..., v, caption_dim], a caption's valid rows (1 <= v <= cls_token_num) -> [..., v, dim].
+
+        null=True embeds the null caption of the same length instead: the last v rows of `uncond_embedding` (the
+        rows LlamaGen's left-padded, masked null caption leaves visible); only rows.shape is read then."""
+        self.config.check_caption(tuple(rows.shape[-2:]), rows.is_floating_point())
+        if null:
+            v = rows.shape[-2]
+            rows = self.cls_embedding.uncond_embedding[-v:].expand(*rows.shape)
+        return self.cls_embedding.cap_proj(rows.to(self.dtype))
+
+    def rope_offset_for(self, cond_len: int) -> int:
+        """RoPE row of sequence index 0 for a condition of `cond_len` rows: image token i sits at
+        cls_token_num + i whatever the (compact) caption length; condition rows all have zero angle."""
+        return self.config.cls_token_num - cond_len
+
     def forward_hidden(self, h: torch.Tensor, pos: torch.Tensor, caches=None, mask=None,
-                       hook: LayerHook | None = None) -> torch.Tensor:
+                       hook: LayerHook | None = None, rope_offset: int = 0) -> torch.Tensor:
         """h: [B, S, dim] input embeddings at positions pos [S] -> float32 logits [B, S, codebook_size].
 
         caches: per layer (k, v) [B, Hkv, L, D] static cache (written at `pos`); mask: [B, 1 or H, S, L] bool, or a
         function of the layer index giving that layer's mask (token-granularity ADSA masks per layer and head).
+        rope_offset: position p turns by RoPE row p + rope_offset (a compact caption, see `rope_offset_for`).
         """
-        freqs = self.freqs_cis.to(h.device)[pos]
+        freqs = self.freqs_cis.to(h.device)[pos + rope_offset if rope_offset else pos]
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, pos=pos, cache=None if caches is None else caches[i],
                       mask=mask(i) if callable(mask) else mask, hook=hook, layer_idx=i)
@@ -182,10 +224,24 @@ class LlamaGenReference(nn.Module):
 
         mask: optional [B, T + n, T + n] bool (True = attend) replacing the causal mask, T = cls_token_num.
         """
-        h = torch.cat([self.embed_cond(cond), self.tok_embeddings(idx)], dim=1)
+        return self.forward_embedded(self.embed_cond(cond), idx, mask)
+
+    def forward_caption(self, idx: torch.Tensor, rows: torch.Tensor, null: bool = False,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """t2i twin of `forward_full` on compact captions: rows [B, v, caption_dim] (the valid rows; `null`: the
+        null caption of that length) -> logits [B, n + 1, V]; mask [B, v + n, v + n] as in forward_full."""
+        return self.forward_embedded(self.embed_caption(rows, null), idx, mask)
+
+    def forward_embedded(self, cond_h: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """Teacher-forced forward from condition embeddings cond_h [B, T, dim] and image tokens idx [B, n]
+        -> logits [B, n + 1, V], entry i predicting image token i."""
+        h = torch.cat([cond_h, self.tok_embeddings(idx)], dim=1)
         pos = torch.arange(h.shape[1], device=h.device)
-        logits = self.forward_hidden(h, pos, mask=None if mask is None else mask[:, None])
-        return logits[:, self.config.cls_token_num - 1:]
+        logits = self.forward_hidden(h, pos, mask=None if mask is None else mask[:, None],
+                                     rope_offset=self.rope_offset_for(cond_h.shape[1]))
+        return logits[:, cond_h.shape[1] - 1:]
 
 
-__all__ = ["LlamaGenReference", "precompute_freqs_cis_2d", "apply_rotary_emb", "RMSNorm", "LayerHook"]
+__all__ = ["CaptionEmbedder", "LlamaGenReference", "precompute_freqs_cis_2d", "apply_rotary_emb", "RMSNorm",
+           "LayerHook"]

@@ -22,12 +22,12 @@ class TokenDecoder(ChunkedDecoder):
     """`selection` holds every row's token-mode state (None: full attention); `scorer` overrides the policy's
     token scorer (tests)."""
 
-    def __init__(self, model: LlamaGenReference, conds, length: int, adsa: ADSAConfig | None, block_size: int,
-                 scorer: TokenScorer | None = None):
-        super().__init__(model, conds, length, adsa, block_size, pairs=0)
+    def __init__(self, model: LlamaGenReference, cond: torch.Tensor, length: int, adsa: ADSAConfig | None,
+                 block_size: int, scorer: TokenScorer | None = None):
+        super().__init__(model, cond, length, adsa, block_size, pairs=0)
         lay, config = self.layout, model.config
         self.selection = None if lay is None else TokenTrackers(
-            lay, scorer or make_token_scorer(lay.policy, keep=lay.keep, seed=lay.seed), len(self.cond),
+            lay, scorer or make_token_scorer(lay.policy, keep=lay.keep, seed=lay.seed), self.rows,
             config.n_layer, config.kv_heads, first=self.first, device=self.slots.device)
         self.schedule = {} if lay is None else self.selection.schedule
         self._rep = config.n_head // config.kv_heads
@@ -66,7 +66,7 @@ class TokenDecoder(ChunkedDecoder):
     def evicted_tokens(self) -> torch.Tensor:
         """[R, layers, Hkv, positions] bool (all False without eviction)."""
         if self.selection is None:
-            return torch.zeros(len(self.cond), self.model.config.n_layer, self.model.config.kv_heads, self.L,
+            return torch.zeros(self.rows, self.model.config.n_layer, self.model.config.kv_heads, self.L,
                                dtype=torch.bool)
         return self.selection.evicted
 
