@@ -69,10 +69,12 @@ def apply() -> None:
     def _validate_model_inputs(self, encoder_input, decoder_input):
         limits = _limits(self)
         if limits is not None:
-            ids = decoder_input.get("prompt_token_ids") if isinstance(decoder_input, dict) else None
-            if decoder_input.get("type") == "embeds" or ids is None:
-                raise ValueError("LlamaGen prompts are token ids (codebook_size + class_id), not embeddings")
-            limits.model.check_prompt(list(ids))
+            if decoder_input.get("type") == "embeds":   # a t2i caption (a c2i model names its own prompt form)
+                embeds = decoder_input["prompt_embeds"]
+                limits.model.check_caption(tuple(embeds.shape), embeds.is_floating_point())
+            else:
+                ids = decoder_input.get("prompt_token_ids")
+                limits.model.check_prompt([] if ids is None else list(ids))
         return orig_inputs(self, encoder_input, decoder_input)
 
     @functools.wraps(orig_params)

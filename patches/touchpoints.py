@@ -248,7 +248,7 @@ TOUCHPOINTS = (
         ("skip_tokenizer_init", "additional_config", "backend", "worker_cls", "async_scheduling", "scheduler_cls",
          "user_specified_block_size", "enable_prefix_caching", "disable_cascade_attn", "num_attention_heads",
          "num_key_value_heads", "head_size", "total_num_attention_heads", "total_num_kv_heads",
-         "max_cudagraph_capture_size"),
+         "max_cudagraph_capture_size", "enable_prompt_embeds"),
         "The per-architecture hook is vLLM's place to change the config, but two of the fields are internal: "
         "user_specified_block_size (else the CPU platform raises the block size to 128 afterwards) and "
         "model_arch_config, derived from hf_config when ModelConfig was built and read by the attention builders "
@@ -256,7 +256,7 @@ TOUCHPOINTS = (
         "a model-level way to declare the block size and attention head counts",
         (Fields("vllm.config:CacheConfig", ("block_size", "user_specified_block_size", "enable_prefix_caching")),
          Fields("vllm.config:ModelConfig", ("skip_tokenizer_init", "disable_cascade_attn", "hf_config",
-                                            "hf_text_config")),
+                                            "hf_text_config", "enable_prompt_embeds")),
          Fields("vllm.config.model_arch:ModelArchitectureConfig",
                 ("total_num_attention_heads", "total_num_kv_heads", "head_size")),
          Reads("vllm.config:ModelConfig.get_num_attention_heads", ("model_arch_config",)),

@@ -2,7 +2,8 @@
 (registered in `MODELS_CONFIG_MAP["LlamaGenForCausalLM"]`, vLLM's per-architecture hook; process 0 only,
 the result is pickled to EngineCore and workers).
 
-* Image-token models have no tokenizer: skip its initialisation (prompts are token ids).
+* Image-token models have no tokenizer: skip its initialisation (prompts are token ids, or caption features for a
+  text-to-image model: prompt embeds are turned on for those).
 * The settings are resolved here, once, into an `EngineSettings` (adsa_vllm/settings.py says how every process
   reads it back); the user's additional_config dict is left as given.
 * `--attention-backend adsa` turns ADSA on, and the attention backend is reset to the kernel ADSA wraps
@@ -37,6 +38,10 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
         model_config = vllm_config.model_config
         model_config.skip_tokenizer_init = True
         model_cfg = LlamaGenConfig.from_hf_dict(model_config.hf_config.to_dict())
+        if model_cfg.is_t2i:
+            # The caption arrives as prompt_embeds (adsa_vllm/llamagen/caption.py); vLLM then runs its V1 model
+            # runner (the V2 runner has no prompt embeds yet).
+            model_config.enable_prompt_embeds = True
 
         user = vllm_config.additional_config or {}   # the user's dict: read, never written
         choice = UserSettings.from_additional_config(user)

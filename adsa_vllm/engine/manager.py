@@ -38,9 +38,10 @@ class ADSAManager(FullAttentionManager):
         self.total_freed = 0
 
     # ---- request lifecycle (called by ADSAScheduler) ----
-    def register(self, req_id: str, overrides: dict | None, max_len: int) -> RequestKV:
-        """max_len: prompt + max_tokens. The last sampled token is never fed back, so it needs no KV slot."""
-        layout = self.kv_cache_spec.layout(overrides)
+    def register(self, req_id: str, overrides: dict | None, max_len: int, prompt_len: int | None = None) -> RequestKV:
+        """max_len: prompt + max_tokens. The last sampled token is never fed back, so it needs no KV slot.
+        prompt_len: the condition length (a t2i caption's rows); None: the model's cls_token_num."""
+        layout = self.kv_cache_spec.layout(overrides, prompt_len)
         full = cdiv(min(max_len, layout.seq_len) - 1, self.block_size)
         entry = RequestKV(layout=layout, bound=min(layout.held_bound, full))
         self.requests[req_id] = entry

@@ -55,8 +55,8 @@ class ADSASchedulerMixin:
             max_len = _final_len(request)
             try:
                 overrides = request_overrides(params.extra_args if params is not None else None)
-                for m in self.adsa_managers:
-                    m.register(request.request_id, overrides, max_len)
+                for m in self.adsa_managers:   # the prompt is the condition (a t2i caption's rows vary)
+                    m.register(request.request_id, overrides, max_len, request.num_prompt_tokens)
                 policy = self.adsa_managers[0].requests[request.request_id].layout.policy
                 self.requests_by_policy[policy] = self.requests_by_policy.get(policy, 0) + 1
             except Exception as e:  # noqa: BLE001 - validated in the API process; never let it kill EngineCore

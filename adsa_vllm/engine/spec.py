@@ -20,8 +20,8 @@ from adsa_vllm.settings import ADSASettings
 class ADSASpec(FullAttentionSpec):
     adsa: ADSASettings
 
-    def layout(self, overrides: dict | None = None):
-        return self.adsa.layout(overrides)
+    def layout(self, overrides: dict | None = None, cls_token_num: int | None = None):
+        return self.adsa.layout(overrides, cls_token_num)
 
     @classmethod
     def from_full(cls, spec: FullAttentionSpec, adsa: ADSASettings):

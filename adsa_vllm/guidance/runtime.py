@@ -3,7 +3,7 @@
 The model's `compute_logits` receives one row per request in the runner's batch order (V1 or V2 runner, bound by
 the worker, see adsa_vllm/worker/worker.py) and asks `row_scales(n)` for the scale of every row. The worker feeds
 `on_schedule` with each SchedulerOutput before the step runs, so the index of the token a row samples this step
-(num_computed + num_scheduled - prompt length) is known on the host.
+(num_computed + num_scheduled - prompt length; a t2i caption's length varies per request) is known on the host.
 A preempted request keeps its guidance (it resumes); a finished one is dropped.
 """
 
@@ -17,6 +17,7 @@ import torch
 from adsa_vllm.guidance.settings import Guidance, GuidanceSettings
 from adsa_vllm.settings import EngineSettings
 from adsa_vllm.worker.failures import RequestFailures
+from adsa_vllm.worker.new_requests import prompt_length
 
 
 @dataclass
@@ -26,6 +27,7 @@ class GuidanceRuntime:
     batch_req_ids: Callable[[int], list] | None = None   # n -> the first n request ids in batch order (worker)
     _guidance: dict = field(default_factory=dict)
     _index: dict = field(default_factory=dict)
+    _prompt_len: dict = field(default_factory=dict)
     _buf: torch.Tensor | None = None
     failures: RequestFailures = field(default_factory=RequestFailures)
 
@@ -33,6 +35,7 @@ class GuidanceRuntime:
         for rid in so.finished_req_ids:
             self._guidance.pop(rid, None)
             self._index.pop(rid, None)
+            self._prompt_len.pop(rid, None)
         scheduled = so.num_scheduled_tokens
         for nr in so.scheduled_new_reqs:
             params = nr.sampling_params
@@ -40,10 +43,12 @@ class GuidanceRuntime:
                 self._guidance[nr.req_id] = self.settings.for_request(getattr(params, "extra_args", None))
             except Exception as e:  # noqa: BLE001 - validated in the API process; fail this request alone
                 self.failures.fail(nr.req_id, e)
-            self._index[nr.req_id] = nr.num_computed_tokens + scheduled[nr.req_id] - self.cls_token_num
+            prompt_len = prompt_length(nr) or self.cls_token_num
+            self._prompt_len[nr.req_id] = prompt_len
+            self._index[nr.req_id] = nr.num_computed_tokens + scheduled[nr.req_id] - prompt_len
         cached = so.scheduled_cached_reqs
         for rid, computed in zip(cached.req_ids, cached.num_computed_tokens):
-            self._index[rid] = computed + scheduled[rid] - self.cls_token_num
+            self._index[rid] = computed + scheduled[rid] - self._prompt_len.get(rid, self.cls_token_num)
 
     def guidance_of(self, req_id: str) -> Guidance:
         return self._guidance.get(req_id, self.settings.defaults)

@@ -1,4 +1,4 @@
-"""LlamaGen (FoundationVision/LlamaGen, c2i) as a vLLM 0.26 model: `LlamaGenForCausalLM`.
+"""LlamaGen (FoundationVision/LlamaGen, c2i and t2i) as a vLLM 0.26 model: `LlamaGenForCausalLM`.
 
 Same building blocks as vLLM's Llama (fused QKV, merged gate/up, fused residual RMSNorm, torch.compile), so its
 throughput can be compared with a plain Llama of the same shape. What differs from Llama:
@@ -6,6 +6,8 @@ throughput can be compared with a plain Llama of the same shape. What differs fr
     (codebook_size + class_id -> cls_embedding row class_id; the last row is the null class). Chosen per token,
     so prefill and decode rows can share a batch (LlamaGen's own vLLM fork switched per batch).
   * 2D RoPE with zeroed condition positions (rope2d.py).
+  * text-to-image (model_type "t2i"): the prompt is caption features (`prompt_embeds`); caption.py embeds them
+    and gives every token its official position whatever the caption length.
   * logits: only the codebook is scored; the condition ids get -inf, so sampling can never emit them.
   * attention: `adsa_vllm.worker.layer.make_attention` returns the ADSA layer when ADSA is enabled.
   * classifier-free guidance (``--additional-config '{"cfg": {...}}'``): every request is a conditional /
@@ -22,6 +24,7 @@ Weights keep the official names (config.json + safetensors written by `adsa_vllm
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -36,6 +39,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from adsa_vllm.guidance.runtime import make_guidance_runtime
+from adsa_vllm.llamagen.caption import CaptionEmbedder, caption_positions, embed_image_tokens
 from adsa_vllm.llamagen.rope2d import apply_rope_2d, rope_2d_table
 from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.worker.layer import make_attention, make_runtime
@@ -99,7 +103,7 @@ class LlamaGenBlock(nn.Module):
         return self.feed_forward(h), residual
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
 class LlamaGenTransformer(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -109,7 +113,8 @@ class LlamaGenTransformer(nn.Module):
         self.guidance = make_guidance_runtime(vllm_config, config)
         self.branches = 1 if self.guidance is None else 2
         self.tok_embeddings = VocabParallelEmbedding(config.codebook_size, config.dim)
-        self.cls_embedding = VocabParallelEmbedding(config.num_classes + 1, config.dim)
+        self.cls_embedding = (CaptionEmbedder(config) if config.is_t2i
+                              else VocabParallelEmbedding(config.num_classes + 1, config.dim))
         self.layers = nn.ModuleList(
             LlamaGenBlock(config, vllm_config, self.runtime, self.branches, f"{prefix}.layers.{i}")
             for i in range(config.n_layer))
@@ -118,6 +123,8 @@ class LlamaGenTransformer(nn.Module):
                                                    config.cls_token_num), persistent=False)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.is_t2i:   # rows of vLLM's inputs_embeds buffer, beside the caption rows
+            return embed_image_tokens(self.tok_embeddings, input_ids, self.config.caption_dim)
         n = self.config.codebook_size
         is_cond = input_ids >= n
         img = self.tok_embeddings(torch.where(is_cond, 0, input_ids))
@@ -132,7 +139,11 @@ class LlamaGenTransformer(nn.Module):
         return torch.stack([cond, uncond], dim=1).reshape(-1, cond.shape[-1])
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        if self.branches > 1:
+        if positions.dim() == 2:      # t2i: vLLM's M-RoPE positions, three equal rows (caption.py)
+            positions = positions[0]
+        if self.config.is_t2i:
+            h = self.cls_embedding.embed(inputs_embeds, positions, self.branches)
+        elif self.branches > 1:
             h = self.embed_pair(input_ids)
         else:
             h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
@@ -145,6 +156,9 @@ class LlamaGenTransformer(nn.Module):
 
 
 class LlamaGenForCausalLM(nn.Module):
+    # vLLM's SupportsMRoPE protocol; only t2i configs turn M-RoPE on (an "mrope_section", model_config.py).
+    supports_mrope: ClassVar[Literal[True]] = True
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.model = LlamaGenTransformer(vllm_config=vllm_config, prefix="model")
@@ -162,8 +176,11 @@ class LlamaGenForCausalLM(nn.Module):
     def guidance_runtime(self):
         return self.model.guidance
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        return caption_positions(len(input_tokens), self.config.cls_token_num)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)

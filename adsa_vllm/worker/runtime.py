@@ -28,6 +28,7 @@ from adsa_vllm.policy import BlockLayout, BlockScorer, make_scorer
 from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.settings import ADSASettings, request_overrides
 from adsa_vllm.worker.failures import RequestFailures
+from adsa_vllm.worker.new_requests import prompt_length
 from adsa_vllm.worker.rank_agreement import RankAgreement
 from adsa_vllm.worker.summaries import BlockSummaries
 
@@ -43,6 +44,7 @@ class LiveSequence:
     layout: BlockLayout
     scorer: BlockScorer
     params: SamplingParams | None = None   # kept so a resumed request keeps its per-request settings
+    prompt_len: int | None = None          # its condition length (a t2i caption's rows), kept for a resume
     summarized: int = 0      # logical blocks below this one have a summary in BlockSummaries (TopK-V)
     slot: int = -1           # its row in the runtime's SlotTrackers
 
@@ -91,6 +93,7 @@ class ADSARuntime:
     _by_req: dict = field(default_factory=dict)
     _by_block: dict = field(default_factory=dict)
     _layouts: dict = field(default_factory=dict)
+    _resume: dict = field(default_factory=dict)  # preempted request id -> (params, prompt_len) until it resumes
     _scorers: dict = field(default_factory=dict)
     _outbox: dict = field(default_factory=dict)
     failures: RequestFailures = field(default_factory=RequestFailures)
@@ -106,11 +109,11 @@ class ADSARuntime:
     def block_size(self) -> int:
         return self.settings.block_size
 
-    def layout_for(self, extra_args: dict | None) -> BlockLayout:
-        config = self.settings.config_for(request_overrides(extra_args))
-        if config not in self._layouts:   # one layout per distinct setting, shared by the requests that use it
-            self._layouts[config] = self.settings.layout_of(config)
-        return self._layouts[config]
+    def layout_for(self, extra_args: dict | None, prompt_len: int | None = None) -> BlockLayout:
+        key = (self.settings.config_for(request_overrides(extra_args)), prompt_len)
+        if key not in self._layouts:   # one layout per distinct setting, shared by the requests that use it
+            self._layouts[key] = self.settings.layout_of(*key)
+        return self._layouts[key]
 
     def _scorer(self, layout: BlockLayout):
         # One scorer instance per setting, so the builder can score all rows sharing it in one batched call.
@@ -123,24 +126,28 @@ class ADSARuntime:
     def on_schedule(self, so) -> None:
         for rid in so.finished_req_ids:
             self._drop(rid)
+            self._resume.pop(rid, None)
         for rid in so.preempted_req_ids or ():
+            seq = self._by_req.get(rid)
+            if seq is not None:   # a preempted request resumes later with its own settings and condition length
+                self._resume[rid] = (seq.params, seq.prompt_len)
             self._drop(rid)
         for nr in so.scheduled_new_reqs:
-            self._start(nr.req_id, nr.sampling_params, nr.block_ids[0][0])
+            self._start(nr.req_id, nr.sampling_params, nr.block_ids[0][0], prompt_length(nr))
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             if rid in cached.resumed_req_ids and cached.new_block_ids[i]:
-                params = self._by_req[rid].params if rid in self._by_req else None
-                self._start(rid, params, cached.new_block_ids[i][0][0])
+                params, prompt_len = self._resume.pop(rid, (None, None))
+                self._start(rid, params, cached.new_block_ids[i][0][0], prompt_len)
 
-    def _start(self, req_id: str, params, first_block: int) -> None:
+    def _start(self, req_id: str, params, first_block: int, prompt_len: int | None) -> None:
         self._drop(req_id)
         try:
-            layout = self.layout_for(getattr(params, "extra_args", None))
+            layout = self.layout_for(getattr(params, "extra_args", None), prompt_len)
         except Exception as e:  # noqa: BLE001 - validated in the API process; this is the last line of defence
             self.fail(req_id, e)
             layout = self.layout_for(None)   # the forward of this step still needs a valid row
-        seq = LiveSequence(req_id, first_block, layout, self._scorer(layout), params)
+        seq = LiveSequence(req_id, first_block, layout, self._scorer(layout), params, prompt_len)
         seq.slot = self.trackers.add(layout)
         self._generation += 1
         self._by_req[req_id] = seq
