@@ -1,11 +1,14 @@
-"""Convert an official LlamaGen c2i checkpoint (.pt) into a model folder: config.json + model.safetensors.
+"""Convert an official LlamaGen c2i or t2i checkpoint (.pt) into a model folder: config.json + model.safetensors.
 
 The tensors keep their official names (the reference model and the vLLM loader both read them as-is). Sizes are
 inferred from the weights where possible; the head count is not recoverable from weights, so it comes from a preset
-(auto-detected when dim and depth match an official one) or --n-head. Pure torch + safetensors, no vLLM.
+(auto-detected when dim and depth match an official one) or --n-head. A text-to-image checkpoint is recognised by its
+caption projection (`cls_embedding.cap_proj.*`); its caption width and length come from the weights too.
+Pure torch + safetensors, no vLLM.
 
     adsa-convert c2i_L_384.pt models/llamagen-L-384 --image-size 384
     python -m adsa_vllm.convert c2i_B_256.pt models/llamagen-B --preset B --image-size 256 --dtype bfloat16
+    adsa-convert t2i_XL_stage1_256.pt models/llamagen-t2i-XL-256 --image-size 256
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Non-parameter tensors the official model may carry (plain attributes or KV-cache buffers).
 _BUFFERS = re.compile(r"(^|\.)(freqs_cis|causal_mask|kv_cache\.[kv]_cache)$")
 _PREFIXES = ("module.", "_orig_mod.")
+_T2I_KEY = "cls_embedding.cap_proj.fc1.weight"        # present only in text-to-image checkpoints
 
 
 class ConversionError(ValueError):
@@ -65,11 +69,15 @@ def clean_state_dict(obj) -> dict[str, torch.Tensor]:
 
 
 def expected_shapes(config: LlamaGenConfig) -> dict[str, tuple[int, ...]]:
-    """Official key -> shape for a LlamaGen c2i model with this config."""
+    """Official key -> shape for a LlamaGen model (c2i or t2i) with this config."""
     d, hd, f = config.dim, config.head_dim, config.ffn_hidden
-    shapes = {"tok_embeddings.weight": (config.codebook_size, d),
-              "cls_embedding.embedding_table.weight": (config.num_classes + 1, d),
-              "norm.weight": (d,), "output.weight": (config.codebook_size, d)}
+    shapes = {"tok_embeddings.weight": (config.codebook_size, d), "norm.weight": (d,),
+              "output.weight": (config.codebook_size, d)}
+    if config.is_t2i:
+        shapes.update({_T2I_KEY: (d, config.caption_dim), "cls_embedding.cap_proj.fc2.weight": (d, d),
+                       "cls_embedding.uncond_embedding": (config.cls_token_num, config.caption_dim)})
+    else:
+        shapes["cls_embedding.embedding_table.weight"] = (config.num_classes + 1, d)
     for i in range(config.n_layer):
         p = f"layers.{i}."
         shapes.update({p + "attention.wqkv.weight": ((config.n_head + 2 * config.kv_heads) * hd, d),
@@ -86,25 +94,51 @@ def validate(sd: dict[str, torch.Tensor], config: LlamaGenConfig) -> None:
            if k in sd and tuple(sd[k].shape) != want[k]]
     if missing or extra or bad:
         lines = ([f"missing keys: {missing[:8]}"] if missing else []) \
-            + ([f"unexpected keys: {extra[:8]} (only c2i LlamaGen checkpoints are supported)"] if extra else []) \
-            + bad[:8]
+            + ([f"unexpected keys: {extra[:8]} (only LlamaGen c2i and t2i checkpoints are supported)"]
+               if extra else []) + bad[:8]
+        cond = "--cls-token-num" if config.is_t2i else "--num-classes"
         raise ConversionError("checkpoint does not match " + _describe(config) + ":\n  " + "\n  ".join(lines) +
-                              "\nCheck --preset/--n-head/--n-kv-head (and --num-classes/--codebook-size).")
+                              f"\nCheck --preset/--n-head/--n-kv-head (and {cond}/--codebook-size).")
 
 
 def _describe(config: LlamaGenConfig) -> str:
+    cond = (f"t2i, caption {config.cls_token_num}x{config.caption_dim}" if config.is_t2i
+            else f"classes={config.num_classes}")
     return (f"LlamaGen(dim={config.dim}, n_layer={config.n_layer}, n_head={config.n_head}, "
-            f"n_kv_head={config.kv_heads}, codebook={config.codebook_size}, classes={config.num_classes})")
+            f"n_kv_head={config.kv_heads}, codebook={config.codebook_size}, {cond})")
+
+
+def _condition_fields(sd: dict[str, torch.Tensor], num_classes: int | None, cls_token_num: int | None) -> dict:
+    """The LlamaGenConfig fields of the condition: a class table (c2i) or a caption projection (t2i)."""
+    if _T2I_KEY not in sd:
+        rows = sd["cls_embedding.embedding_table.weight"].shape[0]
+        # The last row is the null class used for classifier-free guidance.
+        return dict(num_classes=rows - 1 if num_classes is None else num_classes,
+                    cls_token_num=1 if cls_token_num is None else cls_token_num)
+    if num_classes is not None:
+        raise ConversionError("this is a text-to-image checkpoint (it has cls_embedding.cap_proj): it has no "
+                              "classes; drop --num-classes")
+    if "cls_embedding.uncond_embedding" not in sd:
+        raise ConversionError("text-to-image checkpoint without 'cls_embedding.uncond_embedding' (the null caption "
+                              "for CFG, shape [cls_token_num, caption_dim]): is the file complete?")
+    rows, caption_dim = sd["cls_embedding.uncond_embedding"].shape
+    if cls_token_num is not None and cls_token_num != rows:
+        raise ConversionError(f"--cls-token-num {cls_token_num}, but the checkpoint's uncond_embedding holds "
+                              f"{rows} caption rows; drop --cls-token-num (it is read from the weights)")
+    return dict(model_type="t2i", cls_token_num=rows, caption_dim=caption_dim)
 
 
 def infer_config(sd: dict[str, torch.Tensor], *, preset: str | None = None, n_head: int | None = None,
                  n_kv_head: int | None = None, grid_size: int | None = None, image_size: int | None = None,
-                 codebook_size: int | None = None, num_classes: int | None = None, cls_token_num: int = 1,
+                 codebook_size: int | None = None, num_classes: int | None = None, cls_token_num: int | None = None,
                  **extra) -> LlamaGenConfig:
-    """Build the LlamaGenConfig of a cleaned official state dict. Explicit arguments override inferred values."""
-    for k in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight"):
+    """Build the LlamaGenConfig of a cleaned official state dict. Explicit arguments override inferred values;
+    cls_token_num defaults to 1 (c2i) or to the caption length the weights hold (t2i)."""
+    cond_key = _T2I_KEY if _T2I_KEY in sd else "cls_embedding.embedding_table.weight"
+    for k in ("tok_embeddings.weight", cond_key):
         if k not in sd:
-            raise ConversionError(f"checkpoint has no {k!r}: not a LlamaGen c2i checkpoint (keys: {sorted(sd)[:6]})")
+            raise ConversionError(f"checkpoint has no {k!r}: not a LlamaGen c2i or t2i checkpoint "
+                                  f"(keys: {sorted(sd)[:6]})")
     cb, dim = sd["tok_embeddings.weight"].shape
     n_layer = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))), default=-1)
     base = dict(PRESETS[preset]) if preset else {}
@@ -134,15 +168,12 @@ def infer_config(sd: dict[str, torch.Tensor], *, preset: str | None = None, n_he
     if grid_size is None:
         raise ConversionError("the image grid is not stored in the weights; pass --image-size 256|384|512 "
                               "(grid = image_size // 16) or --grid-size N")
-    rows = sd["cls_embedding.embedding_table.weight"].shape[0]
-    if num_classes is None:
-        num_classes = rows - 1  # the last row is the null class used for classifier-free guidance
+    cond = _condition_fields(sd, num_classes, cls_token_num)
     try:
         config = LlamaGenConfig(dim=dim, n_layer=n_layer, n_head=heads, n_kv_head=n_kv_head,
-                             codebook_size=codebook_size or cb, num_classes=num_classes,
-                             cls_token_num=cls_token_num, grid_size=grid_size, **extra)
+                                codebook_size=codebook_size or cb, grid_size=grid_size, **cond, **extra)
     except ValueError as e:
-        raise ConversionError(f"{e}; fix --n-head/--n-kv-head") from None
+        raise ConversionError(f"{e} (check --n-head/--n-kv-head)") from None
     validate(sd, config)
     return config
 
@@ -180,10 +211,10 @@ def load_reference(model_dir: str | Path, *, dtype: torch.dtype | None = None, d
 
 def convert(ckpt_path: str | Path, out_dir: str | Path, *, preset: str | None = None, image_size: int | None = None,
             grid_size: int | None = None, n_head: int | None = None, n_kv_head: int | None = None,
-            codebook_size: int | None = None, num_classes: int | None = None, cls_token_num: int = 1,
+            codebook_size: int | None = None, num_classes: int | None = None, cls_token_num: int | None = None,
             dtype: str = "float32") -> Path:
     """Official checkpoint -> model folder. codebook_size / num_classes default to what the weights hold
-    (16384 / 1000 for the official c2i models)."""
+    (16384 / 1000 for the official c2i models); a t2i checkpoint's caption size (120 x 2048) is read from it."""
     if preset is not None and preset not in PRESETS:
         raise ConversionError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     sd = load_checkpoint(ckpt_path)
@@ -195,7 +226,7 @@ def convert(ckpt_path: str | Path, out_dir: str | Path, *, preset: str | None = 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="adsa-convert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="official LlamaGen c2i checkpoint (.pt, or .safetensors)")
+    ap.add_argument("checkpoint", help="official LlamaGen c2i or t2i checkpoint (.pt, or .safetensors)")
     ap.add_argument("out_dir", help="model folder to write (config.json + model.safetensors)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="official size (auto-detected from dim and depth)")
     size = ap.add_mutually_exclusive_group()
@@ -205,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-kv-head", type=int, help="KV heads (inferred from wqkv by default)")
     ap.add_argument("--codebook-size", type=int)
     ap.add_argument("--num-classes", type=int)
-    ap.add_argument("--cls-token-num", type=int, default=1)
+    ap.add_argument("--cls-token-num", type=int, help="condition tokens (c2i: default 1; t2i: read from the weights)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     a = ap.parse_args(argv)
     try:

@@ -143,3 +143,56 @@ def test_pyproject_ships_every_asset():
     assert {"config.json", "model.safetensors", "fashion_classifier.pt"} <= set(files)
     for f in files:
         assert any(fnmatch.fnmatch(f"assets/{f}", g) for g in globs), f"{f} is not in pyproject package-data"
+
+
+T2I_CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, codebook_size=64, grid_size=4, model_type="t2i",
+                            cls_token_num=12, caption_dim=96)
+
+
+def test_t2i_round_trip_is_exact(tmp_path):
+    from adsa_vllm.reference import generate_t2i
+    ref = official_model(T2I_CONFIG)
+    sd = ref.state_dict()
+    assert "cls_embedding.embedding_table.weight" not in sd and sd["cls_embedding.uncond_embedding"].shape == (12, 96)
+    torch.save(wrap_ddp_with_buffers(sd), tmp_path / "t2i.pt")
+    out = conv.convert(tmp_path / "t2i.pt", tmp_path / "folder", n_head=4, image_size=64)
+    loaded = conv.load_reference(out)
+    assert loaded.config == T2I_CONFIG
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["vocab_size"] == 64 and hf["projection_dim"] == 96
+    assert set(loaded.state_dict()) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    caps = [torch.randn(5, 96), torch.randn(12, 96)]
+    a = generate_t2i(ref, caps, greedy=True, cfg_scale=2.0, max_new_tokens=6)
+    assert torch.equal(a.tokens, generate_t2i(loaded, caps, greedy=True, cfg_scale=2.0, max_new_tokens=6).tokens)
+    # make_random_model_dir writes the same layout for a t2i config
+    rnd = conv.load_reference(make_random_model_dir(tmp_path / "rnd", T2I_CONFIG, seed=3))
+    assert rnd.config == T2I_CONFIG and rnd.state_dict()["cls_embedding.uncond_embedding"].abs().sum() > 0
+
+
+def test_t2i_mismatches_name_the_fix(tmp_path):
+    sd = official_model(T2I_CONFIG).state_dict()
+    torch.save({"model": sd}, tmp_path / "t2i.pt")
+    with pytest.raises(conv.ConversionError, match="drop --cls-token-num"):
+        conv.convert(tmp_path / "t2i.pt", tmp_path / "o", n_head=4, grid_size=4, cls_token_num=120)
+    with pytest.raises(conv.ConversionError, match="drop --num-classes"):
+        conv.convert(tmp_path / "t2i.pt", tmp_path / "o", n_head=4, grid_size=4, num_classes=1000)
+    bad = dict(sd, **{"cls_embedding.cap_proj.fc1.weight": torch.zeros(64, 80)})   # caption width 80 != 96
+    with pytest.raises(conv.ConversionError, match=r"cap_proj\.fc1\.weight: checkpoint \(64, 80\)"):
+        conv.infer_config(bad, n_head=4, grid_size=4)
+    no_null = {k: v for k, v in sd.items() if k != "cls_embedding.uncond_embedding"}
+    with pytest.raises(conv.ConversionError, match="uncond_embedding"):
+        conv.infer_config(no_null, n_head=4, grid_size=4)
+    # A t2i config cannot be saved over c2i weights (and vice versa): the keys say which is which.
+    with pytest.raises(conv.ConversionError, match="missing keys.*cap_proj"):
+        conv.save_model_folder(official_model().state_dict(), T2I_CONFIG, tmp_path / "o")
+
+
+def test_official_t2i_xl_is_recognised():
+    from adsa_vllm.model_config import T2I
+    with torch.device("meta"):
+        sd = LlamaGenReference(preset("XL", **T2I)).state_dict()
+    config = conv.infer_config(sd, image_size=256)
+    assert config == preset("XL", **T2I, grid_size=16)
+    assert conv.infer_config(sd, image_size=512).grid_size == 32
