@@ -26,9 +26,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0) -> Path:
+def model_config(preset: str, grid: int, t2i: bool):
+    from adsa_vllm.model_config import T2I
     from adsa_vllm.model_config import preset as make_preset
-    config = make_preset(preset, grid_size=grid)
+    return make_preset(preset, grid_size=grid, **(T2I if t2i else {}))
+
+
+def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0, t2i: bool = False) -> Path:
+    config = model_config(preset, grid, t2i)
     d = config.to_hf_dict()
     if kind in ("llama", "llama-sw"):  # same shape, stock architecture, 1D RoPE, codebook-sized vocabulary
         d = {k: v for k, v in d.items() if k != "llamagen"}
@@ -61,12 +66,11 @@ def run_mode(args) -> dict:
     if "v1" in args.mode.split(":")[1:]:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"   # e.g. "llamagen:v1": stock on the V1 runner
     from vllm import LLM, SamplingParams
-    from adsa_vllm.model_config import preset as make_preset
-    config = make_preset(args.preset, grid_size=args.grid)
+    config = model_config(args.preset, args.grid, args.t2i)
     base, policy, budget = parse_mode(args.mode, args.policy, args.budget)
     kind = base if base in ("llama", "llama-sw") else "llamagen"
     window = int(budget * config.image_tokens) if budget <= 1 else int(budget)
-    model_dir = write_config(kind, args.preset, args.grid, Path(tempfile.mkdtemp()) / args.mode, window)
+    model_dir = write_config(kind, args.preset, args.grid, Path(tempfile.mkdtemp()) / args.mode, window, args.t2i)
     kw = dict(model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.num_seqs,
               kv_cache_memory_bytes=int(args.kv_gib * (1 << 30)), block_size=16, seed=0,
               max_model_len=config.max_seq_len, enforce_eager=args.eager, tensor_parallel_size=args.tp)
@@ -88,8 +92,14 @@ def run_mode(args) -> dict:
     startup = time.perf_counter() - t0
     n = config.image_tokens
     # A plain Llama has no class tokens: its prompt is one ordinary token id inside its (codebook-sized) vocabulary.
-    prompts = [{"prompt_token_ids": [i % min(1000, config.codebook_size)] if stock_llama
-                else config.prompt(i % config.num_classes)} for i in range(args.num_seqs)]
+    if args.t2i:   # full-length captions (120 rows of random caption features): the longest t2i prompt
+        import torch
+        gen = torch.Generator().manual_seed(0)
+        prompts = [{"prompt_embeds": torch.randn(config.cls_token_num, config.caption_dim, generator=gen)}
+                   for _ in range(args.num_seqs)]
+    else:
+        prompts = [{"prompt_token_ids": [i % min(1000, config.codebook_size)] if stock_llama
+                    else config.prompt(i % config.num_classes)} for i in range(args.num_seqs)]
     images = args.num_seqs
     if args.mode in ("cfg", "pairs2n"):     # num_seqs sequences = num_seqs / 2 images
         images = args.num_seqs // 2
@@ -249,6 +259,8 @@ def main():
                          "adsa-full (ADSA scheduler, no eviction) | adsa | adsa:POLICY:BUDGET[:fp8] | "
                          "cfg (guided pairs) | pairs2n (the same sequences as independent requests)")
     ap.add_argument("--cfg-scale", type=float, default=4.0)
+    ap.add_argument("--t2i", action="store_true", help="the text-to-image model of the preset (120-row captions as "
+                    "prompt_embeds; modes llamagen and adsa*)")
     ap.add_argument("--kv-cache-dtype", default=None, help="e.g. fp8 (every mode of the invocation)")
     ap.add_argument("--arrival-rate", type=float, default=0.0,
                     help="open loop: requests per second (0: all at once); images/s counted after the warm-up")
