@@ -9,7 +9,7 @@ bf16 kernels on GPUs may part ways after a while: reported, not asserted. On CPU
 they were in every smoke run (README, "Data parallelism").
 
   python benchmarks/dp_check.py --preset XL --dp 2 --out $OUT/dp_check.json                  # 2 GPUs
-  python benchmarks/dp_check.py --preset B --grid 8 --images 8 --out dp_check_cpu.json        # CPU smoke test
+  python benchmarks/dp_check.py --preset B --grid 16 --images 8 --out dp_check_cpu.json       # CPU smoke test
 
 On CPU the servers run with --dtype float32 --enforce-eager, VLLM_CPU_KVCACHE_SPACE=1 and one core per engine
 (VLLM_CPU_OMP_THREADS_BIND, unless set): on a one-NUMA-node machine vLLM's automatic binding puts every engine's

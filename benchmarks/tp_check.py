@@ -21,25 +21,25 @@ import tempfile
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def _engine(model_dir: str, tp: int, classes: list, extra: dict, dtype: str) -> dict:
+def _engine(model_dir: str, tp: int, classes: list, extra: dict, dtype: str, eager: bool) -> dict:
     from vllm import LLM, SamplingParams
 
     from adsa_vllm.model_config import LlamaGenConfig
     config = LlamaGenConfig.from_hf_dict(json.load(open(os.path.join(model_dir, "config.json"))))
     llm = LLM(model=model_dir, dtype=dtype, tensor_parallel_size=tp, gpu_memory_utilization=0.5, seed=0,
-              attention_backend="adsa", additional_config=extra)
+              attention_backend="adsa", additional_config=extra, enforce_eager=eager)
     sp = SamplingParams(temperature=0.0, max_tokens=config.image_tokens, ignore_eos=True, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": config.prompt(c)} for c in classes], sp, use_tqdm=False)
     digests = llm.collective_rpc("adsa_rank_digest")
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "digests": digests}
 
 
-def run(model_dir: str, tp: int, classes: list, extra: dict, dtype: str) -> dict:
+def run(model_dir: str, tp: int, classes: list, extra: dict, dtype: str, eager: bool) -> dict:
     """One engine in a fresh process (GPU memory and vLLM's distributed state start clean)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_engine, model_dir, tp, classes, extra, dtype).result()
+        return pool.submit(_engine, model_dir, tp, classes, extra, dtype, eager).result()
 
 
 def main():
@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--std", type=float, default=0.1, help="weight init std (larger: peakier, fewer near-ties)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (faster engine starts)")
+    ap.add_argument("--inner-backend", help="the kernel ADSA wraps, e.g. TRITON_ATTN for float32 on a GPU "
+                    "(FlashAttention has no float32)")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -63,9 +66,9 @@ def main():
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     out = {"args": vars(args), "device": device, "settings": {}}
     ok = True
-    for name, extra in (("adsa50", {"adsa": {"budget": 0.5}}),
-                        ("adsa50_cfg4", {"adsa": {"budget": 0.5}, "cfg": {"scale": 4.0}})):
-        one, many = run(model_dir, 1, classes, extra, args.dtype), run(model_dir, args.tp, classes, extra, args.dtype)
+    adsa = {"budget": 0.5, **({"inner_backend": args.inner_backend} if args.inner_backend else {})}
+    for name, extra in (("adsa50", {"adsa": adsa}), ("adsa50_cfg4", {"adsa": adsa, "cfg": {"scale": 4.0}})):
+        one, many = (run(model_dir, tp, classes, extra, args.dtype, args.eager) for tp in (1, args.tp))
         a, b = torch.tensor(one["tokens"]), torch.tensor(many["tokens"])
         agree = (a == b).int().cumprod(1).sum(1).tolist()
         d = many["digests"]
