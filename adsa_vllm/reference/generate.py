@@ -14,6 +14,9 @@ a `SequenceTracker` (adsa_vllm/reference/decoder.py). `generate(batched=True)` m
 at once (adsa_vllm/reference/batched.py): the same tokens, much faster for many rows. With
 adsa.granularity="token" every row selects per layer and KV head (adsa_vllm/reference/token_decoder.py; CFG
 separate only).
+
+`decode` is the loop itself, on condition embeddings: `generate` gives it class embeddings, the text-to-image
+`generate_t2i` (adsa_vllm/reference/t2i.py) compact caption embeddings.
 """
 
 from __future__ import annotations
@@ -163,4 +166,4 @@ def score_tokens(model: LlamaGenReference, class_ids: list[int], tokens: torch.T
     return res if return_result else res.logprobs
 
 
-__all__ = ["GenerationResult", "filter_logits", "generate", "score_tokens"]
+__all__ = ["GenerationResult", "check_run", "decode", "filter_logits", "generate", "sampler", "score_tokens"]
