@@ -133,6 +133,17 @@ def test_adsa_on_the_compact_sequence_equals_masked_forward(monkeypatch):
         assert torch.equal(rs.logprobs[b].argmax(-1), res.tokens[b])
 
 
+def test_sampling_is_seeded_and_separate_selection_gives_a_tracker_per_row():
+    m = tiny_t2i()
+    caps = [caption(4, 1), caption(2, 2)]
+    kw = dict(seed=3, top_k=5, top_p=0.9, max_new_tokens=8, cfg_scale=2.0)
+    assert torch.equal(generate_t2i(m, caps, **kw).tokens, generate_t2i(m, caps, **kw).tokens)
+    assert torch.equal(generate_t2i(m, caps, **{**kw, "top_k": 1}).tokens,
+                       generate_t2i(m, caps, greedy=True, max_new_tokens=8, cfg_scale=2.0).tokens)
+    res = generate_t2i(m, caps, greedy=True, cfg_scale=2.0, cfg_selection="separate", adsa=ADSAConfig(budget=80))
+    assert [tr.layout.seq_len for tr in res.trackers] == [4 + GRID * GRID, 2 + GRID * GRID] * 2
+
+
 def test_t2i_inputs_are_checked():
     m = tiny_t2i()
     with pytest.raises(ValueError, match="caption_prompt"):
