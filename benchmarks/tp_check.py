@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--std", type=float, default=0.1, help="weight init std (larger: peakier, fewer near-ties)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--budget", type=float, default=0.5, help="ADSA budget; 0: none (full attention, the control)")
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (faster engine starts)")
     ap.add_argument("--inner-backend", help="the kernel ADSA wraps, e.g. TRITON_ATTN for float32 on a GPU "
                     "(FlashAttention has no float32)")
@@ -66,7 +67,7 @@ def main():
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     out = {"args": vars(args), "device": device, "settings": {}}
     ok = True
-    adsa = {"budget": 0.5, **({"inner_backend": args.inner_backend} if args.inner_backend else {})}
+    adsa = {"budget": args.budget or None, **({"inner_backend": args.inner_backend} if args.inner_backend else {})}
     for name, extra in (("adsa50", {"adsa": adsa}), ("adsa50_cfg4", {"adsa": adsa, "cfg": {"scale": 4.0}})):
         one, many = (run(model_dir, tp, classes, extra, args.dtype, args.eager) for tp in (1, args.tp))
         a, b = torch.tensor(one["tokens"]), torch.tensor(many["tokens"])
