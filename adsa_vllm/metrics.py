@@ -8,12 +8,25 @@ plugin in vLLM 0.26: AsyncLLM keeps stats on even with --disable-log-stats (vLLM
 The offline `vllm.LLM` does not load stat-logger plugins; there `scheduler.adsa_stats()` is the interface.
 
 Names start with `adsa:`, not `vllm:`: PrometheusStatLogger is built after plugin loggers and unregisters every
-`vllm:` collector it finds. Labels follow vLLM's (`model_name`, `engine`), plus `policy` on the request counter.
+`vllm:` collector it finds. Labels follow vLLM's (`model_name`, `engine`), plus `policy` on the request totals.
+
+The `adsa:..._total` series are gauges holding the engine's running total (`# TYPE gauge`), aggregated by max
+across processes, not Counters. Why: `vllm serve --data-parallel-size N` starts N API-server processes by default,
+each with its own AsyncLLM and its own copy of this logger, and vLLM then runs prometheus_client in multiprocess
+mode (vllm/entrypoints/cli/serve.py sets PROMETHEUS_MULTIPROC_DIR): /metrics merges every process's values, and
+merges Counters by sum. Each engine sends its stats with any one front-end's outputs, so every API process sees
+(part of) every engine's totals; a Counter advanced by the totals each process saw counted them once per process
+(16 requests read 32 with two API servers). The totals only grow, so the largest any process has seen is the true
+latest total, and no increment is lost whichever front-end a step's stats went to: multiprocess_mode="max" (the
+non-live mode, so a process's last value outlives the process). With one process it is a plain gauge set to the
+total. PromQL's rate()/increase() work on these series as on counters; a total never resets while the server
+lives (an engine's death ends the server). The live gauges use "mostrecent": the last stats recorded are the
+engine's current state, whichever process recorded them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import REGISTRY, Gauge
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from adsa_vllm.config import POLICIES
@@ -40,31 +53,29 @@ class ADSAStatLogger(AggregateStatLoggerBase):
         labels = ["model_name", "engine"]
         per_engine = {i: [model, str(i)] for i in self.engine_indexes}
 
-        def gauge(name, doc):
-            g = Gauge(PREFIX + name, doc, labelnames=labels, multiprocess_mode="mostrecent")
+        def gauge(name, doc, mode="mostrecent"):
+            g = Gauge(PREFIX + name, doc, labelnames=labels, multiprocess_mode=mode)
             return {i: g.labels(*v) for i, v in per_engine.items()}
 
-        def counter(name, doc):
-            c = Counter(PREFIX + name, doc, labelnames=labels)
-            return {i: c.labels(*v) for i, v in per_engine.items()}
+        def total(name, doc):
+            return gauge(name + "_total", doc + " Running total since start.", mode="max")
 
         self.blocks_held = gauge("blocks_held", "KV blocks the running requests hold now (ADSA evicts the rest).")
         self.blocks_full = gauge("full_attention_blocks",
                                  "KV blocks the running requests would hold now without eviction.")
         self.kept_ratio = gauge("kept_ratio", "blocks_held / full_attention_blocks (1 when nothing is held).")
-        self.blocks_freed = counter("blocks_freed", "KV blocks evicted by ADSA and returned to vLLM's pool.")
-        self.admission_waits = counter("admission_waits",
-                                       "Times the ADSA admission gate kept a waiting request waiting (not yet).")
-        self.preemptions = counter("preemptions", "Requests preempted by the ADSA scheduler.")
-        requests = Counter(PREFIX + "requests", "Requests admitted to the ADSA scheduler, by eviction policy.",
-                           labelnames=labels + ["policy"])
+        self.blocks_freed = total("blocks_freed", "KV blocks evicted by ADSA and returned to vLLM's pool.")
+        self.admission_waits = total("admission_waits",
+                                     "Times the ADSA admission gate kept a waiting request waiting (not yet).")
+        self.preemptions = total("preemptions", "Requests preempted by the ADSA scheduler.")
+        requests = Gauge(PREFIX + "requests_total", "Requests admitted to the ADSA scheduler, by eviction policy. "
+                         "Running total since start.", labelnames=labels + ["policy"], multiprocess_mode="max")
         # Every policy's series exists from the start (at 0), so rates work before a policy is first used.
         self.requests = {i: {p: requests.labels(*v, p) for p in POLICIES} for i, v in per_engine.items()}
         self.requests_metric = requests
         self.per_engine = per_engine
         for g in self.kept_ratio.values():
             g.set(1.0)   # idle: nothing held, nothing evicted (the gauge would otherwise read 0 until the first step)
-        self.last: dict[int, object] = {}   # the previous ADSAStats per engine: counters advance by the difference
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         adsa = getattr(scheduler_stats, "adsa", None)
@@ -73,21 +84,14 @@ class ADSAStatLogger(AggregateStatLoggerBase):
         self.blocks_held[engine_idx].set(adsa.blocks_held)
         self.blocks_full[engine_idx].set(adsa.blocks_full_attention)
         self.kept_ratio[engine_idx].set(adsa.kept_ratio)
-        last = self.last.get(engine_idx)
         for name in ("blocks_freed", "admission_waits", "preemptions"):
-            grown = getattr(adsa, name) - (getattr(last, name) if last is not None else 0)
-            if grown > 0:
-                getattr(self, name)[engine_idx].inc(grown)
-        before = last.requests_by_policy if last is not None else {}
+            getattr(self, name)[engine_idx].set(getattr(adsa, name))
         for policy, total in adsa.requests_by_policy.items():
-            grown = total - before.get(policy, 0)
-            if grown > 0:
-                child = self.requests[engine_idx].get(policy)
-                if child is None:
-                    child = self.requests[engine_idx][policy] = self.requests_metric.labels(
-                        *self.per_engine[engine_idx], policy)
-                child.inc(grown)
-        self.last[engine_idx] = adsa
+            child = self.requests[engine_idx].get(policy)
+            if child is None:   # a policy outside POLICIES (not expected; exported rather than dropped)
+                child = self.requests[engine_idx][policy] = self.requests_metric.labels(
+                    *self.per_engine[engine_idx], policy)
+            child.set(total)
 
     def log_engine_initialized(self) -> None:
         pass

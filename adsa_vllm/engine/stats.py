@@ -11,8 +11,8 @@ patches/engine_core_outputs_adsa_stats.py (the same struct, `scheduler_stats` ty
 engines (no serialisation) need nothing.
 
 Counters are sent as running totals, not per-step deltas: make_stats may be called for a step whose stats are
-then dropped (vLLM attaches them to one front-end only), and a total loses nothing; the logger turns totals into
-Prometheus counter increments.
+then dropped (vLLM attaches them to one front-end only), and a total loses nothing; the logger exports the totals
+as they are, merged by max over API processes (adsa_vllm/metrics.py says why).
 """
 
 from __future__ import annotations
