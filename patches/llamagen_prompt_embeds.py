@@ -28,6 +28,14 @@ def _llamagen(model_config):
     return LlamaGenConfig.from_hf_dict(model_config.hf_config.to_dict())
 
 
+def _caption_form(config) -> str:
+    try:
+        config.check_caption((0, 0))
+    except ValueError as e:
+        return str(e).split("; got shape")[0]
+    return ""
+
+
 class _InputsEmbedsWidth:
     """A ModelConfig view whose hidden size is the inputs_embeds width (what the runner's buffer holds)."""
 
@@ -55,7 +63,10 @@ def apply() -> None:
             return orig_load(model_config, embed)
         if not config.is_t2i:
             config.check_caption(())   # raises: a class-to-image model takes class ids
-        return orig_load(_InputsEmbedsWidth(model_config), embed)
+        try:
+            return orig_load(_InputsEmbedsWidth(model_config), embed)
+        except ValueError as e:   # vLLM's own message (e.g. a width mismatch), plus what a caption must be
+            raise type(e)(f"{e}; {_caption_form(config)}") from None
 
     @functools.wraps(orig_process)
     def _process_embeds(self, prompt):

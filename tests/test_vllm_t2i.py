@@ -111,3 +111,35 @@ def test_c2i_model_refuses_prompt_embeds_with_the_fix(engines, model16):
     out = llm.generate([{"prompt_token_ids": config.prompt(3)}], SamplingParams(max_tokens=4, detokenize=False),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.fixture(scope="module")
+def t2i_server(t2i, tmp_path_factory):
+    import json
+
+    from server_util import launch_server
+    model_dir = t2i[0]
+    extra = {"adsa": {"budget": 0.5}, "cfg": {"scale": SCALE}}
+    yield from launch_server(model_dir, tmp_path_factory.mktemp("t2i_server") / "server.log",
+                             "--attention-backend", "adsa", "--additional-config", json.dumps(extra))
+
+
+def test_http_t2i_equals_reference_and_bad_captions_get_400(t2i_server, t2i):
+    """Over HTTP: captions as base64 prompt_embeds (client.encode_caption), guided and ADSA 50% from the server's
+    defaults; bad captions get HTTP 400 naming the fix and the server keeps serving."""
+    from adsa_vllm.client import ServerError, generate_via_server, image_request, post_json, server_model
+    from adsa_vllm.reference import score_tokens_t2i
+    _, config, ref, captions = t2i
+    got = torch.tensor(generate_via_server(t2i_server, captions=captions, config=config, temperature=0.0))
+    lp = score_tokens_t2i(ref, captions, got, adsa=ADSAConfig(budget=0.5), cfg_scale=SCALE, cfg_selection="shared")
+    check_greedy(got, lp, cfg_scale=SCALE, label="http")
+    url, model = f"{t2i_server}/v1/completions", server_model(t2i_server)
+    for rows, match in ((torch.randn(4, 95), r"\[rows, 96\]"), (torch.randn(25, 96), r"1 <= rows <= 24")):
+        with pytest.raises(ServerError, match=match) as err:
+            post_json(url, image_request(config, caption=rows, model=model, max_tokens=4))
+        assert err.value.status == 400
+    with pytest.raises(ServerError, match=r"send the caption as prompt_embeds") as err:
+        post_json(url, image_request(config, model=model, prompt=[1, 2], max_tokens=4))
+    assert err.value.status == 400
+    again = generate_via_server(t2i_server, captions=captions[2:], config=config, temperature=0.0)
+    assert again[0] == got[2].tolist()
