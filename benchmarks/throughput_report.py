@@ -15,7 +15,8 @@ COLUMNS = ("mode", "tok/s", "ratio", "images/s", "mean running", "preempt.", "st
 
 
 def setting(args: dict) -> str:
-    s = f"{args['preset']}, {args['grid'] ** 2} tok, KV {args['kv_gib']:g} GiB, {args['num_seqs']} requests"
+    model = f"{args['preset']} t2i, 120-row captions +" if args.get("t2i") else f"{args['preset']},"
+    s = f"{model} {args['grid'] ** 2} tok, KV {args['kv_gib']:g} GiB, {args['num_seqs']} requests"
     return s + (f", arrivals {args['arrival_rate']:g}/s" if args.get("arrival_rate") else "")
 
 
