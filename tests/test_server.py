@@ -91,6 +91,16 @@ def test_bad_requests_get_400_naming_the_fix(server):
     _serves_good_request(server)
 
 
+def test_caption_to_a_class_model_gets_400_naming_the_fix(server):
+    """A text-to-image request (prompt_embeds) sent to a class-to-image server: vLLM's own answer would be "set
+    --enable-prompt-embeds", which cannot help (patches/llamagen_prompt_embeds.py)."""
+    import torch
+    config = server["config"]
+    msg = _reject(server, image_request(config, caption=torch.randn(4, config.dim), temperature=0.0))
+    assert "class-to-image" in msg and "config.prompt(class_id)" in msg, msg
+    _serves_good_request(server)
+
+
 def test_bad_adsa_setting_gets_400_naming_the_policies(server):
     config = server["config"]
     msg = _reject(server, image_request(config, 0, adsa={"policy": "nope"}, temperature=0.0))

@@ -9,6 +9,9 @@ A t2i prompt is the caption's valid rows only, [v, caption_dim] with 1 <= v <= c
     vLLM for per-request positions (an "mrope_section", vLLM's M-RoPE path: `get_mrope_input_positions` once per
     request, then a constant offset for generated tokens), and `caption_positions` shifts the whole sequence by
     cls_token_num - v. The three M-RoPE rows are equal; the model reads the first.
+Why prompt embeds and not vLLM's multimodal path: the caption already is an embedding sequence that the user's
+encoder computed; the multimodal path would add a processor, placeholder token ids and an encoder step for features
+that arrive finished, and prompt embeds already travel offline (a tensor) and over HTTP (base64 of torch.save).
 Under classifier-free guidance the unconditional branch takes LlamaGen's learned null caption at the same positions
 (`uncond_embedding[cls_token_num - v:]`, what LlamaGen's mask leaves of it), and the same image tokens.
 """
