@@ -72,7 +72,8 @@ def encode_caption(rows) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def image_request(config, class_id: int | None = None, *, caption=None, adsa: dict | None = None, seed: int | None = None,
+def image_request(config, class_id: int | None = None, *, caption=None, adsa: dict | None = None,
+                  seed: int | None = None,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, model: str | None = None,
                   max_tokens: int | None = None, prompt: list[int] | None = None, cfg_scale: float | None = None,
                   cfg_interval: int | None = None, logprobs: int | None = None) -> dict:

@@ -13,7 +13,8 @@ Token layout (t2i, ``model_type="t2i"``): the condition is a caption, ``cls_toke
 masks the padding out of every attention; here a prompt is the *valid* caption rows only (1..cls_token_num of them,
 sent as ``prompt_embeds``), which is the same computation: condition positions have all-zero rotary rows (their q
 and k are zero), so where a caption row sits does not matter, and the image tokens keep their official positions
-``cls_token_num + i`` whatever the caption length (the vLLM model asks for those positions, adsa_vllm/llamagen/caption.py).
+``cls_token_num + i`` whatever the caption length (the vLLM model asks for those positions,
+adsa_vllm/llamagen/caption.py).
 """
 
 from __future__ import annotations
