@@ -125,7 +125,7 @@ def test_every_head_keeps_topk_tokens_prefix_and_window_and_as_many_entries_as_b
     R, L, H = 2, 3, 4
     tok = TokenTrackers(lay, _Noise(), R, L, H)
     blk = LockstepTrackers(lay, make_scorer("random"), R)
-    bs, prefix, selections = lay.block_size, lay.prefix_blocks * lay.block_size, 0
+    bs, prefix = lay.block_size, lay.prefix_blocks * lay.block_size
     kv = torch.zeros(R, lay.seq_len, H, 2)
     for pos in range(lay.seq_len - 1):
         before = tok.selections
