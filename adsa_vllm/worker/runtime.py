@@ -140,7 +140,7 @@ class ADSARuntime:
                 params, prompt_len = self._resume.pop(rid, (None, None))
                 self._start(rid, params, cached.new_block_ids[i][0][0], prompt_len)
 
-    def _start(self, req_id: str, params, first_block: int, prompt_len: int | None) -> None:
+    def _start(self, req_id: str, params, first_block: int, prompt_len: int | None = None) -> None:
         self._drop(req_id)
         try:
             layout = self.layout_for(getattr(params, "extra_args", None), prompt_len)
