@@ -280,7 +280,7 @@ TOUCHPOINTS = (
         "engine-in-process", "vllm.LLM's in-process EngineCore: llm_engine.engine_core.engine_core "
         "(.scheduler, .model_executor.driver_worker.worker)",
         ("adsa_vllm/engine/observe.py", "benchmarks/gpu_check.py", "benchmarks/throughput.py", "tests/conftest.py",
-         "tests/test_cfg.py", "tests/test_vllm_adsa.py", "tests/test_vllm_foundation.py",
+         "tests/test_cfg.py", "tests/test_vllm_adsa.py", "tests/test_vllm_foundation.py", "tests/test_vllm_t2i.py",
          "tests/test_worker_failures.py"),
         ("engine_core.engine_core", "driver_worker"),
         "With VLLM_ENABLE_V1_MULTIPROCESSING=0 the EngineCore lives in the caller's process; the demo, benchmarks "

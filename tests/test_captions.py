@@ -16,11 +16,18 @@ WORDS = "a photo of cat dog red blue on the grass sky".split()
 
 def tiny_t5(tmp_path):
     """A random T5 encoder (d_model 32) and a T5-like tokenizer: words, "</s>" appended, "<pad>" on the right."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    import json
+
+    from tokenizers import Tokenizer
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    seq_a, seq_b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
+    eos = {"SpecialToken": {"id": "</s>", "type_id": 0}}
+    template = {"type": "TemplateProcessing", "single": [seq_a, eos], "pair": [seq_a, seq_b, eos],
+                "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}}
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "decoder": None, "post_processor": template,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    tk = Tokenizer.from_str(json.dumps(spec))   # words, then "</s>" (T5's template)
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
                                                      unk_token="<unk>")
     torch.manual_seed(0)
