@@ -7,7 +7,8 @@ Start the server with the plugin installed (the `vllm` console script of vllm-cp
 
 An image is one /v1/completions request: the prompt is the condition token ids (`config.prompt(class_id)`),
 max_tokens is grid_size**2, and `return_token_ids: true` makes the response carry the generated ids in
-`choices[i].token_ids` (the model has no tokenizer, so `text` is empty).
+`choices[i].token_ids` (the model has no tokenizer, so `text` is empty). `stream_token_ids(url, body)` streams
+one image and yields the ids as they come (e.g. to show progress).
 
 Per-request ADSA settings travel in `vllm_xargs`, which vLLM copies into `SamplingParams.extra_args`. vLLM 0.26
 types it as ``dict[str, str | int | float | list[str | int | float]]``: a nested object such as
@@ -34,6 +35,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -108,20 +110,46 @@ def image_request(config, class_id: int | None = None, *, caption=None, adsa: di
     return body
 
 
-def post_json(url: str, body: dict, timeout: float = 300.0) -> dict:
+def _server_error(e: urllib.error.HTTPError) -> ServerError:
+    raw = e.read()
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = raw.decode(errors="replace")
+    msg = payload.get("error", {}).get("message", str(payload)) if isinstance(payload, dict) else payload
+    return ServerError(e.code, msg, payload)
+
+
+def _post(url: str, body: dict, timeout: float):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+        return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            payload = json.loads(raw)
-        except ValueError:
-            payload = raw.decode(errors="replace")
-        msg = payload.get("error", {}).get("message", str(payload)) if isinstance(payload, dict) else payload
-        raise ServerError(e.code, msg, payload) from None
+        raise _server_error(e) from None
+
+
+def post_json(url: str, body: dict, timeout: float = 300.0) -> dict:
+    with _post(url, body, timeout) as resp:
+        return json.loads(resp.read())
+
+
+def stream_token_ids(base_url: str, body: dict, timeout: float = 300.0) -> Iterator[list[int]]:
+    """POST `body` to /v1/completions streamed and yield each event's new token ids, as the server sends them.
+
+    Closing the generator early (break, or garbage collection) hangs up, and vLLM aborts the request. An error
+    event in the stream (a request the engine failed mid-generation) raises ServerError.
+    """
+    with _post(f"{base_url.rstrip('/')}/v1/completions", {**body, "stream": True}, timeout) as resp:
+        for line in resp:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                err = event["error"]
+                raise ServerError(err.get("code", 500), err.get("message", str(err)), event)
+            yield list(event["choices"][0].get("token_ids") or [])
 
 
 def completion_token_ids(response: dict) -> list[int]:

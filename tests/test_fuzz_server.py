@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from adsa_vllm.client import completion_token_ids, image_request, post_json
+from adsa_vllm.client import completion_token_ids, image_request, post_json, stream_token_ids
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.convert import load_reference
 from fuzz_cases import cases, encode
@@ -139,26 +139,16 @@ def test_sampled_n2_and_streaming(fuzz_server):
 
 
 def _stream(srv, body, stop_after: int | None = None) -> list[int]:
-    """POST a streaming request and collect its token ids; with stop_after, hang up after that many events."""
-    u = urlparse(srv["base"])
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    """Stream a request and collect its token ids; with stop_after, hang up after that many events."""
     ids: list[int] = []
+    events = stream_token_ids(srv["base"], body, timeout=120)
     try:
-        conn.request("POST", "/v1/completions", body=encode(body), headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.read()
-        events = 0
-        for line in resp:
-            line = line.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            ids += json.loads(line[6:])["choices"][0].get("token_ids") or []
-            events += 1
-            if stop_after is not None and events >= stop_after:
+        for n, new in enumerate(events, 1):
+            ids += new
+            if stop_after is not None and n >= stop_after:
                 break
     finally:
-        conn.sock and conn.sock.close()   # hang up without reading the rest
-        conn.close()
+        events.close()   # hang up without reading the rest
     return ids
 
 

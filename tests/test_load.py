@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from adsa_vllm.client import completion_token_ids, image_request, post_json
+from adsa_vllm.client import ServerError, completion_token_ids, image_request, post_json, stream_token_ids
 from adsa_vllm.config import POLICIES
 from load_mix import plan
 from metrics_util import wait_idle
@@ -43,37 +43,39 @@ def server(tmp_path_factory):
 
 def _send(base: str, req) -> tuple[str, list[int] | str]:
     """("done", tokens), ("dropped", "") or ("error", message). Hanging up = closing the socket."""
+    if req.way.startswith("stream"):
+        return _send_streamed(base, req)
     u = urlparse(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
-    streamed = req.way.startswith("stream")
-    body = {**req.body, "stream": True} if streamed else req.body
     try:
-        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        conn.request("POST", "/v1/completions", body=json.dumps(req.body),
+                     headers={"Content-Type": "application/json"})
         if req.way == "plain_drop":
             time.sleep(req.drop_after)
             return "dropped", ""
         resp = conn.getresponse()
         if resp.status != 200:
             return "error", f"HTTP {resp.status}: {resp.read()[:500]!r}"
-        if not streamed:
-            return "done", completion_token_ids(json.loads(resp.read()))
-        tokens, events = [], 0
-        for line in resp:
-            line = line.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                return "error", str(event["error"])
-            tokens += event["choices"][0].get("token_ids") or []
-            events += 1
-            if req.way == "stream_drop" and events >= req.drop_after:
-                return "dropped", ""
-        return "done", tokens
+        return "done", completion_token_ids(json.loads(resp.read()))
     finally:
         if conn.sock is not None:
             conn.sock.close()
         conn.close()
+
+
+def _send_streamed(base: str, req) -> tuple[str, list[int] | str]:
+    tokens: list[int] = []
+    events = stream_token_ids(base, req.body, timeout=120)
+    try:
+        for n, ids in enumerate(events, 1):
+            tokens += ids
+            if req.way == "stream_drop" and n >= req.drop_after:
+                return "dropped", ""
+    except ServerError as e:
+        return "error", str(e)
+    finally:
+        events.close()
+    return "done", tokens
 
 
 def _greedy_image(srv) -> list[int]:
