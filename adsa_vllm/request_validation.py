@@ -42,8 +42,10 @@ class EngineLimits:
     engine: EngineSettings
 
 
-def validate_settings(extra_args, limits: EngineLimits) -> RequestSettings:
-    """Parses and checks a request's extra_args exactly as the worker will; raises SettingsError."""
+def validate_settings(extra_args, limits: EngineLimits, prompt_len: int | None = None) -> RequestSettings:
+    """Parses and checks a request's extra_args exactly as the worker will; raises SettingsError.
+    prompt_len: the request's condition length (a t2i caption's rows), on which its ADSA layout depends; None: the
+    model's cls_token_num."""
     if extra_args is not None and not isinstance(extra_args, dict):
         raise RequestFieldError(f"extra_args must be a dict, got {type(extra_args).__name__}")
     unknown = sorted(map(repr, set(extra_args or {}) - set(EXTRA_ARG_KEYS)))
@@ -53,7 +55,7 @@ def validate_settings(extra_args, limits: EngineLimits) -> RequestSettings:
     overrides = request_overrides(extra_args)
     layout = None
     if limits.engine.adsa is not None:
-        layout = limits.engine.adsa.layout(overrides)
+        layout = limits.engine.adsa.layout(overrides, prompt_len)
         make_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
     elif overrides is not None:
         raise RequestFieldError('this engine runs without ADSA, so extra_args["adsa"] cannot apply: start it with '
@@ -91,10 +93,11 @@ def validate_sampling_fields(params, model) -> None:
                                 "image tokens with logit_bias {id: -100} or allow some with allowed_token_ids")
 
 
-def validate_request(params, limits: EngineLimits) -> RequestSettings:
-    """All checks of one generation request (SamplingParams); raises SettingsError naming the field and the fix."""
+def validate_request(params, limits: EngineLimits, prompt_len: int | None = None) -> RequestSettings:
+    """All checks of one generation request (SamplingParams); raises SettingsError naming the field and the fix.
+    prompt_len: as for `validate_settings` (a t2i request must give its caption's rows)."""
     validate_sampling_fields(params, limits.model)
-    settings = validate_settings(params.extra_args, limits)
+    settings = validate_settings(params.extra_args, limits, prompt_len)
     if limits.engine.guidance.enabled and params.prompt_logprobs is not None:
         raise RequestFieldError("prompt_logprobs are not available with classifier-free guidance (the prompt is "
                                 "the condition, which the model does not predict); use logprobs for image tokens")

@@ -76,17 +76,17 @@ def test_apply_is_idempotent():
     adsa_vllm_patches.apply_all()
     members = list(AttentionBackendEnum._member_names_)
     value_map = dict(AttentionBackendEnum._value2member_map_)
-    methods = (InputProcessor._validate_model_inputs, InputProcessor._validate_params)
+    methods = (InputProcessor._validate_model_inputs, InputProcessor._validate_params, InputProcessor.process_inputs)
     for _ in range(3):
         adsa_vllm_patches.apply_all()
         for mod in MODULES:
             mod.apply()
     assert list(AttentionBackendEnum._member_names_) == members and members.count("ADSA") == 1
     assert dict(AttentionBackendEnum._value2member_map_) == value_map
-    assert (InputProcessor._validate_model_inputs, InputProcessor._validate_params) == methods
+    assert (InputProcessor._validate_model_inputs, InputProcessor._validate_params,
+            InputProcessor.process_inputs) == methods
     # The originals are kept, and are vLLM's (not a wrapper of a wrapper).
-    orig_inputs, orig_params = InputProcessor._adsa_orig
-    assert orig_inputs.__module__ == orig_params.__module__ == "vllm.v1.engine.input_processor"
+    assert {f.__module__ for f in InputProcessor._adsa_orig} == {"vllm.v1.engine.input_processor"}
 
 
 def test_adsa_enum_member_behaves_like_a_member():

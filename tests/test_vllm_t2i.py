@@ -143,3 +143,23 @@ def test_http_t2i_equals_reference_and_bad_captions_get_400(t2i_server, t2i):
     assert err.value.status == 400
     again = generate_via_server(t2i_server, captions=captions[2:], config=config, temperature=0.0)
     assert again[0] == got[2].tolist()
+
+
+def test_http_t2i_settings_are_checked_against_the_captions_length(t2i_server, t2i):
+    """A request's ADSA layout depends on its caption's rows (prefix = rows + one image row by default). Budget 0.25
+    is 4 blocks: enough for a 9-row caption (prefix 25 tokens = 2 blocks, local window 2), too few for a 24-row one
+    (prefix 40 tokens = 3 blocks). The first must run (and match the reference), the second get HTTP 400 naming the
+    fix, both before the engine sees them."""
+    from adsa_vllm.client import ServerError, completion_token_ids, image_request, post_json, server_model
+    from adsa_vllm.reference import score_tokens_t2i
+    _, config, ref, captions = t2i
+    url, model = f"{t2i_server}/v1/completions", server_model(t2i_server)
+    short, full = captions[1], captions[0]
+    assert short.shape[0] == 9 and full.shape[0] == config.cls_token_num
+    body = image_request(config, caption=short, model=model, adsa={"budget": 0.25}, temperature=0.0)
+    got = torch.tensor([completion_token_ids(post_json(url, body))])
+    lp = score_tokens_t2i(ref, [short], got, adsa=ADSAConfig(budget=0.25), cfg_scale=SCALE, cfg_selection="shared")
+    check_greedy(got, lp, cfg_scale=SCALE, label="budget 0.25, 9 rows")
+    with pytest.raises(ServerError, match=r"raise the budget to at least 80 tokens") as err:
+        post_json(url, image_request(config, caption=full, model=model, adsa={"budget": 0.25}, max_tokens=4))
+    assert err.value.status == 400

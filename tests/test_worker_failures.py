@@ -39,7 +39,7 @@ def test_bad_request_in_the_worker_fails_alone(bad, guided, monkeypatch):
     alone = [list(o.outputs[0].token_ids) for o in llm.generate(good, _params(config), use_tqdm=False)]
     free0 = _free_blocks(llm)
 
-    monkeypatch.setattr(request_validation, "validate_request", lambda params, limits: None)
+    monkeypatch.setattr(request_validation, "validate_request", lambda params, limits, prompt_len=None: None)
     outs = llm.generate([good[0], {"prompt_token_ids": config.prompt(3)}, good[1]],
                         [_params(config), _params(config, bad), _params(config)], use_tqdm=False)
     monkeypatch.undo()
