@@ -87,6 +87,12 @@ class LlamaGenConfig:
     def image_tokens(self) -> int:
         return self.grid_size * self.grid_size
 
+    def position_offset(self, prompt_len: int) -> int:
+        """Position (RoPE row) of sequence index 0 for a condition of `prompt_len` rows, so that image token i sits
+        at cls_token_num + i whatever the condition's length: 0 for a class token, 120 - v for a compact caption of
+        v rows (condition rows all have zero angle). The vLLM path (llamagen/caption.py) and the reference use it."""
+        return self.cls_token_num - prompt_len
+
     @property
     def max_seq_len(self) -> int:
         """Prompt + every image token (the last image token is emitted but never fed back)."""

@@ -3,13 +3,12 @@ a tiny random T5 and a word-level tokenizer built here)."""
 
 import pytest
 import torch
+import transformers
+from tokenizers import Tokenizer
 
 from adsa_vllm.captions import MAX_LENGTH, caption_prompt, caption_prompts, encode_captions, load_t5
 from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.reference import LlamaGenReference, official_t2i_logits
-
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 WORDS = "a photo of cat dog red blue on the grass sky".split()
 
@@ -18,7 +17,6 @@ def tiny_t5(tmp_path):
     """A random T5 encoder (d_model 32) and a T5-like tokenizer: words, "</s>" appended, "<pad>" on the right."""
     import json
 
-    from tokenizers import Tokenizer
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
     seq_a, seq_b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
     eos = {"SpecialToken": {"id": "</s>", "type_id": 0}}

@@ -68,8 +68,8 @@ def embed_image_tokens(embedding: nn.Module, input_ids: torch.Tensor, width: int
     return F.pad(rows, (0, width - rows.shape[-1]))
 
 
-def caption_positions(num_prompt_rows: int, cls_token_num: int) -> tuple[torch.Tensor, int]:
+def caption_positions(num_prompt_rows: int, config: LlamaGenConfig) -> tuple[torch.Tensor, int]:
     """vLLM's M-RoPE hook: the prompt's positions [3, v] and the offset of every later token, so that image token i
-    sits at cls_token_num + i for a caption of v rows."""
-    offset = cls_token_num - num_prompt_rows
-    return torch.arange(offset, cls_token_num).expand(3, -1).clone(), offset
+    sits at cls_token_num + i for a caption of v rows (`LlamaGenConfig.position_offset`)."""
+    offset = config.position_offset(num_prompt_rows)
+    return torch.arange(offset, offset + num_prompt_rows).expand(3, -1).clone(), offset

@@ -180,7 +180,7 @@ class LlamaGenForCausalLM(nn.Module):
         return self.model.embed_input_ids(input_ids)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        return caption_positions(len(input_tokens), self.config.cls_token_num)
+        return caption_positions(len(input_tokens), self.config)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)

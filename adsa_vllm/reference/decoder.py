@@ -39,14 +39,14 @@ class Decoder:
     def __init__(self, model: LlamaGenReference, cond: torch.Tensor, length: int, adsa: ADSAConfig | None,
                  block_size: int, pairs: int = 0):
         """cond: [R, T, dim] condition embeddings (`model.embed_cond(class ids)`, or `model.embed_caption(rows)`:
-        a compact caption of T rows, whose RoPE rows start at `model.rope_offset_for(T)` and whose ADSA layout has
-        cls_token_num = T); pairs > 0: rows r and r + pairs are the halves of one CFG pair and make one
+        a compact caption of T rows, whose RoPE rows start at `config.position_offset(T)` and whose ADSA layout
+        has cls_token_num = T); pairs > 0: rows r and r + pairs are the halves of one CFG pair and make one
         selection together, from both halves' heads (conditional heads first), as the vLLM path does."""
         config = model.config
         self.model, self.bs, self.T, self.pairs = model, block_size, cond.shape[1], pairs
         dev = model.tok_embeddings.weight.device
         self.cond, self.rows = cond.to(dev), cond.shape[0]
-        self.rope_offset = model.rope_offset_for(self.T)
+        self.rope_offset = model.config.position_offset(self.T)
         self.L = length                                                   # cache slots: positions [0, L)
         shape = (self.rows, config.kv_heads, length, config.head_dim)
         self.caches = [(torch.zeros(shape, dtype=model.dtype, device=dev),

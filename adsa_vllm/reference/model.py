@@ -199,18 +199,13 @@ class LlamaGenReference(nn.Module):
             rows = self.cls_embedding.uncond_embedding[-v:].expand(*rows.shape)
         return self.cls_embedding.cap_proj(rows.to(self.dtype))
 
-    def rope_offset_for(self, cond_len: int) -> int:
-        """RoPE row of sequence index 0 for a condition of `cond_len` rows: image token i sits at
-        cls_token_num + i whatever the (compact) caption length; condition rows all have zero angle."""
-        return self.config.cls_token_num - cond_len
-
     def forward_hidden(self, h: torch.Tensor, pos: torch.Tensor, caches=None, mask=None,
                        hook: LayerHook | None = None, rope_offset: int = 0) -> torch.Tensor:
         """h: [B, S, dim] input embeddings at positions pos [S] -> float32 logits [B, S, codebook_size].
 
         caches: per layer (k, v) [B, Hkv, L, D] static cache (written at `pos`); mask: [B, 1 or H, S, L] bool, or a
         function of the layer index giving that layer's mask (token-granularity ADSA masks per layer and head).
-        rope_offset: position p turns by RoPE row p + rope_offset (a compact caption, see `rope_offset_for`).
+        rope_offset: position p turns by RoPE row p + rope_offset (a compact caption: `LlamaGenConfig.position_offset`).
         """
         freqs = self.freqs_cis.to(h.device)[pos + rope_offset if rope_offset else pos]
         for i, layer in enumerate(self.layers):
@@ -239,7 +234,7 @@ class LlamaGenReference(nn.Module):
         h = torch.cat([cond_h, self.tok_embeddings(idx)], dim=1)
         pos = torch.arange(h.shape[1], device=h.device)
         logits = self.forward_hidden(h, pos, mask=None if mask is None else mask[:, None],
-                                     rope_offset=self.rope_offset_for(cond_h.shape[1]))
+                                     rope_offset=self.config.position_offset(cond_h.shape[1]))
         return logits[:, cond_h.shape[1] - 1:]
 
 
