@@ -24,8 +24,10 @@ Files: quality_measure.py (the measurements), quality_report.py (tables, plots, 
   # A run that may not fit one time-limited call: measure in parts, then merge (tables and plots of the union)
   python benchmarks/quality.py --parts bits --tag q_bits && python benchmarks/quality.py --parts samples --tag q_s
   python benchmarks/quality.py --merge benchmarks/results/q_bits.json benchmarks/results/q_s.json --tag q
-  # Token- vs block-level selection (issue 12): rows '<policy>/token' with their paired delta vs the block row
+  # Token- vs block-level selection (issue 12): rows '<policy>/token' with their paired delta vs the block row,
+  # and a sample row per policy and granularity (token rows: each CFG half's heads select for themselves)
   python benchmarks/quality.py --device cpu --limit 32 --budgets 0.25 0.5 --granularities block token --parts bits
+  python benchmarks/quality.py --device cuda --budgets 0.25 0.5 0.75 --granularities block token --tag q_gran
   # CPU smoke run (~2 min on 2 cores)
   python benchmarks/quality.py --device cpu --limit 64 --policies random --samples-per-policy 10 --out-dir /tmp/q
 """
@@ -50,8 +52,8 @@ for p in (str(ROOT), str(HERE)):
 
 from adsa_vllm.convert import load_reference  # noqa: E402
 from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
-from quality_measure import (BUDGETS, POLICIES, adsa_config, check_layout, exact_check,  # noqa: E402
-                             row_label, sample_tokens, token_nll)
+from quality_measure import (BUDGETS, POLICIES, adsa_config, cfg_selection_of, check_layout,  # noqa: E402
+                             exact_check, parse_row_label, row_label, sample_tokens, token_nll)
 from quality_report import markdown, merge, write_outputs  # noqa: E402
 
 
@@ -79,8 +81,10 @@ def main(argv=None):
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     ap.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES),
                     help="none: full attention only (e.g. to choose --cfg-scale)")
-    ap.add_argument("--sample-rows", nargs="+", default=None, choices=["full"] + list(POLICIES),
-                    help="rows of samples (default: full attention, then every --policies)")
+    ap.add_argument("--sample-rows", nargs="+", default=None,
+                    choices=["full"] + [row_label(p, g) for p in POLICIES for g in ("block", "token")],
+                    help="rows of samples (default: full attention, then every --policies at every --granularities; "
+                         "'<policy>/token' is token granularity)")
     ap.add_argument("--granularities", nargs="+", choices=("block", "token"), default=["block"],
                     help="bits/token only: selection unit(s); token = per (layer, KV head) tokens, rows "
                     "'<policy>/token', each with its paired delta vs the same policy's block row")
@@ -116,7 +120,7 @@ def main(argv=None):
     a.batch = a.batch or (2000 if cuda else 64)
     a.gen_batch = a.gen_batch or (1000 if cuda else 64)
     a.gen_dtype = a.gen_dtype or ("bfloat16" if cuda else "float32")
-    a.sample_rows = a.sample_rows or ["full"] + list(a.policies)
+    a.sample_rows = a.sample_rows or ["full"] + [row_label(p, g) for p in a.policies for g in a.granularities]
     if cuda:  # full float32 matmuls: TF32 would add ~1e-3 relative noise to every score
         torch.backends.cuda.matmul.allow_tf32 = False
     from adsa_vllm.data import classifier as clf
@@ -190,7 +194,8 @@ def main(argv=None):
         gen_model = model if a.gen_dtype == a.dtype else load_reference(a.model, dtype=getattr(torch, a.gen_dtype),
                                                                          device=a.device)
         for lab in a.sample_rows:
-            adsa = None if lab == "full" else adsa_config(lab, a.sample_budget)
+            pol, g = parse_row_label(lab)
+            adsa = None if lab == "full" else adsa_config(pol, a.sample_budget, g)
             if adsa is not None and (why := check_layout(adsa, config, a.block_size)):
                 results[lab] = {"skipped": why}
                 continue
@@ -200,7 +205,7 @@ def main(argv=None):
             samples[lab] = imgs
             results[lab] = {"fid": clf.fid(clf.features(imgs, net), ref_feat),
                             "class_accuracy": float((clf.predict(imgs, net) == class_ids).mean()),
-                            "seconds": time.time() - t1}
+                            "cfg_selection": cfg_selection_of(adsa), "seconds": time.time() - t1}
             print(f"samples {lab}: FID {results[lab]['fid']:.3f}, class acc {results[lab]['class_accuracy']:.3f} "
                   f"({time.time() - t1:.1f} s)", flush=True)
             rep["timings_s"]["samples"] = time.time() - t0

@@ -164,13 +164,15 @@ def test_merge_combines_parts_of_a_split_run(tmp_path):
     more = dict(base, bits={"images": 10, "full": {"bits_per_token": 0.89},
                             "policies": {"random": {"0.75": dict(v, bits_per_token=0.895)}}})
     samples = dict(base, samples={"per_policy": 4, "real_floor": {"fid": 0.1, "class_accuracy": 0.9},
-                                  "results": {"full": {"fid": 0.2, "class_accuracy": 1.0}}})
+                                  "results": {"full": {"fid": 0.2, "class_accuracy": 1.0},
+                                              "random/token": {"fid": 0.3, "class_accuracy": 0.5,
+                                                               "cfg_selection": "separate"}}})
     paths = []
     for name, rep in (("a", bits), ("b", more), ("c", samples)):
         (tmp_path / f"{name}.json").write_text(json.dumps(rep))
         paths.append(str(tmp_path / f"{name}.json"))
     imgs = np.zeros((4, 28, 28), np.uint8)
-    np.savez(tmp_path / "c_samples.npz", class_ids=np.arange(4), full=imgs)
+    np.savez(tmp_path / "c_samples.npz", class_ids=np.arange(4), full=imgs, **{"random/token": imgs + 1})
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--merge", *paths,
                     "--out-dir", str(tmp_path / "out"), "--tag", "m"], check=True, capture_output=True)
     out = json.loads((tmp_path / "out" / "m.json").read_text())
@@ -179,5 +181,8 @@ def test_merge_combines_parts_of_a_split_run(tmp_path):
     assert len(out["runs"]) == 3
     md = (tmp_path / "out" / "m.md").read_text()
     assert "0.8950 (+0.0100" in md and "| full | 0.200 | 1.000 |" in md and "skipped" in md
+    assert "| random/token | 0.300 | 0.500 |" in md and "each half's heads select for themselves" in md
+    with np.load(tmp_path / "out" / "m_samples.npz") as z:   # a '/' in a row label survives the npz round trip
+        assert (z["random/token"] == 1).all() and (z["full"] == 0).all()
     for f in ("m.json", "m_bits.png", "m_samples.png", "m_samples.npz"):
         assert (tmp_path / "out" / f).is_file(), f
