@@ -154,3 +154,35 @@ def test_row_lookup_follows_a_restarted_request():
     seqs, slots = rt.row_sequences(2, None)
     assert seqs[0] is rt._by_req["a"] and slots[0] == rt._by_req["a"].slot
     assert rt.row_sequences(3, None)[0][2] is None   # a padded row holds no request
+
+
+def _schedule(new=(), cached=(), resumed=(), preempted=(), finished=()):
+    """A SchedulerOutput with what ADSARuntime.on_schedule reads. new: (req id, params, first block, prompt rows);
+    cached: (req id, first new block) of running or resumed requests."""
+    news = [SimpleNamespace(req_id=r, sampling_params=p, block_ids=([b],), prompt_embeds=torch.zeros(v, 4),
+                            prompt_token_ids=None) for r, p, b, v in new]
+    ids = [r for r, _ in cached]
+    cached_reqs = SimpleNamespace(req_ids=ids, resumed_req_ids=set(resumed),
+                                  new_block_ids=[([b],) if r in resumed else None for r, b in cached])
+    return SimpleNamespace(scheduled_new_reqs=news, scheduled_cached_reqs=cached_reqs,
+                           preempted_req_ids=set(preempted), finished_req_ids=set(finished))
+
+
+def test_a_preempted_request_resumes_with_its_own_settings_and_condition_length():
+    """A t2i request (9 caption rows, budget 0.25) preempted and resumed in a later step: the worker must start it
+    again with the layout it had, not the engine defaults (budget 0.5) nor the model's 24-row condition."""
+    rt = ADSARuntime(ADSASettings(ADSAConfig(budget=0.5), block_size=16, cls_token_num=24, grid_size=16))
+    params = SimpleNamespace(extra_args={"adsa": {"budget": 0.25}})
+    rt.on_schedule(_schedule(new=[("a", params, 3, 9), ("b", None, 5, 24)]))
+    before = rt._by_req["a"].layout
+    assert (before.budget_blocks, before.prefix_tokens) == (4, 9 + 16) and rt._by_req["b"].layout.budget_blocks == 8
+    rt.on_schedule(_schedule(cached=[("b", 0)], preempted=["a"]))
+    assert "a" not in rt._by_req
+    rt.on_schedule(_schedule(cached=[("b", 0)]))                     # a step later it is still waiting
+    rt.on_schedule(_schedule(cached=[("b", 0), ("a", 11)], resumed=["a"]))
+    seq = rt._by_req["a"]
+    assert seq.layout == before and seq.first_block == 11 and seq.prompt_len == 9 and seq.params is params
+    assert not rt._resume
+    rt.on_schedule(_schedule(cached=[("b", 0)], preempted=["a"]))
+    rt.on_schedule(_schedule(cached=[("b", 0)], finished=["a"]))     # aborted while preempted: nothing kept
+    assert "a" not in rt._by_req and not rt._resume
