@@ -10,6 +10,9 @@ distribution u + s (c - u) at every image token:
   * KL(full-attention guided || ADSA guided) in bits per token (lower = closer to what full attention would do).
 
   python benchmarks/cfg_selection.py [MODEL_DIR] --images 256 --budgets 0.25 0.5 --out /tmp/cfg_selection.json
+
+With --granularity token (issue 12) the selection is per layer and KV head: "shared" keeps, in both halves, each
+head's best tokens by the sum of the two halves' scores of that head; "separate" lets each half's heads choose.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
 from adsa_vllm.reference.generate import score_tokens  # noqa: E402
 
 
-def measure(model, classes, tokens, *, scale, budgets, policy) -> dict:
+def measure(model, classes, tokens, *, scale, budgets, policy, granularity="block") -> dict:
     rows = {}
     t0 = time.perf_counter()
     full = score_tokens(model, classes, tokens, cfg_scale=scale, force_cfg=True)
@@ -45,7 +48,7 @@ def measure(model, classes, tokens, *, scale, budgets, policy) -> dict:
         for sel in ("shared", "separate"):
             t0 = time.perf_counter()
             lp = score_tokens(model, classes, tokens, cfg_scale=scale, force_cfg=True, cfg_selection=sel,
-                              adsa=ADSAConfig(budget=budget, policy=policy))
+                              adsa=ADSAConfig(budget=budget, policy=policy, granularity=granularity))
             kl = (full.exp() * (full - lp)).sum(-1).mean().item() / math.log(2)
             rows[f"{sel}@{budget}"] = {"selection": sel, "budget": budget, "bits_per_token": _bits(lp, tokens),
                                        "kl_bits_per_token": kl, "seconds": time.perf_counter() - t0}
@@ -65,6 +68,7 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=32, help="test images (the first N of the official test split)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--policy", default="topk_v")
+    ap.add_argument("--granularity", choices=("block", "token"), default="block")
     ap.add_argument("--cfg-scale", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out")
@@ -77,8 +81,10 @@ def main(argv=None):
     images, labels = fm.load("test")
     tokens = torch.from_numpy(fm.tokenize(images[: a.images])).to(a.device)
     classes = [int(c) for c in labels[: a.images]]
-    rows = measure(model, classes, tokens, scale=a.cfg_scale, budgets=a.budgets, policy=a.policy)
+    rows = measure(model, classes, tokens, scale=a.cfg_scale, budgets=a.budgets, policy=a.policy,
+                   granularity=a.granularity)
     report = {"model": str(a.model), "images": a.images, "cfg_scale": a.cfg_scale, "policy": a.policy,
+              "granularity": a.granularity,
               "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", "results": rows}
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))
@@ -88,7 +94,8 @@ def main(argv=None):
 
 def markdown(rep: dict) -> str:
     full = rep["results"]["full"]["bits_per_token"]
-    lines = [f"CFG scale {rep['cfg_scale']}, ADSA {rep['policy']}, {rep['images']} Fashion-MNIST test images, "
+    lines = [f"CFG scale {rep['cfg_scale']}, ADSA {rep['policy']} ({rep.get('granularity', 'block')} granularity), "
+             f"{rep['images']} Fashion-MNIST test images, "
              f"teacher-forced, exact reference ({rep['device']}).", "",
              "| pair selection | budget | guided bits/token | vs full | KL(full ‖ ADSA) bits/token |",
              "|---|---|---|---|---|", f"| full attention | - | {full:.4f} | - | - |"]

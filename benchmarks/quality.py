@@ -25,7 +25,7 @@ Files: quality_measure.py (the measurements), quality_report.py (tables, plots, 
   python benchmarks/quality.py --parts bits --tag q_bits && python benchmarks/quality.py --parts samples --tag q_s
   python benchmarks/quality.py --merge benchmarks/results/q_bits.json benchmarks/results/q_s.json --tag q
   # Token- vs block-level selection (issue 12): rows '<policy>/token' with their paired delta vs the block row,
-  # and a sample row per policy and granularity (token rows: each CFG half's heads select for themselves)
+  # and a sample row per policy and granularity (a CFG pair shares its selection in both modes)
   python benchmarks/quality.py --device cpu --limit 32 --budgets 0.25 0.5 --granularities block token --parts bits
   python benchmarks/quality.py --device cuda --budgets 0.25 0.5 0.75 --granularities block token --tag q_gran
   # CPU smoke run (~2 min on 2 cores)
@@ -52,8 +52,8 @@ for p in (str(ROOT), str(HERE)):
 
 from adsa_vllm.convert import load_reference  # noqa: E402
 from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
-from quality_measure import (BUDGETS, POLICIES, adsa_config, cfg_selection_of, check_layout,  # noqa: E402
-                             exact_check, parse_row_label, row_label, sample_tokens, token_nll)
+from quality_measure import (BUDGETS, POLICIES, adsa_config, check_layout, exact_check,  # noqa: E402
+                             parse_row_label, row_label, sample_tokens, token_nll)
 from quality_report import markdown, merge, write_outputs  # noqa: E402
 
 
@@ -205,7 +205,7 @@ def main(argv=None):
             samples[lab] = imgs
             results[lab] = {"fid": clf.fid(clf.features(imgs, net), ref_feat),
                             "class_accuracy": float((clf.predict(imgs, net) == class_ids).mean()),
-                            "cfg_selection": cfg_selection_of(adsa), "seconds": time.time() - t1}
+                            "seconds": time.time() - t1}
             print(f"samples {lab}: FID {results[lab]['fid']:.3f}, class acc {results[lab]['class_accuracy']:.3f} "
                   f"({time.time() - t1:.1f} s)", flush=True)
             rep["timings_s"]["samples"] = time.time() - t0

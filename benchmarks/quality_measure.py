@@ -35,12 +35,6 @@ def parse_row_label(label: str) -> tuple[str, str]:
     return policy, granularity or "block"
 
 
-def cfg_selection_of(adsa) -> str:
-    """How a CFG pair selects in the samples: block mode shares one selection per pair, as the vLLM path does; in
-    token mode each half's heads select for themselves (the reference has no shared per-head selection yet)."""
-    return "separate" if adsa is not None and adsa.granularity == "token" else "shared"
-
-
 def check_layout(adsa: ADSAConfig, config, block_size: int) -> str | None:
     """None if the budget is usable, else the reason it is not (the ADSAConfigError message)."""
     try:
@@ -64,13 +58,14 @@ def token_nll(model, class_ids, tokens, adsa, *, block_size=16, batch=1000, exac
 
 
 def sample_tokens(model, class_ids, adsa, a, exact: bool) -> torch.Tensor:
-    """[N, grid**2] CFG samples, a.gen_batch at a time (batch i seeded a.seed + i); a pair selects as
-    `cfg_selection_of(adsa)` says."""
+    """[N, grid**2] CFG samples, a.gen_batch at a time (batch i seeded a.seed + i); a pair shares one selection,
+    as in the vLLM path (in token mode: per head, by the pair's summed scores; benchmarks/cfg_selection.py
+    measures the alternative)."""
     outs = []
     for i in range(0, len(class_ids), a.gen_batch):
         c = class_ids[i:i + a.gen_batch]
         kw = dict(cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  seed=a.seed + i, adsa=adsa, block_size=a.block_size, cfg_selection=cfg_selection_of(adsa))
+                  seed=a.seed + i, adsa=adsa, block_size=a.block_size, cfg_selection="shared")
         outs.append(generate(model, c, batched=not exact, **kw).tokens.cpu())
     return torch.cat(outs)
 

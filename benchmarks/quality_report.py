@@ -131,9 +131,6 @@ def markdown(rep: dict) -> str:
                          f"| {lab} | {v['fid']:.3f} | {v['class_accuracy']:.3f} |")
         lines.append(f"| real train images (floor) | {s['real_floor']['fid']:.3f} | "
                      f"{s['real_floor']['class_accuracy']:.3f} |")
-        if any("/" in lab for lab in s["results"]):
-            lines += ["", "A CFG pair makes one selection for both halves in block mode (as the vLLM path does); in "
-                          "token mode (`/token`) each half's heads select for themselves."]
     if rep.get("exact_check"):
         lines += ["", "## Batched path vs reference trackers", "", "```",
                   json.dumps(rep["exact_check"], indent=1), "```"]

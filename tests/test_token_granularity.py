@@ -229,15 +229,42 @@ def test_per_layer_head_masks_equal_one_masked_forward(policy, monkeypatch):
     torch.testing.assert_close(lp, full.log_softmax(-1), atol=1e-4, rtol=0)
 
 
-def test_cfg_token_mode_selects_per_half_and_shared_is_refused(monkeypatch):
+def test_cfg_token_mode_selects_per_half_or_shared_per_pair(monkeypatch):
     m = tiny(grid=GRID)
     adsa = ADSAConfig(**SMALL, granularity="token")
-    with pytest.raises(ValueError, match="cfg_selection='separate'"):
-        generate(m, [1, 2], greedy=True, adsa=adsa, cfg_scale=2.0, cfg_selection="shared")
-    seen = []
+    seen = {}
     monkeypatch.setattr(TokenTrackers, "begin_step", lambda self, pos, f=TokenTrackers.begin_step: (
-        f(self, pos), seen.append(self.evicted))[0])
-    res = generate(m, [1, 2], greedy=True, adsa=adsa, cfg_scale=2.0, return_logprobs=True)
-    ev = seen[-1]
-    assert ev.shape[0] == 4 and not torch.equal(ev[0], ev[2])       # rows: cond 1, cond 2, null, null
-    assert torch.isfinite(res.logprobs).all()
+        f(self, pos), seen.__setitem__(self.pairs, self.evicted))[0])
+    out = {sel: generate(m, [1, 2], greedy=True, adsa=adsa, cfg_scale=2.0, return_logprobs=True, cfg_selection=sel)
+           for sel in ("separate", "shared")}
+    assert all(torch.isfinite(r.logprobs).all() for r in out.values())
+    separate, shared = seen[0], seen[2]                                   # rows: cond 1, cond 2, null, null
+    assert separate.shape[0] == shared.shape[0] == 4 and not torch.equal(separate[0], separate[2])
+    assert torch.equal(shared[:2], shared[2:]) and shared.any()           # a pair decides once
+    assert len({tuple(e.tolist()) for e in shared[:2].reshape(-1, shared.shape[-1])}) > 1   # heads still differ
+
+
+def test_shared_selection_keeps_each_heads_best_by_the_pairs_summed_scores():
+    lay = ADSAConfig(budget=0.5).layout(block_size=16, cls_token_num=1, grid_size=16)
+    B, L, H = 2, 2, 3
+    tok = TokenTrackers(lay, _Noise(), 2 * B, L, H, pairs=B)
+    kv = torch.zeros(2 * B, lay.seq_len, H, 2)
+    checked = 0
+    for pos in range(lay.seq_len - 1):
+        pend = tok._pending
+        if pend is not None and pend[0] == pos:
+            _, lo, hi = pend
+            valid, s = tok.candidates(lo, hi), tok._scores
+            want = valid & ~select((s[:B] + s[B:]).repeat(2, 1, 1, 1), valid, tok.topk_tokens)
+            before = tok.evicted[..., lo:hi].clone()
+        tok.begin_step(pos)
+        if pend is not None and pend[0] == pos:
+            assert torch.equal(tok.evicted[..., lo:hi] & ~before, want), pos
+            checked += 1
+        req = tok.scoring_request(pos)
+        if req is not None:
+            for layer in range(L):
+                tok.score_layer(layer, kv[:, req[0]:req[1]], kv[:, req[0]:req[1]], None, pos, 1.0)
+    assert checked == len(tok.schedule) > 2
+    with pytest.raises(ValueError, match="2 x pairs rows"):
+        TokenTrackers(lay, _Noise(), 3, L, H, pairs=B)

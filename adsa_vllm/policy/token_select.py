@@ -17,7 +17,10 @@ Semantics (issue 12, step 1):
     tokens plus the newly aged ones; it keeps the `topk_tokens` best by its own score (token_scores.py) and evicts
     the rest for good, as freed blocks never come back. Ties go to the more recent token (`select`), as block
     mode's go to the more recent block; so block-constant scores keep exactly block mode's blocks.
-  * CFG: each half of a pair is its own row and its heads select for themselves ("shared" is a later option).
+  * CFG: each half of a pair is its own row. With pairs = 0 its heads select for themselves ("separate"); with
+    pairs = B, rows r and r + B are one pair and share every decision ("shared"): head h of layer l of both
+    halves keeps the tokens best by the sum of the two halves' scores of that head (block mode's shared selection
+    sums scores over both halves' heads the same way).
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ class TokenTrackers:
     """
 
     def __init__(self, layout: BlockLayout, scorer: TokenScorer, rows: int, layers: int, kv_heads: int, *,
-                 first: int = 0, device: torch.device | str | None = None):
-        self.layout, self.scorer = layout, scorer
+                 first: int = 0, pairs: int = 0, device: torch.device | str | None = None):
+        if pairs and rows != 2 * pairs:
+            raise ValueError(f"pairs={pairs}: a CFG batch has 2 x pairs rows (conditional, then null), got {rows}")
+        self.layout, self.scorer, self.pairs = layout, scorer, pairs
         self.schedule = selection_schedule(layout, first)
         self.topk_tokens = layout.topk_blocks * layout.block_size
         width = layout.num_blocks(layout.seq_len - 1) * layout.block_size
@@ -66,8 +71,13 @@ class TokenTrackers:
         if pend is None or pend[0] != pos or len(self._scored) != self.evicted.shape[1]:
             return
         _, lo, hi = pend
-        valid = self.candidates(lo, hi)
-        keep = select(self._scores, valid, self.topk_tokens)
+        valid, scores = self.candidates(lo, hi), self._scores
+        if self.pairs:   # one decision per pair: both halves hold the same candidates (checked), scores summed
+            b = self.pairs
+            if not torch.equal(valid[:b], valid[b:]):
+                raise RuntimeError("the halves of a CFG pair hold different candidates under a shared selection")
+            scores = (scores[:b] + scores[b:]).repeat(2, 1, 1, 1)
+        keep = select(scores, valid, self.topk_tokens)
         self.evicted[..., lo:hi] |= valid & ~keep
         self.selections += 1
 

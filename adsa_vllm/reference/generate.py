@@ -12,8 +12,8 @@ blocks) or "separate" (one tracker per row, as if the two halves were independen
 ADSA is emulated exactly as the vLLM path does it, but with masks instead of freed blocks: every row (or pair) owns
 a `SequenceTracker` (adsa_vllm/reference/decoder.py). `generate(batched=True)` makes the same decisions for all rows
 at once (adsa_vllm/reference/batched.py): the same tokens, much faster for many rows. With
-adsa.granularity="token" every row selects per layer and KV head (adsa_vllm/reference/token_decoder.py; CFG
-separate only).
+adsa.granularity="token" every row (or pair) selects per layer and KV head
+(adsa_vllm/reference/token_decoder.py).
 
 `decode` is the loop itself, on condition embeddings: `generate` gives it class embeddings, the text-to-image
 `generate_t2i` (adsa_vllm/reference/t2i.py) compact caption embeddings.
@@ -88,15 +88,13 @@ def decode(model: LlamaGenReference, cond: torch.Tensor, n: int, *, guided: bool
     then null rows): n image tokens per conditional row, `choose(i, guided logits [B, V]) -> [B]` picking them."""
     B = cond.shape[0] // 2 if guided else cond.shape[0]
     T = cond.shape[1]
+    pairs = B if guided and cfg_selection == "shared" else 0
     if adsa is not None and adsa.granularity == "token":
         # One decoder for both paths: step by step (batched or not) it is the exact token-mode oracle.
-        if guided and cfg_selection == "shared":
-            raise ValueError("granularity 'token': each CFG half selects for itself; pass cfg_selection='separate' "
-                             "(a shared per-head selection is not implemented yet)")
-        dec = TokenDecoder(model, cond, T + n, adsa, block_size)
+        dec = TokenDecoder(model, cond, T + n, adsa, block_size, pairs=pairs)
     else:
         decoder = BatchedDecoder if batched else TrackerDecoder
-        dec = decoder(model, cond, T + n, adsa, block_size, pairs=B if guided and cfg_selection == "shared" else 0)
+        dec = decoder(model, cond, T + n, adsa, block_size, pairs=pairs)
     toks, lps = [], []
     logits = dec.prefill()
     for i in range(n):

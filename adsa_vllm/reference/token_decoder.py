@@ -1,7 +1,7 @@
 """The reference decoder for `ADSAConfig.granularity="token"`: ADSA emulated with a mask per layer and KV head.
 
-Semantics in adsa_vllm/policy/token_select.py. Every row is its own decider (under CFG each half's heads select for
-themselves). Like `BatchedDecoder`, `forward(h, start)` runs positions [start, start + S) of all rows in one forward,
+Semantics in adsa_vllm/policy/token_select.py. Every row is its own decider, or with pairs = B rows r and r + B
+(the halves of a CFG pair) decide together. Like `BatchedDecoder`, `forward(h, start)` runs positions [start, start + S) of all rows in one forward,
 a chunk ending at every scoring position; `_single` (what `prefill` / `step`, hence `score_tokens` / `generate`,
 use) is the one-token-per-step forward of the vLLM path, the exact oracle. The masks are per (row, layer, head):
 LlamaGen's attention is MHA, so KV head = attention head; under GQA a KV head's mask covers its query heads.
@@ -23,12 +23,12 @@ class TokenDecoder(ChunkedDecoder):
     token scorer (tests)."""
 
     def __init__(self, model: LlamaGenReference, cond: torch.Tensor, length: int, adsa: ADSAConfig | None,
-                 block_size: int, scorer: TokenScorer | None = None):
-        super().__init__(model, cond, length, adsa, block_size, pairs=0)
+                 block_size: int, scorer: TokenScorer | None = None, pairs: int = 0):
+        super().__init__(model, cond, length, adsa, block_size, pairs=pairs)
         lay, config = self.layout, model.config
         self.selection = None if lay is None else TokenTrackers(
             lay, scorer or make_token_scorer(lay.policy, keep=lay.keep, seed=lay.seed), self.rows,
-            config.n_layer, config.kv_heads, first=self.first, device=self.slots.device)
+            config.n_layer, config.kv_heads, first=self.first, pairs=pairs, device=self.slots.device)
         self.schedule = {} if lay is None else self.selection.schedule
         self._rep = config.n_head // config.kv_heads
         self._request: tuple[int, int, int] | None = None                # this forward's (pos, lo, hi)
