@@ -1,8 +1,8 @@
 """The reference decoder for `ADSAConfig.granularity="token"`: ADSA emulated with a mask per layer and KV head.
 
 Semantics in adsa_vllm/policy/token_select.py. Every row is its own decider, or with pairs = B rows r and r + B
-(the halves of a CFG pair) decide together. Like `BatchedDecoder`, `forward(h, start)` runs positions [start, start + S) of all rows in one forward,
-a chunk ending at every scoring position; `_single` (what `prefill` / `step`, hence `score_tokens` / `generate`,
+(the halves of a CFG pair) decide together. Like `BatchedDecoder`, `forward(h, start)` runs positions
+[start, start + S) of all rows in one forward, a chunk ending at every scoring position; `_single` (what `prefill` / `step`, hence `score_tokens` / `generate`,
 use) is the one-token-per-step forward of the vLLM path, the exact oracle. The masks are per (row, layer, head):
 LlamaGen's attention is MHA, so KV head = attention head; under GQA a KV head's mask covers its query heads.
 """
