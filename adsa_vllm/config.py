@@ -42,7 +42,8 @@ class ADSAConfig:
     refresh: int | None = None
     # Seed of the random policy.
     seed: int = 0
-    # Unit of selection: "block" (vLLM and reference) or "token" (per layer and KV head; the reference only so far).
+    # Unit of selection: "block" (one decision for all layers and heads) or "token" (each layer and KV head keeps
+    # its own tokens in the kept blocks; adsa_vllm/worker/token_gather.py).
     granularity: str = "block"
 
     def __post_init__(self):

@@ -53,12 +53,6 @@ class ADSASettings:
 
     def layout_of(self, config: ADSAConfig, cls_token_num: int | None = None) -> BlockLayout:
         """cls_token_num: this request's condition length (a t2i caption's rows; default the model's)."""
-        # Every vLLM-side layout comes from here (engine defaults at startup, each request's overrides at
-        # validation, the worker), so a token-granularity request fails loudly instead of running in block mode.
-        if config.granularity != "block":
-            raise ADSAConfigError(f"adsa.granularity={config.granularity!r} is not yet supported on the vLLM path; "
-                                  "use the reference (adsa_vllm.reference score_tokens / generate), or granularity "
-                                  "'block' here (in vLLM one block id spans every layer and head)")
         return config.layout(block_size=self.block_size, cls_token_num=cls_token_num or self.cls_token_num,
                              grid_size=self.grid_size, lag=self.lag)
 

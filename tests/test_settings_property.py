@@ -21,6 +21,7 @@ from adsa_vllm.errors import SettingsError
 from adsa_vllm.guidance.settings import GuidanceSettings
 from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.policy import SequenceTracker, make_scorer
+from adsa_vllm.policy.token_scores import make_token_scorer
 from adsa_vllm.request_validation import EngineLimits, validate_settings
 from adsa_vllm.settings import ADSASettings, EngineSettings
 
@@ -52,7 +53,7 @@ _adsa_object = st.fixed_dictionaries({}, optional={
     "keep": _plausible("diverse", "similar"),
     "refresh": _plausible(None, 1, 16, 10**9),
     "seed": _plausible(0, 3, 2**32 - 1, "3", 3.0),
-    "granularity": _plausible("block", "token"),   # "token" is the reference's only: must raise here
+    "granularity": _plausible("block", "token"),
 })
 _cfg_object = st.fixed_dictionaries({}, optional={
     "scale": _plausible(1.0, 2.0, 4, 0, 1e4, "4"),
@@ -71,6 +72,8 @@ def _exercise(settings) -> None:
     """What the worker does with a request's settings; raises on anything it could not use."""
     layout, guidance = settings.layout, settings.guidance
     scorer = make_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
+    if layout.granularity == "token":   # the worker also builds the policy's per-head scorer
+        make_token_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
     tracker = SequenceTracker(layout, scorer)
     heads, bs, dim = 2 * MODEL.n_head, layout.block_size, MODEL.head_dim
     for pos in range(MODEL.cls_token_num, layout.seq_len - 1, 7):

@@ -46,14 +46,13 @@ def test_invalid_granularity_raises_naming_the_choices():
     assert ADSAConfig().granularity == "block" and ADSAConfig.from_dict({"granularity": "token"}).granularity == "token"
 
 
-def test_vllm_settings_reject_token_granularity_at_startup_and_per_request():
+def test_vllm_settings_accept_token_granularity_and_the_layout_carries_it():
     kw = dict(block_size=16, cls_token_num=1, grid_size=16)
-    with pytest.raises(ADSAConfigError, match="not yet supported on the vLLM path; use the reference"):
-        ADSASettings(defaults=ADSAConfig(granularity="token"), **kw)
+    assert ADSASettings(defaults=ADSAConfig(granularity="token"), **kw).layout().granularity == "token"
     engine = ADSASettings(defaults=ADSAConfig(), **kw)
-    with pytest.raises(ADSAConfigError, match="not yet supported on the vLLM path"):
-        engine.layout({"granularity": "token"})
-    assert engine.layout({"granularity": "block"}).evicts
+    token, block = engine.layout({"granularity": "token"}), engine.layout({"granularity": "block"})
+    assert block.granularity == "block" and token.evicts
+    assert replace(token, granularity="block") == block   # the same blocks: only what the slots hold differs
     es = EngineSettings(adsa=engine, guidance=GuidanceSettings(False))   # the field survives the JSON hop
     assert EngineSettings.from_json(es.to_json()) == es
 

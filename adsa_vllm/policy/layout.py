@@ -35,6 +35,7 @@ class BlockLayout:
     keep: str
     seed: int
     lag: int = 0           # steps between a selection and the pool getting the blocks back, beyond the first
+    granularity: str = "block"   # "token": each (layer, KV head) keeps its own tokens in the top-k blocks
 
     @classmethod
     def from_config(cls, config: "ADSAConfig", *, block_size: int, cls_token_num: int, grid_size: int,
@@ -63,7 +64,7 @@ class BlockLayout:
         refresh = config.refresh if config.refresh is not None else block_size
         layout = cls(block_size=block_size, prefix_tokens=prefix, local_tokens=local, budget_blocks=budget_blocks,
                      refresh=refresh, seq_len=seq_len, policy=config.policy, keep=config.keep, seed=config.seed,
-                     lag=lag)
+                     lag=lag, granularity=config.granularity)
         if layout.evicts and layout.topk_blocks < 0:
             raise ADSAConfigError(
                 f"adsa.budget={config.budget!r} gives {layout.budget_blocks} blocks of {block_size} tokens, fewer than "

@@ -31,8 +31,9 @@ class TokenInputs:
     keys: torch.Tensor          # [R, N, Hkv, D] the aged tokens [lo, hi) of one layer (post-RoPE)
     values: torch.Tensor        # [R, N, Hkv, D]
     valid: torch.Tensor         # [R, Hkv, N] bool, each head's candidates
-    positions: torch.Tensor     # [N] int64 token positions (lo .. hi-1)
-    query_pos: int              # position of the query whose forward scores
+    positions: torch.Tensor     # [N] or [R, Hkv, N] int64 each candidate's token position (the reference passes
+                                # lo .. hi-1; the vLLM path per head, as its top-k slots hold each head's own tokens)
+    query_pos: int | torch.Tensor   # position of the query whose forward scores (or [R] int64, one per row)
     query: torch.Tensor | None  # [R, H, D] decode queries (post-RoPE)
     scale: float
     layer: int
@@ -40,6 +41,7 @@ class TokenInputs:
 
 class TokenScorer:
     name: ClassVar[str]
+    needs_query: ClassVar[bool] = False   # scored inside the forward, with the decode query
     registry: ClassVar[dict[str, type["TokenScorer"]]] = {}
 
     def __init_subclass__(cls, **kw):
@@ -68,6 +70,7 @@ class TokenTopKV(TokenScorer):
 @dataclass(frozen=True)
 class TokenAttentionMass(TokenScorer):
     name = "attention_mass"
+    needs_query = True
 
     def score(self, x: TokenInputs) -> torch.Tensor:
         r, n, hkv, d = x.keys.shape
@@ -87,8 +90,10 @@ class TokenRandom(TokenScorer):
     def score(self, x: TokenInputs) -> torch.Tensor:
         r, hkv, n = x.valid.shape
         head = torch.arange(hkv, device=x.valid.device, dtype=torch.int64)
-        h = (x.positions.to(torch.int64)[None, :] * 2654435761 + (x.query_pos * 40503 + self.seed * 97 + 12345)
-             + (x.layer * 1009 + head[:, None]) * 69069)                          # [Hkv, N]
+        qpos = torch.as_tensor(x.query_pos, dtype=torch.int64, device=x.valid.device)
+        qpos = qpos.view(-1, 1, 1) if qpos.dim() else qpos
+        h = (x.positions.to(torch.int64) * 2654435761 + (qpos * 40503 + self.seed * 97 + 12345)
+             + (x.layer * 1009 + head[:, None]) * 69069)                          # [Hkv, N] or [R, Hkv, N]
         for _ in range(3):  # the xorshift-multiply rounds of RandomBlocks, in 31 bits
             h = (h ^ (h >> 13)) & _MASK
             h = (h * 1103515245 + 12345) & _MASK

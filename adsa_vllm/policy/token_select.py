@@ -1,6 +1,6 @@
 """Token-level, per-(layer, KV head) selection (`ADSAConfig.granularity="token"`), for R sequences in lockstep.
-Pure torch, no vLLM. The reference (adsa_vllm/reference/token_decoder.py) is its only user so far: the oracle a
-later vLLM path must match token for token.
+Pure torch, no vLLM. The reference (adsa_vllm/reference/token_decoder.py) runs it as the oracle; the vLLM path
+(adsa_vllm/worker/token_gather.py) makes the same decisions with `winners` and `OldestBlocks` below.
 
 Semantics (issue 12, step 1):
   * When: the block-mode event schedule, unchanged. A `SequenceTracker` decides when a selection happens (the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.layout import BlockLayout
 from adsa_vllm.policy.lockstep import selection_schedule
 from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer
@@ -41,6 +42,27 @@ def select(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     index = torch.where(valid, torch.arange(n, device=scores.device), -1).reshape(-1, n)
     k_rows = torch.full((index.shape[0],), k, dtype=torch.int64, device=scores.device)
     return top_blocks_rows(index, scores.reshape(-1, n), k_rows).reshape(shape)
+
+
+def winners(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """scores, positions [..., N] (every entry a candidate) -> [..., k] the column indices of the k best, in column
+    order; ties go to the later position, as `select`'s go to the higher index. The vLLM path's per-head choice:
+    its candidates are not in one position range, so the positions themselves break the ties."""
+    shape, n = scores.shape, scores.shape[-1]
+    k_rows = torch.full((scores.numel() // n,), k, dtype=torch.int64, device=scores.device)
+    keep = top_blocks_rows(positions.reshape(-1, n), scores.reshape(-1, n), k_rows)
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)    # kept columns first, in column order
+    return order[:, :k].reshape(*shape[:-1], k)
+
+
+class OldestBlocks(BlockScorer):
+    """The block decision under token granularity: keep the oldest candidates. Those are the sequence's top-k
+    *slot* blocks (right after the prefix), into which each (layer, head) has copied its own best tokens by the time
+    the decision frees the other candidates (adsa_vllm/worker/token_gather.py). Internal: not a policy name."""
+    reads_kv = False
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        return -x.block_index.to(torch.float32)
 
 
 class TokenTrackers:

@@ -30,8 +30,10 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
         @classmethod
         def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
             from adsa_vllm.policy import make_scorer
+            from adsa_vllm.policy.token_scores import make_token_scorer
             defaults = kv_cache_spec.adsa.defaults
-            if make_scorer(defaults.policy, keep=defaults.keep).needs_query:
+            make = make_token_scorer if defaults.granularity == "token" else make_scorer
+            if make(defaults.policy, keep=defaults.keep).needs_query:
                 # Scoring runs Python inside each layer's forward: keep attention out of CUDA graphs.
                 return AttentionCGSupport.NEVER
             return super().get_cudagraph_support(vllm_config, kv_cache_spec)
@@ -49,6 +51,7 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
             runtime.stats.steps += 1
             metadata = super().build(common_prefix_len, cm, fast_build)
             metadata.adsa_scoring = plan.scoring
+            metadata.adsa_token_scoring = plan.token_scoring
             return metadata
 
         def _persistent(self, cm: CommonAttentionMetadata, plan) -> CommonAttentionMetadata:
@@ -73,6 +76,9 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
             scoring = getattr(attn_metadata, "adsa_scoring", None)
             if scoring is not None:
                 score_layer(scoring, query, kv_cache, backend_name, self.head_size, self.scale)
+            tokens = getattr(attn_metadata, "adsa_token_scoring", None)
+            if tokens is not None:
+                tokens.score_layer(query, kv_cache, backend_name, self.head_size, self.scale)
             return out
 
     class ADSABackend(inner):  # type: ignore[misc, valid-type]

@@ -1,4 +1,5 @@
-"""Read whole K/V blocks out of a paged cache, for scoring. One function per inner kernel's layout.
+"""Read (for scoring) and write (token granularity's slot copies) whole K/V blocks of a paged cache, in each inner
+kernel's layout.
 
 Returned shapes: keys, values [n, block_size, num_kv_heads, head_dim] for the n requested physical blocks.
   * CPU_ATTN: tensor (nb, H, bs, 2D) reinterpreted as (nb, H, 2bs, D); the first half holds keys *transposed*
@@ -23,6 +24,19 @@ def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, backend: str,
         return keys, values
     blocks = kv_cache[block_ids].transpose(1, 2)                               # [n, bs, H, 2D]
     return blocks[..., :head_size], blocks[..., head_size:]
+
+
+def scatter_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   backend: str, head_size: int) -> None:
+    """`gather_blocks`' inverse: write keys, values [n, block_size, num_kv_heads, head_dim] into the n physical
+    blocks `block_ids` (distinct), in place."""
+    if backend == "CPU_ATTN":
+        nb, h, bs, _ = kv_cache.shape
+        blocks = kv_cache.view(nb, h, 2 * bs, head_size)
+        blocks[block_ids, :, :bs] = keys.permute(0, 2, 3, 1).reshape(-1, h, bs, head_size).to(kv_cache.dtype)
+        blocks[block_ids, :, bs:] = values.permute(0, 2, 1, 3).to(kv_cache.dtype)
+        return
+    kv_cache[block_ids] = torch.cat([keys, values], dim=-1).transpose(1, 2).to(kv_cache.dtype)
 
 
 def value_blocks(kv_cache: torch.Tensor, backend: str, head_size: int) -> torch.Tensor:

@@ -19,14 +19,16 @@ from adsa_vllm.worker.runtime import ADSARuntime
 
 
 def make_runtime(vllm_config: VllmConfig, model_cfg) -> ADSARuntime | None:
-    settings = EngineSettings.from_vllm_config(vllm_config).adsa   # resolved and validated by the config hook
+    engine = EngineSettings.from_vllm_config(vllm_config)   # resolved and validated by the config hook
+    settings = engine.adsa
     if settings is None:
         return None
     tp_group = None
     if vllm_config.parallel_config.tensor_parallel_size > 1:
         from vllm.distributed import get_tp_group
         tp_group = get_tp_group()
-    return ADSARuntime(settings=settings, num_layers=model_cfg.n_layer, tp_group=tp_group)
+    return ADSARuntime(settings=settings, num_layers=model_cfg.n_layer, tp_group=tp_group,
+                       branches=2 if engine.guidance.enabled else 1)
 
 
 class ADSAAttention(Attention):

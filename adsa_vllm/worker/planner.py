@@ -24,6 +24,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from adsa_vllm.policy import ScoreInputs, pack_rows
 from adsa_vllm.worker.kv_views import check_cpu_layout, gather_blocks
 from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
+from adsa_vllm.worker.token_gather import TokenScoring
 
 
 @dataclass
@@ -32,6 +33,7 @@ class StepPlan:
     offsets: np.ndarray | None      # [k] their runner's seq_len minus their compacted seq_len
     seq_lens: np.ndarray            # [num_reqs] seq_lens as the kernel must see them (compacted for those rows)
     scoring: ScoringBatch | None    # rows scored inside this forward (query-dependent policies only)
+    token_scoring: TokenScoring | None = None   # the same for token granularity (worker/token_gather.py)
     # Equal keys on two steps: equal compacted tables (`key`, given the same runner table) / offsets (`offset_key`).
     # None: not comparable (a row ADSA does not manage, or a prefill chunk): always rebuilt.
     key: bytes | None = None
@@ -59,10 +61,11 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     live = (slots >= 0) & (qsl[1:] - qsl[:-1] == 1)
     live_slots = np.where(live, slots, 0)
     pos = seq_lens - 1
-    scoring = None
+    scoring = token_scoring = None
     at_event = np.nonzero(live & (pos >= trackers.wake[live_slots]))[0]
     if len(at_event):
-        scoring = _events(runtime, bt, qsl, sequences, at_event, slots[at_event], pos[at_event], layers, backend)
+        scoring, token_scoring = _events(runtime, bt, qsl, sequences, at_event, slots[at_event], pos[at_event],
+                                         layers, backend)
 
     rows = np.nonzero(live & (trackers.num_evicted[live_slots] > 0))[0]
     bs = runtime.block_size
@@ -79,22 +82,33 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     # Every TP rank plans every step (same SchedulerOutput), so this count, the cadence of the ranks' eviction
     # check (a collective), advances identically on all of them.
     runtime.end_plan_step()
-    return StepPlan(rows, offsets, seq_lens, scoring, key, offset_key, index_of)
+    return StepPlan(rows, offsets, seq_lens, scoring, token_scoring, key, offset_key, index_of)
 
 
 def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: list, rows: np.ndarray,
-            slots: np.ndarray, pos: np.ndarray, layers: list, backend: str) -> ScoringBatch | None:
+            slots: np.ndarray, pos: np.ndarray, layers: list, backend: str):
     """Rows at an event: decide (evictions to the outbox), then request; query-free scores are launched now,
-    query-dependent ones ride on the forward (returned)."""
+    query-dependent ones ride on the forward (returned: block scores, token scores)."""
     trackers = runtime.trackers
     evict_rows, evict_blocks = trackers.decide(slots, pos)
+    tokens = runtime.tokens
+    if tokens.pending:   # token granularity: each head's winners go into the slots before the blocks are freed
+        _check_layout(layers[0].kv_cache, backend, layers[0].head_size)
+        tokens.decide(bt, sequences, rows, pos, np.isin(np.arange(len(rows)), evict_rows), layers, backend,
+                      runtime.fail)
     if len(evict_rows):
         bounds = np.flatnonzero(np.diff(evict_rows)) + 1
         for r, blocks in zip(evict_rows[np.r_[0, bounds]].tolist(), np.split(evict_blocks, bounds)):
             runtime.record_evictions(sequences[rows[r]], blocks.tolist())
     asked, cand = trackers.request(slots, pos)
     if not len(asked):
-        return None
+        return None, None
+    token_scoring = None
+    by_token = np.array([sequences[r].token_scorer is not None for r in rows[asked]])
+    if by_token.any():
+        i = asked[by_token]
+        token_scoring = tokens.request(bt, sequences, rows[i], pos[i], cand[by_token], qsl[rows[i]] - qsl[0],
+                                       runtime.num_layers)
     needs_query = np.array([sequences[r].scorer.needs_query for r in rows[asked]])
     scoring = None
     for in_forward in (False, True):
@@ -109,7 +123,7 @@ def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: 
             runtime.pending.append(batch)
         else:
             _launch_scoring(runtime, bt, batch, layers, backend)
-    return scoring
+    return scoring, token_scoring
 
 
 def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, batch: ScoringBatch, layers: list, backend: str) -> None:

@@ -24,13 +24,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from adsa_vllm.errors import ADSAConfigError
 from adsa_vllm.policy import BlockLayout, BlockScorer, make_scorer
 from adsa_vllm.policy.slot_trackers import SlotTrackers
+from adsa_vllm.policy.token_scores import TokenScorer, make_token_scorer
+from adsa_vllm.policy.token_select import OldestBlocks
 from adsa_vllm.settings import ADSASettings, request_overrides
 from adsa_vllm.worker.failures import RequestFailures
 from adsa_vllm.worker.new_requests import prompt_length
 from adsa_vllm.worker.rank_agreement import RankAgreement
 from adsa_vllm.worker.summaries import BlockSummaries
+from adsa_vllm.worker.token_gather import TokenSelections
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -47,6 +51,8 @@ class LiveSequence:
     prompt_len: int | None = None          # its condition length (a t2i caption's rows), kept for a resume
     summarized: int = 0      # logical blocks below this one have a summary in BlockSummaries (TopK-V)
     slot: int = -1           # its row in the runtime's SlotTrackers
+    token_scorer: TokenScorer | None = None        # granularity "token": the policy's per-head scorer, ...
+    token_positions: torch.Tensor | None = None    # ... and each slot entry's position [layers, kv_heads, topk]
 
 
 @dataclass
@@ -88,6 +94,7 @@ class PlannerStats:
 class ADSARuntime:
     settings: ADSASettings                       # the engine's (resolved by the config hook)
     num_layers: int = 1                          # a ScoringBatch counts only once every layer has scored it
+    branches: int = 1                            # 2 under CFG: a layer's KV heads are [conditional, null]
     tp_group: GroupCoordinator | None = None     # all-reduce group for scores under tensor parallelism
     batch_req_ids: Callable[[int], list] | None = None   # n -> the first n request ids in batch order, if known
     _by_req: dict = field(default_factory=dict)
@@ -102,8 +109,12 @@ class ADSARuntime:
     trackers: SlotTrackers = field(default_factory=SlotTrackers)
     stats: PlannerStats = field(default_factory=PlannerStats)
     agreement: RankAgreement = field(default_factory=RankAgreement)   # digest of the evictions decided here
+    tokens: TokenSelections | None = None        # token granularity's pending selections (built in post_init)
     _generation: int = 0                         # bumped by every start / drop (invalidates `_rows`)
     _rows: tuple = (None, None)                  # ((generation, batch ids), (sequences, slots)) of the last step
+
+    def __post_init__(self):
+        self.tokens = TokenSelections(self.block_size, self.branches)
 
     @property
     def block_size(self) -> int:
@@ -115,11 +126,15 @@ class ADSARuntime:
             self._layouts[key] = self.settings.layout_of(*key)
         return self._layouts[key]
 
-    def _scorer(self, layout: BlockLayout):
-        # One scorer instance per setting, so the builder can score all rows sharing it in one batched call.
-        key = (layout.policy, layout.keep, layout.seed)
+    def _scorers_of(self, layout: BlockLayout) -> tuple:
+        """(block scorer, token scorer or None). One instance per setting, so the builder can score all rows
+        sharing it in one batched call. Under token granularity the blocks kept are the oldest candidates, the
+        slots that each head fills with its own winners (worker/token_gather.py)."""
+        key = (layout.policy, layout.keep, layout.seed, layout.granularity)
         if key not in self._scorers:
-            self._scorers[key] = make_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
+            settings = dict(keep=layout.keep, seed=layout.seed)
+            self._scorers[key] = ((make_scorer(layout.policy, **settings), None) if layout.granularity == "block"
+                                  else (OldestBlocks(), make_token_scorer(layout.policy, **settings)))
         return self._scorers[key]
 
     # ---- lifecycle, from SchedulerOutput ----
@@ -144,16 +159,21 @@ class ADSARuntime:
         self._drop(req_id)
         try:
             layout = self.layout_for(getattr(params, "extra_args", None), prompt_len)
+            if layout.granularity == "token" and layout.evicts and self.tp_group is not None:
+                raise ADSAConfigError("adsa.granularity='token' is not supported with tensor parallelism yet; "
+                                      "use granularity 'block' or --tensor-parallel-size 1")
         except Exception as e:  # noqa: BLE001 - validated in the API process; this is the last line of defence
             self.fail(req_id, e)
             layout = self.layout_for(None)   # the forward of this step still needs a valid row
-        seq = LiveSequence(req_id, first_block, layout, self._scorer(layout), params, prompt_len)
+        scorer, token_scorer = self._scorers_of(layout)
+        seq = LiveSequence(req_id, first_block, layout, scorer, params, prompt_len, token_scorer=token_scorer)
         seq.slot = self.trackers.add(layout)
         self._generation += 1
         self._by_req[req_id] = seq
         self._by_block[first_block] = seq
 
     def _drop(self, req_id: str) -> None:
+        self.tokens.drop(req_id)
         seq = self._by_req.pop(req_id, None)
         if seq is None:
             return

@@ -1,0 +1,217 @@
+"""Token granularity on the vLLM path (issue 12): every (layer, KV head) keeps its own best tokens.
+
+The blocks a sequence holds stay data-independent: prefix, window, and its `topk_blocks` oldest aged blocks, the
+*slots* (the block trackers score candidates with `OldestBlocks`, so admission, eviction, freeing and the compacted
+tables are block mode's, unchanged). What a slot holds differs per (layer, KV head): at each selection every head
+rates its candidates (its slot tokens + the newly aged blocks' tokens) with the policy's token scorer
+(policy/token_scores.py), and its `topk_tokens` best are copied into the slots in position order; the trackers then
+free every other candidate block. K is cached after RoPE, so a copied token keeps its position, and the paged
+kernel attends to the slots like any block. Semantics: policy/token_select.py (the reference's `TokenTrackers`).
+
+Timing, as the reference's (requested at step p, decided at step p + 1):
+  * `request` (build of step p): remember each sequence's candidates. A query-dependent scorer (attention mass)
+    scores them in this step's forward, layer by layer (`TokenScoring.score_layer`), into a device buffer.
+  * `decide` (build of step p + 1, right after the trackers evicted): per layer, read the candidates, score them
+    (query-free scorers: their K/V no longer change, so the scores equal step p's), pick each head's winners and
+    write them into the slots. These kernels run before step p + 1's forward and before the freed blocks reach the
+    pool (the evictions ride back on this step's output), so no freed block is read or written.
+  * each sequence keeps `token_positions` [layers, kv_heads, topk_tokens], the position of every slot entry (the
+    random and streaming scores and the tie-break use positions).
+CFG: a pair is one sequence whose layer holds [conditional heads, null heads]. Both halves are scored as rows of
+their own, as in the reference, and decide together by the sum of their scores (the reference's "shared").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from adsa_vllm.policy.token_scores import TokenInputs
+from adsa_vllm.policy.token_select import winners
+from adsa_vllm.worker.kv_views import gather_blocks, scatter_blocks
+
+
+@dataclass
+class TokenRequest:
+    """One sequence's selection, requested at step at_pos - 1 and decided at at_pos."""
+    seq: object                      # its LiveSequence
+    at_pos: int
+    blocks: np.ndarray               # [C] logical indices of its candidate blocks, ascending (slots first)
+    scores: torch.Tensor | None = None   # [layers, kv_heads, C * bs] from the forward (query-dependent scorers)
+    layers_scored: int = 0
+
+
+@dataclass
+class TokenScoring:
+    """The query-dependent requests of one step, scored by every layer of its forward (in layer order)."""
+    requests: list[TokenRequest]
+    token_index: torch.Tensor        # [R] each row's decode query in the batch
+    block_ids: torch.Tensor          # [R, C] physical candidate blocks
+    positions: torch.Tensor          # [R, layers, kv_heads, C * bs]
+    query_pos: torch.Tensor          # [R]
+    branches: int
+    layer: int = 0
+
+    def score_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, backend: str, head_size: int,
+                    scale: float) -> None:
+        keys, values = _candidates(kv_cache, self.block_ids, backend, head_size)
+        scorer = self.requests[0].seq.token_scorer
+        s = head_scores(scorer, keys, values, self.positions[:, self.layer], self.query_pos,
+                        query[self.token_index], scale, self.layer, self.branches)
+        for r, req in enumerate(self.requests):
+            if req.scores is None:
+                req.scores = s.new_empty((len(self.positions[0]),) + tuple(s.shape[1:]))   # [layers, H, N]
+            req.scores[self.layer] = s[r]
+            req.layers_scored += 1
+        self.layer += 1
+
+
+def head_scores(scorer, keys, values, positions, query_pos, query, scale: float, layer: int,
+                branches: int) -> torch.Tensor:
+    """keys/values [R, N, H, D], positions [R, H, N], query [R, Hq, D] or None -> [R, H, N] float32 scores; under
+    CFG (branches 2: heads [conditional, null]) each half is scored as its own row and the pair's scores summed."""
+    r, n, h, _ = keys.shape
+    positions = positions.expand(r, h, n)
+    if branches == 2:
+        def halves(t, dim):
+            return torch.cat(t.chunk(2, dim=dim), 0)
+        keys, values, positions = halves(keys, 2), halves(values, 2), halves(positions, 1)
+        query = None if query is None else halves(query, 1)
+        query_pos = torch.cat([query_pos, query_pos])
+    valid = torch.ones(positions.shape, dtype=torch.bool, device=keys.device)
+    s = scorer.score(TokenInputs(keys=keys, values=values, valid=valid, positions=positions, query_pos=query_pos,
+                                 query=query, scale=scale, layer=layer)).float()
+    if branches == 2:
+        s = (s[:r] + s[r:]).repeat(1, 2, 1)
+    return s
+
+
+def _candidates(kv_cache, block_ids, backend, head_size):
+    """[R, C] physical blocks -> keys, values [R, C * bs, H, D]."""
+    r, c = block_ids.shape
+    keys, values = gather_blocks(kv_cache, block_ids.reshape(-1), backend, head_size)
+    return keys.reshape(r, -1, *keys.shape[2:]), values.reshape(r, -1, *values.shape[2:])
+
+
+@dataclass
+class TokenSelections:
+    """Pending token-granularity selections of the live sequences, by request id."""
+    block_size: int
+    branches: int = 1
+    pending: dict = field(default_factory=dict)
+
+    def request(self, bt: torch.Tensor, sequences: list, rows: np.ndarray, pos: np.ndarray, cand: np.ndarray,
+                token_rows: np.ndarray, num_layers: int) -> TokenScoring | None:
+        """Rows (batch rows of token-granularity sequences) requesting a selection at pos + 1, with their candidate
+        masks [R, W] -> the query-dependent ones' TokenScoring for this step's forward (None if there are none)."""
+        asks_query = []
+        for i, r in enumerate(rows):
+            seq = sequences[r]
+            req = TokenRequest(seq, int(pos[i]) + 1, np.flatnonzero(cand[i]))
+            self.pending[seq.req_id] = req
+            if seq.token_scorer.needs_query:
+                asks_query.append((i, req))
+        if not asks_query:
+            return None
+        scorer = asks_query[0][1].seq.token_scorer
+        if any(req.seq.token_scorer is not scorer or len(req.blocks) != len(asks_query[0][1].blocks)
+               for _, req in asks_query):
+            raise NotImplementedError("query-dependent token scorers of different settings or candidate counts in "
+                                      "one step")   # one policy (attention mass) exists; its rows always agree
+        idx = np.array([i for i, _ in asks_query])
+        reqs = [req for _, req in asks_query]
+        block_ids, positions = self._inputs(bt, rows[idx], reqs, num_layers)
+        dev = bt.device
+        return TokenScoring(reqs, torch.from_numpy(token_rows[idx].astype(np.int64)).to(dev), block_ids, positions,
+                            torch.from_numpy(pos[idx].astype(np.int64)).to(dev), self.branches)
+
+    def decide(self, bt: torch.Tensor, sequences: list, rows: np.ndarray, pos: np.ndarray, decided: np.ndarray,
+               layers: list, backend: str, fail) -> None:
+        """Rows at a decision (build of step pos): for each one whose trackers just decided (`decided`) and whose
+        token request is due now, copy every head's winners into its slots. A request whose selection was not
+        decided is dropped (the trackers ask again). An error fails the requests of its group (`fail(req_id, e)`),
+        not the engine."""
+        due = []
+        for i, r in enumerate(rows):
+            seq = sequences[r]
+            req = self.pending.get(seq.req_id)
+            if req is None or req.at_pos != pos[i] or req.seq is not seq:
+                continue
+            del self.pending[seq.req_id]
+            if decided[i]:
+                due.append((i, req))
+        groups: dict = {}
+        for i, req in due:   # one batched copy per (scorer, candidate count, slot count)
+            key = (id(req.seq.token_scorer), len(req.blocks), req.seq.layout.topk_blocks)
+            groups.setdefault(key, []).append((i, req))
+        for members in groups.values():
+            idx = np.array([i for i, _ in members])
+            reqs = [req for _, req in members]
+            try:
+                self._copy_winners(bt, rows[idx], pos[idx], reqs, layers, backend)
+            except Exception as e:  # noqa: BLE001 - fail these requests, not the engine
+                for req in reqs:
+                    fail(req.seq.req_id, e)
+
+    def drop(self, req_id: str) -> None:
+        self.pending.pop(req_id, None)
+
+    def _inputs(self, bt, rows, reqs, num_layers):
+        """-> physical candidate blocks [R, C] and each candidate's position per layer and head [R, L, H, C*bs]
+        (slot entries from the sequence's map, the others where they were written)."""
+        dev, bs = bt.device, self.block_size
+        blocks = np.stack([req.blocks for req in reqs])
+        natural = (blocks[:, :, None] * bs + np.arange(bs)).reshape(len(reqs), -1)
+        positions = torch.from_numpy(natural).to(dev)[:, None, None, :]
+        heads = None
+        for req in reqs:
+            if req.seq.token_positions is not None:
+                heads = req.seq.token_positions.shape[1]
+        positions = positions.expand(len(reqs), num_layers, heads or 1, natural.shape[1])
+        if heads is not None:
+            positions = positions.clone()
+            for r, req in enumerate(reqs):
+                if req.seq.token_positions is not None:
+                    positions[r, :, :, : req.seq.token_positions.shape[2]] = req.seq.token_positions
+        rows_dev = torch.from_numpy(rows.astype(np.int64)).to(dev)
+        block_ids = bt[rows_dev[:, None], torch.from_numpy(blocks).to(dev)].long()
+        return block_ids, positions
+
+    def _copy_winners(self, bt, rows, pos, reqs, layers, backend) -> None:
+        lay = reqs[0].seq.layout
+        k_blocks, bs = lay.topk_blocks, self.block_size
+        slots = np.arange(lay.prefix_blocks, lay.prefix_blocks + k_blocks)
+        for req in reqs:
+            if not np.array_equal(req.blocks[:k_blocks], slots):   # the trackers keep the oldest: the slots
+                raise RuntimeError(f"request {req.seq.req_id}: candidate blocks {req.blocks.tolist()} do not start "
+                                   f"with its top-k slots {slots.tolist()}")
+        block_ids, positions = self._inputs(bt, rows, reqs, len(layers))
+        scorer, k = reqs[0].seq.token_scorer, k_blocks * bs
+        query_pos = torch.from_numpy(pos.astype(np.int64) - 1).to(bt.device)   # the request's step
+        kept = []
+        for li, layer in enumerate(layers):
+            keys, values = _candidates(layer.kv_cache, block_ids, backend, layer.head_size)
+            h = keys.shape[2]
+            pos_l = positions[:, li].expand(len(reqs), h, positions.shape[-1])
+            if scorer.needs_query:
+                if any(req.layers_scored != len(layers) for req in reqs):
+                    raise RuntimeError("token scores of the requesting forward are missing")
+                scores = torch.stack([req.scores[li] for req in reqs])
+            else:
+                scores = head_scores(scorer, keys, values, pos_l, query_pos, None, layer.impl.scale, li,
+                                     self.branches)
+            if k == 0:
+                continue
+            idx = winners(scores, pos_l, k)                                   # [R, H, K]
+            gather = idx.transpose(1, 2)[..., None].expand(-1, -1, -1, keys.shape[-1])
+            new_k = keys.gather(1, gather).reshape(-1, bs, h, keys.shape[-1])
+            new_v = values.gather(1, gather).reshape(-1, bs, h, values.shape[-1])
+            scatter_blocks(layer.kv_cache, block_ids[:, :k_blocks].reshape(-1), new_k, new_v, backend,
+                           layer.head_size)
+            kept.append(pos_l.gather(2, idx))
+        if k:
+            new_positions = torch.stack(kept, 1)                              # [R, L, H, K]
+            for r, req in enumerate(reqs):
+                req.seq.token_positions = new_positions[r]
