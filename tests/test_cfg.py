@@ -6,11 +6,13 @@ scheduler admits, preempts, aborts and finishes it as one unit and one token is 
 the pair computes: the null-class branch, the guided logits u + s (c - u) per request, the interval, the seeded
 sampler, ADSA's shared selection for the pair, and recomputation after preemption.
 
-Engines (one alive at a time, see conftest.py): cfg16 (guidance, full attention), cfg16_adsa (guidance + ADSA
-50%), cfg16_small (guidance, a pool of 3 sequences for 8 images: preemption must happen), plain16 (no guidance).
+Engines (one alive at a time, see conftest.py): cfg16 (guidance, full attention), cfg16_adsa_block (guidance + ADSA
+50%), cfg16_adsa_token (the same at token granularity), cfg16_small (guidance, a pool of 3 sequences for 8 images: preemption must happen), plain16 (no guidance).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ CLASSES = list(range(8))
 SCALE = 3.0
 SAMPLING = dict(seed=11, top_k=20, temperature=1.0, logprobs=5)
 ADSA50 = ADSAConfig(budget=0.5)
+TOKEN50 = ADSAConfig(budget=0.5, granularity="token")
 
 
 def _cfg_engine(engines, model16, key="cfg16", **kw):
@@ -58,13 +61,19 @@ def _check_against_reference(outputs, tokens, ref_logprobs):
 
 # ---------------------------------------------------------------- greedy, ADSA off and on
 
-@pytest.mark.parametrize("adsa", [None, ADSA50], ids=["full", "adsa50"])
+def _adsa_engine(engines, model16, adsa: ADSAConfig):
+    """The CFG engine with these ADSA engine defaults (budget, and granularity when token)."""
+    defaults = {"budget": adsa.budget} | ({"granularity": "token"} if adsa.granularity == "token" else {})
+    return _cfg_engine(engines, model16, key=f"cfg16_adsa_{adsa.granularity}", attention_backend="adsa",
+                       additional_config={"cfg": {"scale": SCALE}, "adsa": defaults})
+
+
+@pytest.mark.parametrize("adsa", [None, ADSA50, TOKEN50], ids=["full", "adsa50", "token50"])
 def test_greedy_cfg_equals_reference(adsa, engines, model16, ref_model):
     if adsa is None:
         llm, _ = _cfg_engine(engines, model16)
     else:
-        llm, _ = _cfg_engine(engines, model16, key="cfg16_adsa", attention_backend="adsa",
-                             additional_config={"cfg": {"scale": SCALE}, "adsa": {"budget": 0.5}})
+        llm, _ = _adsa_engine(engines, model16, adsa)
         manager = llm.llm_engine.engine_core.engine_core.scheduler.adsa_managers[0]
         freed0 = manager.total_freed
     got = generate_images(llm, CLASSES, greedy=True, logprobs=1)
@@ -83,11 +92,36 @@ def test_greedy_cfg_equals_reference(adsa, engines, model16, ref_model):
         assert not torch.equal(plain.tokens, want.tokens[:2])
 
 
+@pytest.mark.parametrize("adsa", [
+    ADSAConfig(budget=0.5, keep="similar", granularity="token"),
+    ADSAConfig(budget=0.5, policy="streaming", granularity="token"),
+    ADSAConfig(budget=0.5, policy="random", seed=3, granularity="token"),
+    ADSAConfig(budget=0.5, policy="attention_mass", granularity="token"),
+], ids=lambda a: f"{a.policy}-{a.keep}")
+def test_token_granularity_cfg_pairs_select_per_head_together_like_the_reference(adsa, engines, model16, ref_model):
+    """Every policy at token granularity under CFG (engine default token, policy per request): a pair's halves
+    decide together by the sum of their heads' scores, as the reference's shared selection."""
+    from vllm import SamplingParams
+    llm, config = _adsa_engine(engines, model16, TOKEN50)
+    classes = CLASSES[:2]
+    overrides = {"policy": adsa.policy, "keep": adsa.keep, "seed": adsa.seed}
+    params = SamplingParams(temperature=0.0, max_tokens=config.image_tokens, detokenize=False,
+                            extra_args={"adsa": overrides})
+    outs = llm.generate([{"prompt_token_ids": config.prompt(c)} for c in classes], params, use_tqdm=False)
+    got = torch.tensor([list(o.outputs[0].token_ids) for o in outs])
+    want = generate(ref_model, classes, greedy=True, cfg_scale=SCALE, adsa=adsa, cfg_selection="shared",
+                    return_logprobs=True)
+    assert_greedy_matches_reference(got, ref_model, classes, cfg_scale=SCALE, own=want, adsa=adsa,
+                                    cfg_selection="shared", label=adsa.policy)
+    block = generate(ref_model, classes, greedy=True, cfg_scale=SCALE, adsa=replace(adsa, granularity="block"),
+                     cfg_selection="shared")
+    assert torch.equal(got, block.tokens) == (adsa.policy == "streaming")
+
+
 def test_aborted_pairs_free_everything_and_leave_the_others_exact(engines, model16, ref_model):
     """An abort ends the whole pair (one request); with ADSA evicting, nothing leaks and the rest stay exact."""
     from vllm import SamplingParams
-    llm, config = _cfg_engine(engines, model16, key="cfg16_adsa", attention_backend="adsa",
-                           additional_config={"cfg": {"scale": SCALE}, "adsa": {"budget": 0.5}})
+    llm, config = _adsa_engine(engines, model16, ADSA50)
     eng = llm.llm_engine
     pool = eng.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
     free0 = pool.get_num_free_blocks()

@@ -4,12 +4,16 @@ pool (and are never read again), the per-request bound holds, nothing leaks, and
 Engines (one alive at a time, see conftest.py), in file order:
   adsa16   16x16, engine default budget 0.5 / topk_v diverse; other policies and budgets through per-request
            overrides, all in one batch (`main16`), with a recorder of held blocks after every schedule().
-  adsa24   24x24, engine default policy streaming (so an engine-level policy other than the default is covered).
+           Token granularity (issue 12, worker/token_gather.py) rides in the same batch as per-request overrides.
+  adsa24   24x24, engine default policy streaming (so an engine-level policy other than the default is covered);
+           token granularity per request.
   none16   budget None at engine level.
   cap_*    exact small pools (num_gpu_blocks_override) for capacity, leak and abort checks.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,7 +141,14 @@ MAIN_REQUESTS = ([("diverse", c, None) for c in C16]
                     ("budget0.25", C16[0], {"budget": 0.25}),
                     ("budget0.25json", C16[1], '{"budget": 0.25}'),   # the HTTP (vllm_xargs) JSON-string form
                     ("cover", C16[0], {"budget": 257}),           # int budget covering the whole sequence
-                    ("cover_frac", C16[1], {"budget": 1.0})])     # fraction 1.0 also keeps everything
+                    ("cover_frac", C16[1], {"budget": 1.0})]      # fraction 1.0 also keeps everything
+                 + [("tok_diverse", c, {"granularity": "token"}) for c in C16]
+                 + [("tok_similar", C16[0], {"granularity": "token", "keep": "similar"}),
+                    ("tok_streaming", C16[0], {"granularity": "token", "policy": "streaming"}),
+                    ("tok_random", C16[1], {"granularity": "token", "policy": "random", "seed": 3}),
+                    ("tok_attention_mass", C16[0], {"granularity": "token", "policy": "attention_mass"}),
+                    ("tok_budget0.25", C16[1], {"granularity": "token", "budget": 0.25}),   # no top-k slot
+                    ("tok_budget96", C16[1], {"granularity": "token", "budget": 96})])
 
 
 def _adsa16(engines, model16):
@@ -230,6 +241,38 @@ def test_adsa_other_policies_per_request_equal_reference(label, adsa, main16, mo
     assert main16["stats"]["requests"][_by_label(main16, f"{label}/{c}")]["freed_blocks"] > 0
 
 
+TOKEN16 = [
+    ("tok_diverse", ADSAConfig(budget=0.5, granularity="token"), C16),
+    ("tok_similar", ADSAConfig(budget=0.5, keep="similar", granularity="token"), C16[:1]),
+    ("tok_streaming", ADSAConfig(budget=0.5, policy="streaming", granularity="token"), C16[:1]),
+    ("tok_random", ADSAConfig(budget=0.5, policy="random", seed=3, granularity="token"), C16[1:]),
+    ("tok_attention_mass", ADSAConfig(budget=0.5, policy="attention_mass", granularity="token"), C16[:1]),
+    ("tok_budget0.25", ADSAConfig(budget=0.25, granularity="token"), C16[1:]),
+    ("tok_budget96", ADSAConfig(budget=96, granularity="token"), C16[1:]),
+]
+
+
+def _assert_token_mode_equals_reference(tokens, label, adsa, classes, model, reference, stats_of=None):
+    """vLLM's token-granularity images equal the reference's (near-ties aside, tests/greedy_match.py); they differ
+    from full attention and from block granularity, so the per-head selection is really what ran, except where
+    both modes keep the same tokens by construction: streaming, or a budget with no top-k slot."""
+    model_dir, config = model
+    got = torch.stack([tokens[f"{label}/{c}"] for c in classes])
+    _assert_matches(reference, model_dir, got, classes, adsa, label)
+    assert not torch.equal(got, reference.greedy(model_dir, classes).tokens), f"{label}: equals full attention"
+    block = reference.greedy(model_dir, classes, replace(adsa, granularity="block")).tokens
+    layout = adsa.layout(block_size=16, cls_token_num=config.cls_token_num, grid_size=config.grid_size)
+    same = adsa.policy == "streaming" or layout.topk_blocks == 0
+    assert torch.equal(got, block) == same, f"{label}: token vs block mode"
+
+
+@pytest.mark.parametrize("label,adsa,classes", TOKEN16, ids=[t[0] for t in TOKEN16])
+def test_token_granularity_equals_reference_16x16(label, adsa, classes, main16, model16, reference):
+    _assert_token_mode_equals_reference(main16["tokens"], label, adsa, classes, model16, reference)
+    for c in classes:
+        assert main16["stats"]["requests"][_by_label(main16, f"{label}/{c}")]["freed_blocks"] > 0
+
+
 def test_blocks_were_freed_to_the_pool(main16):
     assert main16["stats"]["total_freed_blocks"] > 0
     assert main16["freed"] > 0
@@ -291,7 +334,8 @@ def test_no_leak_after_all_requests_finish(main16):
 
 def test_freed_blocks_overwritten_with_garbage_do_not_change_outputs(engines, model16, main16):
     llm, config, _ = _adsa16(engines, model16)
-    reqs = [(f"diverse/{c}", c, None) for c in C16] + [(f"streaming/{C16[0]}", C16[0], {"policy": "streaming"})]
+    reqs = ([(f"diverse/{c}", c, None) for c in C16] + [(f"streaming/{C16[0]}", C16[0], {"policy": "streaming"})]
+            + [(f"{lab}/{c}", c, ov) for lab, c, ov in MAIN_REQUESTS if lab in ("tok_diverse", "tok_attention_mass")])
     # Finite garbage: a freed block is typically handed straight to another sequence as its new tail, whose
     # not-yet-written slots the CPU kernel masks by value (NaN there would poison even stock vLLM; see report).
     gw = GarbageWriter(llm, value=1e4)
@@ -324,6 +368,10 @@ def test_garbage_writer_control_kept_block_changes_output(engines, model16, main
 
 # ====================================================================== adsa24
 
+TOKEN24 = [("tok_diverse", ADSAConfig(budget=0.5, granularity="token")),
+           ("tok_random", ADSAConfig(budget=0.5, policy="random", seed=5, granularity="token")),
+           ("tok_attention_mass", ADSAConfig(budget=0.5, policy="attention_mass", granularity="token"))]
+
 @pytest.fixture(scope="module")
 def main24(engines, model24):
     model_dir, config = model24
@@ -331,7 +379,9 @@ def main24(engines, model24):
                       additional_config={"adsa": {"budget": 0.5, "policy": "streaming"}})
     reqs = ([(f"streaming/{c}", c, None) for c in C24]
             + [(f"diverse/{c}", c, {"policy": "topk_v"}) for c in C24]
-            + [(f"similar/{c}", c, {"policy": "topk_v", "keep": "similar"}) for c in C24])
+            + [(f"similar/{c}", c, {"policy": "topk_v", "keep": "similar"}) for c in C24]
+            + [(f"{label}/{c}", c, {"granularity": "token", "policy": a.policy, "seed": a.seed})
+               for label, a in TOKEN24 for c in C24])
     freed0 = _manager(llm).total_freed
     tokens, _ = _generate(llm, config, reqs)
     return dict(tokens=tokens, freed=_manager(llm).total_freed - freed0)
@@ -345,6 +395,11 @@ def main24(engines, model24):
 def test_adsa_greedy_equals_reference_24x24(label, adsa, main24, model24, reference):
     _assert_equals_reference(main24["tokens"], label, adsa, model24, C24, reference)
     assert main24["freed"] > 0
+
+
+@pytest.mark.parametrize("label,adsa", TOKEN24, ids=[t[0] for t in TOKEN24])
+def test_token_granularity_equals_reference_24x24(label, adsa, main24, model24, reference):
+    _assert_token_mode_equals_reference(main24["tokens"], label, adsa, C24, model24, reference)
 
 
 # ====================================================================== budget None at engine level
