@@ -9,8 +9,12 @@ attention token for token, CFG + ADSA 50% frees blocks within the bound, and the
 fp32 reference's guided distribution teacher-forced on vLLM's own tokens (bf16 tolerance, reported).
 (5) FP8 KV cache: ADSA with a budget covering the sequence equals stock vLLM with the same fp8 cache token for token;
 ADSA 50% on it frees blocks.
-Prints one JSON line; exits non-zero if (1), (3), (4), (5)'s equality or a bound fails. `--checks basic cfg fp8`
-runs a subset ((1)-(3), (4), (5)), e.g. one per GPU.
+(6) token granularity (issue 12): streaming keeps the same tokens at both granularities, so at token granularity
+every selection still rewrites slot entries on the device (identical tokens, moved), and its images must equal
+block granularity's token for token: a write in the wrong place of the FLASH_ATTN layout changes them. TopK-V and
+random at token granularity free blocks within the bound; their agreement with the fp32 reference is reported.
+Prints one JSON line; exits non-zero if (1), (3), (4), (5), (6)'s equality or a bound fails. `--checks basic cfg
+fp8 token` runs a subset ((1)-(3), (4), (5), (6)), e.g. one per GPU.
 """
 
 from __future__ import annotations
@@ -34,18 +38,20 @@ from adsa_vllm.reference.generate import generate, score_tokens  # noqa: E402
 CFG_SCALE = 3.0
 
 
-def run(model_dir, config, classes, adsa: dict | None, guided: bool = False, kv_cache_dtype: str = "auto"):
+def run(model_dir, config, classes, adsa: dict | None, guided: bool = False, kv_cache_dtype: str = "auto",
+        overrides: list | None = None):
     """One engine in a fresh process (vLLM does not give all GPU memory back, and a later engine's memory
-    profiling in the same process trips over the earlier one's memory being returned)."""
+    profiling in the same process trips over the earlier one's memory being returned). `overrides`: each
+    request's extra_args["adsa"] (one per class)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         toks, stats, restored, lps = pool.submit(_run_engine, model_dir, config, classes, adsa, guided,
-                                                 kv_cache_dtype).result()
+                                                 kv_cache_dtype, overrides).result()
     return torch.tensor(toks), stats, restored, torch.tensor(lps)
 
 
-def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype):
+def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype, overrides=None):
     extra = {"cfg": {"scale": CFG_SCALE}} if guided else {}
     kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **extra}) if adsa is not None else \
         dict(additional_config=extra)
@@ -53,9 +59,10 @@ def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype):
               kv_cache_dtype=kv_cache_dtype, **kw)
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     free0 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+    params = [SamplingParams(temperature=0.0, max_tokens=config.image_tokens, detokenize=False, logprobs=0,
+                             extra_args=None if overrides is None else {"adsa": ov}) for ov in overrides or [None]]
     outs = llm.generate([{"prompt_token_ids": config.prompt(c)} for c in classes],
-                        SamplingParams(temperature=0.0, max_tokens=config.image_tokens, detokenize=False, logprobs=0),
-                        use_tqdm=False)
+                        params if overrides is not None else params[0], use_tqdm=False)
     toks = [list(o.outputs[0].token_ids) for o in outs]
     lps = [[s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
     stats = sched.adsa_stats() if hasattr(sched, "adsa_stats") else {}
@@ -73,7 +80,7 @@ def main():
     d = make_random_model_dir(tempfile.mkdtemp(), config, seed=0, std=0.1)
     classes = list(range(8))
     out = {"device": torch.cuda.get_device_name(0), "checks": args.checks}
-    ref_model = load_reference(d, device="cuda") if {"basic", "cfg"} & set(args.checks) else None
+    ref_model = load_reference(d, device="cuda") if {"basic", "cfg", "token"} & set(args.checks) else None
     for name in args.checks:
         out.update(CHECKS[name](d, config, classes, ref_model))
     print("GPUCHECK " + json.dumps(out), flush=True)
@@ -95,6 +102,11 @@ def _verdicts(out: dict) -> dict:
                  cfg_pool_restored=out["cfg_pool_restored"],
                  cfg_adsa50_within_bound=out["cfg_adsa50_peak_held"] <= out["cfg_adsa50_bound"],
                  cfg_adsa50_freed=out["cfg_adsa50_freed_blocks"] > 0)
+    if "token_streaming_equals_block_streaming" in out:
+        v.update(token_streaming_equals_block_streaming=out["token_streaming_equals_block_streaming"],
+                 token_pool_restored=out["token_pool_restored"],
+                 token_within_bound=out["token_peak_held"] <= out["token_bound"],
+                 token_freed=out["token_freed_blocks"] > 0)
     if "fp8_budget_none_equals_fp8_full" in out:
         v.update(fp8_budget_none_equals_fp8_full=out["fp8_budget_none_equals_fp8_full"],
                  fp8_pool_restored=out["fp8_pool_restored"], fp8_adsa50_freed=out["fp8_adsa50_freed_blocks"] > 0)
@@ -145,7 +157,33 @@ def check_guidance(d, config, classes, ref_model) -> dict:
     return out
 
 
-CHECKS = {"basic": check_basic, "cfg": check_guidance, "fp8": check_fp8}
+def check_token(d, config, classes, ref_model) -> dict:
+    """Token granularity on the GPU path (one engine, every case a per-request override): streaming at token vs
+    block granularity (equal by construction), TopK-V and random at token granularity."""
+    cases = {"block_streaming": {"policy": "streaming"},
+             "token_streaming": {"policy": "streaming", "granularity": "token"},
+             "token_topk_v": {"policy": "topk_v", "granularity": "token"},
+             "token_random": {"policy": "random", "seed": 3, "granularity": "token"}}
+    reqs = [(name, c) for name in cases for c in classes]
+    toks, st, ok, _ = run(d, config, [c for _, c in reqs], {"budget": 0.5}, overrides=[cases[n] for n, _ in reqs])
+    got = {name: toks[i * len(classes):(i + 1) * len(classes)] for i, name in enumerate(cases)}
+    reqs_st = list(st["requests"].values())
+    out = {"token_streaming_equals_block_streaming": bool(torch.equal(got["token_streaming"],
+                                                                       got["block_streaming"])),
+           "token_pool_restored": ok, "token_freed_blocks": st["total_freed_blocks"],
+           "token_peak_held": max(r["peak_held_blocks"] for r in reqs_st),
+           "token_bound": max(r["budget_blocks"] + r["slack_blocks"] for r in reqs_st),
+           "token_topk_v_differs_from_block_streaming": bool(not torch.equal(got["token_topk_v"],
+                                                                             got["block_streaming"]))}
+    for name in ("token_topk_v", "token_random"):
+        adsa = ADSAConfig(budget=0.5, granularity="token", **{k: v for k, v in cases[name].items()
+                                                              if k != "granularity"})
+        ref = generate(ref_model, classes, greedy=True, adsa=adsa).tokens.cpu()
+        out[f"{name}_vs_reference_fp32_matching_prefix"] = (got[name] == ref).float().cumprod(1).sum(1).tolist()
+    return out
+
+
+CHECKS = {"basic": check_basic, "cfg": check_guidance, "fp8": check_fp8, "token": check_token}
 
 if __name__ == "__main__":
     main()

@@ -47,12 +47,13 @@ def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0, 
 
 def parse_mode(mode: str, policy: str, budget: float):
     """"adsa:streaming:0.25" -> ("adsa", "streaming", 0.25); "llama-sw:0.25" -> ("llama-sw", policy, 0.25);
-    missing parts come from --policy / --budget; a part "fp8" (any mode) sets that mode's KV cache dtype."""
+    missing parts come from --policy / --budget; a part "fp8" (any mode) sets that mode's KV cache dtype, a part
+    "token" an ADSA mode's granularity (e.g. "adsa:topk_v:0.5:token")."""
     parts = mode.split(":")
     base = parts[0]
     for p in parts[1:]:
-        if p.startswith("fp8") or p == "v1":
-            continue          # a KV cache dtype (see kv_dtype_of) / vLLM's V1 model runner (see run_mode)
+        if p.startswith("fp8") or p in ("v1", "token"):
+            continue          # a KV cache dtype (see kv_dtype_of) / vLLM's V1 model runner / granularity (run_mode)
         try:
             budget = float(p)
         except ValueError:
@@ -84,7 +85,9 @@ def run_mode(args) -> dict:
         kw["kv_cache_dtype"] = kv_dtype
     if base.startswith("adsa"):
         budget = None if base == "adsa-full" else budget   # adsa-full: ADSA scheduler, no eviction
-        kw.update(attention_backend="adsa", additional_config={"adsa": {"budget": budget, "policy": policy}})
+        granularity = "token" if "token" in args.mode.split(":")[1:] else "block"
+        kw.update(attention_backend="adsa", additional_config={"adsa": {"budget": budget, "policy": policy,
+                                                                        "granularity": granularity}})
     if args.mode == "cfg":
         kw["additional_config"] = {"cfg": {"scale": args.cfg_scale}}
     t0 = time.perf_counter()

@@ -1,6 +1,8 @@
 """Token-level, per-(layer, KV head) ADSA selection (`granularity="token"`, issue 12 step 1) in the plain-PyTorch
 reference: settings, the per-head scores and top-k rule, the state machine against block mode's schedule and
-budget, and the reference decoder's per-layer, per-head masks (CPU, float32, tiny random models)."""
+budget, and the reference decoder's per-layer, per-head masks (CPU, float32, tiny random models); and the pure pieces
+of the vLLM path (slot replacements, token writes into the paged layouts). The vLLM path end to end:
+tests/test_vllm_adsa.py and tests/test_cfg.py (token granularity cases)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from adsa_vllm.model_config import LlamaGenConfig
 from adsa_vllm.policy import LockstepTrackers, ScoreInputs, make_scorer, top_blocks
 from adsa_vllm.policy.random_blocks import RandomBlocks
 from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer, make_token_scorer
-from adsa_vllm.policy.token_select import TokenTrackers, select
+from adsa_vllm.policy.token_select import TokenTrackers, replacements, select, winners
 from adsa_vllm.reference import LlamaGenReference, generate, score_tokens, score_tokens_batched
 from adsa_vllm.reference.token_decoder import TokenDecoder
 from adsa_vllm.settings import ADSASettings, EngineSettings
+from adsa_vllm.worker.kv_views import gather_blocks, gather_part, write_tokens
 
 
 def tiny(grid=8, kv=None, seed=0, layers=2) -> LlamaGenReference:
@@ -267,3 +270,48 @@ def test_shared_selection_keeps_each_heads_best_by_the_pairs_summed_scores():
     assert checked == len(tok.schedule) > 2
     with pytest.raises(ValueError, match="2 x pairs rows"):
         TokenTrackers(lay, _Noise(), 3, L, H, pairs=B)
+
+
+# ---------------------------------------------------------------------- the vLLM path's pieces (worker/token_gather.py)
+
+def test_replacements_leave_the_slots_holding_exactly_the_winners():
+    """Overwriting each losing slot entry with a winning new token (`replacements`) leaves every head's slots with
+    the very tokens `winners` picks, ties included (scores drawn from 5 values, so ties are everywhere)."""
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(200):
+        k = int(torch.randint(1, 24, (1,), generator=g))
+        n = k + int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.randint(0, 5, (3, 2, n), generator=g).float()
+        pos = torch.stack([torch.randperm(200, generator=g)[:n] for _ in range(6)]).reshape(3, 2, n)
+        dst, src, valid = replacements(scores, pos, k)
+        slots = pos[..., :k].clone()
+        real = valid.nonzero().tolist()
+        for a, b, j in real:
+            slots[a, b, dst[a, b, j]] = pos[a, b, src[a, b, j]]
+        want = pos.gather(-1, winners(scores, pos, k))
+        assert torch.equal(slots.sort(-1).values, want.sort(-1).values)
+        assert (src >= k).all() and (dst < k).all()
+        checked += len(real)
+    assert checked > 500
+
+
+@pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
+def test_token_writes_and_partial_reads_agree_with_whole_block_reads(backend):
+    """write_tokens puts one head's K/V of one token where gather_blocks reads it (and nothing else changes);
+    gather_part returns gather_blocks' keys or values alone. gather_blocks itself is checked against the CPU
+    kernel's own writer (check_cpu_layout) and on the GPU by benchmarks/gpu_check.py --checks token."""
+    nb, h, bs, d = 6, 3, 16, 8
+    kv = torch.randn(nb, h, bs, 2 * d)
+    before = kv.clone()
+    blocks, heads, offsets = torch.tensor([4, 1, 4]), torch.tensor([0, 2, 1]), torch.tensor([3, 15, 0])
+    k, v = torch.randn(3, d), torch.randn(3, d)
+    write_tokens(kv, blocks, heads, offsets, k, v, backend, d)
+    keys, values = gather_blocks(kv, blocks, backend, d)
+    for i in range(3):
+        assert torch.equal(keys[i, offsets[i], heads[i]], k[i]) and torch.equal(values[i, offsets[i], heads[i]], v[i])
+    assert int((kv != before).sum()) == 3 * 2 * d
+    ids = torch.tensor([5, 0, 4])
+    keys, values = gather_blocks(kv, ids, backend, d)
+    assert torch.equal(gather_part(kv, ids, "keys", backend, d), keys)
+    assert torch.equal(gather_part(kv, ids, "values", backend, d), values)

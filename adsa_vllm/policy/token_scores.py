@@ -28,8 +28,8 @@ _MASK = (1 << 31) - 1
 
 @dataclass(frozen=True)
 class TokenInputs:
-    keys: torch.Tensor          # [R, N, Hkv, D] the aged tokens [lo, hi) of one layer (post-RoPE)
-    values: torch.Tensor        # [R, N, Hkv, D]
+    keys: torch.Tensor | None   # [R, N, Hkv, D] the aged tokens [lo, hi) of one layer (post-RoPE); the vLLM path
+    values: torch.Tensor | None # [R, N, Hkv, D]   reads only what the scorer `reads` (None otherwise)
     valid: torch.Tensor         # [R, Hkv, N] bool, each head's candidates
     positions: torch.Tensor     # [N] or [R, Hkv, N] int64 each candidate's token position (the reference passes
                                 # lo .. hi-1; the vLLM path per head, as its top-k slots hold each head's own tokens)
@@ -42,6 +42,7 @@ class TokenInputs:
 class TokenScorer:
     name: ClassVar[str]
     needs_query: ClassVar[bool] = False   # scored inside the forward, with the decode query
+    reads: ClassVar[tuple[str, ...]] = ()  # of the candidates' "keys" / "values", what score() uses
     registry: ClassVar[dict[str, type["TokenScorer"]]] = {}
 
     def __init_subclass__(cls, **kw):
@@ -57,6 +58,7 @@ class TokenScorer:
 @dataclass(frozen=True)
 class TokenTopKV(TokenScorer):
     name = "topk_v"
+    reads = ("values",)
     keep: str = "diverse"
 
     def score(self, x: TokenInputs) -> torch.Tensor:
@@ -71,9 +73,10 @@ class TokenTopKV(TokenScorer):
 class TokenAttentionMass(TokenScorer):
     name = "attention_mass"
     needs_query = True
+    reads = ("keys",)
 
     def score(self, x: TokenInputs) -> torch.Tensor:
-        r, n, hkv, d = x.keys.shape
+        r, n, hkv, _ = x.keys.shape
         q = x.query.float()                                                      # [R, H, D]
         rep = q.shape[1] // hkv
         logits = torch.einsum("rhd,rnhd->rhn", q, x.keys.float().repeat_interleave(rep, dim=2)) * x.scale

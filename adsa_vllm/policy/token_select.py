@@ -55,6 +55,23 @@ def winners(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tens
     return order[:, :k].reshape(*shape[:-1], k)
 
 
+def replacements(scores: torch.Tensor, positions: torch.Tensor, k: int):
+    """scores, positions [..., N] whose first k entries are a head's slots (its kept tokens) and the rest newly aged
+    tokens -> (dst, src, valid), each [..., min(k, N - k)]: the slot entries that the k best (as `winners` picks
+    them) no longer hold, ascending, each paired with a new token that joins them (src, a column >= k, ascending);
+    `valid` marks real pairs (as many as new tokens win). Overwriting dst with src leaves the slots holding exactly
+    `winners`' tokens while moving only the newcomers (the vLLM path's copy; the order in the slots is free, as
+    attention does not depend on it and K carries its position)."""
+    shape, n = scores.shape, scores.shape[-1]
+    k_rows = torch.full((scores.numel() // n,), k, dtype=torch.int64, device=scores.device)
+    keep = top_blocks_rows(positions.reshape(-1, n), scores.reshape(-1, n), k_rows)
+    w = min(k, n - k)
+    dst = torch.argsort(keep[:, :k].to(torch.uint8), dim=1, stable=True)[:, :w]       # slot entries that lose
+    src = torch.argsort((~keep[:, k:]).to(torch.uint8), dim=1, stable=True)[:, :w] + k   # new tokens that win
+    valid = torch.arange(w, device=scores.device) < keep[:, k:].sum(1, keepdim=True)
+    return tuple(t.reshape(*shape[:-1], w) for t in (dst, src, valid))
+
+
 class OldestBlocks(BlockScorer):
     """The block decision under token granularity: keep the oldest candidates. Those are the sequence's top-k
     *slot* blocks (right after the prefix), into which each (layer, head) has copied its own best tokens by the time

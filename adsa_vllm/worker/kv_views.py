@@ -1,5 +1,5 @@
-"""Read (for scoring) and write (token granularity's slot copies) whole K/V blocks of a paged cache, in each inner
-kernel's layout.
+"""Read whole K/V blocks of a paged cache (for scoring) and write single tokens of one head into it (token
+granularity's slot replacements), in each inner kernel's layout.
 
 Returned shapes: keys, values [n, block_size, num_kv_heads, head_dim] for the n requested physical blocks.
   * CPU_ATTN: tensor (nb, H, bs, 2D) reinterpreted as (nb, H, 2bs, D); the first half holds keys *transposed*
@@ -26,17 +26,33 @@ def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, backend: str,
     return blocks[..., :head_size], blocks[..., head_size:]
 
 
-def scatter_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   backend: str, head_size: int) -> None:
-    """`gather_blocks`' inverse: write keys, values [n, block_size, num_kv_heads, head_dim] into the n physical
-    blocks `block_ids` (distinct), in place."""
+def gather_part(kv_cache: torch.Tensor, block_ids: torch.Tensor, part: str, backend: str,
+                head_size: int) -> torch.Tensor:
+    """Only the keys or only the values (`part`) of the requested blocks, [n, block_size, num_kv_heads, head_dim]:
+    half the reads of `gather_blocks` when a scorer needs one of them."""
     if backend == "CPU_ATTN":
         nb, h, bs, _ = kv_cache.shape
-        blocks = kv_cache.view(nb, h, 2 * bs, head_size)
-        blocks[block_ids, :, :bs] = keys.permute(0, 2, 3, 1).reshape(-1, h, bs, head_size).to(kv_cache.dtype)
-        blocks[block_ids, :, bs:] = values.permute(0, 2, 1, 3).to(kv_cache.dtype)
+        halves = kv_cache.view(nb, h, 2, bs * head_size)
+        if part == "keys":
+            return halves[:, :, 0][block_ids].view(-1, h, head_size, bs).permute(0, 3, 1, 2)
+        return halves[:, :, 1][block_ids].view(-1, h, bs, head_size).transpose(1, 2)
+    half = kv_cache[..., :head_size] if part == "keys" else kv_cache[..., head_size:]
+    return half[block_ids].transpose(1, 2)
+
+
+def write_tokens(kv_cache: torch.Tensor, block_ids: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor,
+                 keys: torch.Tensor, values: torch.Tensor, backend: str, head_size: int) -> None:
+    """Write one head's K and V of single tokens, in place: entry i goes to (physical block block_ids[i], KV head
+    heads[i], slot offsets[i]); keys, values [n, head_dim]. Used by token granularity to replace slot entries."""
+    if backend == "CPU_ATTN":   # per (block, head): keys transposed [D, bs], then values [bs, D]
+        nb, h, bs, _ = kv_cache.shape
+        flat = kv_cache.view(nb, h, 2 * bs * head_size)
+        d = torch.arange(head_size, device=kv_cache.device)
+        b, hh, o = block_ids[:, None], heads[:, None], offsets[:, None]
+        flat[b, hh, d * bs + o] = keys.to(kv_cache.dtype)
+        flat[b, hh, bs * head_size + o * head_size + d] = values.to(kv_cache.dtype)
         return
-    kv_cache[block_ids] = torch.cat([keys, values], dim=-1).transpose(1, 2).to(kv_cache.dtype)
+    kv_cache[block_ids, heads, offsets] = torch.cat([keys, values], dim=-1).to(kv_cache.dtype)
 
 
 def value_blocks(kv_cache: torch.Tensor, backend: str, head_size: int) -> torch.Tensor:

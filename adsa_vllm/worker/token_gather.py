@@ -4,16 +4,18 @@ The blocks a sequence holds stay data-independent: prefix, window, and its `topk
 *slots* (the block trackers score candidates with `OldestBlocks`, so admission, eviction, freeing and the compacted
 tables are block mode's, unchanged). What a slot holds differs per (layer, KV head): at each selection every head
 rates its candidates (its slot tokens + the newly aged blocks' tokens) with the policy's token scorer
-(policy/token_scores.py), and its `topk_tokens` best are copied into the slots in position order; the trackers then
-free every other candidate block. K is cached after RoPE, so a copied token keeps its position, and the paged
-kernel attends to the slots like any block. Semantics: policy/token_select.py (the reference's `TokenTrackers`).
+(policy/token_scores.py) and keeps its `topk_tokens` best: each new token that wins overwrites a slot entry that
+lost (`replacements`), so a selection moves at most a block's worth of tokens per head, not the whole budget; the
+trackers then free every other candidate block. K is cached after RoPE, so a moved token keeps its position, and
+the paged kernel attends to the slots like any block (in any order). Semantics: policy/token_select.py (the
+reference's `TokenTrackers`).
 
 Timing, as the reference's (requested at step p, decided at step p + 1):
   * `request` (build of step p): remember each sequence's candidates. A query-dependent scorer (attention mass)
     scores them in this step's forward, layer by layer (`TokenScoring.score_layer`), into a device buffer.
-  * `decide` (build of step p + 1, right after the trackers evicted): per layer, read the candidates, score them
-    (query-free scorers: their K/V no longer change, so the scores equal step p's), pick each head's winners and
-    write them into the slots. These kernels run before step p + 1's forward and before the freed blocks reach the
+  * `decide` (build of step p + 1, right after the trackers evicted): per layer, read what the scorer needs of the
+    candidates, score them (query-free scorers: their K/V no longer change, so the scores equal step p's), and
+    write each head's winning new tokens over its losing slot entries. These kernels run before step p + 1's forward and before the freed blocks reach the
     pool (the evictions ride back on this step's output), so no freed block is read or written.
   * each sequence keeps `token_positions` [layers, kv_heads, topk_tokens], the position of every slot entry (the
     random and streaming scores and the tie-break use positions).
@@ -29,8 +31,8 @@ import numpy as np
 import torch
 
 from adsa_vllm.policy.token_scores import TokenInputs
-from adsa_vllm.policy.token_select import winners
-from adsa_vllm.worker.kv_views import gather_blocks, scatter_blocks
+from adsa_vllm.policy.token_select import replacements
+from adsa_vllm.worker.kv_views import gather_blocks, gather_part, write_tokens
 
 
 @dataclass
@@ -56,9 +58,10 @@ class TokenScoring:
 
     def score_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, backend: str, head_size: int,
                     scale: float) -> None:
-        keys, values = _candidates(kv_cache, self.block_ids, backend, head_size)
         scorer = self.requests[0].seq.token_scorer
-        s = head_scores(scorer, keys, values, self.positions[:, self.layer], self.query_pos,
+        keys, values = _candidates(kv_cache, self.block_ids, scorer.reads, backend, head_size)
+        positions = self.positions[:, self.layer].expand(-1, kv_cache.shape[1], -1)
+        s = head_scores(scorer, keys, values, positions, self.query_pos,
                         query[self.token_index], scale, self.layer, self.branches)
         for r, req in enumerate(self.requests):
             if req.scores is None:
@@ -70,17 +73,16 @@ class TokenScoring:
 
 def head_scores(scorer, keys, values, positions, query_pos, query, scale: float, layer: int,
                 branches: int) -> torch.Tensor:
-    """keys/values [R, N, H, D], positions [R, H, N], query [R, Hq, D] or None -> [R, H, N] float32 scores; under
-    CFG (branches 2: heads [conditional, null]) each half is scored as its own row and the pair's scores summed."""
-    r, n, h, _ = keys.shape
-    positions = positions.expand(r, h, n)
+    """keys/values [R, N, H, D] (None where the scorer does not read them), positions [R, H, N], query [R, Hq, D]
+    or None -> [R, H, N] float32 scores; under CFG (branches 2: heads [conditional, null]) each half is scored as
+    its own row and the pair's scores summed."""
+    r, h, n = positions.shape
     if branches == 2:
         def halves(t, dim):
-            return torch.cat(t.chunk(2, dim=dim), 0)
-        keys, values, positions = halves(keys, 2), halves(values, 2), halves(positions, 1)
-        query = None if query is None else halves(query, 1)
+            return None if t is None else torch.cat(t.chunk(2, dim=dim), 0)
+        keys, values, positions, query = halves(keys, 2), halves(values, 2), halves(positions, 1), halves(query, 1)
         query_pos = torch.cat([query_pos, query_pos])
-    valid = torch.ones(positions.shape, dtype=torch.bool, device=keys.device)
+    valid = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
     s = scorer.score(TokenInputs(keys=keys, values=values, valid=valid, positions=positions, query_pos=query_pos,
                                  query=query, scale=scale, layer=layer)).float()
     if branches == 2:
@@ -88,11 +90,15 @@ def head_scores(scorer, keys, values, positions, query_pos, query, scale: float,
     return s
 
 
-def _candidates(kv_cache, block_ids, backend, head_size):
-    """[R, C] physical blocks -> keys, values [R, C * bs, H, D]."""
-    r, c = block_ids.shape
-    keys, values = gather_blocks(kv_cache, block_ids.reshape(-1), backend, head_size)
-    return keys.reshape(r, -1, *keys.shape[2:]), values.reshape(r, -1, *values.shape[2:])
+def _candidates(kv_cache, block_ids, parts, backend, head_size):
+    """[R, C] physical blocks -> keys, values [R, C * bs, H, D], each only if in `parts` (else None)."""
+    r = block_ids.shape[0]
+    ids = block_ids.reshape(-1)
+    if set(parts) == {"keys", "values"}:
+        got = dict(zip(("keys", "values"), gather_blocks(kv_cache, ids, backend, head_size)))
+    else:
+        got = {p: gather_part(kv_cache, ids, p, backend, head_size) for p in parts}
+    return tuple(None if p not in got else got[p].reshape(r, -1, *got[p].shape[2:]) for p in ("keys", "values"))
 
 
 @dataclass
@@ -189,29 +195,31 @@ class TokenSelections:
                                    f"with its top-k slots {slots.tolist()}")
         block_ids, positions = self._inputs(bt, rows, reqs, len(layers))
         scorer, k = reqs[0].seq.token_scorer, k_blocks * bs
+        if k == 0:                       # no slot: the trackers' decision is all there is
+            return
         query_pos = torch.from_numpy(pos.astype(np.int64) - 1).to(bt.device)   # the request's step
-        kept = []
+        r, heads = len(reqs), layers[0].kv_cache.shape[1]
+        positions = positions.expand(r, len(layers), heads, positions.shape[-1]).clone()
         for li, layer in enumerate(layers):
-            keys, values = _candidates(layer.kv_cache, block_ids, backend, layer.head_size)
-            h = keys.shape[2]
-            pos_l = positions[:, li].expand(len(reqs), h, positions.shape[-1])
+            kv, pos_l = layer.kv_cache, positions[:, li]
             if scorer.needs_query:
                 if any(req.layers_scored != len(layers) for req in reqs):
                     raise RuntimeError("token scores of the requesting forward are missing")
                 scores = torch.stack([req.scores[li] for req in reqs])
             else:
+                keys, values = _candidates(kv, block_ids, scorer.reads, backend, layer.head_size)
                 scores = head_scores(scorer, keys, values, pos_l, query_pos, None, layer.impl.scale, li,
                                      self.branches)
-            if k == 0:
-                continue
-            idx = winners(scores, pos_l, k)                                   # [R, H, K]
-            gather = idx.transpose(1, 2)[..., None].expand(-1, -1, -1, keys.shape[-1])
-            new_k = keys.gather(1, gather).reshape(-1, bs, h, keys.shape[-1])
-            new_v = values.gather(1, gather).reshape(-1, bs, h, values.shape[-1])
-            scatter_blocks(layer.kv_cache, block_ids[:, :k_blocks].reshape(-1), new_k, new_v, backend,
-                           layer.head_size)
-            kept.append(pos_l.gather(2, idx))
-        if k:
-            new_positions = torch.stack(kept, 1)                              # [R, L, H, K]
-            for r, req in enumerate(reqs):
-                req.seq.token_positions = new_positions[r]
+            dst, src, valid = replacements(scores, pos_l, k)                  # [R, H, W]
+            # The winning new tokens' K/V, one entry per (row, head, pair); pairs that are not real go to the null
+            # block 0, which no kernel reads (no data-dependent shapes: nothing waits for the device).
+            new_k, new_v = _candidates(kv, block_ids[:, k_blocks:], ("keys", "values"), backend, layer.head_size)
+            h_idx = torch.arange(heads, device=kv.device)[None, :, None].expand_as(src)
+            r_idx = torch.arange(r, device=kv.device)[:, None, None].expand_as(src)
+            block = torch.where(valid, block_ids[r_idx, dst // bs], 0)
+            write_tokens(kv, block.reshape(-1), h_idx.reshape(-1), (dst % bs).reshape(-1),
+                         new_k[r_idx, src - k, h_idx].reshape(-1, new_k.shape[-1]),
+                         new_v[r_idx, src - k, h_idx].reshape(-1, new_v.shape[-1]), backend, layer.head_size)
+            pos_l.scatter_(2, dst, torch.where(valid, pos_l.gather(2, src), pos_l.gather(2, dst)))
+        for i, req in enumerate(reqs):
+            req.seq.token_positions = positions[i, :, :, :k].clone()
