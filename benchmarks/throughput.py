@@ -300,6 +300,10 @@ def main():
         for m, r in by.items():
             if m != "llamagen" and not m.startswith("cfg") and not m.startswith("pairs"):
                 ratios[f"{m}_over_stock"] = r["tok_per_s"] / by["llamagen"]["tok_per_s"]
+    for m, r in by.items():   # token granularity against the same mode at block granularity (issue 12)
+        block = ":".join(p for p in m.split(":") if p != "token")
+        if block != m and block in by:
+            ratios[f"{m}_over_block"] = r["tok_per_s"] / by[block]["tok_per_s"]
     if "cfg" in by and "pairs2n" in by:
         ratios["cfg_over_pairs2n_images"] = by["cfg"]["images_per_s"] / by["pairs2n"]["images_per_s"]
     report = {"args": {k: v for k, v in vars(args).items() if k != "mode"}, "results": results, "ratios": ratios}

@@ -273,6 +273,18 @@ def test_token_granularity_equals_reference_16x16(label, adsa, classes, main16, 
         assert main16["stats"]["requests"][_by_label(main16, f"{label}/{c}")]["freed_blocks"] > 0
 
 
+def test_token_granularity_scored_one_layer_at_a_time_changes_nothing(main16, engines, model16, monkeypatch):
+    """Token-granularity scores are computed a chunk of layers at a time to bound temporary device memory; one
+    layer per chunk gives the very same images (the random policy's hash sees each row's own layer)."""
+    from adsa_vllm.worker import token_gather
+    llm, config, _ = _adsa16(engines, model16)
+    monkeypatch.setattr(token_gather, "SCRATCH_BYTES", 1)
+    requests = [r for r in MAIN_REQUESTS if r[0] in ("tok_diverse", "tok_random")]
+    tokens, _ = _generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in requests])
+    for label, got in tokens.items():
+        assert torch.equal(got, main16["tokens"][label]), label
+
+
 def test_blocks_were_freed_to_the_pool(main16):
     assert main16["stats"]["total_freed_blocks"] > 0
     assert main16["freed"] > 0

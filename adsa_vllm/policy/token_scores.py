@@ -36,7 +36,7 @@ class TokenInputs:
     query_pos: int | torch.Tensor   # position of the query whose forward scores (or [R] int64, one per row)
     query: torch.Tensor | None  # [R, H, D] decode queries (post-RoPE)
     scale: float
-    layer: int
+    layer: int | torch.Tensor   # the layer (or [R] int64, one per row: the vLLM path scores all layers at once)
 
 
 class TokenScorer:
@@ -93,10 +93,10 @@ class TokenRandom(TokenScorer):
     def score(self, x: TokenInputs) -> torch.Tensor:
         r, hkv, n = x.valid.shape
         head = torch.arange(hkv, device=x.valid.device, dtype=torch.int64)
-        qpos = torch.as_tensor(x.query_pos, dtype=torch.int64, device=x.valid.device)
-        qpos = qpos.view(-1, 1, 1) if qpos.dim() else qpos
+        qpos, layer = (torch.as_tensor(v, dtype=torch.int64, device=x.valid.device) for v in (x.query_pos, x.layer))
+        qpos, layer = (v.view(-1, 1, 1) if v.dim() else v for v in (qpos, layer))   # per row: [R, 1, 1]
         h = (x.positions.to(torch.int64) * 2654435761 + (qpos * 40503 + self.seed * 97 + 12345)
-             + (x.layer * 1009 + head[:, None]) * 69069)                          # [Hkv, N] or [R, Hkv, N]
+             + (layer * 1009 + head[:, None]) * 69069)                            # [Hkv, N] or [R, Hkv, N]
         for _ in range(3):  # the xorshift-multiply rounds of RandomBlocks, in 31 bits
             h = (h ^ (h >> 13)) & _MASK
             h = (h * 1103515245 + 12345) & _MASK

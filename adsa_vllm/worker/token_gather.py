@@ -34,6 +34,8 @@ from adsa_vllm.policy.token_scores import TokenInputs
 from adsa_vllm.policy.token_select import replacements
 from adsa_vllm.worker.kv_views import gather_blocks, gather_part, write_tokens
 
+SCRATCH_BYTES = 256 << 20   # temporary device memory for scoring one chunk of layers (see _query_free_scores)
+
 
 @dataclass
 class TokenRequest:
@@ -71,17 +73,18 @@ class TokenScoring:
         self.layer += 1
 
 
-def head_scores(scorer, keys, values, positions, query_pos, query, scale: float, layer: int,
+def head_scores(scorer, keys, values, positions, query_pos, query, scale: float, layer,
                 branches: int) -> torch.Tensor:
     """keys/values [R, N, H, D] (None where the scorer does not read them), positions [R, H, N], query [R, Hq, D]
-    or None -> [R, H, N] float32 scores; under CFG (branches 2: heads [conditional, null]) each half is scored as
-    its own row and the pair's scores summed."""
+    or None, query_pos [R], layer an int or [R] -> [R, H, N] float32 scores; under CFG (branches 2: heads
+    [conditional, null]) each half is scored as its own row and the pair's scores summed."""
     r, h, n = positions.shape
     if branches == 2:
         def halves(t, dim):
             return None if t is None else torch.cat(t.chunk(2, dim=dim), 0)
         keys, values, positions, query = halves(keys, 2), halves(values, 2), halves(positions, 1), halves(query, 1)
         query_pos = torch.cat([query_pos, query_pos])
+        layer = torch.cat([layer, layer]) if isinstance(layer, torch.Tensor) else layer
     valid = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
     s = scorer.score(TokenInputs(keys=keys, values=values, valid=valid, positions=positions, query_pos=query_pos,
                                  query=query, scale=scale, layer=layer)).float()
@@ -185,7 +188,28 @@ class TokenSelections:
         block_ids = bt[rows_dev[:, None], torch.from_numpy(blocks).to(dev)].long()
         return block_ids, positions
 
+    def _query_free_scores(self, scorer, block_ids, positions, pos, layers, backend) -> torch.Tensor:
+        """[L * R, H, N] scores of every layer's candidates (rows layer-major), a chunk of layers per call: as many
+        as keep the float32 copies the scorer makes within SCRATCH_BYTES (at least one layer)."""
+        dev, r, n = block_ids.device, block_ids.shape[0], positions.shape[-1]
+        heads, head_size = layers[0].kv_cache.shape[1], layers[0].head_size
+        per_layer = max(1, r * n * heads * head_size * 4 * len(scorer.reads))
+        step = max(1, SCRATCH_BYTES // per_layer)
+        query_pos = torch.from_numpy(pos.astype(np.int64) - 1).to(dev)       # the step that requested
+        parts = []
+        for l0 in range(0, len(layers), step):
+            chunk = layers[l0:l0 + step]
+            reads = [_candidates(layer.kv_cache, block_ids, scorer.reads, backend, head_size) for layer in chunk]
+            keys, values = (None if reads[0][i] is None else torch.cat([x[i] for x in reads]) for i in (0, 1))
+            layer_of = torch.arange(l0, l0 + len(chunk), device=dev).repeat_interleave(r)
+            parts.append(head_scores(scorer, keys, values, positions[l0 * r:(l0 + len(chunk)) * r],
+                                     query_pos.repeat(len(chunk)), None, chunk[0].impl.scale, layer_of,
+                                     self.branches))
+        return torch.cat(parts)
+
     def _copy_winners(self, bt, rows, pos, reqs, layers, backend) -> None:
+        """Score every layer's candidates at once (rows = layers x requests), pick each head's replacements at once,
+        then write the winning new tokens layer by layer (one KV tensor per layer): a few kernels per layer."""
         lay = reqs[0].seq.layout
         k_blocks, bs = lay.topk_blocks, self.block_size
         slots = np.arange(lay.prefix_blocks, lay.prefix_blocks + k_blocks)
@@ -197,29 +221,31 @@ class TokenSelections:
         scorer, k = reqs[0].seq.token_scorer, k_blocks * bs
         if k == 0:                       # no slot: the trackers' decision is all there is
             return
-        query_pos = torch.from_numpy(pos.astype(np.int64) - 1).to(bt.device)   # the request's step
-        r, heads = len(reqs), layers[0].kv_cache.shape[1]
-        positions = positions.expand(r, len(layers), heads, positions.shape[-1]).clone()
+        dev, r, n_layers, heads = bt.device, len(reqs), len(layers), layers[0].kv_cache.shape[1]
+        n = positions.shape[-1]
+        # rows in layer-major order: row l * R + i is request i's layer l
+        positions = positions.expand(r, n_layers, heads, n).transpose(0, 1).reshape(-1, heads, n).clone()
+        if scorer.needs_query:
+            if any(req.layers_scored != n_layers for req in reqs):
+                raise RuntimeError("token scores of the requesting forward are missing")
+            scores = torch.stack([req.scores for req in reqs], 1).reshape(-1, heads, n)
+        else:
+            scores = self._query_free_scores(scorer, block_ids, positions, pos, layers, backend)
+        dst, src, valid = replacements(scores, positions, k)                  # [L * R, H, W]
+        positions.scatter_(2, dst, torch.where(valid, positions.gather(2, src), positions.gather(2, dst)))
+        # Where each pair goes; pairs that are not real go to the null block 0, which no kernel reads (shapes stay
+        # data-independent: nothing waits for the device).
+        w = dst.shape[-1]
+        r_idx = torch.arange(r, device=dev).repeat(n_layers)[:, None, None].expand(-1, heads, w)
+        h_idx = torch.arange(heads, device=dev)[None, :, None].expand_as(r_idx)
+        block = torch.where(valid, block_ids[r_idx, dst // bs], 0).reshape(n_layers, -1)
+        offset, src_r = (dst % bs).reshape(n_layers, -1), r_idx.reshape(n_layers, -1)
+        src_t, src_h = (src - k).reshape(n_layers, -1), h_idx.reshape(n_layers, -1)
         for li, layer in enumerate(layers):
-            kv, pos_l = layer.kv_cache, positions[:, li]
-            if scorer.needs_query:
-                if any(req.layers_scored != len(layers) for req in reqs):
-                    raise RuntimeError("token scores of the requesting forward are missing")
-                scores = torch.stack([req.scores[li] for req in reqs])
-            else:
-                keys, values = _candidates(kv, block_ids, scorer.reads, backend, layer.head_size)
-                scores = head_scores(scorer, keys, values, pos_l, query_pos, None, layer.impl.scale, li,
-                                     self.branches)
-            dst, src, valid = replacements(scores, pos_l, k)                  # [R, H, W]
-            # The winning new tokens' K/V, one entry per (row, head, pair); pairs that are not real go to the null
-            # block 0, which no kernel reads (no data-dependent shapes: nothing waits for the device).
-            new_k, new_v = _candidates(kv, block_ids[:, k_blocks:], ("keys", "values"), backend, layer.head_size)
-            h_idx = torch.arange(heads, device=kv.device)[None, :, None].expand_as(src)
-            r_idx = torch.arange(r, device=kv.device)[:, None, None].expand_as(src)
-            block = torch.where(valid, block_ids[r_idx, dst // bs], 0)
-            write_tokens(kv, block.reshape(-1), h_idx.reshape(-1), (dst % bs).reshape(-1),
-                         new_k[r_idx, src - k, h_idx].reshape(-1, new_k.shape[-1]),
-                         new_v[r_idx, src - k, h_idx].reshape(-1, new_v.shape[-1]), backend, layer.head_size)
-            pos_l.scatter_(2, dst, torch.where(valid, pos_l.gather(2, src), pos_l.gather(2, dst)))
+            new_k, new_v = _candidates(layer.kv_cache, block_ids[:, k_blocks:], ("keys", "values"), backend,
+                                       layer.head_size)                      # [R, new tokens, H, D]
+            write_tokens(layer.kv_cache, block[li], src_h[li], offset[li], new_k[src_r[li], src_t[li], src_h[li]],
+                         new_v[src_r[li], src_t[li], src_h[li]], backend, layer.head_size)
+        kept = positions.reshape(n_layers, r, heads, n)[..., :k].transpose(0, 1)
         for i, req in enumerate(reqs):
-            req.seq.token_positions = positions[i, :, :, :k].clone()
+            req.seq.token_positions = kept[i].clone()
