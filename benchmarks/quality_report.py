@@ -17,6 +17,21 @@ COLORS = {"full": (0, 0, 0), "topk_v_diverse": (214, 39, 40), "topk_v_similar": 
           "streaming": (31, 119, 180), "random": (127, 127, 127), "attention_mass": (44, 160, 44)}
 
 
+def _colour(label: str):
+    return COLORS.get(label.split("/")[0], (148, 103, 189))
+
+
+def _segment(d, a, b, col, dashed: bool, width: int = 2) -> None:
+    if not dashed:
+        d.line([a, b], fill=col, width=width)
+        return
+    n = max(1, int(((b[0] - a[0]) ** 2 + (b[1] - a[1]) ** 2) ** 0.5 // 6))
+    for i in range(0, n, 2):
+        t0, t1 = i / n, min(i + 1, n) / n
+        d.line([(a[0] + (b[0] - a[0]) * t0, a[1] + (b[1] - a[1]) * t0),
+                (a[0] + (b[0] - a[0]) * t1, a[1] + (b[1] - a[1]) * t1)], fill=col, width=width)
+
+
 def plot_bits(results: dict, full_bits: float, path: Path, title: str) -> None:
     from PIL import Image, ImageDraw
     W, H, ml, mr, mt, mb = 760, 480, 80, 200, 40, 60
@@ -50,16 +65,16 @@ def plot_bits(results: dict, full_bits: float, path: Path, title: str) -> None:
     yf = Y(full_bits)
     for xs in range(int(x0), int(x1), 12):  # dashed: full attention
         d.line([xs, yf, min(xs + 6, x1), yf], fill=COLORS["full"], width=2)
-    for lab, p in pts.items():
-        col = COLORS.get(lab, (148, 103, 189))
+    for lab, p in pts.items():   # a '<policy>/token' row: its policy's colour, dashed, hollow markers
+        col, token = _colour(lab), lab.endswith("/token")
         xy = [(X(b), Y(v)) for b, v in p]
-        if len(xy) > 1:
-            d.line(xy, fill=col, width=2)
+        for a, b in zip(xy, xy[1:]):
+            _segment(d, a, b, col, dashed=token)
         for x, y in xy:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill="white" if token else col, outline=col)
     ly = mt
     for lab in ["full"] + list(pts):
-        d.line([x1 + 15, ly + 6, x1 + 40, ly + 6], fill=COLORS.get(lab, (148, 103, 189)), width=3)
+        _segment(d, (x1 + 15, ly + 6), (x1 + 40, ly + 6), _colour(lab), dashed=lab.endswith("/token"), width=3)
         d.text((x1 + 46, ly), "full attention" if lab == "full" else lab, fill=(0, 0, 0))
         ly += 20
     d.text((x1 + 15, ly + 10), "y: test bits/token", fill=(0, 0, 0))
