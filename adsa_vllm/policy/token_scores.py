@@ -37,6 +37,7 @@ class TokenInputs:
     query: torch.Tensor | None  # [R, H, D] decode queries (post-RoPE)
     scale: float
     layer: int | torch.Tensor   # the layer (or [R] int64, one per row: the vLLM path scores all layers at once)
+    head_offset: int = 0        # the model's index of KV head 0 here (tensor parallelism gives each rank a slice)
 
 
 class TokenScorer:
@@ -92,7 +93,7 @@ class TokenRandom(TokenScorer):
 
     def score(self, x: TokenInputs) -> torch.Tensor:
         r, hkv, n = x.valid.shape
-        head = torch.arange(hkv, device=x.valid.device, dtype=torch.int64)
+        head = torch.arange(hkv, device=x.valid.device, dtype=torch.int64) + x.head_offset
         qpos, layer = (torch.as_tensor(v, dtype=torch.int64, device=x.valid.device) for v in (x.query_pos, x.layer))
         qpos, layer = (v.view(-1, 1, 1) if v.dim() else v for v in (qpos, layer))   # per row: [R, 1, 1]
         h = (x.positions.to(torch.int64) * 2654435761 + (qpos * 40503 + self.seed * 97 + 12345)

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from adsa_vllm.errors import ADSAConfigError
 from adsa_vllm.policy import BlockLayout, BlockScorer, make_scorer
 from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.policy.token_scores import TokenScorer, make_token_scorer
@@ -114,7 +113,8 @@ class ADSARuntime:
     _rows: tuple = (None, None)                  # ((generation, batch ids), (sequences, slots)) of the last step
 
     def __post_init__(self):
-        self.tokens = TokenSelections(self.block_size, self.branches)
+        rank = 0 if self.tp_group is None else self.tp_group.rank_in_group
+        self.tokens = TokenSelections(self.block_size, self.branches, rank)
 
     @property
     def block_size(self) -> int:
@@ -159,9 +159,6 @@ class ADSARuntime:
         self._drop(req_id)
         try:
             layout = self.layout_for(getattr(params, "extra_args", None), prompt_len)
-            if layout.granularity == "token" and layout.evicts and self.tp_group is not None:
-                raise ADSAConfigError("adsa.granularity='token' is not supported with tensor parallelism yet; "
-                                      "use granularity 'block' or --tensor-parallel-size 1")
         except Exception as e:  # noqa: BLE001 - validated in the API process; this is the last line of defence
             self.fail(req_id, e)
             layout = self.layout_for(None)   # the forward of this step still needs a valid row

@@ -56,6 +56,7 @@ class TokenScoring:
     positions: torch.Tensor          # [R, layers, kv_heads, C * bs]
     query_pos: torch.Tensor          # [R]
     branches: int
+    tp_rank: int = 0
     layer: int = 0
 
     def score_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, backend: str, head_size: int,
@@ -64,7 +65,8 @@ class TokenScoring:
         keys, values = _candidates(kv_cache, self.block_ids, scorer.reads, backend, head_size)
         positions = self.positions[:, self.layer].expand(-1, kv_cache.shape[1], -1)
         s = head_scores(scorer, keys, values, positions, self.query_pos,
-                        query[self.token_index], scale, self.layer, self.branches)
+                        query[self.token_index], scale, self.layer, self.branches,
+                        head_offset(self.tp_rank, kv_cache.shape[1], self.branches))
         for r, req in enumerate(self.requests):
             if req.scores is None:
                 req.scores = s.new_empty((len(self.positions[0]),) + tuple(s.shape[1:]))   # [layers, H, N]
@@ -73,11 +75,18 @@ class TokenScoring:
         self.layer += 1
 
 
-def head_scores(scorer, keys, values, positions, query_pos, query, scale: float, layer,
-                branches: int) -> torch.Tensor:
+def head_offset(tp_rank: int, kv_heads: int, branches: int) -> int:
+    """The model's index of this rank's first KV head of a branch, from the KV heads of a layer's cache here
+    (LlamaGen is MHA: tensor parallelism splits the heads evenly, never replicates them)."""
+    return tp_rank * (kv_heads // branches)
+
+
+def head_scores(scorer, keys, values, positions, query_pos, query, scale: float, layer, branches: int,
+                head_offset: int = 0) -> torch.Tensor:
     """keys/values [R, N, H, D] (None where the scorer does not read them), positions [R, H, N], query [R, Hq, D]
     or None, query_pos [R], layer an int or [R] -> [R, H, N] float32 scores; under CFG (branches 2: heads
-    [conditional, null]) each half is scored as its own row and the pair's scores summed."""
+    [conditional, null]) each half is scored as its own row and the pair's scores summed. head_offset: the model's
+    index of this rank's first KV head of a branch (tensor parallelism)."""
     r, h, n = positions.shape
     if branches == 2:
         def halves(t, dim):
@@ -87,7 +96,7 @@ def head_scores(scorer, keys, values, positions, query_pos, query, scale: float,
         layer = torch.cat([layer, layer]) if isinstance(layer, torch.Tensor) else layer
     valid = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
     s = scorer.score(TokenInputs(keys=keys, values=values, valid=valid, positions=positions, query_pos=query_pos,
-                                 query=query, scale=scale, layer=layer)).float()
+                                 query=query, scale=scale, layer=layer, head_offset=head_offset)).float()
     if branches == 2:
         s = (s[:r] + s[r:]).repeat(1, 2, 1)
     return s
@@ -109,6 +118,7 @@ class TokenSelections:
     """Pending token-granularity selections of the live sequences, by request id."""
     block_size: int
     branches: int = 1
+    tp_rank: int = 0      # under tensor parallelism each rank selects for its own heads, with their model indices
     pending: dict = field(default_factory=dict)
 
     def request(self, bt: torch.Tensor, sequences: list, rows: np.ndarray, pos: np.ndarray, cand: np.ndarray,
@@ -134,7 +144,7 @@ class TokenSelections:
         block_ids, positions = self._inputs(bt, rows[idx], reqs, num_layers)
         dev = bt.device
         return TokenScoring(reqs, torch.from_numpy(token_rows[idx].astype(np.int64)).to(dev), block_ids, positions,
-                            torch.from_numpy(pos[idx].astype(np.int64)).to(dev), self.branches)
+                            torch.from_numpy(pos[idx].astype(np.int64)).to(dev), self.branches, self.tp_rank)
 
     def decide(self, bt: torch.Tensor, sequences: list, rows: np.ndarray, pos: np.ndarray, decided: np.ndarray,
                layers: list, backend: str, fail) -> None:
@@ -204,7 +214,7 @@ class TokenSelections:
             layer_of = torch.arange(l0, l0 + len(chunk), device=dev).repeat_interleave(r)
             parts.append(head_scores(scorer, keys, values, positions[l0 * r:(l0 + len(chunk)) * r],
                                      query_pos.repeat(len(chunk)), None, chunk[0].impl.scale, layer_of,
-                                     self.branches))
+                                     self.branches, head_offset(self.tp_rank, heads, self.branches)))
         return torch.cat(parts)
 
     def _copy_winners(self, bt, rows, pos, reqs, layers, backend) -> None:
