@@ -9,10 +9,11 @@ attention token for token, CFG + ADSA 50% frees blocks within the bound, and the
 fp32 reference's guided distribution teacher-forced on vLLM's own tokens (bf16 tolerance, reported).
 (5) FP8 KV cache: ADSA with a budget covering the sequence equals stock vLLM with the same fp8 cache token for token;
 ADSA 50% on it frees blocks.
-(6) token granularity (issue 12): streaming keeps the same tokens at both granularities, so at token granularity
-every selection still rewrites slot entries on the device (identical tokens, moved), and its images must equal
-block granularity's token for token: a write in the wrong place of the FLASH_ATTN layout changes them. TopK-V and
-random at token granularity free blocks within the bound; their agreement with the fp32 reference is reported.
+(6) token granularity (issue 12), float32 on TRITON_ATTN (the FLASH_ATTN cache layout, in a dtype where attending to
+the same tokens in another order changes no greedy token; in bf16 it does): streaming keeps the same tokens at both
+granularities, but at token granularity every selection moves slot entries on the device, so its images must equal
+block granularity's token for token (a write in the wrong place changes them). TopK-V and random at token
+granularity free blocks within the bound; their agreement with the fp32 reference is reported.
 Prints one JSON line; exits non-zero if (1), (3), (4), (5), (6)'s equality or a bound fails. `--checks basic cfg
 fp8 token` runs a subset ((1)-(3), (4), (5), (6)), e.g. one per GPU.
 """
@@ -39,7 +40,7 @@ CFG_SCALE = 3.0
 
 
 def run(model_dir, config, classes, adsa: dict | None, guided: bool = False, kv_cache_dtype: str = "auto",
-        overrides: list | None = None):
+        overrides: list | None = None, dtype: str = "bfloat16"):
     """One engine in a fresh process (vLLM does not give all GPU memory back, and a later engine's memory
     profiling in the same process trips over the earlier one's memory being returned). `overrides`: each
     request's extra_args["adsa"] (one per class)."""
@@ -47,15 +48,15 @@ def run(model_dir, config, classes, adsa: dict | None, guided: bool = False, kv_
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         toks, stats, restored, lps = pool.submit(_run_engine, model_dir, config, classes, adsa, guided,
-                                                 kv_cache_dtype, overrides).result()
+                                                 kv_cache_dtype, overrides, dtype).result()
     return torch.tensor(toks), stats, restored, torch.tensor(lps)
 
 
-def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype, overrides=None):
+def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype, overrides=None, dtype="bfloat16"):
     extra = {"cfg": {"scale": CFG_SCALE}} if guided else {}
     kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **extra}) if adsa is not None else \
         dict(additional_config=extra)
-    llm = LLM(model=str(model_dir), dtype="bfloat16", block_size=16, gpu_memory_utilization=0.3, seed=0,
+    llm = LLM(model=str(model_dir), dtype=dtype, block_size=16, gpu_memory_utilization=0.3, seed=0,
               kv_cache_dtype=kv_cache_dtype, **kw)
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     free0 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
@@ -165,7 +166,8 @@ def check_token(d, config, classes, ref_model) -> dict:
              "token_topk_v": {"policy": "topk_v", "granularity": "token"},
              "token_random": {"policy": "random", "seed": 3, "granularity": "token"}}
     reqs = [(name, c) for name in cases for c in classes]
-    toks, st, ok, _ = run(d, config, [c for _, c in reqs], {"budget": 0.5}, overrides=[cases[n] for n, _ in reqs])
+    toks, st, ok, _ = run(d, config, [c for _, c in reqs], {"budget": 0.5, "inner_backend": "TRITON_ATTN"},
+                          overrides=[cases[n] for n, _ in reqs], dtype="float32")
     got = {name: toks[i * len(classes):(i + 1) * len(classes)] for i, name in enumerate(cases)}
     reqs_st = list(st["requests"].values())
     out = {"token_streaming_equals_block_streaming": bool(torch.equal(got["token_streaming"],
