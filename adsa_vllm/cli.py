@@ -137,8 +137,8 @@ def _add_common(p: argparse.ArgumentParser, *, server: bool) -> None:
                    help="classifier-free guidance scale, 1 = off" + (keep or " (default 2)"))
     p.add_argument("--budget", default=None if server else "0.5",
                    help="ADSA KV budget: fraction of the image tokens, token count, or 'none'" + (keep or " (0.5)"))
-    p.add_argument("--policy", default=None if server else "topk_v",
-                   help="topk_v, streaming, random, attention_mass" + (keep or " (default topk_v)"))
+    p.add_argument("--policy", default=None,
+                   help="random, topk_v, streaming, attention_mass" + (keep or " (default: ADSA's, random)"))
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--top-k", type=int, help=f"sample among the k likeliest tokens (default: {PIXEL_MODEL_TOP_K} for "
                                                f"the shipped model, {VQ_MODEL_TOP_K} otherwise; 0 = all)")

@@ -33,8 +33,10 @@ class ADSAConfig:
     prefix: int | None = None
     # Most recent tokens always kept. None: one image row + 1, so the token above the query is always present.
     local: int | None = None
-    # How the older ("previous") blocks compete for the rest of the budget.
-    policy: str = "topk_v"
+    # How the older ("previous") blocks compete for the rest of the budget. Default "random": on the 10k-image
+    # quality table (benchmarks/results/fashion_granularity_h200.md) it is the best or within 0.0016 bits/token of
+    # the best at 25-75% and the fastest (TopK-V, the paper's policy, loses to it at every budget; still selectable).
+    policy: str = "random"
     # topk_v only: keep the blocks whose values are least similar to the rest ("diverse", the paper's Eq. 4
     # as its reviewers read it) or the most similar ones ("similar", the paper's prose). Measure both.
     keep: str = "diverse"

@@ -1,6 +1,6 @@
 """Generate labelled class-conditional images with vLLM + ADSA, then the same requests with full attention.
 
-    python -m adsa_vllm.demo [--model DIR] [--classes 0 1 2 ...] [--budget 0.5] [--policy topk_v] [--cfg-scale 2]
+    python -m adsa_vllm.demo [--model DIR] [--classes 0 1 2 ...] [--budget 0.5] [--policy random] [--cfg-scale 2]
                              [--num-images N] [--top-k 8] [--temperature 1.0] [--greedy] [--seed 0] [--out demo.png]
 
 On the embedded default model (the LlamaGen trained on Fashion-MNIST, adsa_vllm/default_model.py) this draws one
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help="LlamaGen model folder (default: the embedded default model)")
     ap.add_argument("--classes", type=int, nargs="+", help="class ids (default: 0, 1, 2, ... cycling)")
     ap.add_argument("--budget", type=float, default=0.5, help="ADSA KV budget: fraction of the image tokens")
-    ap.add_argument("--policy", default="topk_v")
+    ap.add_argument("--policy", default=None, help="ADSA policy (default: ADSA's, random)")
     ap.add_argument("--num-images", type=int, help="default: len(--classes), else one per class")
     ap.add_argument("--top-k", type=int, default=8, help="sample among the k most likely tokens (0: all)")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     for c in classes:
         config.class_token(c)  # clear error for an out-of-range class id
     budget = int(args.budget) if args.budget > 1 else args.budget
-    adsa = {"budget": budget, "policy": args.policy}
+    policy = args.policy or ADSAConfig.policy
+    adsa = {"budget": budget, "policy": policy}
     ADSAConfig.from_dict(adsa)  # validate before building an engine
     sampling = dict(top_k=args.top_k, temperature=args.temperature, seed=args.seed, greedy=args.greedy,
                     cfg_scale=args.cfg_scale)
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     how += f", CFG {args.cfg_scale:g}" if args.cfg_scale != 1.0 else ", no CFG"
 
     results = {}
-    runs = [(f"adsa {args.policy} b={budget}", adsa)] + ([] if args.no_full else [("full attention", None)])
+    runs = [(f"adsa {policy} b={budget}", adsa)] + ([] if args.no_full else [("full attention", None)])
     for name, a in runs:
         print(f"[demo] {name}: {n} images of {config.grid_size}x{config.grid_size} tokens ({how}) ...", flush=True)
         results[name] = run(model_dir, config, classes, a, args.dtype, sampling)

@@ -56,7 +56,7 @@ def test_cfg_request_on_engine_without_guidance_names_the_fix():
 def test_reference_shared_selection_uses_one_tracker_per_pair():
     config = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
     m = LlamaGenReference(config).init_random_(0, 0.1)
-    adsa = ADSAConfig(budget=0.5)
+    adsa = ADSAConfig(budget=0.5, policy="topk_v")   # value-dependent: separate halves differ
     shared = generate(m, [1, 4], greedy=True, cfg_scale=3.0, adsa=adsa, cfg_selection="shared")
     separate = generate(m, [1, 4], greedy=True, cfg_scale=3.0, adsa=adsa, cfg_selection="separate")
     assert len(shared.trackers) == 2 and len(separate.trackers) == 4

@@ -233,7 +233,7 @@ def test_per_layer_head_masks_equal_one_masked_forward(policy, monkeypatch):
 
 def test_cfg_token_mode_selects_per_half_or_shared_per_pair(monkeypatch):
     m = tiny(grid=GRID)
-    adsa = ADSAConfig(**SMALL, granularity="token")
+    adsa = ADSAConfig(**SMALL, policy="topk_v", granularity="token")   # value-dependent: halves differ
     seen = {}
     monkeypatch.setattr(TokenTrackers, "begin_step", lambda self, pos, f=TokenTrackers.begin_step: (
         f(self, pos), seen.__setitem__(self.pairs, self.evicted))[0])
