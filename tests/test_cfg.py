@@ -93,7 +93,7 @@ def test_greedy_cfg_equals_reference(adsa, engines, model16, ref_model):
 
 
 @pytest.mark.parametrize("adsa", [
-    ADSAConfig(budget=0.5, keep="similar", granularity="token"),
+    ADSAConfig(budget=0.5, policy="topk_v", keep="similar", granularity="token"),
     ADSAConfig(budget=0.5, policy="streaming", granularity="token"),
     ADSAConfig(budget=0.5, policy="random", seed=3, granularity="token"),
     ADSAConfig(budget=0.5, policy="attention_mass", granularity="token"),

@@ -147,6 +147,10 @@ MAIN_REQUESTS = ([("diverse", c, None) for c in C16]
                     ("tok_streaming", C16[0], {"granularity": "token", "policy": "streaming"}),
                     ("tok_random", C16[1], {"granularity": "token", "policy": "random", "seed": 3}),
                     ("tok_attention_mass", C16[0], {"granularity": "token", "policy": "attention_mass"}),
+                    # with fewer slots: both attention-mass rows score in the same forwards with other candidate
+                    # counts (one scoring group each)
+                    ("tok_attention_mass96", C16[1], {"granularity": "token", "policy": "attention_mass",
+                                                      "budget": 96}),
                     ("tok_budget0.25", C16[1], {"granularity": "token", "budget": 0.25}),   # no top-k slot
                     ("tok_budget96", C16[1], {"granularity": "token", "budget": 96})])
 
@@ -215,13 +219,17 @@ def test_adsa_greedy_equals_reference_16x16(label, adsa, main16, model16, refere
         assert main16["stats"]["requests"][rid]["freed_blocks"] > 0
 
 
-def test_bounded_scratch_memory_changes_nothing(main16, engines, model16, monkeypatch):
-    """TopK-V summaries are written and read in chunks that bound the temporary device memory (many sequences may
-    reach their first selection in one step); one block and one row per chunk gives the very same images."""
-    from adsa_vllm.worker import summaries
+@pytest.mark.parametrize("module,labels", [("summaries", ("diverse", "similar")),
+                                           ("token_gather", ("tok_diverse", "tok_random"))])
+def test_bounded_scratch_memory_changes_nothing(module, labels, main16, engines, model16, monkeypatch):
+    """Temporary device memory is bounded by working in chunks (many sequences may reach a selection in one step):
+    TopK-V summaries are written and read a few blocks and rows at a time (worker/summaries.py), token-granularity
+    scores a few layers at a time (worker/token_gather.py; the random policy's hash must see each row's own layer).
+    The smallest chunks (SCRATCH_BYTES 1) give the very same images."""
+    import importlib
     llm, config, _ = _adsa16(engines, model16)
-    monkeypatch.setattr(summaries, "SCRATCH_BYTES", 1)
-    requests = [r for r in MAIN_REQUESTS if r[0] in ("diverse", "similar")]
+    monkeypatch.setattr(importlib.import_module(f"adsa_vllm.worker.{module}"), "SCRATCH_BYTES", 1)
+    requests = [r for r in MAIN_REQUESTS if r[0] in labels]
     tokens, _ = _generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in requests])
     for label, got in tokens.items():
         assert torch.equal(got, main16["tokens"][label]), label
@@ -242,13 +250,14 @@ def test_adsa_other_policies_per_request_equal_reference(label, adsa, main16, mo
 
 
 TOKEN16 = [
-    ("tok_diverse", ADSAConfig(budget=0.5, granularity="token"), C16),
-    ("tok_similar", ADSAConfig(budget=0.5, keep="similar", granularity="token"), C16[:1]),
+    ("tok_diverse", ADSAConfig(budget=0.5, policy="topk_v", granularity="token"), C16),   # the engine's policy
+    ("tok_similar", ADSAConfig(budget=0.5, policy="topk_v", keep="similar", granularity="token"), C16[:1]),
     ("tok_streaming", ADSAConfig(budget=0.5, policy="streaming", granularity="token"), C16[:1]),
     ("tok_random", ADSAConfig(budget=0.5, policy="random", seed=3, granularity="token"), C16[1:]),
     ("tok_attention_mass", ADSAConfig(budget=0.5, policy="attention_mass", granularity="token"), C16[:1]),
-    ("tok_budget0.25", ADSAConfig(budget=0.25, granularity="token"), C16[1:]),
-    ("tok_budget96", ADSAConfig(budget=96, granularity="token"), C16[1:]),
+    ("tok_attention_mass96", ADSAConfig(budget=96, policy="attention_mass", granularity="token"), C16[1:]),
+    ("tok_budget0.25", ADSAConfig(budget=0.25, policy="topk_v", granularity="token"), C16[1:]),
+    ("tok_budget96", ADSAConfig(budget=96, policy="topk_v", granularity="token"), C16[1:]),
 ]
 
 
@@ -271,18 +280,6 @@ def test_token_granularity_equals_reference_16x16(label, adsa, classes, main16, 
     _assert_token_mode_equals_reference(main16["tokens"], label, adsa, classes, model16, reference)
     for c in classes:
         assert main16["stats"]["requests"][_by_label(main16, f"{label}/{c}")]["freed_blocks"] > 0
-
-
-def test_token_granularity_scored_one_layer_at_a_time_changes_nothing(main16, engines, model16, monkeypatch):
-    """Token-granularity scores are computed a chunk of layers at a time to bound temporary device memory; one
-    layer per chunk gives the very same images (the random policy's hash sees each row's own layer)."""
-    from adsa_vllm.worker import token_gather
-    llm, config, _ = _adsa16(engines, model16)
-    monkeypatch.setattr(token_gather, "SCRATCH_BYTES", 1)
-    requests = [r for r in MAIN_REQUESTS if r[0] in ("tok_diverse", "tok_random")]
-    tokens, _ = _generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in requests])
-    for label, got in tokens.items():
-        assert torch.equal(got, main16["tokens"][label]), label
 
 
 def test_blocks_were_freed_to_the_pool(main16):
@@ -380,7 +377,7 @@ def test_garbage_writer_control_kept_block_changes_output(engines, model16, main
 
 # ====================================================================== adsa24
 
-TOKEN24 = [("tok_diverse", ADSAConfig(budget=0.5, granularity="token")),
+TOKEN24 = [("tok_diverse", ADSAConfig(budget=0.5, policy="topk_v", granularity="token")),
            ("tok_random", ADSAConfig(budget=0.5, policy="random", seed=5, granularity="token")),
            ("tok_attention_mass", ADSAConfig(budget=0.5, policy="attention_mass", granularity="token"))]
 

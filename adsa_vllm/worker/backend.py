@@ -76,8 +76,7 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
             scoring = getattr(attn_metadata, "adsa_scoring", None)
             if scoring is not None:
                 score_layer(scoring, query, kv_cache, backend_name, self.head_size, self.scale)
-            tokens = getattr(attn_metadata, "adsa_token_scoring", None)
-            if tokens is not None:
+            for tokens in getattr(attn_metadata, "adsa_token_scoring", None) or ():
                 tokens.score_layer(query, kv_cache, backend_name, self.head_size, self.scale)
             return out
 

@@ -33,7 +33,7 @@ class StepPlan:
     offsets: np.ndarray | None      # [k] their runner's seq_len minus their compacted seq_len
     seq_lens: np.ndarray            # [num_reqs] seq_lens as the kernel must see them (compacted for those rows)
     scoring: ScoringBatch | None    # rows scored inside this forward (query-dependent policies only)
-    token_scoring: TokenScoring | None = None   # the same for token granularity (worker/token_gather.py)
+    token_scoring: list[TokenScoring] = ()   # the same for token granularity (worker/token_gather.py)
     # Equal keys on two steps: equal compacted tables (`key`, given the same runner table) / offsets (`offset_key`).
     # None: not comparable (a row ADSA does not manage, or a prefill chunk): always rebuilt.
     key: bytes | None = None
@@ -61,7 +61,7 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     live = (slots >= 0) & (qsl[1:] - qsl[:-1] == 1)
     live_slots = np.where(live, slots, 0)
     pos = seq_lens - 1
-    scoring = token_scoring = None
+    scoring, token_scoring = None, []
     at_event = np.nonzero(live & (pos >= trackers.wake[live_slots]))[0]
     if len(at_event):
         scoring, token_scoring = _events(runtime, bt, qsl, sequences, at_event, slots[at_event], pos[at_event],
@@ -102,8 +102,8 @@ def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: 
             runtime.record_evictions(sequences[rows[r]], blocks.tolist())
     asked, cand = trackers.request(slots, pos)
     if not len(asked):
-        return None, None
-    token_scoring = None
+        return None, []
+    token_scoring = []
     by_token = np.array([sequences[r].token_scorer is not None for r in rows[asked]])
     if by_token.any():
         i = asked[by_token]

@@ -122,29 +122,26 @@ class TokenSelections:
     pending: dict = field(default_factory=dict)
 
     def request(self, bt: torch.Tensor, sequences: list, rows: np.ndarray, pos: np.ndarray, cand: np.ndarray,
-                token_rows: np.ndarray, num_layers: int) -> TokenScoring | None:
+                token_rows: np.ndarray, num_layers: int) -> list[TokenScoring]:
         """Rows (batch rows of token-granularity sequences) requesting a selection at pos + 1, with their candidate
-        masks [R, W] -> the query-dependent ones' TokenScoring for this step's forward (None if there are none)."""
-        asks_query = []
+        masks [R, W] -> the TokenScorings of the query-dependent ones for this step's forward, one per (scorer,
+        candidate count)."""
+        groups: dict = {}
         for i, r in enumerate(rows):
             seq = sequences[r]
             req = TokenRequest(seq, int(pos[i]) + 1, np.flatnonzero(cand[i]))
             self.pending[seq.req_id] = req
             if seq.token_scorer.needs_query:
-                asks_query.append((i, req))
-        if not asks_query:
-            return None
-        scorer = asks_query[0][1].seq.token_scorer
-        if any(req.seq.token_scorer is not scorer or len(req.blocks) != len(asks_query[0][1].blocks)
-               for _, req in asks_query):
-            raise NotImplementedError("query-dependent token scorers of different settings or candidate counts in "
-                                      "one step")   # one policy (attention mass) exists; its rows always agree
-        idx = np.array([i for i, _ in asks_query])
-        reqs = [req for _, req in asks_query]
-        block_ids, positions = self._inputs(bt, rows[idx], reqs, num_layers)
-        dev = bt.device
-        return TokenScoring(reqs, torch.from_numpy(token_rows[idx].astype(np.int64)).to(dev), block_ids, positions,
-                            torch.from_numpy(pos[idx].astype(np.int64)).to(dev), self.branches, self.tp_rank)
+                groups.setdefault((id(seq.token_scorer), len(req.blocks)), []).append((i, req))
+        out, dev = [], bt.device
+        for members in groups.values():
+            idx = np.array([i for i, _ in members])
+            reqs = [req for _, req in members]
+            block_ids, positions = self._inputs(bt, rows[idx], reqs, num_layers)
+            out.append(TokenScoring(reqs, torch.from_numpy(token_rows[idx].astype(np.int64)).to(dev), block_ids,
+                                    positions, torch.from_numpy(pos[idx].astype(np.int64)).to(dev), self.branches,
+                                    self.tp_rank))
+        return out
 
     def decide(self, bt: torch.Tensor, sequences: list, rows: np.ndarray, pos: np.ndarray, decided: np.ndarray,
                layers: list, backend: str, fail) -> None:
@@ -220,11 +217,11 @@ class TokenSelections:
     def _copy_winners(self, bt, rows, pos, reqs, layers, backend) -> None:
         """Score every layer's candidates at once (rows = layers x requests), pick each head's replacements at once,
         then write the winning new tokens layer by layer (one KV tensor per layer): a few kernels per layer."""
-        lay = reqs[0].seq.layout
-        k_blocks, bs = lay.topk_blocks, self.block_size
-        slots = np.arange(lay.prefix_blocks, lay.prefix_blocks + k_blocks)
-        for req in reqs:
-            if not np.array_equal(req.blocks[:k_blocks], slots):   # the trackers keep the oldest: the slots
+        k_blocks, bs = reqs[0].seq.layout.topk_blocks, self.block_size
+        for req in reqs:   # the trackers keep the oldest candidates: the slots, right after the request's prefix
+            prefix = req.seq.layout.prefix_blocks
+            slots = np.arange(prefix, prefix + k_blocks)
+            if not np.array_equal(req.blocks[:k_blocks], slots):
                 raise RuntimeError(f"request {req.seq.req_id}: candidate blocks {req.blocks.tolist()} do not start "
                                    f"with its top-k slots {slots.tolist()}")
         block_ids, positions = self._inputs(bt, rows, reqs, len(layers))
