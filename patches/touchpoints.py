@@ -216,10 +216,10 @@ TOUCHPOINTS = (
                  "_num_computed_tokens_cache")),)),
     Touchpoint(
         "attn-metadata-scoring", "the inner backends' attention metadata (CPU_ATTN, FLASH_ATTN, TRITON_ATTN): "
-        "attribute adsa_scoring",
-        ("adsa_vllm/worker/backend.py",), ("adsa_scoring",),
-        "Query-dependent scoring runs inside each layer's forward and needs the step's plan; the metadata object the "
-        "inner builder returns is the only per-step object the forward receives.",
+        "attributes adsa_scoring, adsa_token_scoring",
+        ("adsa_vllm/worker/backend.py",), ("adsa_scoring", "adsa_token_scoring"),
+        "Query-dependent scoring (block and token granularity) runs inside each layer's forward and needs the step's "
+        "plan; the metadata object the inner builder returns is the only per-step object the forward receives.",
         "an extension field on attention metadata for wrapping backends",
         (OpenInstances("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata"),
          OpenInstances("vllm.v1.attention.backends.triton_attn:TritonAttentionMetadata"),

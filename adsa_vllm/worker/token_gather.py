@@ -234,7 +234,10 @@ class TokenSelections:
         positions = positions.expand(r, n_layers, heads, n).transpose(0, 1).reshape(-1, heads, n).clone()
         if scorer.needs_query:
             if any(req.layers_scored != n_layers for req in reqs):
-                raise RuntimeError("token scores of the requesting forward are missing")
+                raise RuntimeError(
+                    f"policy {reqs[0].seq.layout.policy!r} scores inside the forward, which did not run ADSA code "
+                    "(attention ran in a CUDA graph: this engine's default policy needs no query); start the engine "
+                    "with this policy as its default, or with --enforce-eager")
             scores = torch.stack([req.scores for req in reqs], 1).reshape(-1, heads, n)
         else:
             scores = self._query_free_scores(scorer, block_ids, positions, pos, layers, backend)
