@@ -52,9 +52,8 @@ def test_bulk_planner_equals_the_trackers(grid, bs, policy):
     rt = ADSARuntime(ADSASettings(ADSAConfig(budget=0.5, policy="streaming"), block_size=bs, cls_token_num=cls,
                                   grid_size=grid), num_layers=1)
     rt.trackers = SlotTrackers(capacity=2, width=1)    # start tiny: growth is part of what is tested
-    if policy == "ties":
-        for key in [("streaming", "diverse", 0)]:
-            rt._scorers[key] = ThreeValued()
+    if policy == "ties":   # the engine default's entry of the worker's scorer cache (ADSARuntime._scorers_of)
+        rt._scorers[("streaming", "diverse", 0, "block")] = (ThreeValued(), None)
     seq_len = cls + grid * grid
     width = -(-seq_len // bs)
     ids = [None] * rows
