@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from adsa_vllm.errors import ADSAConfigError
-from adsa_vllm.policy import KEEP_DIRECTIONS, POLICIES   # names from the scorer registry (policy/ never imports us)
+from adsa_vllm.policy import (KEEP_DIRECTIONS, POLICIES,   # names from the scorer registries (policy/ never imports us)
+                              SCORERS_BY_GRANULARITY, resolve_scorers)
 
 if TYPE_CHECKING:
     from adsa_vllm.policy.layout import BlockLayout
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 # bits could overflow there, inside the worker.
 MAX_SEED = 2**32 - 1
 # What one selection decides: "block" keeps whole KV blocks, one decision for every layer and head (the vLLM path);
-# "token" keeps single tokens, a decision per (layer, KV head) (adsa_vllm/policy/token_select.py; reference only).
-GRANULARITIES = ("block", "token")
+# "token" keeps single tokens, a decision per (layer, KV head) (adsa_vllm/policy/token_select.py).
+GRANULARITIES = tuple(SCORERS_BY_GRANULARITY)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class ADSAConfig:
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
             raise ADSAConfigError(f"adsa.seed={s!r}: use an integer in 0..{MAX_SEED} (the random policy's seed)")
+        resolve_scorers(self)   # the policy has a scorer at this granularity (else the error names the fix)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ADSAConfig":

@@ -2,7 +2,7 @@
 use, or raises the plugin's SettingsError with a message; never another exception type (which, raised inside
 EngineCore, would kill the engine for every user). Offline API only: adsa_vllm.request_validation, no vLLM.
 
-"Usable" is checked by running what the worker runs on the result: the layout, the policy's scorer scoring a
+"Usable" is checked by running what the worker runs on the result: the layout, the scorers it resolves scoring a
 selection's candidates on random K/V, a few SequenceTracker steps, and the guided combination u + s (c - u) of
 random fp32 logits, which must stay finite.
 """
@@ -20,8 +20,7 @@ from adsa_vllm.config import ADSAConfig
 from adsa_vllm.errors import SettingsError
 from adsa_vllm.guidance.settings import GuidanceSettings
 from adsa_vllm.model_config import LlamaGenConfig
-from adsa_vllm.policy import SequenceTracker, make_scorer
-from adsa_vllm.policy.token_scores import make_token_scorer
+from adsa_vllm.policy import SequenceTracker, resolve_scorers
 from adsa_vllm.request_validation import EngineLimits, validate_settings
 from adsa_vllm.settings import ADSASettings, EngineSettings
 
@@ -71,9 +70,7 @@ def _maybe_json_string(value, as_string: bool):
 def _exercise(settings) -> None:
     """What the worker does with a request's settings; raises on anything it could not use."""
     layout, guidance = settings.layout, settings.guidance
-    scorer = make_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
-    if layout.granularity == "token":   # the worker also builds the policy's per-head scorer
-        make_token_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
+    scorer, _ = resolve_scorers(layout)   # the worker's scorers (and, under token granularity, its per-head one)
     tracker = SequenceTracker(layout, scorer)
     heads, bs, dim = 2 * MODEL.n_head, layout.block_size, MODEL.head_dim
     for pos in range(MODEL.cls_token_num, layout.seq_len - 1, 7):

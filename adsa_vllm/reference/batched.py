@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.policy import LockstepTrackers, make_scorer
+from adsa_vllm.policy import LockstepTrackers, resolve_scorers
 from adsa_vllm.reference.decoder import ChunkedDecoder
 from adsa_vllm.reference.model import LlamaGenReference
 from adsa_vllm.reference.token_decoder import TokenDecoder
@@ -29,8 +29,7 @@ class BatchedDecoder(ChunkedDecoder):
         super().__init__(model, cond, length, adsa, block_size, pairs)
         lay = self.layout
         self.selection = None if lay is None else LockstepTrackers(
-            lay, make_scorer(lay.policy, keep=lay.keep, seed=lay.seed), self.deciders, first=self.first,
-            device=self.slots.device)
+            lay, resolve_scorers(lay)[0], self.deciders, first=self.first, device=self.slots.device)
         self.schedule = {} if lay is None else self.selection.schedule
         self._request: tuple[int, torch.Tensor] | None = None             # this forward's (pos, token slots)
 

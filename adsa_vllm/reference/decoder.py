@@ -13,7 +13,7 @@ import torch
 
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.model_config import LlamaGenConfig
-from adsa_vllm.policy import BlockLayout, SequenceTracker, make_scorer
+from adsa_vllm.policy import BlockLayout, SequenceTracker, resolve_scorers
 from adsa_vllm.reference.model import LlamaGenReference
 
 
@@ -82,8 +82,7 @@ class TrackerDecoder(Decoder):
         super().__init__(model, cond, length, adsa, block_size, pairs)
         lay = self.layout
         if lay is not None:
-            self.trackers = [SequenceTracker(lay, make_scorer(lay.policy, keep=lay.keep, seed=lay.seed))
-                             for _ in range(self.deciders)]
+            self.trackers = [SequenceTracker(lay, resolve_scorers(lay)[0]) for _ in range(self.deciders)]
         self._requests: list[tuple[int, SequenceTracker, torch.Tensor]] = []
         self._pos = 0
 

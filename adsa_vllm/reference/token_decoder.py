@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.policy.token_scores import TokenScorer, make_token_scorer
+from adsa_vllm.policy import resolve_scorers
+from adsa_vllm.policy.token_scores import TokenScorer
 from adsa_vllm.policy.token_select import TokenTrackers
 from adsa_vllm.reference.decoder import ChunkedDecoder
 from adsa_vllm.reference.model import LlamaGenReference
@@ -27,8 +28,8 @@ class TokenDecoder(ChunkedDecoder):
         super().__init__(model, cond, length, adsa, block_size, pairs=pairs)
         lay, config = self.layout, model.config
         self.selection = None if lay is None else TokenTrackers(
-            lay, scorer or make_token_scorer(lay.policy, keep=lay.keep, seed=lay.seed), self.rows,
-            config.n_layer, config.kv_heads, first=self.first, pairs=pairs, device=self.slots.device)
+            lay, scorer or resolve_scorers(lay)[1], self.rows, config.n_layer, config.kv_heads, first=self.first,
+            pairs=pairs, device=self.slots.device)
         self.schedule = {} if lay is None else self.selection.schedule
         self._rep = config.n_head // config.kv_heads
         self._request: tuple[int, int, int] | None = None                # this forward's (pos, lo, hi)

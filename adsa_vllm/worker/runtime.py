@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from adsa_vllm.policy import BlockLayout, BlockScorer, make_scorer
+from adsa_vllm.policy import BlockLayout, BlockScorer, resolve_scorers
 from adsa_vllm.policy.slot_trackers import SlotTrackers
-from adsa_vllm.policy.token_scores import TokenScorer, make_token_scorer
-from adsa_vllm.policy.token_select import OldestBlocks
+from adsa_vllm.policy.token_scores import TokenScorer
 from adsa_vllm.settings import ADSASettings, request_overrides
 from adsa_vllm.worker.failures import RequestFailures
 from adsa_vllm.worker.new_requests import prompt_length
@@ -121,20 +120,18 @@ class ADSARuntime:
         return self.settings.block_size
 
     def layout_for(self, extra_args: dict | None, prompt_len: int | None = None) -> BlockLayout:
+        """`ADSASettings.layout` of the request (the parse the API process and the scheduler run), cached."""
         key = (self.settings.config_for(request_overrides(extra_args)), prompt_len)
         if key not in self._layouts:   # one layout per distinct setting, shared by the requests that use it
             self._layouts[key] = self.settings.layout_of(*key)
         return self._layouts[key]
 
     def _scorers_of(self, layout: BlockLayout) -> tuple:
-        """(block scorer, token scorer or None). One instance per setting, so the builder can score all rows
-        sharing it in one batched call. Under token granularity the blocks kept are the oldest candidates, the
-        slots that each head fills with its own winners (worker/token_gather.py)."""
+        """`resolve_scorers(layout)`: (block scorer, token scorer or None). One instance per setting, so the
+        builder can score all rows sharing it in one batched call."""
         key = (layout.policy, layout.keep, layout.seed, layout.granularity)
         if key not in self._scorers:
-            settings = dict(keep=layout.keep, seed=layout.seed)
-            self._scorers[key] = ((make_scorer(layout.policy, **settings), None) if layout.granularity == "block"
-                                  else (OldestBlocks(), make_token_scorer(layout.policy, **settings)))
+            self._scorers[key] = resolve_scorers(layout)
         return self._scorers[key]
 
     # ---- lifecycle, from SchedulerOutput ----
@@ -159,10 +156,11 @@ class ADSARuntime:
         self._drop(req_id)
         try:
             layout = self.layout_for(getattr(params, "extra_args", None), prompt_len)
+            scorer, token_scorer = self._scorers_of(layout)
         except Exception as e:  # noqa: BLE001 - validated in the API process; this is the last line of defence
             self.fail(req_id, e)
             layout = self.layout_for(None)   # the forward of this step still needs a valid row
-        scorer, token_scorer = self._scorers_of(layout)
+            scorer, token_scorer = self._scorers_of(layout)
         seq = LiveSequence(req_id, first_block, layout, scorer, params, prompt_len, token_scorer=token_scorer)
         seq.slot = self.trackers.add(layout)
         self._generation += 1
