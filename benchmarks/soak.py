@@ -1,18 +1,15 @@
 """Soak benchmark (issue 22, not in CI): one real CFG + ADSA server under a steady mixed load for a fixed time.
 Does anything grow without bound (server memory, KV in use, blocks held), and is the pool empty at the end?
 
-Starts `python -m vllm.entrypoints.openai.api_server` through tests/server_util.launch_server on --model (default:
-the tiny random LlamaGen, a 16x16 grid, 256 tokens an image) with ADSA and guidance on (--additional-config) and
-the KV pool cut to --pool-blocks, so ADSA's admission gate keeps requests waiting and every block is reused many
-times. Sends tests/load_mix.py's mix (per-request policy, budget, guidance, sampling; plain and streamed, a fifth
-hung up mid-generation, as tests/test_load.py sends them) at --rate requests/s (Poisson or fixed arrivals) for
---duration-s, never more than --max-in-flight open at once. Every --sample-s it records /metrics (KV usage,
-running, waiting, adsa:blocks_held and the adsa: totals) and the resident memory (RSS) of each server process (the
-API server and its children, e.g. EngineCore). After the load it waits for idle and records the final state.
-
-Writes benchmarks/results/soak_<tag>.json (settings, machine, every sample, outcomes, final state), .md (summary
-table and verdict) and .png (drawn with PIL, like the other reports; no matplotlib needed). Exits 1 if a request
-failed, a block is still in use at the end, or the server died.
+Starts the OpenAI server (tests/server_util.launch_server) on --model (default: the tiny random 16x16 LlamaGen, 256
+tokens an image) with ADSA and guidance on and the KV pool cut to --pool-blocks, so the admission gate keeps
+requests waiting and every block is reused many times. Sends tests/load_mix.py's mix (per-request policy, budget,
+guidance, sampling; a fifth hung up mid-generation, sent as tests/test_load.py does) at --rate requests/s for
+--duration-s, at most --max-in-flight open at once. Every --sample-s it records /metrics (KV usage, running,
+waiting, adsa:blocks_held, the adsa: totals) and the RSS of each server process (API server, EngineCore, worker).
+Then it waits for idle and records the final state. Writes benchmarks/results/soak_<tag>.json (settings, every
+sample, outcomes, final state), .md (table, verdict) and .png (PIL, like the other reports; no matplotlib).
+Exits 1 if a request failed, a block is still in use at the end, or the server died.
 
   # CPU (2 cores; launch_server sets VLLM_CPU_KVCACHE_SPACE):
   python benchmarks/soak.py --duration-s 600 --rate 4 --tag cpu
@@ -158,17 +155,6 @@ def verdict(samples: list[dict], final: dict, alive: bool) -> dict:
             "not_empty_at_end": {k: final.get(k) for k in EMPTY if final.get(k) != 0}, "server_alive": alive}
 
 
-def series_rows(samples: list[dict], final: dict) -> list[str]:
-    start, load = samples[0], [s for s in samples if s["phase"] == "load" and "error" not in s]
-    rows = []
-    for key in ("rss_mb", *GAUGES):
-        values = [s[key] for s in load if key in s]
-        if values:
-            rows.append(f"| {key} | {start.get(key, float('nan')):g} | {final.get(key, float('nan')):g} "
-                        f"| {max(values):g} |")
-    return rows
-
-
 def plot(samples: list[dict], load_end: float, path: Path) -> None:
     """Four panels over time: KV usage, blocks held, running/waiting, each process's RSS change since the start
     (a leak shows as a rising line; absolute values in the legend). Grey line: the load ends."""
@@ -277,7 +263,8 @@ def main() -> int:
               "verdict": v, "ok": ok, "samples": samples}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(samples, load_end, out.with_suffix(".png"))
-    m, grows = report["machine"], v["rss_grows"]
+    m, grows, nan = report["machine"], v["rss_grows"], float("nan")
+    busy = [s for s in samples if s["phase"] == "load" and "error" not in s]
     md = [f"# Soak `{a.tag}`: {a.duration_s:g} s of mixed CFG + ADSA requests", "",
           f"`{' '.join(['python benchmarks/soak.py', *sys.argv[1:]])}` at {m['commit']} on {m['cpu']} "
           f"({m['cores']} cores, {m['memory_gib']} GiB{', ' + m['gpu'] if m['gpu'] else ''}).",
@@ -287,7 +274,8 @@ def main() -> int:
           f"Requests: {load['sent']} sent, {load['outcomes']}; {load['held_back_by_in_flight_bound']} arrivals held "
           f"back by the in-flight bound; done latency {load['done_latency_s']} s. Load ended at {load_end:.0f} s.", "",
           "| series | start (idle) | end (idle) | max during load |", "|---|---|---|---|",
-          *series_rows(samples, final), "",
+          *[f"| {k} | {samples[0].get(k, nan):g} | {final.get(k, nan):g} | {max(s.get(k, nan) for s in busy):g} |"
+            for k in ("rss_mb", *GAUGES)], "",
           f"**Verdict: {'OK' if ok else 'FAILED'}.** RSS of the server's processes: first-quarter mean "
           f"{v['rss_first_quarter_mb']} MiB, last-quarter mean {v['rss_last_quarter_mb']} MiB "
           f"({v['rss_growth']:+.1%}; {'grows' if grows else 'no growth'} beyond the {RSS_GROWTH_LIMIT:.0%} "
