@@ -27,6 +27,7 @@ engine's current state, whichever process recorded them.
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, Gauge
+from vllm.v1.engine import FinishReason
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from adsa_vllm.config import POLICIES
@@ -40,6 +41,20 @@ def _unregister_adsa_metrics() -> None:
     for collector in list(REGISTRY._collector_to_names):
         if getattr(collector, "_name", "").startswith(PREFIX):
             REGISTRY.unregister(collector)
+
+
+class _LabelledTotal:
+    """A running-total gauge with one extra label (policy, finish reason): a child per (engine, value)."""
+
+    def __init__(self, gauge: Gauge, children: dict[int, dict], per_engine: dict[int, list[str]]):
+        self.gauge, self.children, self.per_engine = gauge, children, per_engine
+
+    def set(self, engine_idx: int, totals: dict[str, int]) -> None:
+        for value, total in totals.items():
+            child = self.children[engine_idx].get(value)
+            if child is None:   # a value outside the pre-made ones (not expected; exported rather than dropped)
+                child = self.children[engine_idx][value] = self.gauge.labels(*self.per_engine[engine_idx], value)
+            child.set(total)
 
 
 class ADSAStatLogger(AggregateStatLoggerBase):
@@ -60,6 +75,12 @@ class ADSAStatLogger(AggregateStatLoggerBase):
         def total(name, doc):
             return gauge(name + "_total", doc + " Running total since start.", mode="max")
 
+        def labelled_total(name, doc, label, values):
+            g = Gauge(PREFIX + name + "_total", doc + " Running total since start.", labelnames=labels + [label],
+                      multiprocess_mode="max")
+            return _LabelledTotal(g, {i: {v: g.labels(*lv, v) for v in values} for i, lv in per_engine.items()},
+                                  per_engine)
+
         self.blocks_held = gauge("blocks_held", "KV blocks the running requests hold now (ADSA evicts the rest).")
         self.blocks_full = gauge("full_attention_blocks",
                                  "KV blocks the running requests would hold now without eviction.")
@@ -68,12 +89,13 @@ class ADSAStatLogger(AggregateStatLoggerBase):
         self.admission_waits = total("admission_waits",
                                      "Times the ADSA admission gate kept a waiting request waiting (not yet).")
         self.preemptions = total("preemptions", "Requests preempted by the ADSA scheduler.")
-        requests = Gauge(PREFIX + "requests_total", "Requests admitted to the ADSA scheduler, by eviction policy. "
-                         "Running total since start.", labelnames=labels + ["policy"], multiprocess_mode="max")
-        # Every policy's series exists from the start (at 0), so rates work before a policy is first used.
-        self.requests = {i: {p: requests.labels(*v, p) for p in POLICIES} for i, v in per_engine.items()}
-        self.requests_metric = requests
-        self.per_engine = per_engine
+        # Every label's series exists from the start (at 0), so rates work before a policy or reason is first seen.
+        self.requests = labelled_total("requests", "Requests admitted to the ADSA scheduler, by eviction policy.",
+                                       "policy", POLICIES)
+        self.finished = labelled_total("requests_finished", "Requests that left the ADSA scheduler, by finish "
+                                       "reason (abort: the client hung up or the request was cancelled; vLLM's "
+                                       "request_success_total does not count aborts).",
+                                       "reason", [r.name.lower() for r in FinishReason])
         for g in self.kept_ratio.values():
             g.set(1.0)   # idle: nothing held, nothing evicted (the gauge would otherwise read 0 until the first step)
 
@@ -86,12 +108,8 @@ class ADSAStatLogger(AggregateStatLoggerBase):
         self.kept_ratio[engine_idx].set(adsa.kept_ratio)
         for name in ("blocks_freed", "admission_waits", "preemptions"):
             getattr(self, name)[engine_idx].set(getattr(adsa, name))
-        for policy, total in adsa.requests_by_policy.items():
-            child = self.requests[engine_idx].get(policy)
-            if child is None:   # a policy outside POLICIES (not expected; exported rather than dropped)
-                child = self.requests[engine_idx][policy] = self.requests_metric.labels(
-                    *self.per_engine[engine_idx], policy)
-            child.set(total)
+        self.requests.set(engine_idx, adsa.requests_by_policy)
+        self.finished.set(engine_idx, adsa.finished_by_reason)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -4,7 +4,7 @@ Does anything grow without bound (server memory, KV in use, blocks held), and is
 Starts the OpenAI server (tests/server_util.launch_server) on --model (default: the tiny random 16x16 LlamaGen, 256
 tokens an image) with ADSA and guidance on and the KV pool cut to --pool-blocks, so the admission gate keeps
 requests waiting and every block is reused many times. Sends tests/load_mix.py's mix (per-request policy, budget,
-guidance, sampling; a fifth hung up mid-generation, sent as tests/test_load.py does) at --rate requests/s for
+guidance, sampling; a fifth hung up mid-generation, sent by load_mix.send as tests/test_load.py does) at --rate requests/s for
 --duration-s, at most --max-in-flight open at once. Every --sample-s it records /metrics (KV usage, running,
 waiting, adsa:blocks_held, the adsa: totals) and the RSS of each server process (API server, EngineCore, worker).
 Then it waits for idle and records the final state. Writes benchmarks/results/soak_<tag>.json (settings, every
@@ -42,10 +42,9 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))   # the tests' server launcher, request mix and sender, not copies
 
-from load_mix import plan  # noqa: E402
+from load_mix import plan, send  # noqa: E402
 from metrics_util import scrape  # noqa: E402
-from server_util import _healthy, launch_server  # noqa: E402
-from test_load import _send  # noqa: E402
+from server_util import healthy, launch_server  # noqa: E402
 
 GAUGES = {"kv_usage": "vllm:kv_cache_usage_perc", "running": "vllm:num_requests_running",
           "waiting": "vllm:num_requests_waiting", "blocks_held": "adsa:blocks_held",
@@ -88,7 +87,7 @@ def run_load(base: str, config, model: str, a, t0: float) -> dict:
     def one(req):
         start = time.monotonic()
         try:
-            kind, value = _send(base, req)
+            kind, value = send(base, req)
             if kind == "done" and len(value) != config.image_tokens:
                 kind, value = "error", f"{len(value)} tokens, expected {config.image_tokens}"
         except Exception as e:   # a refused connection or a timeout is a failure of the server under test
@@ -248,7 +247,7 @@ def main() -> int:
         phase[0], load_end = "drain", time.monotonic() - t0   # the last answers are in; the engine winds down
         final = settle(base, t0)
         stop.set()
-        alive = _healthy(base)
+        alive = healthy(base)
     finally:
         server.close()   # kills the server's process group
     samples.append(final)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from adsa_vllm.client import image_request
+from adsa_vllm.client import ServerError, completion_token_ids, image_request, post_json
 from adsa_vllm.config import POLICIES
+from hang_up import post_and_hang_up, stream
 
 # Budgets on a 10x10 image (100 tokens, 7 blocks of 16; prefix + local need 3 blocks): 50% (3 blocks), 75% and
 # 64 tokens (4 blocks) evict, None never does.
@@ -53,3 +54,17 @@ def plan(config, model: str, count: int, seed: int = 0) -> list[PlannedRequest]:
         drop_after = rng.randint(1, 60) if way == "stream_drop" else rng.uniform(0.01, 1.0)
         out.append(PlannedRequest(i, way, body, policy, drop_after if way.endswith("_drop") else 0.0))
     return out
+
+
+def send(base: str, req: PlannedRequest) -> tuple[str, list[int] | str]:
+    """Send one planned request its way: ("done", tokens), ("dropped", "") or ("error", message)."""
+    try:
+        if req.way == "plain_drop":
+            post_and_hang_up(base, req.body, req.drop_after)
+            return "dropped", ""
+        if req.way.startswith("stream"):
+            tokens, hung_up = stream(base, req.body, int(req.drop_after) if req.way == "stream_drop" else None)
+            return ("dropped", "") if hung_up else ("done", tokens)
+        return "done", completion_token_ids(post_json(f"{base}/v1/completions", req.body, timeout=120))
+    except ServerError as e:
+        return "error", str(e)

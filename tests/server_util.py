@@ -30,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _healthy(base: str) -> bool:
+def healthy(base: str) -> bool:
     try:
         with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
             return r.status == 200
@@ -38,10 +38,11 @@ def _healthy(base: str) -> bool:
         return False
 
 
-def launch_server(model_dir, log_path, *extra):
-    """Start `python -m vllm.entrypoints.openai.api_server` on a free port; yields its base URL, then kills it."""
+def launch_server(model_dir, log_path, *extra, env: dict | None = None):
+    """Start `python -m vllm.entrypoints.openai.api_server` on a free port; yields its base URL, then kills it.
+    `env`: extra environment variables for the server (e.g. VLLM_SERVER_DEV_MODE=1 for /pause)."""
     port = _free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     env.setdefault("TORCHDYNAMO_DISABLE", "1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs EngineCore its normal way
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *extra,
@@ -51,7 +52,7 @@ def launch_server(model_dir, log_path, *extra):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(base):
+        while not healthy(base):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = log_path.read_text(errors="replace")[-4000:]
                 why = f"exited with {proc.returncode}" if proc.poll() is not None else \
@@ -78,7 +79,7 @@ def tiny_model_dir(tmp_path_factory, grid_size: int):
     return make_random_model_dir(tmp_path_factory.mktemp(f"llamagen{grid_size}"), shape, seed=0, std=0.1)
 
 
-def adsa_server(tmp_path_factory, name: str, additional: dict, *extra, grid_size: int = 10):
+def adsa_server(tmp_path_factory, name: str, additional: dict, *extra, grid_size: int = 10, env: dict | None = None):
     """A server with ADSA on (`--additional-config` = `additional`) for a `tiny_model_dir` model. Yields
     {"base", "config", "model", "model_dir", "log"} once it is healthy, then stops it."""
     from adsa_vllm.client import server_model
@@ -86,6 +87,6 @@ def adsa_server(tmp_path_factory, name: str, additional: dict, *extra, grid_size
     model_dir = tiny_model_dir(tmp_path_factory, grid_size=grid_size)
     log_path = tmp_path_factory.mktemp(name) / "server.log"
     for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config",
-                              json.dumps(additional), *extra):
+                              json.dumps(additional), *extra, env=env):
         yield {"base": base, "config": load_config(model_dir), "model": server_model(base), "model_dir": model_dir,
                "log": log_path}

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import http.client
 import json
-import time
-import urllib.request
 from urllib.parse import urlparse
 
 import pytest
 
-from adsa_vllm.client import completion_token_ids, image_request, post_json, stream_token_ids
+from adsa_vllm.client import completion_token_ids, image_request, post_json
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.convert import load_reference
 from fuzz_cases import cases, encode
 from greedy_match import assert_greedy_matches_reference
+from hang_up import post_and_hang_up, stream
+from metrics_util import wait_idle
 from server_util import adsa_server
 
 GOOD_CLASS = 1
@@ -70,29 +70,6 @@ def _good_image(srv) -> list[int]:
     return completion_token_ids(post_json(f"{srv['base']}/v1/completions", srv["good_body"], timeout=120))
 
 
-def _metrics(srv) -> dict[str, float]:
-    """vllm:* gauges and counters of /metrics, summed over label sets."""
-    with urllib.request.urlopen(f"{srv['base']}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:"):
-            name, value = line.rsplit(" ", 1)
-            key = name.split("{", 1)[0]
-            out[key] = out.get(key, 0.0) + float(value)
-    return out
-
-
-def _wait_idle(srv, timeout=60.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = _metrics(srv)
-        if m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0:
-            return m
-        assert time.monotonic() < deadline, f"requests still running after {timeout} s: {m}"
-        time.sleep(0.2)
-
-
 def _assert_still_serving(srv, after: str) -> None:
     got = _good_image(srv)
     assert got == srv["good"], f"after {after!r} the good request returned another image"
@@ -110,7 +87,7 @@ def test_table_of_bad_requests_each_fails_alone(fuzz_server):
             wrong.append(f"{name}: HTTP {got} {_message(payload)[:300]!r} (want {status}, {text!r})")
         elif status == 200:
             assert len(payload["choices"][0]["token_ids"]) == int(body["max_tokens"]), name
-        _wait_idle(fuzz_server)
+        wait_idle(fuzz_server["base"])
         _assert_still_serving(fuzz_server, name)
     assert not wrong, "\n".join(wrong)
 
@@ -132,46 +109,25 @@ def test_sampled_n2_and_streaming(fuzz_server):
     status, payload = _send(fuzz_server, encode(body))
     assert status == 200, _message(payload)
     assert [len(c["token_ids"]) for c in payload["choices"]] == [16, 16]
-    streamed = _stream(fuzz_server, {**fuzz_server["good_body"], "stream": True})
+    streamed, _ = stream(fuzz_server["base"], fuzz_server["good_body"])
     assert streamed == fuzz_server["good"]
-    _wait_idle(fuzz_server)
+    wait_idle(fuzz_server["base"])
     _assert_still_serving(fuzz_server, "streaming")
-
-
-def _stream(srv, body, stop_after: int | None = None) -> list[int]:
-    """Stream a request and collect its token ids; with stop_after, hang up after that many events."""
-    ids: list[int] = []
-    events = stream_token_ids(srv["base"], body, timeout=120)
-    try:
-        for n, new in enumerate(events, 1):
-            ids += new
-            if stop_after is not None and n >= stop_after:
-                break
-    finally:
-        events.close()   # hang up without reading the rest
-    return ids
 
 
 def test_clients_hanging_up_mid_generation(fuzz_server):
     srv = fuzz_server
     for stop_after in (1, 5, 40):   # streamed: hang up after a few events
-        _stream(srv, {**srv["good_body"], "stream": True}, stop_after=stop_after)
-        _wait_idle(srv)
+        stream(srv["base"], srv["good_body"], hang_up_after=stop_after)
+        wait_idle(srv["base"])
         _assert_still_serving(srv, f"stream hung up after {stop_after} events")
     for delay in (0.05, 0.5):        # not streamed: hang up before the answer
-        u = urlparse(srv["base"])
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-        conn.request("POST", "/v1/completions", body=encode(srv["good_body"]),
-                     headers={"Content-Type": "application/json"})
-        time.sleep(delay)
-        conn.sock.close()
-        conn.close()
-        _wait_idle(srv)
+        post_and_hang_up(srv["base"], srv["good_body"], after_s=delay)
+        wait_idle(srv["base"])
         _assert_still_serving(srv, f"client hung up after {delay} s")
 
 
 def test_metrics_show_an_idle_engine_at_the_end(fuzz_server):
-    m = _wait_idle(fuzz_server)
-    assert m["vllm:num_requests_running"] == 0 and m.get("vllm:num_requests_waiting", 0) == 0, m
-    assert m["vllm:kv_cache_usage_perc"] == 0.0, m
+    m = wait_idle(fuzz_server["base"])
+    assert m.total("vllm:kv_cache_usage_perc") == 0.0, m.lines("vllm:kv_cache")
     _assert_still_serving(fuzz_server, "the whole module")

@@ -14,20 +14,23 @@ import time
 
 import pytest
 
-from adsa_vllm.client import completion_token_ids, image_request, post_json, stream_token_ids
+from adsa_vllm.client import completion_token_ids, image_request, post_json
 from adsa_vllm.config import POLICIES, ADSAConfig
+from hang_up import paused_engine
 from metrics_util import scrape, wait_idle
 from server_util import adsa_server
 
 BUDGET = 0.5
 POOL_BLOCKS = 24
 POLICY_OF_REQUEST = ["topk_v", "topk_v", "streaming", "random", "attention_mass"]
+ROUNDS = 5   # see test_gauges_move_during_generation_and_return_to_idle: a round may be inconclusive, never wrong
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     for srv in adsa_server(tmp_path_factory, "metrics_server", {"adsa": {"budget": BUDGET}},
-                           "--num-gpu-blocks-override", str(POOL_BLOCKS), grid_size=16):
+                           "--num-gpu-blocks-override", str(POOL_BLOCKS), grid_size=16,
+                           env={"VLLM_SERVER_DEV_MODE": "1"}):   # /pause, /resume
         config = srv["config"]
         layout = ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=config.cls_token_num,
                                                   grid_size=config.grid_size)
@@ -44,7 +47,7 @@ def test_adsa_stats_survive_the_engine_to_api_process_codec():
     from adsa_vllm.engine.stats import ADSAStats, with_adsa
     adsa_vllm_patches.apply_all()
     adsa = ADSAStats(blocks_freed=7, blocks_held=3, blocks_full_attention=6, admission_waits=2,
-                     requests_by_policy={"random": 1})
+                     requests_by_policy={"random": 1}, finished_by_reason={"abort": 2, "length": 1})
     sent = EngineCoreOutputs(scheduler_stats=with_adsa(SchedulerStats(num_running_reqs=2), adsa))
     frames = MsgpackEncoder().encode(sent)
     got = MsgpackDecoder(core_client.EngineCoreOutputs).decode(frames).scheduler_stats
@@ -63,58 +66,37 @@ def test_idle_server_exports_every_adsa_series_at_rest(server):
     for counter in ("adsa:blocks_freed_total", "adsa:admission_waits_total", "adsa:preemptions_total"):
         assert m.total(counter) == 0, counter
     assert m.by_label("adsa:requests_total", "policy") == {p: 0.0 for p in POLICIES}
+    reasons = ("stop", "length", "abort", "error", "repetition")   # vLLM's FinishReason names
+    assert m.by_label("adsa:requests_finished_total", "reason") == {r: 0.0 for r in reasons}
 
 
-def test_gauges_move_during_generation_and_return_to_idle(server):
-    """Scrape while five requests run, and once at a moment known to lie mid-eviction.
-
-    Polling alone cannot promise a scrape between the first eviction and the last finish: on a loaded 2-core box a
-    scrape can wait seconds for the API server's event loop (seen: 2.7 s gaps; one CI run missed every eviction).
-    So request 0 streams, and the other four are sent only once it has received 3/4 of its tokens: by then it has
-    been evicting for ~50 steps (a step's stats are recorded right after its tokens are queued for the client) and
-    holds its bound, and four queued images keep blocks held for seconds after the next scrape is sent.
-    """
+def _round(server, seed: int):
+    """Five requests; the engine paused at the first scrape that shows a new eviction; returns the scrape taken
+    while paused. Every scrape of the round, paused or not, must be a consistent state."""
     base, config = server["base"], server["config"]
     images: dict[int, list[int]] = {}
     errors: list[BaseException] = []
-    anchor = config.image_tokens * 3 // 4
-    assert -(-(config.cls_token_num + anchor) // 16) > server["bound"], "the anchor must lie past the first eviction"
-    evicting = threading.Event()
 
-    def body(i: int, policy: str) -> dict:
-        return image_request(config, i % config.num_classes, adsa={"policy": policy}, seed=i, temperature=1.0,
-                             top_k=100, model=server["model"])
-
-    def generate(i: int, policy: str) -> None:
+    def generate(i: int) -> None:
+        body = image_request(config, i % config.num_classes, adsa={"policy": POLICY_OF_REQUEST[i]}, seed=seed + i,
+                             temperature=1.0, top_k=100, model=server["model"])
         try:
-            images[i] = completion_token_ids(post_json(f"{base}/v1/completions", body(i, policy), timeout=300))
+            images[i] = completion_token_ids(post_json(f"{base}/v1/completions", body, timeout=300))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
-    def stream(i: int, policy: str) -> None:
-        try:
-            images[i] = []
-            for ids in stream_token_ids(base, body(i, policy), timeout=300):
-                images[i] += ids
-                if len(images[i]) >= anchor:
-                    evicting.set()
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-        finally:
-            evicting.set()   # never leave the main thread waiting
-
-    first = threading.Thread(target=stream, args=(0, POLICY_OF_REQUEST[0]))
-    rest = [threading.Thread(target=generate, args=(i, p)) for i, p in enumerate(POLICY_OF_REQUEST) if i > 0]
-    first.start()
-    seen = {"held": 0.0, "ratio": 1.0, "freed_while_held": False}
-    last_freed = 0.0
+    threads = [threading.Thread(target=generate, args=(i,)) for i in range(len(POLICY_OF_REQUEST))]
+    freed_before = last_freed = scrape(base).total("adsa:blocks_freed_total")
+    for t in threads:
+        t.start()
+    frozen = None
     deadline = time.monotonic() + 300
-    while first.is_alive() or any(t.is_alive() for t in rest) or not rest[0].ident:
+    while any(t.is_alive() for t in threads):
         assert time.monotonic() < deadline, "generations did not finish in 300 s"
-        if evicting.is_set() and not rest[0].ident:
-            for t in rest:
-                t.start()
         m = scrape(base)
+        if frozen is None and m.total("adsa:blocks_freed_total") > freed_before:
+            with paused_engine(base):
+                m = frozen = scrape(base)
         held, full = m.total("adsa:blocks_held"), m.total("adsa:full_attention_blocks")
         running, freed = m.total("vllm:num_requests_running"), m.total("adsa:blocks_freed_total")
         # One scrape is one consistent state: the stat loggers and /metrics share the API server's event loop.
@@ -122,21 +104,39 @@ def test_gauges_move_during_generation_and_return_to_idle(server):
         assert held <= server["bound"] * running, (server["bound"], m.lines("adsa:"), running)
         assert held <= POOL_BLOCKS
         assert freed >= last_freed, "a counter went down"
-        if held > 0:
-            seen["held"] = max(seen["held"], held)
-            seen["ratio"] = min(seen["ratio"], m.total("adsa:kept_ratio"))
-            seen["freed_while_held"] |= freed > 0
         last_freed = freed
-        time.sleep(0.3)
-    for t in [first, *rest]:
+        time.sleep(0.05)
+    for t in threads:
         t.join()
     assert not errors, errors
-    assert seen["held"] > 0, "adsa:blocks_held never rose above 0 while requests were generating"
-    assert seen["freed_while_held"], "adsa:blocks_freed_total was still 0 mid-eviction (exported only at the end?)"
-    assert seen["ratio"] < 1.0, "adsa:kept_ratio stayed at 1 although ADSA evicts at a 50% budget"
-
     for i, toks in images.items():
         assert len(toks) == config.image_tokens and all(0 <= t < config.codebook_size for t in toks), i
+    return frozen if frozen is not None else scrape(base)
+
+
+def test_gauges_move_during_generation_and_return_to_idle(server):
+    """Scrape while five requests run, and once with the engine frozen mid-eviction.
+
+    Polling alone cannot promise a scrape between the first eviction and the last finish: on a loaded 2-core box
+    the client process can be starved for seconds while the engine runs (seen: 2.7 s between scrapes; one CI run
+    missed every eviction). So in a round five requests queue for 24 blocks (two requests' bounds at a time), and
+    at the first scrape that shows a new eviction the engine is paused (vLLM's /pause, dev mode): its last step's
+    stats stay on /metrics, one consistent state, until it is resumed. A round is conclusive when that state has a
+    running request past its first eviction (full attention would hold more blocks than are held); every ADSA
+    gauge must then show it. A starved client may pause only once all five are done (nothing running): a working
+    engine can produce that, so the round is run again; one that never shows an eviction fails every round.
+    """
+    base, config = server["base"], server["config"]
+    for rounds in range(1, ROUNDS + 1):
+        frozen = _round(server, seed=rounds * 100)
+        held, full = frozen.total("adsa:blocks_held"), frozen.total("adsa:full_attention_blocks")
+        if held < full:
+            break
+    assert held < full, f"no frozen scrape in {ROUNDS} rounds had a request past its first eviction: " + \
+        str(frozen.lines("adsa:") + frozen.lines("vllm:num_requests"))
+    assert held > 0, "adsa:blocks_held is 0 while requests hold blocks: " + str(frozen.lines("adsa:"))
+    assert frozen.total("adsa:kept_ratio") == pytest.approx(held / full), frozen.lines("adsa:")
+    assert frozen.total("adsa:blocks_freed_total") > 0, "adsa:blocks_freed_total was still 0 mid-eviction"
 
     m = wait_idle(base)
     assert m.total("adsa:blocks_held") == 0 and m.total("adsa:full_attention_blocks") == 0, m.lines("adsa:")
@@ -145,8 +145,10 @@ def test_gauges_move_during_generation_and_return_to_idle(server):
     # Each finished image allocated cdiv(256, 16) = 16 logical blocks and never held more than its bound.
     full_blocks = -(-(config.cls_token_num + config.image_tokens - 1) // 16)
     assert m.total("adsa:blocks_freed_total") >= len(POLICY_OF_REQUEST) * (full_blocks - server["bound"])
-    sent = {p: float(POLICY_OF_REQUEST.count(p)) for p in POLICIES}
+    sent = {p: float(POLICY_OF_REQUEST.count(p) * rounds) for p in POLICIES}
     assert m.by_label("adsa:requests_total", "policy") == sent
+    finished = m.by_label("adsa:requests_finished_total", "reason")
+    assert finished["length"] == sum(sent.values()) and finished["abort"] == 0, finished
     # 24 blocks hold two requests' bounds, not five: the gate must have said "not yet", and nothing was preempted.
     assert m.total("adsa:admission_waits_total") > 0
     assert m.total("adsa:preemptions_total") == 0 and m.total("vllm:num_preemptions_total") == 0

@@ -41,6 +41,7 @@ class ADSASchedulerMixin:
         self.max_running = 0
         self.num_admission_waits = 0                 # /metrics: times `_fits` said "not yet"
         self.requests_by_policy: dict[str, int] = {}   # /metrics: registered requests per eviction policy
+        self.finished_by_reason: dict[str, int] = {}   # /metrics: requests that left, by vLLM's finish reason
         if self.adsa_managers:
             self.demand = DemandProfile(self.adsa_managers[0].block_size)
             self._stock_allocate_slots = self.kv_cache_manager.allocate_slots
@@ -68,6 +69,11 @@ class ADSASchedulerMixin:
     def _free_request(self, request, delay_free_blocks: bool = False):
         if self.adsa_managers:
             self.demand.remove(request.request_id)
+            # Aborts (a client that hung up) end here too, and vLLM's own request_success_total never sees them:
+            # the API process drops an aborted request before the engine reports on it.
+            reason = request.get_finished_reason()
+            name = reason.name.lower() if reason is not None else "other"
+            self.finished_by_reason[name] = self.finished_by_reason.get(name, 0) + 1
         out = super()._free_request(request, delay_free_blocks)
         for m in self.adsa_managers:
             m.forget(request.request_id)
@@ -140,7 +146,8 @@ class ADSASchedulerMixin:
         full = sum(len(m.req_to_blocks.get(r.request_id, ())) for r in self.running)   # evicted entries are nulls
         return ADSAStats(blocks_freed=m.total_freed, blocks_held=held, blocks_full_attention=full,
                          admission_waits=self.num_admission_waits, preemptions=self.num_preemptions,
-                         requests_by_policy=dict(self.requests_by_policy))
+                         requests_by_policy=dict(self.requests_by_policy),
+                         finished_by_reason=dict(self.finished_by_reason))
 
     def adsa_stats(self) -> dict:
         """Per-request held/peak/freed blocks and pool-wide counters (tests and benchmarks read this)."""

@@ -31,6 +31,7 @@ class ADSAStats:
     admission_waits: int = 0       # total times the admission gate said "not yet" to a waiting request
     preemptions: int = 0           # total preemptions (ADSA admission aims at none)
     requests_by_policy: dict[str, int] = field(default_factory=dict)   # total requests registered, per policy
+    finished_by_reason: dict[str, int] = field(default_factory=dict)   # total requests finished, per finish reason
 
     @property
     def kept_ratio(self) -> float:
