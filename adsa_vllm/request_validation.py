@@ -8,17 +8,20 @@ adsa_vllm/llamagen/model.py), so vLLM skips those checks, and an id outside the 
 
 Per-request settings (`extra_args["adsa"]`, `extra_args["cfg"]`, a dict offline or its JSON string over HTTP) are
 parsed with the same code the worker and scheduler run (`ADSASettings.layout`, `GuidanceSettings.for_request`), and
-fully: the ADSA layout and scorer are built here, so whatever passes is a setting the worker can use.
+fully: the ADSA layout is built here with the request's own condition length, and the scorers that would run are
+resolved (`adsa_vllm.policy.resolve_scorers`), so whatever passes is a setting the worker can use. What only the
+engine's configuration decides is checked too: a query-dependent policy cannot run where attention replays from
+CUDA graphs (`attention_in_cuda_graphs`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adsa_vllm.errors import SettingsError
+from adsa_vllm.errors import ADSAConfigError, SettingsError
 from adsa_vllm.guidance.settings import Guidance
 from adsa_vllm.model_config import LlamaGenConfig
-from adsa_vllm.policy import BlockLayout, make_scorer
+from adsa_vllm.policy import BlockLayout, needs_query
 from adsa_vllm.settings import EngineSettings, request_overrides
 
 # extra_args keys: the plugin's, plus those vLLM itself puts there (kv/ec transfer parameters).
@@ -35,17 +38,50 @@ class RequestSettings:
     guidance: Guidance           # the request's guidance (the engine defaults when it gave none)
 
 
+def attention_in_cuda_graphs(compilation_config, engine: EngineSettings) -> bool:
+    """Whether this engine's attention layers run inside CUDA graphs, so that Python in their forward (where a
+    query-dependent policy scores, `needs_query`) runs only while a graph is captured: a per-request attention-mass
+    selection would never happen (block granularity) or fail in the worker (token granularity).
+
+    Read from vLLM's CompilationConfig (duck-typed) as `VllmConfig.__post_init__` left it, which is what the API
+    process holds (the config hook runs at its start, before the mode is resolved):
+      * cudagraph_mode NONE: no graphs. `enforce_eager` sets it, and so does a platform without static graphs (CPU)
+        or a piecewise mode without VLLM_COMPILE;
+      * a mode with full graphs (FULL_AND_PIECEWISE, the GPU default; FULL_DECODE_ONLY; FULL): decode steps replay
+        whole forwards, attention included;
+      * PIECEWISE: attention runs eagerly between the captured pieces when the attention ops are splitting ops
+        (vLLM's default), else it is inside a piece.
+    An engine whose default policy needs the query has none: its backend reports AttentionCGSupport.NEVER
+    (worker/backend.py), so vLLM's worker drops full graphs to PIECEWISE, or refuses to start. The answer is
+    conservative where vLLM's worker later lowers the mode for another reason (an inner kernel without graph
+    support): such an engine refuses what it could have run."""
+    if engine.adsa is None or needs_query(engine.adsa.defaults):
+        return False
+    mode = compilation_config.cudagraph_mode
+    if mode is None or mode.name == "NONE":
+        return False
+    return mode.has_full_cudagraphs() or not compilation_config.splitting_ops_contain_attention()
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What a request is checked against: the model's shape and the engine's settings."""
     model: LlamaGenConfig
     engine: EngineSettings
+    attention_in_cuda_graphs: bool = False   # see `attention_in_cuda_graphs`
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "EngineLimits":
+        """The limits of a LlamaGen engine, decided once from its resolved VllmConfig (the API process's)."""
+        engine = EngineSettings.from_vllm_config(vllm_config)
+        return cls(model=LlamaGenConfig.from_hf_dict(vllm_config.model_config.hf_config.to_dict()), engine=engine,
+                   attention_in_cuda_graphs=attention_in_cuda_graphs(vllm_config.compilation_config, engine))
 
 
 def validate_settings(extra_args, limits: EngineLimits, prompt_len: int | None = None) -> RequestSettings:
-    """Parses and checks a request's extra_args exactly as the worker will; raises SettingsError.
-    prompt_len: the request's condition length (a t2i caption's rows), on which its ADSA layout depends; None: the
-    model's cls_token_num."""
+    """Parses and checks a request's extra_args exactly as the scheduler and worker will; raises SettingsError.
+    prompt_len: the request's condition length (its prompt's ids or caption rows, as the scheduler and worker count
+    it), on which its ADSA layout depends; None: the model's cls_token_num."""
     if extra_args is not None and not isinstance(extra_args, dict):
         raise RequestFieldError(f"extra_args must be a dict, got {type(extra_args).__name__}")
     unknown = sorted(map(repr, set(extra_args or {}) - set(EXTRA_ARG_KEYS)))
@@ -55,8 +91,13 @@ def validate_settings(extra_args, limits: EngineLimits, prompt_len: int | None =
     overrides = request_overrides(extra_args)
     layout = None
     if limits.engine.adsa is not None:
-        layout = limits.engine.adsa.layout(overrides, prompt_len)
-        make_scorer(layout.policy, keep=layout.keep, seed=layout.seed)
+        layout = limits.engine.adsa.layout(overrides, prompt_len)   # its ADSAConfig resolved the scorers
+        if limits.attention_in_cuda_graphs and needs_query(layout):
+            raise ADSAConfigError(
+                f"adsa.policy={layout.policy!r} scores with each step's query inside the attention forward, which this "
+                "engine runs in CUDA graphs, where that scoring never runs; start the engine with it as the default "
+                f"policy (--additional-config '{{\"adsa\": {{\"policy\": \"{layout.policy}\"}}}}') or with "
+                "--enforce-eager (offline: LLM(..., enforce_eager=True))")
     elif overrides is not None:
         raise RequestFieldError('this engine runs without ADSA, so extra_args["adsa"] cannot apply: start it with '
                                 "--attention-backend adsa (offline: LLM(..., attention_backend=\"adsa\"))")
@@ -104,5 +145,5 @@ def validate_request(params, limits: EngineLimits, prompt_len: int | None = None
     return settings
 
 
-__all__ = ["EXTRA_ARG_KEYS", "EngineLimits", "RequestFieldError", "RequestSettings", "validate_request",
-           "validate_sampling_fields", "validate_settings"]
+__all__ = ["EXTRA_ARG_KEYS", "EngineLimits", "RequestFieldError", "RequestSettings", "attention_in_cuda_graphs",
+           "validate_request", "validate_sampling_fields", "validate_settings"]

@@ -6,8 +6,7 @@ import functools
 
 from adsa_vllm_patches import check_version
 
-TARGET = ("vllm.v1.engine.input_processor.InputProcessor._validate_model_inputs, "
-          "InputProcessor._validate_params, InputProcessor.process_inputs, "
+TARGET = ("vllm.v1.engine.input_processor.InputProcessor._validate_model_inputs, InputProcessor.process_inputs, "
           "vllm.entrypoints.openai.completion.serving.OpenAIServingCompletion.render_completion_request")
 WHY = ("vLLM validates prompts and token-id fields against a text tokenizer, which an image model does not have: a "
        "class id past the table, an id outside the codebook (allowed_token_ids, stop_token_ids with min_tokens), a "
@@ -15,9 +14,11 @@ WHY = ("vLLM validates prompts and token-id fields against a text tokenizer, whi
        "engine for everyone; stop strings and bad_words would be ignored silently, and logprobs over HTTP would "
        "generate the whole image before failing to detokenize. These checks run where vLLM's own input checks run "
        "(the API process, before the request is queued), so the request fails alone with a ValueError (HTTP 400) "
-       "and the engine keeps serving; logprobs come back as 'token_id:N'. A text-to-image request's ADSA layout "
-       "depends on its caption's rows, which _validate_params does not see: its settings are checked in "
-       "process_inputs once the prompt is processed (still before the request is queued).")
+       "and the engine keeps serving; logprobs come back as 'token_id:N'. The prompt is checked where vLLM checks "
+       "prompts (_validate_model_inputs); the request's parameters and settings once, in process_inputs, for "
+       "class- and text-to-image alike, when the processed prompt gives the condition length (class ids or a "
+       "caption's rows) its ADSA layout depends on, as the scheduler and worker will count it (still before the "
+       "request is queued).")
 VLLM_VERSIONS = ("0.26",)   # release series, see adsa_vllm_patches.check_version
 RETIRED_BY = "no upstream hook for model-specific request validation yet (a model-level validate_request would do)"
 
@@ -25,17 +26,13 @@ _ARCH = "LlamaGenForCausalLM"
 
 
 def _limits(processor):
-    """The EngineLimits of a LlamaGen engine (cached on the InputProcessor), None for other models."""
+    """The EngineLimits of a LlamaGen engine (decided once, cached on the InputProcessor), None for other models."""
     limits = getattr(processor, "_adsa_llamagen", False)
     if limits is False:
         limits = None
-        mc = processor.model_config
-        if _ARCH in (getattr(mc.hf_config, "architectures", None) or []):
-            from adsa_vllm.model_config import LlamaGenConfig
+        if _ARCH in (getattr(processor.model_config.hf_config, "architectures", None) or []):
             from adsa_vllm.request_validation import EngineLimits
-            from adsa_vllm.settings import EngineSettings
-            limits = EngineLimits(model=LlamaGenConfig.from_hf_dict(mc.hf_config.to_dict()),
-                                  engine=EngineSettings.from_vllm_config(processor.vllm_config))
+            limits = EngineLimits.from_vllm_config(processor.vllm_config)
         processor._adsa_llamagen = limits
     return limits
 
@@ -64,7 +61,7 @@ def apply() -> None:
     if getattr(P, "_adsa_patched", False):
         return
     check_version(VLLM_VERSIONS, __name__)
-    orig_inputs, orig_params, orig_process = P._validate_model_inputs, P._validate_params, P.process_inputs
+    orig_inputs, orig_process = P._validate_model_inputs, P.process_inputs
     orig_render = S.render_completion_request
 
     @functools.wraps(orig_inputs)
@@ -79,23 +76,17 @@ def apply() -> None:
                 limits.model.check_prompt([] if ids is None else list(ids))
         return orig_inputs(self, encoder_input, decoder_input)
 
-    @functools.wraps(orig_params)
-    def _validate_params(self, params, supported_tasks):
-        limits = _limits(self)
-        if limits is not None and hasattr(params, "max_tokens") and not limits.model.is_t2i:
-            from adsa_vllm.request_validation import validate_request
-            validate_request(params, limits)
-        return orig_params(self, params, supported_tasks)
-
     @functools.wraps(orig_process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
         limits = _limits(self)
-        if limits is not None and hasattr(params, "max_tokens") and limits.model.is_t2i:
-            # The caption's rows are known now (_validate_model_inputs made sure it is prompt_embeds). The
-            # original params, not request.sampling_params: vLLM filled in an unset max_tokens on the copy.
+        if limits is not None and hasattr(params, "max_tokens"):   # a generation request (SamplingParams)
+            # Every model kind here, once: the processed prompt (checked by _validate_model_inputs) gives the
+            # condition length as the scheduler and worker count it. The original params, not
+            # request.sampling_params: vLLM filled in an unset max_tokens on the copy.
             from adsa_vllm.request_validation import validate_request
-            validate_request(params, limits, prompt_len=request.prompt_embeds.shape[0])
+            from adsa_vllm.worker.new_requests import prompt_length
+            validate_request(params, limits, prompt_len=prompt_length(request))
         return request
 
     @functools.wraps(orig_render)
@@ -105,9 +96,8 @@ def apply() -> None:
             _check_completion_request(request, limits)
         return await orig_render(self, request)
 
-    P._validate_model_inputs, P._validate_params = _validate_model_inputs, _validate_params
-    P.process_inputs = process_inputs
+    P._validate_model_inputs, P.process_inputs = _validate_model_inputs, process_inputs
     S.render_completion_request = render_completion_request
     P._adsa_patched = True
-    P._adsa_orig = (orig_inputs, orig_params, orig_process)
+    P._adsa_orig = (orig_inputs, orig_process)
     S._adsa_orig = orig_render

@@ -265,6 +265,21 @@ TOUCHPOINTS = (
          Fields("vllm.config:ParallelConfig", ("worker_cls",)),
          Fields("vllm.config:AttentionConfig", ("backend",)),
          Fields("vllm.config:VllmConfig", ("additional_config",)))),
+    Touchpoint(
+        "cudagraph-mode-read", "vllm.config.CompilationConfig.cudagraph_mode as VllmConfig resolved it, "
+        "CUDAGraphMode.has_full_cudagraphs, CompilationConfig.splitting_ops_contain_attention",
+        ("adsa_vllm/request_validation.py",),
+        ("cudagraph_mode", "has_full_cudagraphs", "splitting_ops_contain_attention"),
+        "A query-dependent policy scores in Python inside each attention forward, which a CUDA graph replay never "
+        "runs; the API process refuses such a per-request policy where attention runs in graphs, and decides where "
+        "that is from the resolved compilation config: any full-graph mode, or piecewise graphs whose split points "
+        "leave attention inside a piece (request_validation.attention_in_cuda_graphs).",
+        "a per-backend way to run Python in the forward under CUDA graphs, or a documented query of which ops "
+        "run in graphs",
+        (Fields("vllm.config:CompilationConfig", ("cudagraph_mode", "splitting_ops")),
+         Has("vllm.config:CompilationConfig.splitting_ops_contain_attention", ()),
+         Has("vllm.config.compilation:CUDAGraphMode.has_full_cudagraphs", ())),
+        unseen=True),
     # ---- demo, benchmark and test tooling (not checked by register())
     Touchpoint(
         "scheduler-watch", "vllm.v1.core.sched.scheduler.Scheduler.schedule and ._preempt_request, wrapped on one "

@@ -53,6 +53,7 @@ def cases(config) -> list[tuple[str, object, int, str | None]]:
         ("adsa policy unknown", adsa('{"policy": "nope"}'), 400, "topk_v"),
         ("adsa policy list", adsa('{"policy": ["topk_v"]}'), 400, "adsa.policy"),
         ("adsa keep unknown", adsa('{"keep": "up"}'), 400, "adsa.keep"),
+        ("adsa granularity unknown", adsa('{"granularity": "head"}'), 400, "adsa.granularity"),
         ("adsa prefix string", adsa('{"prefix": "1"}'), 400, "adsa.prefix"),
         ("adsa prefix huge", adsa('{"prefix": 100000000000000000000}'), 400, "adsa.budget"),
         ("adsa local zero", adsa('{"local": 0}'), 400, "adsa.local"),

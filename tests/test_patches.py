@@ -76,15 +76,14 @@ def test_apply_is_idempotent():
     adsa_vllm_patches.apply_all()
     members = list(AttentionBackendEnum._member_names_)
     value_map = dict(AttentionBackendEnum._value2member_map_)
-    methods = (InputProcessor._validate_model_inputs, InputProcessor._validate_params, InputProcessor.process_inputs)
+    methods = (InputProcessor._validate_model_inputs, InputProcessor.process_inputs)
     for _ in range(3):
         adsa_vllm_patches.apply_all()
         for mod in MODULES:
             mod.apply()
     assert list(AttentionBackendEnum._member_names_) == members and members.count("ADSA") == 1
     assert dict(AttentionBackendEnum._value2member_map_) == value_map
-    assert (InputProcessor._validate_model_inputs, InputProcessor._validate_params,
-            InputProcessor.process_inputs) == methods
+    assert (InputProcessor._validate_model_inputs, InputProcessor.process_inputs) == methods
     # The originals are kept, and are vLLM's (not a wrapper of a wrapper).
     assert {f.__module__ for f in InputProcessor._adsa_orig} == {"vllm.v1.engine.input_processor"}
 
@@ -176,6 +175,17 @@ def test_input_processor_rejects_bad_class_id(model_dir):
         _process(proc, [513], max_tokens=300)
     req = _process(proc, [513], max_tokens=256)
     assert list(req.prompt_token_ids) == [513]
+
+
+def test_input_processor_validates_each_request_once_with_its_prompts_length(model_dir, monkeypatch):
+    """One hook for every model kind (process_inputs): the condition length is the processed prompt's, as the
+    scheduler and worker count it (a c2i prompt's class ids here; a t2i caption's rows in test_vllm_t2i.py)."""
+    import adsa_vllm.request_validation as request_validation
+    calls = []
+    monkeypatch.setattr(request_validation, "validate_request",
+                        lambda params, limits, prompt_len=None: calls.append(prompt_len))
+    _process(_processor(model_dir, attention_backend="adsa"), [513], max_tokens=4)
+    assert calls == [1]
 
 
 def test_input_processor_rejects_bad_adsa_overrides_and_any_without_adsa(model_dir):

@@ -11,8 +11,9 @@ import functools
 import pytest
 
 from adsa_vllm.client import ServerError, generate_via_server, image_request, post_json
-from adsa_vllm.config import ADSAConfig
+from adsa_vllm.config import GRANULARITIES, ADSAConfig
 from adsa_vllm.convert import load_config, load_reference
+from adsa_vllm.policy import POLICIES, SCORERS_BY_GRANULARITY
 from adsa_vllm.reference.generate import generate
 from greedy_match import assert_greedy_matches_reference
 from server_util import launch_server as _launch
@@ -106,6 +107,29 @@ def test_bad_adsa_setting_gets_400_naming_the_policies(server):
     msg = _reject(server, image_request(config, 0, adsa={"policy": "nope"}, temperature=0.0))
     _serves_good_request(server)
     assert "nope" in msg and "topk_v" in msg and "streaming" in msg, msg
+
+
+def test_settings_the_engine_cannot_honour_get_400_naming_the_fix(server):
+    """Every per-request ADSA setting this engine cannot run is refused before the engine sees it, with the fix, and
+    the server keeps serving (issue 22); policy x granularity pairs without a scorer come from the registries (none
+    today). The other refusal, a query-dependent policy where attention runs in CUDA graphs, cannot be provoked here:
+    no CPU engine runs attention in CUDA graphs (vLLM sets cudagraph_mode NONE on CPU), so this server must accept
+    attention_mass at both granularities, as checked below; tests/test_request_rules.py tests that rule on vLLM's
+    own GPU graph modes."""
+    config = server["config"]
+    cases = [({"granularity": "head"}, "adsa.granularity='head' is unknown; choose one of 'block', 'token'"),
+             ({"budget": 1}, "raise the budget to at least"),
+             ({"policy": "attention_mass", "granularity": "token", "budget": 32}, "raise the budget to at least")]
+    cases += [({"policy": p, "granularity": g}, f"adsa.policy={p!r} has no {g}-granularity scorer")
+              for p in POLICIES for g in GRANULARITIES if p not in SCORERS_BY_GRANULARITY[g]]
+    for adsa, fix in cases:
+        msg = _reject(server, image_request(config, 0, adsa=adsa, temperature=0.0))
+        assert fix in msg, (adsa, msg)
+    for granularity in GRANULARITIES:   # attention runs outside graphs here: a per-request attention mass runs
+        adsa = {"policy": "attention_mass", "granularity": granularity}
+        images = generate_via_server(server["base"], [1], config=config, temperature=0.0, timeout=60, adsa=adsa)
+        _assert_matches_reference(server, images, [1], budget=0.5, **adsa)
+    _serves_good_request(server)
 
 
 def test_per_request_adsa_override(server):

@@ -29,12 +29,10 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
     class ADSAMetadataBuilder(inner_builder):  # type: ignore[misc, valid-type]
         @classmethod
         def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-            from adsa_vllm.policy import make_scorer
-            from adsa_vllm.policy.token_scores import make_token_scorer
-            defaults = kv_cache_spec.adsa.defaults
-            make = make_token_scorer if defaults.granularity == "token" else make_scorer
-            if make(defaults.policy, keep=defaults.keep).needs_query:
-                # Scoring runs Python inside each layer's forward: keep attention out of CUDA graphs.
+            from adsa_vllm.policy import needs_query
+            if needs_query(kv_cache_spec.adsa.defaults):
+                # Scoring runs Python inside each layer's forward: keep attention out of CUDA graphs. (Other
+                # engines refuse per-request query-dependent policies: request_validation.attention_in_cuda_graphs.)
                 return AttentionCGSupport.NEVER
             return super().get_cudagraph_support(vllm_config, kv_cache_spec)
 
