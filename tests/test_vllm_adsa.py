@@ -4,7 +4,8 @@ pool (and are never read again), the per-request bound holds, nothing leaks, and
 Engines (one alive at a time, see conftest.py), in file order:
   adsa16   16x16, engine default budget 0.5 / topk_v diverse; other policies and budgets through per-request
            overrides, all in one batch (`main16`), with a recorder of held blocks after every schedule().
-           Token granularity (issue 12, worker/token_gather.py) rides in the same batch as per-request overrides.
+           Token granularity (issue 12, worker/token_gather.py) rides in the same batch as per-request overrides;
+           so does every policy of the registry at every granularity (test_every_policy_evicts_at_every_granularity).
   adsa24   24x24, engine default policy streaming (so an engine-level policy other than the default is covered);
            token granularity per request.
   none16   budget None at engine level.
@@ -13,12 +14,14 @@ Engines (one alive at a time, see conftest.py), in file order:
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 
-from adsa_vllm.config import ADSAConfig
+from adsa_vllm.config import GRANULARITIES, ADSAConfig
+from adsa_vllm.policy import POLICIES
 from adsa_vllm.engine.observe import SchedulerWatch, engine_scheduler
 from greedy_match import assert_greedy_matches_reference
 
@@ -153,12 +156,28 @@ MAIN_REQUESTS = ([("diverse", c, None) for c in C16]
                                                       "budget": 96}),
                     ("tok_budget0.25", C16[1], {"granularity": "token", "budget": 0.25}),   # no top-k slot
                     ("tok_budget96", C16[1], {"granularity": "token", "budget": 96})])
+ENGINE16 = {"budget": 0.5, "policy": "topk_v"}   # adsa16's engine defaults
+
+
+def _settings16(overrides) -> ADSAConfig:
+    """What a MAIN_REQUESTS entry runs with: adsa16's defaults and its overrides (a dict, or the JSON string)."""
+    return ADSAConfig.from_dict(ENGINE16).merged(json.loads(overrides) if isinstance(overrides, str) else overrides)
+
+
+def _evicts16(adsa: ADSAConfig) -> bool:
+    return adsa.layout(block_size=16, cls_token_num=1, grid_size=16).evicts
+
+
+# Every policy the settings accept (the scorer registry, not a hand list) at every granularity evicts in the main
+# batch: a combination no entry above covers gets one here, so a new policy is tested without editing this file.
+_COVERED = {(a.policy, a.granularity) for a in map(_settings16, (ov for _, _, ov in MAIN_REQUESTS)) if _evicts16(a)}
+MAIN_REQUESTS += [(f"{g}_{p}", C16[0], {"policy": p, "granularity": g})
+                  for p in POLICIES for g in GRANULARITIES if (p, g) not in _COVERED]
 
 
 def _adsa16(engines, model16):
     model_dir, config = model16
-    return engines.get("adsa16", model_dir, **ADSA_ON,
-                       additional_config={"adsa": {"budget": 0.5, "policy": "topk_v"}}), config, model_dir
+    return engines.get("adsa16", model_dir, **ADSA_ON, additional_config={"adsa": ENGINE16}), config, model_dir
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +299,26 @@ def test_token_granularity_equals_reference_16x16(label, adsa, classes, main16, 
     _assert_token_mode_equals_reference(main16["tokens"], label, adsa, classes, model16, reference)
     for c in classes:
         assert main16["stats"]["requests"][_by_label(main16, f"{label}/{c}")]["freed_blocks"] > 0
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_evicts_at_every_granularity(policy, granularity, main16, model16, reference):
+    """No silent fallback (issue 22): every policy the settings accept, at each granularity, through vllm.LLM. Each
+    evicting request of it frees blocks, never holds more than its bound, and its image differs from full attention;
+    the first equals the reference ADSA with those settings (its evictions decided by that policy's scorer)."""
+    model_dir, _ = model16
+    runs = [(f"{label}/{c}", c, adsa) for label, c, adsa in ((lab, c, _settings16(ov)) for lab, c, ov in MAIN_REQUESTS)
+            if (adsa.policy, adsa.granularity) == (policy, granularity) and _evicts16(adsa)]
+    assert runs, f"no evicting request of {policy} at granularity {granularity} in the main batch"
+    full = reference.greedy(model_dir, C16).tokens
+    for label, c, _ in runs:
+        st = main16["stats"]["requests"][_by_label(main16, label)]
+        assert st["freed_blocks"] > 0, f"{label}: nothing freed"
+        assert 0 < st["peak_held_blocks"] <= st["bound_blocks"], (label, st)
+        assert not torch.equal(main16["tokens"][label], full[C16.index(c)]), f"{label}: equals full attention"
+    label, c, adsa = runs[0]
+    _assert_matches(reference, model_dir, main16["tokens"][label], (c,), adsa, label)
 
 
 def test_blocks_were_freed_to_the_pool(main16):
