@@ -268,7 +268,7 @@ TOUCHPOINTS = (
     Touchpoint(
         "cudagraph-mode-read", "vllm.config.CompilationConfig.cudagraph_mode as VllmConfig resolved it, "
         "CUDAGraphMode.has_full_cudagraphs, CompilationConfig.splitting_ops_contain_attention",
-        ("adsa_vllm/request_validation.py",),
+        ("adsa_vllm/request_validation.py", "benchmarks/graph_refusal_check.py"),
         ("cudagraph_mode", "has_full_cudagraphs", "splitting_ops_contain_attention"),
         "A query-dependent policy scores in Python inside each attention forward, which a CUDA graph replay never "
         "runs; the API process refuses such a per-request policy where attention runs in graphs, and decides where "
