@@ -120,9 +120,9 @@ def _server_error(e: urllib.error.HTTPError) -> ServerError:
     return ServerError(e.code, msg, payload)
 
 
-def _post(url: str, body: dict, timeout: float, request_id: str | None = None):
-    headers = {"Content-Type": "application/json", **({"X-Request-Id": request_id} if request_id else {})}
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
+def _post(url: str, body: dict, timeout: float):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
     try:
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -134,16 +134,13 @@ def post_json(url: str, body: dict, timeout: float = 300.0) -> dict:
         return json.loads(resp.read())
 
 
-def stream_token_ids(base_url: str, body: dict, timeout: float = 300.0,
-                     request_id: str | None = None) -> Iterator[list[int]]:
+def stream_token_ids(base_url: str, body: dict, timeout: float = 300.0) -> Iterator[list[int]]:
     """POST `body` to /v1/completions streamed and yield each event's new token ids, as the server sends them.
 
     Closing the generator early (break, or garbage collection) hangs up, and vLLM aborts the request. An error
-    event in the stream (a request the engine failed mid-generation) raises ServerError. `request_id` is sent as
-    X-Request-Id (vLLM then names the request `cmpl-<request_id>` in its logs and responses).
+    event in the stream (a request the engine failed mid-generation) raises ServerError.
     """
-    url = f"{base_url.rstrip('/')}/v1/completions"
-    with _post(url, {**body, "stream": True}, timeout, request_id) as resp:
+    with _post(f"{base_url.rstrip('/')}/v1/completions", {**body, "stream": True}, timeout) as resp:
         for line in resp:
             line = line.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":

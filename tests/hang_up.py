@@ -2,7 +2,7 @@
 
 Hanging up = closing the socket: vLLM's API server sees the disconnect (`with_cancellation` for a plain POST,
 StreamingResponse for a stream) and aborts the request in the engine. Whether a hang-up lands before the request
-would have finished anyway depends on how fast each side runs, so a test that needs "aborted mid-generation" for
+would have finished anyway depends on how fast each side runs, so a test that needs "aborted, not finished" for
 sure pauses the engine first (`paused_engine`: vLLM's dev endpoint /pause?mode=keep freezes scheduling, while
 aborts are still taken from the engine's input queue) and only resumes it once the API process logged the abort.
 """
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from adsa_vllm.client import ServerError, stream_token_ids
+from adsa_vllm.client import stream_token_ids
 
 
 def stream(base: str, body: dict, hang_up_after: int | None = None, timeout: float = 120) -> tuple[list[int], bool]:
@@ -59,7 +59,7 @@ def post_and_hang_up(base: str, body: dict, after_s: float) -> None:
         hang_up(conn)
 
 
-def _post(base: str, path: str) -> None:
+def _post_empty(base: str, path: str) -> None:
     req = urllib.request.Request(f"{base}{path}", data=b"", method="POST")
     with urllib.request.urlopen(req, timeout=60) as r:
         assert r.status == 200, (path, r.status)
@@ -69,11 +69,11 @@ def _post(base: str, path: str) -> None:
 def paused_engine(base: str):
     """Scheduling frozen inside the block (needs VLLM_SERVER_DEV_MODE=1 on the server); resumed on exit.
     clear_cache=false: vLLM's default clears the prefix cache by preempting every running request."""
-    _post(base, "/pause?mode=keep&clear_cache=false")
+    _post_empty(base, "/pause?mode=keep&clear_cache=false")
     try:
         yield
     finally:
-        _post(base, "/resume")
+        _post_empty(base, "/resume")
 
 
 def wait_for_log(log: Path, text: str, timeout: float = 60.0) -> None:
@@ -84,4 +84,4 @@ def wait_for_log(log: Path, text: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-__all__ = ["ServerError", "hang_up", "paused_engine", "post_and_hang_up", "send_post", "stream", "wait_for_log"]
+__all__ = ["hang_up", "paused_engine", "post_and_hang_up", "send_post", "stream", "wait_for_log"]

@@ -35,7 +35,7 @@ from server_util import adsa_server
 NUM_REQUESTS = 300
 CLIENTS = 12
 POOL_BLOCKS = 48
-LOAD_DEADLINE_S = 600      # a hang, not a speed limit: 2-core CI with both cores busy ran the load in ~100 s
+LOAD_DEADLINE_S = 600      # a hang, not a speed limit: 2 busy cores ran the load in 45-65 s
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +116,8 @@ def test_a_client_that_hangs_up_aborts_its_request_in_the_engine(server, way):
     the API process logged the abort, which travels to the engine behind the request. The request must leave by
     abort, alone, with nothing held. (Under load a hang-up often lands after its image is done: on 2 busy cores
     the client process is starved while the engine runs; see the load test.) Aborts of requests mid-generation,
-    blocks evicted, are the in-process tests' (test_vllm_adsa.py, test_cfg.py): the engine cannot tell the two
-    kinds of abort apart."""
+    blocks evicted, are the in-process tests' (test_vllm_adsa.py, test_cfg.py): a hang-up reaches the engine as the
+    same abort call whether its request waits or runs."""
     base, log = server["base"], server["log"]
     before = wait_idle(base)
     request_id = f"hangup-{way}"
