@@ -4,7 +4,10 @@ vLLM import).
 Users give them with ``--additional-config '{"adsa": {...}, "cfg": {...}}'``. Besides the `ADSAConfig` fields the
 "adsa" object takes:
   enabled        -- turn ADSA on (``--attention-backend adsa`` sets it);
-  inner_backend  -- the paged kernel ADSA wraps (e.g. "FLASH_ATTN", "TRITON_ATTN"); default: the platform's choice.
+  inner_backend  -- the paged kernel ADSA wraps (e.g. "FLASH_ATTN", "TRITON_ATTN"); default: the platform's choice;
+  admission      -- "average" (default): admit by life-average footprint and preempt by swap, exactly;
+                    "peak": reserve each request's peak, never preempt (adsa_vllm/engine/swap.py says why);
+  swap_space_gib -- host memory for swapped requests' kept blocks (per worker; default 4).
 Per-request overrides use the same `ADSAConfig` keys under ``SamplingParams.extra_args["adsa"]``.
 
 How every process gets the same object: vLLM runs the config hook once, where the VllmConfig is built (the API
@@ -32,7 +35,8 @@ if TYPE_CHECKING:
     from adsa_vllm.policy.layout import BlockLayout
 
 ENGINE_KEY = "_adsa_engine"             # additional_config key of the resolved settings (set by the config hook)
-SWITCHES = ("enabled", "inner_backend")  # "adsa" keys that are not ADSAConfig fields
+SWITCHES = ("enabled", "inner_backend", "admission", "swap_space_gib")  # "adsa" keys that are not ADSAConfig fields
+ADMISSIONS = ("average", "peak")
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,16 @@ class ADSASettings:
     cls_token_num: int
     grid_size: int
     lag: int = 0            # async scheduling returns evicted blocks one step later (see BlockLayout.lag)
+    admission: str = "average"
+    swap_space_gib: float = 4.0
 
     def __post_init__(self):
+        if self.admission not in ADMISSIONS:
+            raise ADSAConfigError(f"adsa.admission={self.admission!r}: use one of {', '.join(ADMISSIONS)}")
+        if isinstance(self.swap_space_gib, bool) or not isinstance(self.swap_space_gib, int | float) \
+                or not 0 <= self.swap_space_gib < float("inf"):
+            raise ADSAConfigError(f"adsa.swap_space_gib={self.swap_space_gib!r}: use a number of GiB >= 0 "
+                                  "(0: no swap, a preempted request is recomputed)")
         self.layout()
 
     def config_for(self, overrides: dict | None) -> ADSAConfig:
@@ -69,6 +81,8 @@ class UserSettings:
     inner_backend: str | None
     adsa_defaults: ADSAConfig
     guidance: GuidanceSettings
+    admission: str = "average"
+    swap_space_gib: float = 4.0
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "UserSettings":
@@ -76,7 +90,8 @@ class UserSettings:
         fields = {k: v for k, v in raw.items() if k not in SWITCHES} if isinstance(raw, dict) else raw
         defaults = ADSAConfig.from_dict(fields)   # checks that "adsa" is a JSON object
         return cls(adsa_enabled=bool(raw.get("enabled", False)), inner_backend=raw.get("inner_backend"),
-                   adsa_defaults=defaults, guidance=GuidanceSettings.from_additional_config(additional_config))
+                   adsa_defaults=defaults, guidance=GuidanceSettings.from_additional_config(additional_config),
+                   admission=raw.get("admission", "average"), swap_space_gib=raw.get("swap_space_gib", 4.0))
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,8 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                 cache.user_specified_block_size = True  # or the CPU platform raises it to 128 afterwards
             adsa = ADSASettings(defaults=choice.adsa_defaults, block_size=cache.block_size,   # validates
                                 cls_token_num=model_cfg.cls_token_num, grid_size=model_cfg.grid_size,
-                                lag=int(bool(vllm_config.scheduler_config.async_scheduling)))
+                                lag=int(bool(vllm_config.scheduler_config.async_scheduling)),
+                                admission=choice.admission, swap_space_gib=choice.swap_space_gib)
             cache.enable_prefix_caching = False
             model_config.disable_cascade_attn = True  # a cascade prefix would be read through uncompacted tables
             graphs_cover_max_num_seqs(vllm_config)

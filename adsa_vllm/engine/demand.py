@@ -101,3 +101,10 @@ class DemandProfile:
         if need > len(self._sum):
             self._sum = np.concatenate([self._sum, np.zeros(max(need, 2 * len(self._sum)) - len(self._sum),
                                                              dtype=np.int64)])
+
+
+def life_average(length: int, final: int, bound: int, block_size: int) -> float:
+    """Mean of held_r(t) over the request's remaining life: what it occupies on average once requests are staggered
+    (a request at 50% ramps up to its bound over the first half of the image, so this is about 3/4 of the bound)."""
+    steps = max(1, final - length - 1)
+    return float(held_curve(length, final, bound, steps, block_size).mean())

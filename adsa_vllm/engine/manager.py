@@ -10,7 +10,7 @@ the worker no longer reads those blocks, so returning them to the pool here can 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -28,6 +28,19 @@ class RequestKV:
     nulls: int = 0          # evicted entries in the request's current block list (held = len(list) - nulls)
 
 
+@dataclass
+class SwappedKV:
+    """A request whose kept blocks went to host memory (swap preemption, see adsa_vllm/engine/swap.py)."""
+    logical: list[int]      # logical blocks copied out, ascending
+    length: int             # entries of its block list at swap-out (nulls included)
+    late_evictions: set[int] = field(default_factory=set)   # evicted by the worker after the swap-out (async lag)
+
+    @property
+    def kept(self) -> list[int]:
+        """The logical blocks that come back on resume."""
+        return [j for j in self.logical if j not in self.late_evictions]
+
+
 class ADSAManager(FullAttentionManager):
     kv_cache_spec: ADSASpec
 
@@ -35,6 +48,7 @@ class ADSAManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.requests: dict[str, RequestKV] = {}
         self.finished_stats: dict[str, RequestKV] = {}   # last few finished requests, for observability
+        self.swapped: dict[str, SwappedKV] = {}          # requests preempted by swap, until they resume or finish
         self.total_freed = 0
 
     # ---- request lifecycle (called by ADSAScheduler) ----
@@ -62,8 +76,45 @@ class ADSAManager(FullAttentionManager):
             entry.nulls = 0
         super().free(request_id)
 
+    # ---- swap preemption (called by ADSAScheduler; the worker copies, see adsa_vllm/worker/host_kv.py) ----
+    def swap_out(self, req_id: str) -> tuple[list[int], list[int]] | None:
+        """Record the request's kept blocks before vLLM frees its list: -> (logical, physical) for the worker's
+        copy to host, or None (nothing held). The copy runs before the next forward, so before any new owner
+        writes the freed blocks."""
+        blocks, entry = self.req_to_blocks.get(req_id), self.requests.get(req_id)
+        if entry is None or not blocks:
+            return None
+        logical = [j for j, b in enumerate(blocks) if not b.is_null]
+        self.swapped[req_id] = SwappedKV(logical, len(blocks))
+        return logical, [blocks[j].block_id for j in logical]
+
+    def blocks_to_swap_in(self, req_id: str) -> int:
+        return len(self.swapped[req_id].kept)
+
+    def swap_in(self, req_id: str) -> tuple[list[int], list[int]]:
+        """Rebuild the request's block list with fresh blocks at its kept positions and nulls elsewhere:
+        -> (logical, physical) for the worker's copy from host. The caller checked that the pool has them."""
+        record = self.swapped.pop(req_id)
+        kept = record.kept
+        fresh = self.block_pool.get_new_blocks(len(kept))
+        blocks = [self.block_pool.null_block] * record.length
+        for j, b in zip(kept, fresh):
+            blocks[j] = b
+        self.req_to_blocks[req_id] = blocks
+        self.requests[req_id].nulls = record.length - len(kept)
+        return kept, [b.block_id for b in fresh]
+
+    def undo_swap_in(self, req_id: str, logical: list[int]) -> None:
+        """vLLM did not schedule the request after all: back to the host copy (which the worker still has)."""
+        length = len(self.req_to_blocks.get(req_id, ()))
+        self.free(req_id)
+        self.swapped[req_id] = SwappedKV(logical, length)
+
     def evict(self, req_id: str, logical_blocks: list[int]) -> int:
         """Null the given logical blocks of a running request and return them to the pool."""
+        if req_id in self.swapped:   # decided in the step before the swap-out; its blocks were freed whole
+            self.swapped[req_id].late_evictions.update(logical_blocks)
+            return 0
         entry, blocks = self.requests.get(req_id), self.req_to_blocks.get(req_id)
         if entry is None or not blocks:
             return 0  # finished or preempted in the same step: its blocks were already freed whole
@@ -88,6 +139,7 @@ class ADSAManager(FullAttentionManager):
 
     def forget(self, req_id: str) -> None:
         """The request finished (or was aborted); its blocks were freed by `free()`. Keep its stats a while."""
+        self.swapped.pop(req_id, None)
         entry = self.requests.pop(req_id, None)
         if entry is not None:
             self.finished_stats[req_id] = entry

@@ -14,6 +14,10 @@
    That rules out preemption (held never exceeds bound, see ADSAManager) while letting staggered requests share
    the blocks that finished requests give back. With ADSA the bound is budget + slack blocks, not the whole
    sequence: that is where the extra capacity comes from.
+   That is "peak" admission. The default, "average", admits while the requests' *life-average* footprints fit the
+   pool, so more sequences run when they are in phase, and preempts by swap when their ramp outgrows it: exact,
+   because the kept blocks travel to host memory and back (adsa_vllm/engine/swap.py). The peak rule still bounds
+   what may sit on the host: future peak + blocks on the host <= pool + swap space.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from adsa_vllm.engine.demand import DemandProfile
+from vllm.utils.math_utils import cdiv
+
+from adsa_vllm.engine.demand import DemandProfile, life_average
 from adsa_vllm.engine.manager import ADSAManager
 from adsa_vllm.engine.stats import ADSAStats, with_adsa
+from adsa_vllm.engine.swap import SwapCounters, SwapOrders
 from adsa_vllm.settings import request_overrides
 
 logger = init_logger(__name__)
@@ -42,10 +49,21 @@ class ADSASchedulerMixin:
         self.num_admission_waits = 0                 # /metrics: times `_fits` said "not yet"
         self.requests_by_policy: dict[str, int] = {}   # /metrics: registered requests per eviction policy
         self.finished_by_reason: dict[str, int] = {}   # /metrics: requests that left, by vLLM's finish reason
+        self.swaps = SwapCounters()
+        self._orders = SwapOrders()                  # this schedule()'s copies, for the workers
+        self._life: dict[str, float] = {}            # admitted, unfinished requests (running or on the host)
+        self._life_sum = 0.0                         # ... and the sum of their life-average footprints
         if self.adsa_managers:
-            self.demand = DemandProfile(self.adsa_managers[0].block_size)
+            m = self.adsa_managers[0]
+            self.demand = DemandProfile(m.block_size)
             self._stock_allocate_slots = self.kv_cache_manager.allocate_slots
             self.kv_cache_manager.allocate_slots = self._allocate_slots
+            settings = m.kv_cache_spec.adsa
+            # Swap needs the request's whole KV in ADSA layers (one group); otherwise peak admission, no preemption.
+            self.average_admission = settings.admission == "average" and len(managers) == 1
+            layers = len(self.kv_cache_config.kv_cache_groups[0].layer_names)
+            self.block_bytes = m.kv_cache_spec.page_size_bytes * layers
+            self.swap_blocks = int(settings.swap_space_gib * (1 << 30)) // self.block_bytes
 
     # ---- lifecycle ----
     def add_request(self, request) -> None:
@@ -69,6 +87,8 @@ class ADSASchedulerMixin:
     def _free_request(self, request, delay_free_blocks: bool = False):
         if self.adsa_managers:
             self.demand.remove(request.request_id)
+            self._life_sum -= self._life.pop(request.request_id, 0.0)
+            self._orders.out.pop(request.request_id, None)   # aborted before the workers copied it out
             # Aborts (a client that hung up) end here too, and vLLM's own request_success_total never sees them:
             # the API process drops an aborted request before the engine reports on it.
             reason = request.get_finished_reason()
@@ -81,21 +101,67 @@ class ADSASchedulerMixin:
 
     def _preempt_request(self, request, timestamp: float) -> None:
         self.num_preemptions += 1
-        if self.adsa_managers:
-            self.demand.remove(request.request_id)
+        if not self.adsa_managers:
+            return super()._preempt_request(request, timestamp)
+        rid = request.request_id
+        self.demand.remove(rid)
+        m = self.adsa_managers[0]
+        held = m.held_blocks(rid)
+        copy = None
+        if self.average_admission and self._blocks_on_host() + held <= self.swap_blocks:
+            copy = m.swap_out(rid)
+        computed = request.num_computed_tokens
         super()._preempt_request(request, timestamp)
+        if copy is None:   # recomputed by vLLM from the tokens (not what the evicting sequence computed)
+            self.swaps.recomputed += 1
+            self._life_sum -= self._life.pop(rid, 0.0)
+            return
+        # Resumed like a request whose KV came from a connector: only the tokens after `computed` are scheduled.
+        request.num_computed_tokens = computed
+        self._orders.out[rid] = copy
+        self.swaps.swapped_out += 1
+        self.swaps.blocks_out += len(copy[0])
 
     # ---- admission ----
-    def _allocate_slots(self, request, *args, **kwargs):
+    def _allocate_slots(self, request, num_new_tokens: int, *args, **kwargs):
         admitting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-        if admitting and not self._fits(request):
+        if not admitting:
+            return self._stock_allocate_slots(request, num_new_tokens, *args, **kwargs)
+        rid, m = request.request_id, self.adsa_managers[0]
+        if rid in m.swapped:
+            return self._swap_in(request, num_new_tokens, *args, **kwargs)
+        if not self._fits(request):
             self.num_admission_waits += 1
             return None
-        out = self._stock_allocate_slots(request, *args, **kwargs)
-        if admitting and out is not None:
-            entry = self.adsa_managers[0].requests.get(request.request_id)
-            if entry is not None:
-                self.demand.add(request.request_id, request.num_computed_tokens, _final_len(request), entry.bound)
+        out = self._stock_allocate_slots(request, num_new_tokens, *args, **kwargs)
+        entry = m.requests.get(rid)
+        if out is not None and entry is not None:
+            final = _final_len(request)
+            self.demand.add(rid, request.num_computed_tokens, final, entry.bound)
+            if rid not in self._life:
+                self._life[rid] = life_average(request.num_computed_tokens, final, entry.bound, m.block_size)
+                self._life_sum += self._life[rid]
+        return out
+
+    def _swap_in(self, request, num_new_tokens: int, *args, **kwargs):
+        """Resume a swapped request: fresh blocks for its kept ones (copied back by the worker), then vLLM's own
+        allocation for the tokens it schedules now."""
+        rid, m = request.request_id, self.adsa_managers[0]
+        record = m.swapped[rid]
+        grow = max(0, cdiv(request.num_computed_tokens + num_new_tokens, m.block_size) - record.length)
+        need = m.blocks_to_swap_in(rid) + grow + self.kv_cache_manager.watermark_blocks
+        if m.block_pool.get_num_free_blocks() < need:
+            self.num_admission_waits += 1
+            return None
+        logical, physical = m.swap_in(rid)
+        out = self._stock_allocate_slots(request, num_new_tokens, *args, **kwargs)
+        if out is None:   # not expected (the room was checked); stay on the host
+            m.undo_swap_in(rid, logical)
+            return None
+        self._orders.into[rid] = (logical, physical)
+        self.swaps.swapped_in += 1
+        self.swaps.blocks_in += len(logical)
+        self.demand.add(rid, request.num_computed_tokens, _final_len(request), m.requests[rid].bound)
         return out
 
     def _fits(self, new_request) -> bool:
@@ -103,10 +169,20 @@ class ADSASchedulerMixin:
         entry = m.requests.get(new_request.request_id)
         if entry is None or len(self.demand) != len(self.running):
             return True  # a request ADSA does not track: leave it to vLLM's own gate
-        demand = self.demand.peak_with(new_request.num_computed_tokens, _final_len(new_request), entry.bound)
+        length, final = new_request.num_computed_tokens, _final_len(new_request)
+        peak = self.demand.peak_with(length, final, entry.bound)
         capacity = m.block_pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in self.running)
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
-        return demand + watermark <= capacity
+        if not self.average_admission:
+            return peak + watermark <= capacity
+        # Swap room: even if every running request reached its peak, what cannot stay on the device fits the host.
+        if peak + self._blocks_on_host() + watermark > capacity + self.swap_blocks:
+            return False
+        life = life_average(length, final, entry.bound, m.block_size)
+        return self._life_sum + life + watermark <= capacity
+
+    def _blocks_on_host(self) -> int:
+        return sum(len(r.logical) for r in self.adsa_managers[0].swapped.values())
 
     # ---- evictions ----
     def schedule(self, *args, **kwargs):
@@ -114,6 +190,9 @@ class ADSASchedulerMixin:
             self.demand.advance({r.request_id: r.num_computed_tokens for r in self.running})
         out = super().schedule(*args, **kwargs)
         self.max_running = max(self.max_running, len(self.running))
+        if self._orders:
+            out.adsa_swaps = self._orders   # the workers copy before this step's forward (touchpoint)
+            self._orders = SwapOrders()
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
