@@ -141,9 +141,10 @@ _SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
 TOUCHPOINTS = (
     Touchpoint(
         "scheduler-preempt", "vllm.v1.core.sched.scheduler.Scheduler._preempt_request",
-        ("adsa_vllm/engine/scheduler.py",), ("_preempt_request",),
-        "vLLM has no preemption hook: ADSAScheduler overrides it to count preemptions (adsa:preemptions_total) and "
-        "drop the request from the admission lookahead.",
+        ("adsa_vllm/engine/scheduler.py", "tests/test_swap.py"), ("_preempt_request",),
+        "vLLM has no preemption hook: ADSAScheduler overrides it to swap the request's kept blocks out "
+        "(adsa_vllm/engine/swap.py), count preemptions by kind and drop the request from the admission lookahead; "
+        "tests/test_swap.py calls it to force preemptions where vLLM's scheduler would.",
         "a preemption callback or event for scheduler subclasses",
         (Has(f"{_SCHED}._preempt_request", ("request", "timestamp")),)),
     Touchpoint(
@@ -170,6 +171,23 @@ TOUCHPOINTS = (
         "an admission hook in Scheduler.schedule (a can-admit callback)",
         (Has("vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots", ("request", "num_new_tokens")),
          Reads(f"{_SCHED}.schedule", ("kv_cache_manager", "allocate_slots")))),
+    Touchpoint(
+        "resume-computed-tokens", "vllm.v1.request.Request.num_computed_tokens, kept through a preemption",
+        ("adsa_vllm/engine/scheduler.py",), ("num_computed_tokens",),
+        "A swapped request resumes with its KV restored, not recomputed: ADSAScheduler sets num_computed_tokens "
+        "back after vLLM's _preempt_request zeroed it, and schedule() then resumes it the way it resumes a request "
+        "whose KV a connector loaded (only the tokens after num_computed_tokens are scheduled).",
+        "swap preemption in vLLM's scheduler (or a connector hook told of preemptions)",
+        (Reads(f"{_SCHED}.schedule", ("num_computed_tokens",)),
+         Reads(f"{_SCHED}._preempt_request", ("num_computed_tokens",)))),
+    Touchpoint(
+        "scheduler-output-swaps", "vllm.v1.core.sched.output.SchedulerOutput: attribute adsa_swaps",
+        ("adsa_vllm/engine/scheduler.py",), ("adsa_swaps",),
+        "The workers must copy a swapped request's blocks out before the step's forward writes them, and back in "
+        "before it reads them; SchedulerOutput has no field for plugin data, so the step's copies ride as an extra "
+        "attribute (a plain dataclass, pickled with its __dict__) that the worker's runtime reads in on_schedule.",
+        "an extension field on SchedulerOutput for plugin data (or swap support in vLLM's scheduler)",
+        (OpenInstances("vllm.v1.core.sched.output:SchedulerOutput"),)),
     Touchpoint(
         "runner-output-report", "vllm.v1.outputs.ModelRunnerOutput: attributes adsa_evictions, adsa_failed",
         ("adsa_vllm/worker/worker.py", "adsa_vllm/engine/scheduler.py"), ("adsa_evictions", "adsa_failed"),
@@ -292,11 +310,19 @@ TOUCHPOINTS = (
          Reads(f"{_SCHED}.__init__", ("running",))),
         serving=False),
     Touchpoint(
+        "test-running-cap", "vllm.v1.core.sched.scheduler.Scheduler.max_num_running_reqs, lowered for a few steps",
+        ("tests/test_swap.py",), ("max_num_running_reqs",),
+        "tests/test_swap.py keeps preempted requests waiting on the host for a few steps (so the copy out and the "
+        "copy back run in different steps, as under memory pressure) by capping how many requests schedule() runs.",
+        "none needed for serving",
+        (Reads(f"{_SCHED}.schedule", ("max_num_running_reqs",)),),
+        serving=False),
+    Touchpoint(
         "engine-in-process", "vllm.LLM's in-process EngineCore: llm_engine.engine_core.engine_core "
         "(.scheduler, .model_executor.driver_worker.worker)",
         ("adsa_vllm/engine/observe.py", "benchmarks/gpu_check.py", "benchmarks/throughput.py", "tests/conftest.py",
          "tests/test_cfg.py", "tests/test_vllm_adsa.py", "tests/test_vllm_foundation.py", "tests/test_vllm_t2i.py",
-         "tests/test_worker_failures.py"),
+         "tests/test_swap.py", "tests/test_worker_failures.py"),
         ("engine_core.engine_core", "driver_worker"),
         "With VLLM_ENABLE_V1_MULTIPROCESSING=0 the EngineCore lives in the caller's process; the demo, benchmarks "
         "and tests read the scheduler's and the worker's state there (adsa_vllm.engine.observe.engine_scheduler).",

@@ -146,7 +146,7 @@ def test_a_broken_internal_fails_with_one_message_naming_the_touchpoint(monkeypa
     with pytest.raises(RuntimeError) as err:
         touchpoints.check()
     message = str(err.value)
-    assert "scheduler-preempt (adsa_vllm/engine/scheduler.py): " in message
+    assert "scheduler-preempt (adsa_vllm/engine/scheduler.py, tests/test_swap.py): " in message
     assert "Scheduler._preempt_request is gone" in message
     assert "kv-manager-allocate-slots (adsa_vllm/engine/scheduler.py): " in message
     assert "takes (req, n_tokens), not (request, num_new_tokens, ...)" in message

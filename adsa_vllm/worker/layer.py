@@ -38,6 +38,7 @@ class ADSAAttention(Attention):
         super().__init__(num_heads, head_size, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          prefix=prefix, attn_backend=make_adsa_backend(inner))
         self.adsa_runtime = runtime
+        runtime.layers.append(self)   # swap preemption copies every ADSA layer's blocks (worker/host_kv.py)
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig):
         return ADSASpec.from_full(super().get_kv_cache_spec(vllm_config), self.adsa_runtime.settings)

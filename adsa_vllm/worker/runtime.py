@@ -6,8 +6,9 @@ exposes its batch order on the host (V1 runner: `input_batch.req_ids`; V2 runner
 worker/worker.py), rows are matched by request id; otherwise by the physical id of a row's first KV block (prefix
 blocks are never evicted and prefix caching is off, so that id is unique among live requests), which costs one
 small device-to-host copy per step. The worker feeds request lifecycle events from each SchedulerOutput
-(`on_schedule`), binding request id, per-request settings and first block together; a preempted request restarts
-with a fresh slot.
+(`on_schedule`), binding request id, per-request settings and first block together. A request preempted by swap
+(adsa_vllm/engine/swap.py) keeps its slot and selections while its kept blocks wait in host memory (`HostKV`), and
+resumes on fresh blocks; one preempted otherwise restarts with a fresh slot.
 
 Protocol with the scheduler (worker-authoritative, see adsa_vllm/engine/manager.py): the builder decides an
 eviction *before* the forward that would have read the block, so the worker never reads it again; the eviction
@@ -29,6 +30,7 @@ from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.policy.token_scores import TokenScorer
 from adsa_vllm.settings import ADSASettings, request_overrides
 from adsa_vllm.worker.failures import RequestFailures
+from adsa_vllm.worker.host_kv import HostKV
 from adsa_vllm.worker.new_requests import prompt_length
 from adsa_vllm.worker.rank_agreement import RankAgreement
 from adsa_vllm.worker.summaries import BlockSummaries
@@ -99,6 +101,9 @@ class ADSARuntime:
     _by_block: dict = field(default_factory=dict)
     _layouts: dict = field(default_factory=dict)
     _resume: dict = field(default_factory=dict)  # preempted request id -> (params, prompt_len) until it resumes
+    _parked: dict = field(default_factory=dict)  # swapped-out request id -> its LiveSequence, until it resumes
+    host: HostKV = field(default_factory=HostKV)   # their kept blocks
+    layers: list = field(default_factory=list)     # this worker's ADSA attention layers (registered at build)
     _scorers: dict = field(default_factory=dict)
     _outbox: dict = field(default_factory=dict)
     failures: RequestFailures = field(default_factory=RequestFailures)
@@ -136,21 +141,60 @@ class ADSARuntime:
 
     # ---- lifecycle, from SchedulerOutput ----
     def on_schedule(self, so) -> None:
+        swaps = getattr(so, "adsa_swaps", None)   # touchpoint scheduler-output-swaps
         for rid in so.finished_req_ids:
             self._drop(rid)
             self._resume.pop(rid, None)
+        for rid, (logical, physical) in (swaps.out.items() if swaps else ()):
+            if rid not in so.finished_req_ids:
+                self._park(rid, logical, physical)   # first: the forward of this step may write these blocks
         for rid in so.preempted_req_ids or ():
+            if rid in self._parked or rid in self.host:
+                continue   # swapped: it keeps its sequence
             seq = self._by_req.get(rid)
             if seq is not None:   # a preempted request resumes later with its own settings and condition length
                 self._resume[rid] = (seq.params, seq.prompt_len)
             self._drop(rid)
-        for nr in so.scheduled_new_reqs:
-            self._start(nr.req_id, nr.sampling_params, nr.block_ids[0][0], prompt_length(nr))
+        into = swaps.into if swaps else {}
+        for nr in so.scheduled_new_reqs:   # the V2 runner sends a resumed request as a new one
+            if nr.req_id in into:
+                self._unpark(nr.req_id, *into[nr.req_id])
+            else:
+                self._start(nr.req_id, nr.sampling_params, nr.block_ids[0][0], prompt_length(nr))
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
-            if rid in cached.resumed_req_ids and cached.new_block_ids[i]:
+            if rid in into:
+                self._unpark(rid, *into[rid])
+            elif rid in cached.resumed_req_ids and cached.new_block_ids[i]:
                 params, prompt_len = self._resume.pop(rid, (None, None))
                 self._start(rid, params, cached.new_block_ids[i][0][0], prompt_len)
+
+    # ---- swap preemption ----
+    def _caches(self) -> list:
+        return [layer.kv_cache for layer in self.layers]
+
+    def _park(self, req_id: str, logical: list[int], physical: list[int]) -> None:
+        """Copy the kept blocks out and keep the sequence (slot, selections, watermarks) for its resume."""
+        with torch.inference_mode():   # the summary table was made inside the forward's inference mode
+            self.host.swap_out(req_id, logical, physical, self._caches(), self.summaries.table)
+        seq = self._by_req.pop(req_id, None)
+        if seq is None:
+            return
+        self._parked[req_id] = seq
+        self._generation += 1
+        if self._by_block.get(seq.first_block) is seq:
+            del self._by_block[seq.first_block]
+
+    def _unpark(self, req_id: str, logical: list[int], physical: list[int]) -> None:
+        with torch.inference_mode():
+            self.host.swap_in(req_id, logical, physical, self._caches(), self.summaries.table)
+        seq = self._parked.pop(req_id, None)
+        if seq is None:
+            return
+        seq.first_block = physical[logical.index(0)]   # block 0 is a prefix block: never evicted, always swapped
+        self._by_req[req_id] = seq
+        self._by_block[seq.first_block] = seq
+        self._generation += 1
 
     def _start(self, req_id: str, params, first_block: int, prompt_len: int | None = None) -> None:
         self._drop(req_id)
@@ -169,7 +213,8 @@ class ADSARuntime:
 
     def _drop(self, req_id: str) -> None:
         self.tokens.drop(req_id)
-        seq = self._by_req.pop(req_id, None)
+        self.host.discard(req_id)
+        seq = self._by_req.pop(req_id, None) or self._parked.pop(req_id, None)
         if seq is None:
             return
         self.trackers.remove(seq.slot)
