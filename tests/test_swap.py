@@ -5,10 +5,11 @@ Preemptions are forced between engine steps through vLLM's own `_preempt_request
 when the pool runs short), at several points of a sequence's life: during the prefix (nothing evicted yet), just
 after eviction starts, and late; block and token granularity, with and without CFG, greedy and seeded sampling.
 Two mutations show the comparison can fail: a swap-in that loses the copied blocks, and a worker that forgets the
-sequence's eviction state. Natural preemptions under "average" admission are in test_vllm_adsa.py (capacity).
+sequence's eviction state. Natural preemptions under "average" admission: a pool of 4 bounds running 8 requests.
 
 Engines: swap16 (ADSA 50% TopK-V; other policies and token granularity per request), swap16_cfg (the same with
-CFG), swap16_peak (peak admission: vLLM's recompute is what a preemption would do there).
+CFG), swap16_peak (peak admission: vLLM's recompute is what a preemption would do there), swap16_small (a pool of
+37 blocks).
 """
 
 from __future__ import annotations
@@ -206,3 +207,69 @@ def test_peak_admission_recomputes(engines, model16):
     sched = engine_scheduler(llm)
     _, done = _run(llm, config, ROWS[:1], (150,))
     assert done == 1 and sched.swaps.recomputed == 1 and sched.swaps.swapped_out == 0
+
+
+def test_late_eviction_of_a_swapped_request_comes_back_null(engines, model16):
+    """Under async scheduling the worker's eviction of step s reaches the scheduler after a preemption in step s+1:
+    the blocks went to the host whole, and on resume the evicted ones must come back as nulls, not as blocks."""
+    llm, config = _engine(engines, model16)
+    eng, sched = llm.llm_engine, engine_scheduler(llm)
+    m = sched.adsa_managers[0]
+    eng.add_request("late", {"prompt_token_ids": config.prompt(3)}, _params(config, None))
+    for _ in range(100):
+        eng.step()
+    req = sched.running[0]
+    sched.running.remove(req)
+    sched._preempt_request(req, time.monotonic())
+    record = m.swapped[req.request_id]
+    late = record.logical[-3:-1]
+    assert m.evict(req.request_id, late) == 0          # nothing to free now: the blocks left with the swap-out
+    assert record.kept == [j for j in record.logical if j not in late]
+    free = m.block_pool.get_num_free_blocks()
+    logical, physical = m.swap_in(req.request_id)
+    assert logical == record.kept and len(physical) == len(logical)
+    assert m.block_pool.get_num_free_blocks() == free - len(logical)
+    blocks = m.req_to_blocks[req.request_id]
+    assert all(blocks[j].is_null for j in late) and m.held_blocks(req.request_id) == len(logical)
+    m.undo_swap_in(req.request_id, logical)            # back to the host, and aborted there
+    assert m.block_pool.get_num_free_blocks() == free
+    eng.abort_request(["late"])
+    while eng.has_unfinished_requests():
+        eng.step()
+    _assert_books_balance(llm)
+
+
+# A pool that holds 4 sequences at their 50% bound (8 + 1 blocks each); average admission runs more of them at once
+# and swaps when their in-phase ramp outgrows the pool.
+SMALL_POOL = 4 * 9 + 1
+
+
+def test_average_admission_runs_more_and_swaps_exactly(engines, model16, unpreempted):
+    """Natural preemptions (no forcing): every one is a swap, more sequences run than peak admission allows, and
+    every image equals the unpreempted run (each row twice: 8 requests in phase)."""
+    model_dir, config = model16
+    llm = engines.get("swap16_small", model_dir, attention_backend="adsa", additional_config={"adsa": ENGINE},
+                      num_gpu_blocks_override=SMALL_POOL, max_num_seqs=16)
+    eng, sched = llm.llm_engine, engine_scheduler(llm)
+    m = sched.adsa_managers[0]
+    bound, labels = None, {}
+    for copy in range(2):
+        for label, overrides, cls in ROWS:
+            rid = f"{label}-{copy}-{time.monotonic_ns()}"
+            labels[rid] = label
+            eng.add_request(rid, {"prompt_token_ids": config.prompt(cls)}, _params(config, overrides))
+    before = (sched.swaps.swapped_out, sched.swaps.recomputed)
+    tokens, max_running = {}, 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                tokens[out.request_id] = torch.tensor(list(out.outputs[0].token_ids))
+        max_running = max(max_running, len(sched.running))
+        if bound is None and m.requests:
+            bound = max(e.bound for e in m.requests.values())
+    swapped, recomputed = sched.swaps.swapped_out - before[0], sched.swaps.recomputed - before[1]
+    assert recomputed == 0 and swapped > 0, (swapped, recomputed)
+    assert max_running > (SMALL_POOL - 1) // bound, f"ran {max_running}; peak admission runs {(SMALL_POOL - 1) // bound}"
+    for rid, label in labels.items():
+        assert torch.equal(tokens[rid], unpreempted[label]), f"{rid}: differs from the unpreempted run"
+    _assert_books_balance(llm)
