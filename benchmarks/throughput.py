@@ -45,15 +45,22 @@ def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0, 
     return out
 
 
+# Mode parts that are switches, not a policy name: vLLM's V1 model runner, token granularity, guided pairs,
+# admission rules.
+FLAGS = ("v1", "token", "cfg", "peak", "average")
+
+
 def parse_mode(mode: str, policy: str, budget: float):
     """"adsa:streaming:0.25" -> ("adsa", "streaming", 0.25); "llama-sw:0.25" -> ("llama-sw", policy, 0.25);
     missing parts come from --policy / --budget; a part "fp8" (any mode) sets that mode's KV cache dtype, a part
-    "token" an ADSA mode's granularity (e.g. "adsa:topk_v:0.5:token")."""
+    "token" an ADSA mode's granularity (e.g. "adsa:topk_v:0.5:token"), "cfg" guided pairs with ADSA on top
+    ("adsa:random:0.5:cfg", against mode "cfg": the plugin's CFG with full attention), "peak" / "average" the
+    ADSA admission rule (default: the plugin's, "average")."""
     parts = mode.split(":")
     base = parts[0]
     for p in parts[1:]:
-        if p.startswith("fp8") or p in ("v1", "token"):
-            continue          # a KV cache dtype (see kv_dtype_of) / vLLM's V1 model runner / granularity (run_mode)
+        if p.startswith("fp8") or p in FLAGS:
+            continue          # a KV cache dtype (see run_mode) / one of FLAGS
         try:
             budget = float(p)
         except ValueError:
@@ -83,13 +90,20 @@ def run_mode(args) -> dict:
     kv_dtype = next((p for p in args.mode.split(":")[1:] if p.startswith("fp8")), args.kv_cache_dtype)
     if kv_dtype:
         kw["kv_cache_dtype"] = kv_dtype
+    flags = args.mode.split(":")[1:]
+    guided = base == "cfg" or "cfg" in flags
+    extra = {}
     if base.startswith("adsa"):
         budget = None if base == "adsa-full" else budget   # adsa-full: ADSA scheduler, no eviction
-        granularity = "token" if "token" in args.mode.split(":")[1:] else "block"
-        kw.update(attention_backend="adsa", additional_config={"adsa": {"budget": budget, "policy": policy,
-                                                                        "granularity": granularity}})
-    if args.mode == "cfg":
-        kw["additional_config"] = {"cfg": {"scale": args.cfg_scale}}
+        extra["adsa"] = {"budget": budget, "policy": policy, "granularity": "token" if "token" in flags else "block"}
+        admission = next((f for f in flags if f in ("peak", "average")), None)
+        if admission:
+            extra["adsa"]["admission"] = admission
+        kw["attention_backend"] = "adsa"
+    if guided:
+        extra["cfg"] = {"scale": args.cfg_scale}
+    if extra:
+        kw["additional_config"] = extra
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
@@ -104,10 +118,10 @@ def run_mode(args) -> dict:
         prompts = [{"prompt_token_ids": [i % min(1000, config.codebook_size)] if stock_llama
                     else config.prompt(i % config.num_classes)} for i in range(args.num_seqs)]
     images = args.num_seqs
-    if args.mode in ("cfg", "pairs2n"):     # num_seqs sequences = num_seqs / 2 images
+    if guided or base == "pairs2n":         # num_seqs sequences = num_seqs / 2 images
         images = args.num_seqs // 2
         prompts = prompts[:images]
-        if args.mode == "pairs2n":          # the unconditional halves as requests of their own
+        if base == "pairs2n":               # the unconditional halves as requests of their own
             prompts += [{"prompt_token_ids": config.prompt(config.num_classes)}] * images
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
     llm.generate(prompts[: min(8, len(prompts))], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
@@ -161,7 +175,11 @@ def run_mode(args) -> dict:
                    adsa_scored_rows=d["scored_rows"], adsa_summarized_blocks=d["summarized_blocks"],
                    adsa_tp_checks=d.get("tp_checks", 0), adsa_tp_mismatches=d.get("tp_mismatches", 0))
     if hasattr(sched, "adsa_stats"):
-        res["total_freed_blocks"] = sched.adsa_stats().get("total_freed_blocks")
+        stats = sched.adsa_stats()
+        res["total_freed_blocks"] = stats.get("total_freed_blocks")
+        if stats.get("enabled"):   # preemptions by kind (swap: exact; recomputed: vLLM's own) and admission waits
+            res.update(swaps=stats["swaps"], admission_waits=stats["admission_waits"],
+                       swap_gib=stats["swaps"]["bytes_out"] / (1 << 30))
     return res
 
 
@@ -260,7 +278,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["llama", "llamagen", "adsa"],
                     help="llama | llama-sw (vLLM sliding window, window = budget tokens) | llamagen (stock vLLM) | "
                          "adsa-full (ADSA scheduler, no eviction) | adsa | adsa:POLICY:BUDGET[:fp8] | "
-                         "cfg (guided pairs) | pairs2n (the same sequences as independent requests)")
+                         "cfg (guided pairs) | pairs2n (the same sequences as independent requests); parts: fp8, "
+                         "token, cfg (ADSA on guided pairs), peak | average (ADSA admission), v1")
     ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--t2i", action="store_true", help="the text-to-image model of the preset (120-row captions as "
                     "prompt_embeds; modes llamagen and adsa*)")
@@ -298,8 +317,12 @@ def main():
         ratios["llamagen_over_llama"] = by["llamagen"]["tok_per_s"] / by["llama"]["tok_per_s"]
     if "llamagen" in by:
         for m, r in by.items():
-            if m != "llamagen" and not m.startswith("cfg") and not m.startswith("pairs"):
+            if m != "llamagen" and not m.startswith(("cfg", "pairs")) and "cfg" not in m.split(":")[1:]:
                 ratios[f"{m}_over_stock"] = r["tok_per_s"] / by["llamagen"]["tok_per_s"]
+    if "cfg" in by:   # guided pairs with ADSA against the plugin's CFG with full attention, in images/s
+        for m, r in by.items():
+            if m != "cfg" and "cfg" in m.split(":")[1:]:
+                ratios[f"{m}_over_cfg_images"] = r["images_per_s"] / by["cfg"]["images_per_s"]
     for m, r in by.items():   # token granularity against the same mode at block granularity (issue 12)
         block = ":".join(p for p in m.split(":") if p != "token")
         if block != m and block in by:
