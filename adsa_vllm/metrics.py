@@ -89,6 +89,14 @@ class ADSAStatLogger(AggregateStatLoggerBase):
         self.admission_waits = total("admission_waits",
                                      "Times the ADSA admission gate kept a waiting request waiting (not yet).")
         self.preemptions = total("preemptions", "Requests preempted by the ADSA scheduler.")
+        self.preemption_events = labelled_total(
+            "preemption_events", "Preemption events by kind: swap_out (kept KV blocks copied to host memory, exact), "
+            "swap_in (copied back on resume), recomputed (vLLM's re-prefill; only without host room or with "
+            "peak admission, which aims at none).", "kind", ["swap_out", "swap_in", "recomputed"])
+        self.swap_bytes = labelled_total("swap_bytes", "KV bytes copied by swap preemption, per worker, by "
+                                         "direction (out: to host, in: back to the device).",
+                                         "direction", ["out", "in"])
+        self.blocks_on_host = gauge("blocks_on_host", "Kept KV blocks of swapped-out requests in host memory now.")
         # Every label's series exists from the start (at 0), so rates work before a policy or reason is first seen.
         self.requests = labelled_total("requests", "Requests admitted to the ADSA scheduler, by eviction policy.",
                                        "policy", POLICIES)
@@ -106,10 +114,13 @@ class ADSAStatLogger(AggregateStatLoggerBase):
         self.blocks_held[engine_idx].set(adsa.blocks_held)
         self.blocks_full[engine_idx].set(adsa.blocks_full_attention)
         self.kept_ratio[engine_idx].set(adsa.kept_ratio)
+        self.blocks_on_host[engine_idx].set(adsa.blocks_on_host)
         for name in ("blocks_freed", "admission_waits", "preemptions"):
             getattr(self, name)[engine_idx].set(getattr(adsa, name))
         self.requests.set(engine_idx, adsa.requests_by_policy)
         self.finished.set(engine_idx, adsa.finished_by_reason)
+        self.preemption_events.set(engine_idx, adsa.preemptions_by_kind)
+        self.swap_bytes.set(engine_idx, adsa.swap_bytes)
 
     def log_engine_initialized(self) -> None:
         pass

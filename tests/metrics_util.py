@@ -56,3 +56,17 @@ def wait_idle(base: str, timeout: float = 60.0) -> Scrape:
         assert time.monotonic() < deadline, f"requests still running after {timeout} s: " + \
             "; ".join(m.lines("vllm:num_requests"))
         time.sleep(0.2)
+
+
+def assert_preemptions_were_swaps(m: Scrape, aborted: float = 0) -> None:
+    """Average admission may preempt, but only by swap: none recomputed, every swap out came back unless its
+    request was aborted while on the host (at most `aborted` of them), nothing is left there, and vLLM counted the
+    same preemptions."""
+    kinds = m.by_label("adsa:preemption_events_total", "kind")
+    moved = m.by_label("adsa:swap_bytes_total", "direction")
+    assert kinds["recomputed"] == 0, kinds
+    assert kinds["swap_in"] <= kinds["swap_out"] <= kinds["swap_in"] + aborted, kinds
+    assert m.total("adsa:preemptions_total") == kinds["swap_out"] == m.total("vllm:num_preemptions_total"), \
+        m.lines("adsa:preempt") + m.lines("vllm:num_preempt")
+    assert (moved["out"] > 0) == (kinds["swap_out"] > 0) and moved["in"] <= moved["out"], moved
+    assert m.total("adsa:blocks_on_host") == 0, m.lines("adsa:")

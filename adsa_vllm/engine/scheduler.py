@@ -226,7 +226,9 @@ class ADSASchedulerMixin:
         return ADSAStats(blocks_freed=m.total_freed, blocks_held=held, blocks_full_attention=full,
                          admission_waits=self.num_admission_waits, preemptions=self.num_preemptions,
                          requests_by_policy=dict(self.requests_by_policy),
-                         finished_by_reason=dict(self.finished_by_reason))
+                         finished_by_reason=dict(self.finished_by_reason),
+                         preemptions_by_kind=self.swaps.by_kind(), swap_bytes=self.swaps.bytes(self.block_bytes),
+                         blocks_on_host=self._blocks_on_host())
 
     def adsa_stats(self) -> dict:
         """Per-request held/peak/freed blocks and pool-wide counters (tests and benchmarks read this)."""
@@ -241,6 +243,10 @@ class ADSASchedulerMixin:
                                 "budget_blocks": e.layout.budget_blocks, "slack_blocks": e.layout.slack_blocks,
                                 "finished": rid not in m.requests}
         return {"enabled": True, "num_preemptions": self.num_preemptions, "max_running": self.max_running,
+                "admission": "average" if self.average_admission else "peak",
+                "admission_waits": self.num_admission_waits, "blocks_on_host": self._blocks_on_host(),
+                "swaps": {**self.swaps.by_kind(), **{f"bytes_{d}": b for d, b in
+                                                     self.swaps.bytes(self.block_bytes).items()}},
                 "total_freed_blocks": m.total_freed, "free_blocks": m.block_pool.get_num_free_blocks(),
                 "requests": per_request}
 

@@ -29,7 +29,10 @@ class ADSAStats:
     blocks_held: int = 0           # blocks the running requests hold now
     blocks_full_attention: int = 0  # blocks the same requests would hold now without eviction
     admission_waits: int = 0       # total times the admission gate said "not yet" to a waiting request
-    preemptions: int = 0           # total preemptions (ADSA admission aims at none)
+    preemptions: int = 0           # total preemptions (peak admission has none; average admission swaps)
+    preemptions_by_kind: dict[str, int] = field(default_factory=dict)   # totals: swap_out, swap_in, recomputed
+    swap_bytes: dict[str, int] = field(default_factory=dict)   # total KV bytes swapped, per direction (out, in)
+    blocks_on_host: int = 0        # kept blocks of swapped-out requests waiting in host memory now
     requests_by_policy: dict[str, int] = field(default_factory=dict)   # total requests registered, per policy
     finished_by_reason: dict[str, int] = field(default_factory=dict)   # total requests finished, per finish reason
 

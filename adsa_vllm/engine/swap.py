@@ -36,9 +36,16 @@ class SwapOrders:
 
 @dataclass
 class SwapCounters:
-    """Totals since start (/metrics: adsa:preemptions_total{kind}, adsa:swap_bytes_total{direction})."""
+    """Totals since start (/metrics: adsa:preemption_events_total{kind}, adsa:swap_bytes_total{direction})."""
     swapped_out: int = 0
     swapped_in: int = 0
     recomputed: int = 0
     blocks_out: int = 0
     blocks_in: int = 0
+
+    def by_kind(self) -> dict[str, int]:
+        return {"swap_out": self.swapped_out, "swap_in": self.swapped_in, "recomputed": self.recomputed}
+
+    def bytes(self, block_bytes: int) -> dict[str, int]:
+        """KV bytes moved per worker (a block's bytes over this worker's ADSA layers; TP ranks each move theirs)."""
+        return {"out": self.blocks_out * block_bytes, "in": self.blocks_in * block_bytes}
