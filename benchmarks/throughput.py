@@ -82,6 +82,8 @@ def run_mode(args) -> dict:
     kw = dict(model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.num_seqs,
               kv_cache_memory_bytes=int(args.kv_gib * (1 << 30)), block_size=16, seed=0,
               max_model_len=config.max_seq_len, enforce_eager=args.eager, tensor_parallel_size=args.tp)
+    if args.num_gpu_blocks:   # a pool of exactly this many blocks (vLLM's CPU backend ignores --kv-gib)
+        kw["num_gpu_blocks_override"] = args.num_gpu_blocks
     if args.max_graph_size:
         kw["compilation_config"] = {"max_cudagraph_capture_size": args.max_graph_size}
     stock_llama = kind in ("llama", "llama-sw")
@@ -267,6 +269,8 @@ def main():
     ap.add_argument("--grid", type=int, default=32, help="image tokens per side (32 -> 1024 tokens)")
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--kv-gib", type=float, default=8.0)
+    ap.add_argument("--num-gpu-blocks", type=int, default=None,
+                    help="KV pool of exactly this many blocks, every mode (instead of --kv-gib; works on CPU too)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--policy", default="topk_v")
