@@ -93,7 +93,7 @@ def test_samples_metrics_and_a_rerun_that_samples_nothing(c2i_dir, engine, featu
     args = _eval_args(c2i_dir, tmp_path / "out", "--settings", *SETTINGS, "--ref", str(ref),
                       "--feature-extractor", tiny_features.register(), "--feature-weights", str(feature_weights))
     main(args)
-    assert engine["proxies"][0].calls == 4               # 2 settings x 2 shards (6 images, 4 per shard)
+    assert engine["proxies"][0].calls == 6               # 2 settings x (a warm-up image + 2 shards of 4, 2)
     out = tmp_path / "out"
     for stem in ("full", "adsa_random_0.75"):
         with np.load(out / f"{stem}.npz") as z:        # ADM's layout: arr_0 uint8 NHWC RGB, arr_1 labels
@@ -122,13 +122,13 @@ def test_samples_metrics_and_a_rerun_that_samples_nothing(c2i_dir, engine, featu
 def test_a_run_cut_short_resumes_to_the_same_npz(c2i_dir, engine, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     main(_eval_args(c2i_dir, whole, "--settings", "adsa:random:0.75"))
-    engine["fail_at"] = 2                                # shard 0 written, then the run dies
+    engine["fail_at"] = 3                                # warm-up, shard 0 written, then the run dies
     with pytest.raises(Interrupted):
         main(_eval_args(c2i_dir, cut, "--settings", "adsa:random:0.75"))
     assert [p.name for p in (cut / "adsa_random_0.75.parts").glob("*.npz")] == ["00000.npz"]
     engine["fail_at"] = None
     main(_eval_args(c2i_dir, cut, "--settings", "adsa:random:0.75"))
-    assert [p.calls for p in engine["proxies"]] == [2, 2, 1]   # the resumed run sampled only shard 1
+    assert [p.calls for p in engine["proxies"]] == [3, 3, 2]   # the resumed run: warm-up and shard 1 only
     with np.load(whole / "adsa_random_0.75.npz") as a, np.load(cut / "adsa_random_0.75.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
@@ -152,7 +152,7 @@ def test_t2i_samples_from_caption_embeddings(tmp_path_factory, engine, tmp_path)
     torch.save([torch.randn(v, T2I["caption_dim"], generator=gen) for v in (8, 3)], captions)
     main(["eval", "--model", str(model_dir), "--caption-embeds", str(captions), "--per-caption", "2",
           "--settings", "adsa:random:0.75", "--cfg", "4", "--out", str(tmp_path / "out"), "--no-progress"])
-    assert engine["proxies"][0].calls == 1
+    assert engine["proxies"][0].calls == 2               # warm-up and one shard
     with np.load(tmp_path / "out" / "adsa_random_0.75.npz") as z:
         assert z["arr_0"].shape == (4, 8, 8, 3) and z["arr_0"].dtype == np.uint8
         assert z["arr_1"].tolist() == [0, 1, 0, 1]

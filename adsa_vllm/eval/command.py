@@ -163,13 +163,13 @@ def run_command(args, parser: argparse.ArgumentParser) -> None:
     from adsa_vllm.eval.run import execute, identity
     from adsa_vllm.eval.samples import finished_samples
     from adsa_vllm.vq import VQCheckpointError
+    set_cpu_defaults()   # first: torch-fidelity imports torchvision, which imports torch._dynamo (reads its env once)
     try:
         run = build_run(args)
         for s in run.settings:   # a resumed folder holding other samples: stop now, not after the engine starts
             finished_samples(run.out_dir, s, identity(run, s))
     except (ValueError, SettingsError, VQCheckpointError, MetricsUnavailable, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    set_cpu_defaults()
     rows, (json_path, md_path) = execute(run)
     print(table(rows), end="")
     print(f"wrote {json_path} and {md_path}")

@@ -171,7 +171,7 @@ def describe(run: EvalRun) -> dict:
                         f"seed {p.seed} (image i: seed + i)",
             "dtype": run.dtype, "vq": run.vq_path or "none", "image size eval": run.eval_size or "as decoded",
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "vllm": vllm.__version__,
-            "seconds": "vLLM generate time of the samples (engine start and decoding excluded)"}
+            "seconds": "vLLM generate time of the samples (engine start, a warm-up image and decoding excluded)"}
     if run.reference is not None:
         import torch_fidelity
         info.update({"reference": str(run.reference), "feature extractor": run.feature_extractor

@@ -61,7 +61,8 @@ class SampleFile:
     """A setting's assembled samples."""
     path: Path
     images: int
-    seconds: float          # vLLM generate time summed over the shards (engine start and decoding excluded)
+    seconds: float          # vLLM generate time summed over the shards (engine start, one untimed warm-up image
+                            # per setting and run, and decoding excluded)
     resumed_shards: int     # shards found on disk instead of sampled in this run
 
 
@@ -153,13 +154,16 @@ def sample_setting(llm, conditions, plan: SamplePlan, setting, out_dir: str | Pa
     _write_atomically(meta_path, lambda f: f.write(json.dumps({"identity": identity}, indent=1).encode()))
     parts.mkdir(exist_ok=True)
     shards = plan.shards()
-    seconds, resumed = 0.0, 0
+    seconds, resumed, warm = 0.0, 0, False
     for k, indices in enumerate(shards):   # pass 1: every shard on disk, one shard in memory at a time
         path = parts / f"{k:05d}.npz"
         shard = _read_shard(path, indices)
         if shard is None:
             if llm is None:
                 raise RuntimeError(f"{path} is missing and no engine was given to sample it")
+            if not warm:   # one untimed image first: first-use costs (kernel JIT, memory) stay out of `seconds`
+                sample_shard(llm, conditions, plan, setting, range(1), image_tokens=image_tokens)
+                warm = True
             bar = _inner_bar(f"{setting.label} shard {k + 1}/{len(shards)}") if progress is not None else False
             tokens, took = sample_shard(llm, conditions, plan, setting, indices, image_tokens=image_tokens,
                                         use_tqdm=bar)
