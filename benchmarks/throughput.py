@@ -47,7 +47,7 @@ def write_config(kind: str, preset: str, grid: int, out: Path, window: int = 0, 
 
 # Mode parts that are switches, not a policy name: vLLM's V1 model runner, token granularity, guided pairs,
 # admission rules.
-FLAGS = ("v1", "token", "cfg", "peak", "average")
+FLAGS = ("v1", "token", "cfg", "peak", "average", "overcommit")
 
 
 def parse_mode(mode: str, policy: str, budget: float):
@@ -98,7 +98,7 @@ def run_mode(args) -> dict:
     if base.startswith("adsa"):
         budget = None if base == "adsa-full" else budget   # adsa-full: ADSA scheduler, no eviction
         extra["adsa"] = {"budget": budget, "policy": policy, "granularity": "token" if "token" in flags else "block"}
-        admission = next((f for f in flags if f in ("peak", "average")), None)
+        admission = next((f for f in flags if f in ("peak", "average", "overcommit")), None)
         if admission:
             extra["adsa"]["admission"] = admission
         kw["attention_backend"] = "adsa"

@@ -5,11 +5,12 @@ Preemptions are forced between engine steps through vLLM's own `_preempt_request
 when the pool runs short), at several points of a sequence's life: during the prefix (nothing evicted yet), just
 after eviction starts, and late; block and token granularity, with and without CFG, greedy and seeded sampling.
 Two mutations show the comparison can fail: a swap-in that loses the copied blocks, and a worker that forgets the
-sequence's eviction state. Natural preemptions under "average" admission: a pool of 4 bounds running 8 requests.
+sequence's eviction state. Natural preemptions under the preempting admission rules ("overcommit", the default, and
+"average"): a pool of 4 bounds running 8 requests.
 
 Engines: swap16 (ADSA 50% TopK-V; other policies and token granularity per request), swap16_cfg (the same with
-CFG), swap16_peak (peak admission: vLLM's recompute is what a preemption would do there), swap16_small (a pool of
-37 blocks).
+CFG), swap16_peak (peak admission: vLLM's recompute is what a preemption would do there), swap16_small_* (a pool of
+37 blocks, per preempting rule).
 """
 
 from __future__ import annotations
@@ -239,16 +240,18 @@ def test_late_eviction_of_a_swapped_request_comes_back_null(engines, model16):
     _assert_books_balance(llm)
 
 
-# A pool that holds 4 sequences at their 50% bound (8 + 1 blocks each); average admission runs more of them at once
-# and swaps when their in-phase ramp outgrows the pool.
+# A pool that holds 4 sequences at their 50% bound (8 + 1 blocks each); the preempting rules run more of them at
+# once and swap when their in-phase ramps outgrow the pool.
 SMALL_POOL = 4 * 9 + 1
 
 
-def test_average_admission_runs_more_and_swaps_exactly(engines, model16, unpreempted):
+@pytest.mark.parametrize("admission", ["overcommit", "average"])
+def test_preempting_admission_runs_more_and_swaps_exactly(admission, engines, model16, unpreempted):
     """Natural preemptions (no forcing): every one is a swap, more sequences run than peak admission allows, and
     every image equals the unpreempted run (each row twice: 8 requests in phase)."""
     model_dir, config = model16
-    llm = engines.get("swap16_small", model_dir, attention_backend="adsa", additional_config={"adsa": ENGINE},
+    llm = engines.get(f"swap16_small_{admission}", model_dir, attention_backend="adsa",
+                      additional_config={"adsa": ENGINE | {"admission": admission}},
                       num_gpu_blocks_override=SMALL_POOL, max_num_seqs=16)
     eng, sched = llm.llm_engine, engine_scheduler(llm)
     m = sched.adsa_managers[0]

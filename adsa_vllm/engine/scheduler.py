@@ -14,10 +14,10 @@
    That rules out preemption (held never exceeds bound, see ADSAManager) while letting staggered requests share
    the blocks that finished requests give back. With ADSA the bound is budget + slack blocks, not the whole
    sequence: that is where the extra capacity comes from.
-   That is "peak" admission. The default, "average", admits while the requests' *life-average* footprints fit the
-   pool, so more sequences run when they are in phase, and preempts by swap when their ramp outgrows it: exact,
-   because the kept blocks travel to host memory and back (adsa_vllm/engine/swap.py). The peak rule still bounds
-   what may sit on the host: future peak + blocks on the host <= pool + swap space.
+   That is "peak" admission. The default, "overcommit", admits like vLLM (blocks free now) and preempts by swap
+   when the running requests outgrow the pool: exact, because the kept blocks travel to host memory and back
+   (adsa_vllm/engine/swap.py, which also says why not "average"). The peak rule still bounds what may sit on the
+   host: future peak + blocks on the host <= pool + swap space.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class ADSASchedulerMixin:
             self.kv_cache_manager.allocate_slots = self._allocate_slots
             settings = m.kv_cache_spec.adsa
             # Swap needs the request's whole KV in ADSA layers (one group); otherwise peak admission, no preemption.
-            self.average_admission = settings.admission == "average" and len(managers) == 1
+            self.admission_rule = settings.admission if len(managers) == 1 else "peak"
+            self.swap_preemption = self.admission_rule != "peak"   # may preempt, by swap
             layers = len(self.kv_cache_config.kv_cache_groups[0].layer_names)
             self.block_bytes = m.kv_cache_spec.page_size_bytes * layers
             self.swap_blocks = int(settings.swap_space_gib * (1 << 30)) // self.block_bytes
@@ -108,7 +109,7 @@ class ADSASchedulerMixin:
         m = self.adsa_managers[0]
         held = m.held_blocks(rid)
         copy = None
-        if self.average_admission and self._blocks_on_host() + held <= self.swap_blocks:
+        if self.swap_preemption and self._blocks_on_host() + held <= self.swap_blocks:
             copy = m.swap_out(rid)
         computed = request.num_computed_tokens
         super()._preempt_request(request, timestamp)
@@ -173,11 +174,13 @@ class ADSASchedulerMixin:
         peak = self.demand.peak_with(length, final, entry.bound)
         capacity = m.block_pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in self.running)
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
-        if not self.average_admission:
+        if not self.swap_preemption:
             return peak + watermark <= capacity
         # Swap room: even if every running request reached its peak, what cannot stay on the device fits the host.
         if peak + self._blocks_on_host() + watermark > capacity + self.swap_blocks:
             return False
+        if self.admission_rule == "overcommit":
+            return True   # vLLM's own rule follows: blocks free now
         life = life_average(length, final, entry.bound, m.block_size)
         return self._life_sum + life + watermark <= capacity
 
@@ -243,7 +246,7 @@ class ADSASchedulerMixin:
                                 "budget_blocks": e.layout.budget_blocks, "slack_blocks": e.layout.slack_blocks,
                                 "finished": rid not in m.requests}
         return {"enabled": True, "num_preemptions": self.num_preemptions, "max_running": self.max_running,
-                "admission": "average" if self.average_admission else "peak",
+                "admission": self.admission_rule,
                 "admission_waits": self.num_admission_waits, "blocks_on_host": self._blocks_on_host(),
                 "swaps": {**self.swaps.by_kind(), **{f"bytes_{d}": b for d, b in
                                                      self.swaps.bytes(self.block_bytes).items()}},

@@ -1,0 +1,132 @@
+"""A step-level model of ADSA's admission rules: how many sequences run at once, and why a closed batch gains less
+than the life-average footprint promises.
+
+Each request holds exactly the blocks of `adsa_vllm.engine.demand.held_curve` (the scheduler's own formula: the
+ramp to the bound, then flat); one token per step; a pool of P blocks (vLLM's watermark of 1% included). Rules, as
+`ADSAScheduler` applies them (engine/scheduler.py):
+  peak        admit while the exact future peak of the running requests plus the new one fits (`DemandProfile`);
+  average     admit while the running requests' life-average footprints fit, and the swap guarantee holds;
+  overcommit  vLLM's own rule (blocks free now), and the swap guarantee holds;
+  stock       full attention under vLLM's own rule (its preemptions modelled as progress kept: optimistic for stock).
+When the running requests outgrow the pool the newest is preempted (vLLM's order) and parked (swap); parked
+requests resume first, oldest progress first, when their blocks fit; new requests wait behind them (FCFS).
+Swap guarantee: the future peak of the running requests plus the blocks on the host fits pool + swap blocks.
+Not modelled: step time (ADSA's steps are shorter), prefill, swap copy time (tiny: see benchmarks/results).
+
+The engine reproduces it: CPU, B shape, 64 requests of 1024 tokens, a 729-block pool, random 50%: the model and
+`benchmarks/throughput.py --num-gpu-blocks 729` give the same steps and mean running for peak and average
+(benchmarks/results/admission_model.md).
+
+  python benchmarks/admission_model.py --out benchmarks/results/admission_model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from adsa_vllm.engine.demand import DemandProfile, held_curve, life_average
+
+BS = 16
+
+
+class Request:
+    def __init__(self, rid: int, final: int, bound: int):
+        self.rid, self.final, self.bound, self.length = rid, final, bound, 1   # the condition token is prefilled
+
+    def held(self, ahead: int = 0) -> int:
+        return int(held_curve(self.length + ahead, self.final, self.bound, 1, BS)[0])
+
+
+def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, swap_blocks: int = 1 << 30,
+             gap: float = 0.0) -> dict:
+    """One run; `gap` > 0: request i arrives at step i * gap (open loop)."""
+    watermark = int(0.01 * pool)
+    life = life_average(1, final, bound, BS)
+    arrivals = [int(i * gap) for i in range(num)]
+    waiting: list[Request] = []
+    running: list[Request] = []
+    parked: list[Request] = []
+    demand = DemandProfile(BS)
+    step = done = swaps = max_host = nxt = running_sum = 0
+    finished_at = []
+    while done < num:
+        while nxt < num and arrivals[nxt] <= step:
+            waiting.append(Request(nxt, final, bound))
+            nxt += 1
+        used = sum(r.held() for r in running)
+        while used > pool:                                  # vLLM preempts the newest
+            victim = running.pop()
+            used -= victim.held()
+            demand.remove(str(victim.rid))
+            parked.append(victim)
+            swaps += 1
+        parked.sort(key=lambda r: -r.length)
+        while parked and pool - used >= parked[0].held(1) + watermark:
+            r = parked.pop(0)
+            running.append(r)
+            used += r.held()
+            demand.add(str(r.rid), r.length, r.final, r.bound)
+        on_host = sum(r.held() for r in parked)
+        max_host = max(max_host, on_host)
+        while waiting and not parked:
+            new = waiting[0]
+            if pool - used < new.held() + watermark:
+                break
+            peak = demand.peak_with(new.length, new.final, new.bound)
+            if rule == "peak" and peak + watermark > pool:
+                break
+            if rule in ("average", "overcommit") and peak + on_host + watermark > pool + swap_blocks:
+                break
+            if rule == "average" and (len(running) + 1) * life + watermark > pool:
+                break
+            running.append(waiting.pop(0))
+            used += new.held()
+            demand.add(str(new.rid), new.length, new.final, new.bound)
+        running_sum += len(running)
+        for r in running:
+            r.length += 1
+        for r in [r for r in running if r.length >= r.final - 1]:
+            running.remove(r)
+            demand.remove(str(r.rid))
+            finished_at.append(step)
+            done += 1
+        step += 1
+        demand.advance({str(r.rid): r.length for r in running})
+    out = {"rule": rule, "requests": num, "pool": pool, "bound": bound, "swap_blocks": swap_blocks, "steps": step,
+           "mean_running": running_sum / step, "swaps": swaps, "max_host_blocks": max_host,
+           "lower_bound_steps": int(np.ceil(num * life * (final - 2) / pool))}
+    if gap:
+        t0, t1 = 0.3 * num * gap, num * gap
+        out.update(gap=gap, images_per_1k_steps=1000 * sum(t0 <= s < t1 for s in finished_at) / (t1 - t0))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    # (requests, pool, swap blocks): the CPU engine run (synchronous scheduling: bound = budget + 1 block); (a) XL
+    # 1024 tokens, 8 GiB on a GPU (2,912 blocks of 2.9 MB, async scheduling: budget + 2; swap 4 GiB = 1,400 blocks,
+    # 16 GiB = 5,600); a long closed run; steady arrivals above saturation.
+    cpu, gpu = {"full": 64, "50%": 33, "25%": 17}, {"full": 64, "50%": 34, "25%": 18}
+    cases = [(cpu, dict(num=64, pool=728, swap_blocks=3640)), (gpu, dict(num=256, pool=2912, swap_blocks=1400)),
+             (gpu, dict(num=256, pool=2912, swap_blocks=5600)), (gpu, dict(num=1024, pool=2912, swap_blocks=5600)),
+             (gpu, dict(num=600, pool=2912, swap_blocks=5600, gap=6.0))]
+    rows = []
+    for bounds, case in cases:
+        for label, bound in bounds.items():
+            for rule in (("stock",) if label == "full" else ("peak", "average", "overcommit")):
+                r = simulate(bound=bound, rule=rule, **case)
+                r["budget"] = label
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
