@@ -101,6 +101,8 @@ def run_mode(args) -> dict:
         admission = next((f for f in flags if f in ("peak", "average", "overcommit")), None)
         if admission:
             extra["adsa"]["admission"] = admission
+        if args.swap_space_gib is not None:
+            extra["adsa"]["swap_space_gib"] = args.swap_space_gib
         kw["attention_backend"] = "adsa"
     if guided:
         extra["cfg"] = {"scale": args.cfg_scale}
@@ -271,6 +273,8 @@ def main():
     ap.add_argument("--kv-gib", type=float, default=8.0)
     ap.add_argument("--num-gpu-blocks", type=int, default=None,
                     help="KV pool of exactly this many blocks, every mode (instead of --kv-gib; works on CPU too)")
+    ap.add_argument("--swap-space-gib", type=float, default=None,
+                    help="ADSA modes: host memory for swap preemption (default: the plugin's, 4 GiB)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--policy", default="topk_v")
