@@ -5,9 +5,9 @@ Users give them with ``--additional-config '{"adsa": {...}, "cfg": {...}}'``. Be
 "adsa" object takes:
   enabled        -- turn ADSA on (``--attention-backend adsa`` sets it);
   inner_backend  -- the paged kernel ADSA wraps (e.g. "FLASH_ATTN", "TRITON_ATTN"); default: the platform's choice;
-  admission      -- "overcommit" (default): vLLM's own rule (blocks free now) and preempt by swap, exactly;
-                    "average": admit by life-average footprint, preempt by swap; "peak": reserve each request's
-                    peak, never preempt (adsa_vllm/engine/swap.py says why and what each buys);
+  admission      -- "peak" (default): reserve each request's peak, never preempt; "overcommit": vLLM's own rule
+                    (blocks free now) and preempt by swap, exactly; "average": admit by life-average footprint,
+                    preempt by swap (adsa_vllm/engine/swap.py says what each buys, measured);
   swap_space_gib -- host memory for swapped requests' kept blocks (per worker; default 4).
 Per-request overrides use the same `ADSAConfig` keys under ``SamplingParams.extra_args["adsa"]``.
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 ENGINE_KEY = "_adsa_engine"             # additional_config key of the resolved settings (set by the config hook)
 SWITCHES = ("enabled", "inner_backend", "admission", "swap_space_gib")  # "adsa" keys that are not ADSAConfig fields
-ADMISSIONS = ("overcommit", "average", "peak")
+ADMISSIONS = ("peak", "overcommit", "average")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ADSASettings:
     cls_token_num: int
     grid_size: int
     lag: int = 0            # async scheduling returns evicted blocks one step later (see BlockLayout.lag)
-    admission: str = "overcommit"
+    admission: str = "peak"
     swap_space_gib: float = 4.0
 
     def __post_init__(self):
@@ -82,7 +82,7 @@ class UserSettings:
     inner_backend: str | None
     adsa_defaults: ADSAConfig
     guidance: GuidanceSettings
-    admission: str = "overcommit"
+    admission: str = "peak"
     swap_space_gib: float = 4.0
 
     @classmethod
@@ -92,7 +92,7 @@ class UserSettings:
         defaults = ADSAConfig.from_dict(fields)   # checks that "adsa" is a JSON object
         return cls(adsa_enabled=bool(raw.get("enabled", False)), inner_backend=raw.get("inner_backend"),
                    adsa_defaults=defaults, guidance=GuidanceSettings.from_additional_config(additional_config),
-                   admission=raw.get("admission", "overcommit"), swap_space_gib=raw.get("swap_space_gib", 4.0))
+                   admission=raw.get("admission", "peak"), swap_space_gib=raw.get("swap_space_gib", 4.0))
 
 
 @dataclass(frozen=True)

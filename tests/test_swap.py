@@ -5,7 +5,7 @@ Preemptions are forced between engine steps through vLLM's own `_preempt_request
 when the pool runs short), at several points of a sequence's life: during the prefix (nothing evicted yet), just
 after eviction starts, and late; block and token granularity, with and without CFG, greedy and seeded sampling.
 Two mutations show the comparison can fail: a swap-in that loses the copied blocks, and a worker that forgets the
-sequence's eviction state. Natural preemptions under the preempting admission rules ("overcommit", the default, and
+sequence's eviction state. Natural preemptions under the preempting admission rules ("overcommit" and
 "average"): a pool of 4 bounds running 8 requests.
 
 Engines: swap16 (ADSA 50% TopK-V; other policies and token granularity per request), swap16_cfg (the same with
@@ -38,7 +38,7 @@ HOLD = 3
 
 def _engine(engines, model16, key="swap16", extra=None, adsa=None):
     model_dir, config = model16
-    additional = {"adsa": dict(adsa or ENGINE)} | (extra or {})
+    additional = {"adsa": {"admission": "overcommit"} | (adsa or ENGINE)} | (extra or {})   # preempts by swap
     return engines.get(key, model_dir, attention_backend="adsa", additional_config=additional), config
 
 

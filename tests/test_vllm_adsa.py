@@ -570,7 +570,7 @@ def test_capacity_full_attention_baseline_cannot_keep_up(engines, model24, capac
     (dict(additional_config={"adsa": {"keep": "both"}}),
      r"adsa\.keep='both' is unknown; choose one of diverse, similar"),
     (dict(additional_config={"adsa": {"admission": "fifo"}}),
-     r"adsa\.admission='fifo': use one of overcommit, average, peak"),
+     r"adsa\.admission='fifo': use one of peak, overcommit, average"),
     (dict(additional_config={"adsa": {"swap_space_gib": -1}}),
      r"adsa\.swap_space_gib=-1: use a number of GiB >= 0"),
 ])

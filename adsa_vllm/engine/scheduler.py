@@ -14,9 +14,9 @@
    That rules out preemption (held never exceeds bound, see ADSAManager) while letting staggered requests share
    the blocks that finished requests give back. With ADSA the bound is budget + slack blocks, not the whole
    sequence: that is where the extra capacity comes from.
-   That is "peak" admission. The default, "overcommit", admits like vLLM (blocks free now) and preempts by swap
+   That is "peak" admission, the default. "overcommit" admits like vLLM (blocks free now) and preempts by swap
    when the running requests outgrow the pool: exact, because the kept blocks travel to host memory and back
-   (adsa_vllm/engine/swap.py, which also says why not "average"). The peak rule still bounds what may sit on the
+   (adsa_vllm/engine/swap.py says what each rule buys, measured). The peak rule still bounds what may sit on the
    host: future peak + blocks on the host <= pool + swap space.
 """
 

@@ -9,13 +9,16 @@ are copied to pinned host memory by the worker, before the next forward lets a n
 into fresh blocks when it resumes; its eviction state stays in the worker. The resumed request computes exactly what
 it would have (tests/test_swap.py).
 
-Admission rules that preempt (ADSAScheduler._fits): "overcommit" (default) is vLLM's own rule, blocks free now;
-"average" admits while the running requests' life-average footprints fit the pool. A step-level model on the
-scheduler's own footprint formula (benchmarks/admission_model.py, which the engine reproduces step for step) shows
-why overcommit is the default: in a closed batch the requests stay in phase, so a life-average rule admits a cohort
-whose ramps all collide, swaps the surplus out and runs no more than peak admission (CPU engine, 64 requests of
-1024 tokens, 729 blocks, 50%: 3,072 steps for both), while overcommit fills the pool during every ramp (2,576 steps,
-mean running 25.4 against 21.3; stock vLLM 3,431).
+Admission rules that preempt (ADSAScheduler._fits): "overcommit" is vLLM's own rule, blocks free now; "average"
+admits while the running requests' life-average footprints fit the pool. A step-level model on the scheduler's own
+footprint formula (benchmarks/admission_model.py, which the engine reproduces step for step) shows what each buys:
+in a closed batch the requests stay in phase, so a life-average rule admits a cohort whose ramps all collide, swaps
+the surplus out and runs no more than peak admission (CPU engine, 64 requests of 1024 tokens, 729 blocks, 50%: 3,072
+steps for both), while overcommit fills the pool during every ramp (2,576 steps, mean running 25.4 against 21.3;
+stock vLLM 3,431). On an H100 (XL, 256 requests, 8 GiB) overcommit ran 1.30x stock's mean running, but its 388
+swaps of about 65 MB each way made the step 9.2 ms against peak's 5.3: 0.94x stock against peak's 1.36x
+(benchmarks/results/throughput_admission_h100.md). So "peak" stays the default until the copies leave the step's
+critical path; the preempting rules are there, exact, to be chosen where a step is long or copies are cheap.
 
 The protocol rides on vLLM's own preemption: `_preempt_request` frees the blocks and queues the request first among
 the waiting; ADSAScheduler keeps its `num_computed_tokens`, so vLLM resumes it like a request whose KV arrived from a
