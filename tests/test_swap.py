@@ -148,16 +148,22 @@ def test_forgotten_eviction_state_changes_the_image(engines, model16, unpreempte
     assert not torch.equal(got["topk_v"], unpreempted["topk_v"])
 
 
-def test_abort_while_swapped_frees_host_and_pool(engines, model16):
-    llm, config = _engine(engines, model16)
+def _preempt_gone(llm, config, steps: int):
+    """Requests "gone" and "stays" run `steps` steps; then "gone" is preempted. -> (engine, scheduler, victim)"""
     eng, sched = llm.llm_engine, engine_scheduler(llm)
     eng.add_request("gone", {"prompt_token_ids": config.prompt(1)}, _params(config, None))
     eng.add_request("stays", {"prompt_token_ids": config.prompt(2)}, _params(config, None))
-    for _ in range(160):
+    for _ in range(steps):
         eng.step()
     victim = next(r for r in sched.running if r.request_id.startswith("gone"))
     sched.running.remove(victim)
     sched._preempt_request(victim, time.monotonic())
+    return eng, sched, victim
+
+
+def test_abort_while_swapped_frees_host_and_pool(engines, model16):
+    llm, config = _engine(engines, model16)
+    eng, sched, victim = _preempt_gone(llm, config, 160)
     cap, sched.max_num_running_reqs = sched.max_num_running_reqs, 1   # "stays" runs, "gone" waits on the host
     eng.step()                                   # the worker copies it out
     assert victim.request_id in sched.adsa_managers[0].swapped and victim.request_id in _runtime(llm).host
@@ -174,14 +180,7 @@ def test_abort_while_swapped_frees_host_and_pool(engines, model16):
 def test_abort_before_the_copy_out_leaves_nothing_on_the_host(engines, model16):
     """Preempted and aborted before the next step: the copy out is cancelled, not run for a finished request."""
     llm, config = _engine(engines, model16)
-    eng, sched = llm.llm_engine, engine_scheduler(llm)
-    eng.add_request("gone", {"prompt_token_ids": config.prompt(1)}, _params(config, None))
-    eng.add_request("stays", {"prompt_token_ids": config.prompt(2)}, _params(config, None))
-    for _ in range(20):
-        eng.step()
-    victim = next(r for r in sched.running if r.request_id.startswith("gone"))
-    sched.running.remove(victim)
-    sched._preempt_request(victim, time.monotonic())
+    eng, _, _ = _preempt_gone(llm, config, 20)
     eng.abort_request(["gone"])
     while eng.has_unfinished_requests():
         eng.step()
