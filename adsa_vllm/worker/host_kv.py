@@ -6,7 +6,9 @@ blocks on resume. TopK-V's per-block summaries travel with them (worker/summarie
 scores exactly as before without re-reading its blocks. On the GPU the host tensors are pinned and the copies are
 queued on the current stream, before the step's forward: the copy out reads the blocks before any new owner writes
 them, the copy back lands before the forward reads them, and nothing waits on the device (the caching host
-allocator keeps a pinned buffer alive until its copies are done).
+allocator keeps a pinned buffer alive until its copies are done). Block-id lists go to the device from pinned
+memory too: a copy from pageable host memory synchronises the stream first, which under async scheduling would
+make the host wait for the step in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+
+def _on_device(ids: list[int], dev: torch.device) -> torch.Tensor:
+    """An index tensor on `dev`, copied without a stream synchronisation (pinned source, see the module doc)."""
+    pin = dev.type == "cuda"
+    return torch.tensor(ids, dtype=torch.long, pin_memory=pin).to(dev, non_blocking=pin)
 
 
 @dataclass
@@ -33,8 +41,8 @@ class HostKV:
     def swap_out(self, req_id: str, logical: list[int], physical: list[int], caches: list[torch.Tensor],
                  summaries: torch.Tensor | None) -> None:
         dev = caches[0].device
-        ids = torch.tensor(physical, dtype=torch.long).to(dev, non_blocking=True)
         pin = dev.type == "cuda"
+        ids = _on_device(physical, dev)
         kv = torch.empty((len(caches), len(physical), *caches[0].shape[1:]), dtype=caches[0].dtype,
                          pin_memory=pin)
         for layer, cache in enumerate(caches):
@@ -62,10 +70,10 @@ class HostKV:
             copy.done.synchronize()   # the host tensor is complete (normally long since: it was steps ago)
         dev = caches[0].device
         nb = dev.type == "cuda"
-        ids = torch.tensor(physical, dtype=torch.long).to(dev, non_blocking=nb)
+        ids = _on_device(physical, dev)
         pick = None
         if [where[j] for j in logical] != list(range(len(copy.logical))):
-            pick = torch.tensor([where[j] for j in logical], dtype=torch.long).to(dev, non_blocking=nb)
+            pick = _on_device([where[j] for j in logical], dev)
         for layer, cache in enumerate(caches):
             src = copy.kv[layer].to(dev, non_blocking=nb)   # pinned: asynchronous, the allocator keeps it alive
             cache.index_copy_(0, ids, src if pick is None else src.index_select(0, pick))
