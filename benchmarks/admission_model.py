@@ -9,11 +9,13 @@ ramp to the bound, then flat); one token per step; a pool of P blocks (vLLM's wa
   overcommit  vLLM's own rule (blocks free now), and the swap guarantee holds;
   stock       full attention under vLLM's own rule (its preemptions modelled as progress kept: optimistic for stock).
 When the running requests outgrow the pool the newest is preempted (vLLM's order) and parked (swap); parked
-requests resume first, oldest progress first, when their blocks fit; new requests wait behind them (FCFS).
+requests resume first, oldest progress first, when their blocks fit now and the running requests with them fit for
+the next RESUME_HORIZON steps (hysteresis); new requests wait behind them (FCFS).
 Swap guarantee: the future peak of the running requests plus the blocks on the host fits pool + swap blocks.
 Not modelled: step time (ADSA's steps are shorter), prefill, swap copy time (tiny: see benchmarks/results).
 
-The engine reproduces it (benchmarks/results/admission_model.md): CPU, B shape, 64 requests of 1024 tokens, a
+The engine reproduces it (benchmarks/results/admission_model.md; these runs predate the hysteresis, which
+`--resume-horizon 0` turns off): CPU, B shape, 64 requests of 1024 tokens, a
 729-block pool, random 50%: peak / average / overcommit 3,069 / 3,069 / 2,575 steps in the model, 3,072 / 3,072 /
 2,576 in the engine (`benchmarks/throughput.py --num-gpu-blocks 729`); H100, XL, 256 requests, 8 GiB: peak 3,069
 and overcommit 2,575 (mean running 85.3 and 101.7) in the model, 3,073 and 2,578 (85.4 and 101.8) in the engine.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adsa_vllm.engine.demand import DemandProfile, held_curve, life_average
+from adsa_vllm.engine.demand import RESUME_HORIZON, DemandProfile, held_curve, life_average
 
 BS = 16
 
@@ -43,8 +45,8 @@ class Request:
 
 
 def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, swap_blocks: int = 1 << 30,
-             gap: float = 0.0) -> dict:
-    """One run; `gap` > 0: request i arrives at step i * gap (open loop)."""
+             gap: float = 0.0, resume_horizon: int = RESUME_HORIZON) -> dict:
+    """One run; `gap` > 0: request i arrives at step i * gap (open loop); `resume_horizon` 0: no hysteresis."""
     watermark = int(0.01 * pool)
     life = life_average(1, final, bound, BS)
     arrivals = [int(i * gap) for i in range(num)]
@@ -67,7 +69,11 @@ def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, s
             swaps += 1
         parked.sort(key=lambda r: -r.length)
         while parked and pool - used >= parked[0].held(1) + watermark:
-            r = parked.pop(0)
+            r = parked[0]
+            if resume_horizon and len(demand) == len(running) and demand.peak_with(
+                    r.length, r.final, r.bound, horizon=resume_horizon) + watermark > pool:
+                break   # hysteresis, as ADSAScheduler._stays_resumed
+            parked.pop(0)
             running.append(r)
             used += r.held()
             demand.add(str(r.rid), r.length, r.final, r.bound)
@@ -109,6 +115,7 @@ def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, s
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
+    ap.add_argument("--resume-horizon", type=int, default=RESUME_HORIZON, help="0: resume as soon as blocks fit")
     args = ap.parse_args()
     # (requests, pool, swap blocks): the CPU engine run; (a) XL 1024 tokens, 8 GiB on an H100 (2,912 blocks of
     # 2.9 MB; swap 4 GiB = 1,400 blocks, 16 GiB = 5,600); a long closed run; steady arrivals above saturation.
@@ -122,7 +129,7 @@ def main():
     for case in cases:
         for label, bound in bounds.items():
             for rule in (("stock",) if label == "full" else ("peak", "average", "overcommit")):
-                r = simulate(bound=bound, rule=rule, **case)
+                r = simulate(bound=bound, rule=rule, resume_horizon=args.resume_horizon, **case)
                 r["budget"] = label
                 rows.append(r)
                 print(json.dumps(r), flush=True)

@@ -12,10 +12,13 @@ from adsa_vllm.engine.demand import DemandProfile, held_curve
 BS = 16
 
 
-def direct_peak(running: dict, new) -> int:
-    """The old O(running x horizon) computation: max over t of the sum of every request's held blocks."""
+def direct_peak(running: dict, new, window: int | None = None) -> int:
+    """The old O(running x horizon) computation: max over t (t < window, if given) of the sum of every request's
+    held blocks."""
     reqs = list(running.values()) + [new]
     horizon = max(1, max(final - length - 1 for length, final, _ in reqs))
+    if window is not None:
+        horizon = min(horizon, window)
     return int(sum(held_curve(length, final, bound, horizon, BS) for length, final, bound in reqs).max())
 
 
@@ -38,7 +41,10 @@ def test_incremental_peak_equals_direct_sum(seed):
         profile.advance({rid: r[0] for rid, r in running.items()})
         final = rng.choice([257, 577, 1025])
         cand = (0, final, rng.randint(3, -(-final // BS)))
-        assert profile.peak_with(*cand) == direct_peak({k: tuple(v) for k, v in running.items()}, cand)
+        snapshot = {k: tuple(v) for k, v in running.items()}
+        assert profile.peak_with(*cand) == direct_peak(snapshot, cand)
+        window = rng.choice([1, 16, 256, 2000])   # the resume hysteresis' horizon
+        assert profile.peak_with(*cand, horizon=window) == direct_peak(snapshot, cand, window)
         if rng.random() < 0.3:
             running[next_id] = list(cand)
             profile.add(next_id, *cand)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+RESUME_HORIZON = 256   # steps a swapped request must fit for before it resumes (ADSASchedulerMixin._stays_resumed)
+
 
 def held_curve(length: int, final: int, bound: int, steps: int, block_size: int) -> np.ndarray:
     """held_r(t) for t in [0, steps)."""
@@ -86,14 +88,16 @@ class DemandProfile:
             self._base = self.now
 
     # ---- queries ----
-    def peak_with(self, length: int, final: int, bound: int) -> int:
-        """max over t >= 0 of the running demand plus one more request's curve."""
+    def peak_with(self, length: int, final: int, bound: int, horizon: int | None = None) -> int:
+        """max over t >= 0 (t < horizon, if given) of the running demand plus one more request's curve."""
         steps = max(1, final - length - 1)
+        if horizon is not None:
+            steps = min(steps, max(1, horizon))
         self._span(self.now + steps)
         i = self.now - self._base
         extra = held_curve(length, final, bound, steps, self.block_size)
         peak = int((self._sum[i: i + steps] + extra).max())
-        rest = self._sum[i + steps:]
+        rest = self._sum[i + steps: None if horizon is None else i + max(steps, horizon)]
         return max(peak, int(rest.max())) if len(rest) else peak
 
     def _span(self, end: int) -> None:

@@ -29,7 +29,7 @@ from vllm.v1.request import RequestStatus
 
 from vllm.utils.math_utils import cdiv
 
-from adsa_vllm.engine.demand import DemandProfile, life_average
+from adsa_vllm.engine.demand import RESUME_HORIZON, DemandProfile, life_average
 from adsa_vllm.engine.manager import ADSAManager
 from adsa_vllm.engine.stats import ADSAStats, with_adsa
 from adsa_vllm.engine.swap import SwapCounters, SwapOrders
@@ -151,7 +151,7 @@ class ADSASchedulerMixin:
         record = m.swapped[rid]
         grow = max(0, cdiv(request.num_computed_tokens + num_new_tokens, m.block_size) - record.length)
         need = m.blocks_to_swap_in(rid) + grow + self.kv_cache_manager.watermark_blocks
-        if m.block_pool.get_num_free_blocks() < need:
+        if m.block_pool.get_num_free_blocks() < need or not self._stays_resumed(request):
             self.num_admission_waits += 1
             return None
         logical, physical = m.swap_in(rid)
@@ -164,6 +164,18 @@ class ADSASchedulerMixin:
         self.swaps.blocks_in += len(logical)
         self.demand.add(rid, request.num_computed_tokens, _final_len(request), m.requests[rid].bound)
         return out
+
+    def _stays_resumed(self, request) -> bool:
+        """Hysteresis: resume only if the running requests and this one fit the pool for the next RESUME_HORIZON
+        steps; otherwise the newest would be swapped out again within them (benchmarks/admission_model.py: a
+        quarter fewer swaps at (a), no more steps)."""
+        m = self.adsa_managers[0]
+        if len(self.demand) != len(self.running):
+            return True   # requests ADSA does not track: vLLM's own gate only
+        capacity = m.block_pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in self.running)
+        bound = m.requests[request.request_id].bound
+        peak = self.demand.peak_with(request.num_computed_tokens, _final_len(request), bound, horizon=RESUME_HORIZON)
+        return peak + self.kv_cache_manager.watermark_blocks <= capacity
 
     def _fits(self, new_request) -> bool:
         m = self.adsa_managers[0]
