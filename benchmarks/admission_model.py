@@ -70,7 +70,7 @@ def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, s
         parked.sort(key=lambda r: -r.length)
         while parked and pool - used >= parked[0].held(1) + watermark:
             r = parked[0]
-            if resume_horizon and len(demand) == len(running) and demand.peak_with(
+            if rule != "stock" and resume_horizon and len(demand) == len(running) and demand.peak_with(
                     r.length, r.final, r.bound, horizon=resume_horizon) + watermark > pool:
                 break   # hysteresis, as ADSAScheduler._stays_resumed
             parked.pop(0)

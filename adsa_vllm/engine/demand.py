@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RESUME_HORIZON = 256   # steps a swapped request must fit for before it resumes (ADSASchedulerMixin._stays_resumed)
+RESUME_HORIZON = 64   # steps a swapped request must fit for before it resumes (ADSASchedulerMixin._stays_resumed)
 
 
 def held_curve(length: int, final: int, bound: int, steps: int, block_size: int) -> np.ndarray:

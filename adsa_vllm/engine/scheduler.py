@@ -167,8 +167,8 @@ class ADSASchedulerMixin:
 
     def _stays_resumed(self, request) -> bool:
         """Hysteresis: resume only if the running requests and this one fit the pool for the next RESUME_HORIZON
-        steps; otherwise the newest would be swapped out again within them (benchmarks/admission_model.py: a
-        quarter fewer swaps at (a), no more steps)."""
+        steps; otherwise the newest would be swapped out again within them (benchmarks/admission_model.py, XL (a)
+        overcommit: 223 -> 198 swaps, a closed run of 1,024 requests 2,327 -> 1,364, no more steps)."""
         m = self.adsa_managers[0]
         if len(self.demand) != len(self.running):
             return True   # requests ADSA does not track: vLLM's own gate only
