@@ -16,13 +16,14 @@ in a closed batch the requests stay in phase, so a life-average rule admits a co
 the surplus out and runs no more than peak admission (CPU engine, 64 requests of 1024 tokens, 729 blocks, 50%: 3,072
 steps for both), while overcommit fills the pool during every ramp (2,576 steps, mean running 25.4 against 21.3;
 stock vLLM 3,431). On an H100 (XL, 256 requests, 8 GiB) overcommit ran 1.30x stock's mean running, but its 388
-swaps of about 65 MB each way made the step 9.2 ms against peak's 5.3: 0.94x stock against peak's 1.36x
+swaps of about 62 MB each way made the step 9.2 ms against peak's 5.3: 0.94x stock against peak's 1.36x
 (benchmarks/results/throughput_admission_h100.md). So "peak" stays the default until the copies leave the step's
 critical path; the preempting rules are there, exact, to be chosen where a step is long or copies are cheap.
 
 The protocol rides on vLLM's own preemption: `_preempt_request` frees the blocks and queues the request first among
 the waiting; ADSAScheduler keeps its `num_computed_tokens`, so vLLM resumes it like a request whose KV arrived from a
-connector (only the remaining tokens are scheduled), and its `allocate_slots` rebuilds the block list first. The
+connector (only the remaining tokens are scheduled), and its `allocate_slots` rebuilds the block list first, once
+the running requests and it fit the pool for the next RESUME_HORIZON steps (else it would soon be swapped again). The
 copies are ordered on `SchedulerOutput.adsa_swaps` (touchpoint `scheduler-output-swaps`), and the worker runs them
 in `on_schedule`, before vLLM's own state update and the forward.
 
