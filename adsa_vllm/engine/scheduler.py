@@ -51,8 +51,7 @@ class ADSASchedulerMixin:
         self.finished_by_reason: dict[str, int] = {}   # /metrics: requests that left, by vLLM's finish reason
         self.swaps = SwapCounters()
         self._orders = SwapOrders()                  # this schedule()'s copies, for the workers
-        self._life: dict[str, float] = {}            # admitted, unfinished requests (running or on the host)
-        self._life_sum = 0.0                         # ... and the sum of their life-average footprints
+        self._life: dict[str, float] = {}            # "average" rule: admitted, unfinished requests' life averages
         if self.adsa_managers:
             m = self.adsa_managers[0]
             self.demand = DemandProfile(m.block_size)
@@ -88,7 +87,7 @@ class ADSASchedulerMixin:
     def _free_request(self, request, delay_free_blocks: bool = False):
         if self.adsa_managers:
             self.demand.remove(request.request_id)
-            self._life_sum -= self._life.pop(request.request_id, 0.0)
+            self._life.pop(request.request_id, None)
             self._orders.out.pop(request.request_id, None)   # aborted before the workers copied it out
             # Aborts (a client that hung up) end here too, and vLLM's own request_success_total never sees them:
             # the API process drops an aborted request before the engine reports on it.
@@ -115,7 +114,7 @@ class ADSASchedulerMixin:
         super()._preempt_request(request, timestamp)
         if copy is None:   # recomputed by vLLM from the tokens (not what the evicting sequence computed)
             self.swaps.recomputed += 1
-            self._life_sum -= self._life.pop(rid, 0.0)
+            self._life.pop(rid, None)
             return
         # Resumed like a request whose KV came from a connector: only the tokens after `computed` are scheduled.
         request.num_computed_tokens = computed
@@ -139,9 +138,8 @@ class ADSASchedulerMixin:
         if out is not None and entry is not None:
             final = _final_len(request)
             self.demand.add(rid, request.num_computed_tokens, final, entry.bound)
-            if rid not in self._life:
+            if self.admission_rule == "average" and rid not in self._life:
                 self._life[rid] = life_average(request.num_computed_tokens, final, entry.bound, m.block_size)
-                self._life_sum += self._life[rid]
         return out
 
     def _swap_in(self, request, num_new_tokens: int, *args, **kwargs):
@@ -172,10 +170,9 @@ class ADSASchedulerMixin:
         m = self.adsa_managers[0]
         if len(self.demand) != len(self.running):
             return True   # requests ADSA does not track: vLLM's own gate only
-        capacity = m.block_pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in self.running)
         bound = m.requests[request.request_id].bound
         peak = self.demand.peak_with(request.num_computed_tokens, _final_len(request), bound, horizon=RESUME_HORIZON)
-        return peak + self.kv_cache_manager.watermark_blocks <= capacity
+        return peak + self.kv_cache_manager.watermark_blocks <= self._capacity()
 
     def _fits(self, new_request) -> bool:
         m = self.adsa_managers[0]
@@ -184,7 +181,7 @@ class ADSASchedulerMixin:
             return True  # a request ADSA does not track: leave it to vLLM's own gate
         length, final = new_request.num_computed_tokens, _final_len(new_request)
         peak = self.demand.peak_with(length, final, entry.bound)
-        capacity = m.block_pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in self.running)
+        capacity = self._capacity()
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
         if not self.swap_preemption:
             return peak + watermark <= capacity
@@ -194,7 +191,12 @@ class ADSASchedulerMixin:
         if self.admission_rule == "overcommit":
             return True   # vLLM's own rule follows: blocks free now
         life = life_average(length, final, entry.bound, m.block_size)
-        return self._life_sum + life + watermark <= capacity
+        return sum(self._life.values()) + life + watermark <= capacity
+
+    def _capacity(self) -> int:
+        """Blocks the running requests may share: free now + what they hold."""
+        m = self.adsa_managers[0]
+        return m.block_pool.get_num_free_blocks() + sum(m.held_blocks(r.request_id) for r in self.running)
 
     def _blocks_on_host(self) -> int:
         return sum(len(r.logical) for r in self.adsa_managers[0].swapped.values())
