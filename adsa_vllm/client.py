@@ -24,7 +24,7 @@ the server's defaults. `image_request(config, class_id, cfg_scale=4.0)` writes i
 cfg_scale=4.0, seed=0)` sends one request per class id concurrently (request i with seed + i).
 
 Text-to-image models take a caption instead of a class: its valid text-encoder rows [v, caption_dim]
-(`adsa_vllm.captions.caption_prompt`), sent as vLLM's `prompt_embeds`, a base64 string of `torch.save(tensor)`
+(`adsa_vllm.llamagen.t5_captions.caption_prompt`), sent as vLLM's `prompt_embeds`, a base64 string of `torch.save(tensor)`
 (`encode_caption`; needs torch). `image_request(config, caption=rows)` writes it; `generate_via_server(url,
 captions=[rows, ...], config=config)` sends one request per caption. The server turns prompt embeds on by itself for
 a t2i model (no --enable-prompt-embeds needed).
@@ -179,7 +179,7 @@ def generate_via_server(base_url: str, class_ids: list[int] | None = None, *, ca
     """
     from concurrent.futures import ThreadPoolExecutor
     if config is None:
-        from adsa_vllm.convert import load_config
+        from adsa_vllm.llamagen.convert import load_config
         from adsa_vllm.default_model import default_model_dir
         config = load_config(default_model_dir())
     base_url = base_url.rstrip("/")

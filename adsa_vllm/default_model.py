@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 
 DEFAULT_CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
 DEFAULT_SEED = 0
@@ -35,7 +35,7 @@ SHIPPED_DIR = Path(__file__).with_name("assets")
 def make_random_model_dir(out_dir: str | Path, config: LlamaGenConfig, seed: int = 0, std: float = 0.02,
                           dtype: str = "float32") -> Path:
     """Write a deterministic random LlamaGen (config.json + model.safetensors) into out_dir; returns it."""
-    from adsa_vllm.convert import save_model_folder
+    from adsa_vllm.llamagen.convert import save_model_folder
     from adsa_vllm.reference.model import LlamaGenReference
     model = LlamaGenReference(config).init_random_(seed, std)
     return save_model_folder(model, config, out_dir, dtype)

@@ -5,7 +5,7 @@ checks the vLLM internals the plugin relies on (patches/touchpoints.py), then ap
 
 from __future__ import annotations
 
-ARCH = "LlamaGenForCausalLM"
+ARCH = "LlamaGenForCausalLM"   # the default model's architecture; register() serves every one in FAMILIES
 _done = False
 
 
@@ -21,10 +21,13 @@ def register() -> None:
     import adsa_vllm_patches
     from adsa_vllm_patches import touchpoints
 
+    from adsa_vllm.family import FAMILIES, family_of
+
     touchpoints.check()   # before anything is changed: an unknown vLLM fails here, naming what broke
     adsa_vllm_patches.apply_all()
-    if ARCH not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCH, "adsa_vllm.llamagen.model:LlamaGenForCausalLM")
+    for arch in FAMILIES:
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, family_of(arch).model_cls)
 
     # Fill the registry with vLLM's built-ins first: it registers them lazily only while it is empty, so a
     # worker that registered ADSASpec first would never learn FullAttentionSpec (touchpoint kv-spec-registry-fill).
@@ -33,6 +36,7 @@ def register() -> None:
     from adsa_vllm.engine.spec import ADSASpec
     KVCacheSpecRegistry.register(ADSASpec, ADSAManager, uniform_type_base_spec=FullAttentionSpec)
 
-    from adsa_vllm.engine.config_hook import LlamaGenConfigHook
-    MODELS_CONFIG_MAP[ARCH] = LlamaGenConfigHook
+    from adsa_vllm.engine.config_hook import ADSAConfigHook
+    for arch in FAMILIES:
+        MODELS_CONFIG_MAP[arch] = ADSAConfigHook
     _done = True

@@ -1,10 +1,10 @@
-"""Every field of a LlamaGen request checked before the engine sees it (duck-typed; no vLLM import).
+"""Every field of a request to a family's model checked before the engine sees it (duck-typed; no vLLM import).
 
-Called by patches/llamagen_request_validation.py in the API process (offline: the LLM's process), where vLLM runs
+Called by patches/request_validation.py in the API process (offline: the LLM's process), where vLLM runs
 its own input checks, so a bad request fails alone with a `SettingsError` (HTTP 400 online) instead of raising
 inside EngineCore, where any exception kills the engine for everyone. What vLLM would check against a text
-tokenizer is checked here against the LlamaGen codebook: the model has no tokenizer (it emits codebook ids, see
-adsa_vllm/llamagen/model.py), so vLLM skips those checks, and an id outside the logits row crashes the worker.
+tokenizer is checked here against the model's codebook (its `ModelSpec`, adsa_vllm/family.py): the model has no
+tokenizer (it emits codebook ids, e.g. adsa_vllm/llamagen/model.py), so vLLM skips those checks, and an id outside the logits row crashes the worker.
 
 Per-request settings (`extra_args["adsa"]`, `extra_args["cfg"]`, a dict offline or its JSON string over HTTP) are
 parsed with the same code the worker and scheduler run (`ADSASettings.layout`, `GuidanceSettings.for_request`), and
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from adsa_vllm.errors import ADSAConfigError, SettingsError
 from adsa_vllm.guidance.settings import Guidance
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.family import ModelSpec, model_spec
 from adsa_vllm.policy import BlockLayout, needs_query
 from adsa_vllm.settings import EngineSettings, request_overrides
 
@@ -66,15 +66,15 @@ def attention_in_cuda_graphs(compilation_config, engine: EngineSettings) -> bool
 @dataclass(frozen=True)
 class EngineLimits:
     """What a request is checked against: the model's shape and the engine's settings."""
-    model: LlamaGenConfig
+    model: ModelSpec
     engine: EngineSettings
     attention_in_cuda_graphs: bool = False   # see `attention_in_cuda_graphs`
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "EngineLimits":
-        """The limits of a LlamaGen engine, decided once from its resolved VllmConfig (the API process's)."""
+        """The limits of a family's engine, decided once from its resolved VllmConfig (the API process's)."""
         engine = EngineSettings.from_vllm_config(vllm_config)
-        return cls(model=LlamaGenConfig.from_hf_dict(vllm_config.model_config.hf_config.to_dict()), engine=engine,
+        return cls(model=model_spec(vllm_config.model_config), engine=engine,
                    attention_in_cuda_graphs=attention_in_cuda_graphs(vllm_config.compilation_config, engine))
 
 

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from adsa_vllm.config import ADSAConfig  # noqa: E402
-from adsa_vllm.convert import load_reference  # noqa: E402
+from adsa_vllm.llamagen.convert import load_reference  # noqa: E402
 from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
 from adsa_vllm.reference.generate import score_tokens  # noqa: E402
 

@@ -164,7 +164,7 @@ def main():
     import torch
 
     from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.model_config import preset
+    from adsa_vllm.llamagen.config import preset
     on_cpu = not torch.cuda.is_available()
     out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="dp_check_"))
     out_dir.mkdir(parents=True, exist_ok=True)

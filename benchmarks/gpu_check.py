@@ -31,9 +31,9 @@ import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 from adsa_vllm.config import ADSAConfig  # noqa: E402
-from adsa_vllm.convert import load_reference  # noqa: E402
+from adsa_vllm.llamagen.convert import load_reference  # noqa: E402
 from adsa_vllm.default_model import make_random_model_dir  # noqa: E402
-from adsa_vllm.model_config import LlamaGenConfig  # noqa: E402
+from adsa_vllm.llamagen.config import LlamaGenConfig  # noqa: E402
 from adsa_vllm.reference.generate import generate, score_tokens  # noqa: E402
 
 CFG_SCALE = 3.0

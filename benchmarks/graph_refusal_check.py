@@ -13,7 +13,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the scheduler in this pro
 import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
-from adsa_vllm.convert import load_config  # noqa: E402
+from adsa_vllm.llamagen.convert import load_config  # noqa: E402
 from adsa_vllm.default_model import SHIPPED_DIR  # noqa: E402
 from adsa_vllm.engine.observe import engine_scheduler  # noqa: E402
 

@@ -50,7 +50,7 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from adsa_vllm.convert import load_reference  # noqa: E402
+from adsa_vllm.llamagen.convert import load_reference  # noqa: E402
 from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
 from quality_measure import (BUDGETS, POLICIES, adsa_config, check_layout, exact_check,  # noqa: E402
                              parse_row_label, row_label, sample_tokens, token_nll)

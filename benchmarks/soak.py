@@ -222,7 +222,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from adsa_vllm.client import server_model
-    from adsa_vllm.convert import load_config
+    from adsa_vllm.llamagen.convert import load_config
     from adsa_vllm.default_model import random_model_dir
     model_dir = Path(a.model) if a.model else random_model_dir()
     config = load_config(model_dir)

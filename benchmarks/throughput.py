@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def model_config(preset: str, grid: int, t2i: bool):
-    from adsa_vllm.model_config import T2I
-    from adsa_vllm.model_config import preset as make_preset
+    from adsa_vllm.llamagen.config import T2I
+    from adsa_vllm.llamagen.config import preset as make_preset
     return make_preset(preset, grid_size=grid, **(T2I if t2i else {}))
 
 

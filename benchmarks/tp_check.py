@@ -24,7 +24,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 def _engine(model_dir: str, tp: int, classes: list, extra: dict, dtype: str, eager: bool) -> dict:
     from vllm import LLM, SamplingParams
 
-    from adsa_vllm.model_config import LlamaGenConfig
+    from adsa_vllm.llamagen.config import LlamaGenConfig
     config = LlamaGenConfig.from_hf_dict(json.load(open(os.path.join(model_dir, "config.json"))))
     llm = LLM(model=model_dir, dtype=dtype, tensor_parallel_size=tp, gpu_memory_utilization=0.5, seed=0,
               attention_backend="adsa", additional_config=extra, enforce_eager=eager)
@@ -60,7 +60,7 @@ def main():
     import torch
 
     from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.model_config import preset
+    from adsa_vllm.llamagen.config import preset
     config = preset(args.preset, grid_size=args.grid)
     model_dir = str(make_random_model_dir(tempfile.mkdtemp(), config, seed=0, std=args.std, dtype=args.dtype))
     classes = [i % config.num_classes for i in range(args.images)]

@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adsa_vllm.convert import load_reference, save_model_folder  # noqa: E402
+from adsa_vllm.llamagen.convert import load_reference, save_model_folder  # noqa: E402
 from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
-from adsa_vllm.model_config import LlamaGenConfig  # noqa: E402
+from adsa_vllm.llamagen.config import LlamaGenConfig  # noqa: E402
 from adsa_vllm.reference.model import LlamaGenReference  # noqa: E402
 
 MAX_FOLDER_BYTES = 12 * 10**6   # the folder ships in the package (adsa_vllm/assets/): keep the wheel small

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = ("adsa_vllm_patches.attention_backend_name", "adsa_vllm_patches.llamagen_request_validation",
-           "adsa_vllm_patches.engine_core_outputs_adsa_stats", "adsa_vllm_patches.llamagen_prompt_embeds")
+PATCHES = ("adsa_vllm_patches.attention_backend_name", "adsa_vllm_patches.request_validation",
+           "adsa_vllm_patches.engine_core_outputs_adsa_stats", "adsa_vllm_patches.prompt_embeds")
 
 
 def apply_all() -> None:

@@ -259,7 +259,8 @@ TOUCHPOINTS = (
         (Has("vllm._custom_ops:cpu_attn_reshape_and_cache",
              ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),)),
     Touchpoint(
-        "config-hook-fields", "VllmConfig fields written by LlamaGenConfigHook (MODELS_CONFIG_MAP): "
+        "config-hook-fields", "VllmConfig fields written by ADSAConfigHook (MODELS_CONFIG_MAP, one entry per "
+        "family architecture): "
         "CacheConfig.user_specified_block_size, ModelConfig.model_arch_config (ModelArchitectureConfig head counts), "
         "hf_config / hf_text_config head counts, and the public settings it decides",
         ("adsa_vllm/engine/config_hook.py",),

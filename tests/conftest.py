@@ -28,7 +28,7 @@ GRID24 = dict(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, gr
 
 def _make_dir(tmp_path_factory, name: str, shape: dict, seed: int = 0):
     from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.model_config import LlamaGenConfig
+    from adsa_vllm.llamagen.config import LlamaGenConfig
     config = LlamaGenConfig(**shape)
     # std 0.1 keeps greedy argmax well separated (no near-ties between vLLM and the reference).
     return make_random_model_dir(tmp_path_factory.mktemp(name), config, seed=seed, std=0.1), config
@@ -103,7 +103,7 @@ class _RefCache:
     def greedy(self, model_dir, class_ids, adsa=None, *, logprobs=True, max_new_tokens=None):
         import torch
 
-        from adsa_vllm.convert import load_reference
+        from adsa_vllm.llamagen.convert import load_reference
         from adsa_vllm.reference.generate import GenerationResult, generate
         base = (str(model_dir), adsa, max_new_tokens)
         missing = [c for c in dict.fromkeys(class_ids) if base + (c,) not in self.rows]

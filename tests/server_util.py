@@ -74,7 +74,7 @@ def launch_server(model_dir, log_path, *extra, env: dict | None = None):
 def tiny_model_dir(tmp_path_factory, grid_size: int):
     """A small random LlamaGen (head_dim 32, 10 classes) for server tests: a fast start on 2 CPU cores."""
     from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.model_config import LlamaGenConfig
+    from adsa_vllm.llamagen.config import LlamaGenConfig
     shape = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=grid_size)
     return make_random_model_dir(tmp_path_factory.mktemp(f"llamagen{grid_size}"), shape, seed=0, std=0.1)
 
@@ -83,7 +83,7 @@ def adsa_server(tmp_path_factory, name: str, additional: dict, *extra, grid_size
     """A server with ADSA on (`--additional-config` = `additional`) for a `tiny_model_dir` model. Yields
     {"base", "config", "model", "model_dir", "log"} once it is healthy, then stops it."""
     from adsa_vllm.client import server_model
-    from adsa_vllm.convert import load_config
+    from adsa_vllm.llamagen.convert import load_config
     model_dir = tiny_model_dir(tmp_path_factory, grid_size=grid_size)
     log_path = tmp_path_factory.mktemp(name) / "server.log"
     for base in launch_server(model_dir, log_path, "--attention-backend", "adsa", "--additional-config",

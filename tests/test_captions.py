@@ -6,8 +6,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
-from adsa_vllm.captions import MAX_LENGTH, caption_prompt, caption_prompts, encode_captions, load_t5
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.t5_captions import MAX_LENGTH, caption_prompt, caption_prompts, encode_captions, load_t5
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.reference import LlamaGenReference, official_t2i_logits
 
 WORDS = "a photo of cat dog red blue on the grass sky".split()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.convert import load_reference
+from adsa_vllm.llamagen.convert import load_reference
 from adsa_vllm.engine.observe import SchedulerWatch, engine_scheduler
 from adsa_vllm.guidance import GuidanceConfigError
 from adsa_vllm.guidance.api import generate_images

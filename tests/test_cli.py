@@ -20,7 +20,7 @@ from PIL import Image
 from adsa_vllm.cli import main
 from adsa_vllm.data import fashion_mnist as fm
 from adsa_vllm.images import make_grid, tokens_to_images
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.vq import VQConfig, VQDecoder
 from test_vq_decoder import SMALL, _random_official_state_dict
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from adsa_vllm import convert as conv
+from adsa_vllm.llamagen import convert as conv
 from adsa_vllm.default_model import (DEFAULT_CONFIG, SHIPPED_DIR, default_model_dir, make_random_model_dir,
                                      random_model_dir)
-from adsa_vllm.model_config import LlamaGenConfig, preset
+from adsa_vllm.llamagen.config import LlamaGenConfig, preset
 from adsa_vllm.reference import LlamaGenReference, generate
 
 CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, codebook_size=64, num_classes=10, grid_size=4)
@@ -190,7 +190,7 @@ def test_t2i_mismatches_name_the_fix(tmp_path):
 
 
 def test_official_t2i_xl_is_recognised():
-    from adsa_vllm.model_config import T2I
+    from adsa_vllm.llamagen.config import T2I
     with torch.device("meta"):
         sd = LlamaGenReference(preset("XL", **T2I)).state_dict()
     config = conv.infer_config(sd, image_size=256)

@@ -32,7 +32,7 @@ SETTINGS = ["full", "adsa:random:0.75"]
 
 def _model(tmp_path_factory, name, shape):
     from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.model_config import LlamaGenConfig
+    from adsa_vllm.llamagen.config import LlamaGenConfig
     return make_random_model_dir(tmp_path_factory.mktemp(name), LlamaGenConfig(**shape), seed=0, std=0.1)
 
 
@@ -223,7 +223,7 @@ def test_settings_syntax():
 
 def test_eval_images_layout(tmp_path):
     from adsa_vllm.data import fashion_mnist as fm
-    from adsa_vllm.model_config import LlamaGenConfig
+    from adsa_vllm.llamagen.config import LlamaGenConfig
     from adsa_vllm.vq import VQDecoder
     from test_vq_decoder import SMALL, _random_official_state_dict
     pixel = LlamaGenConfig(dim=64, n_layer=1, n_head=2, codebook_size=16, num_classes=10, grid_size=28)

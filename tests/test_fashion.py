@@ -20,7 +20,7 @@ import torch
 
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.data import fashion_mnist as fm
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.reference import LlamaGenReference, generate, score_tokens, score_tokens_batched
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import pytest
 
 from adsa_vllm.client import completion_token_ids, image_request, post_json
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.convert import load_reference
+from adsa_vllm.llamagen.convert import load_reference
 from fuzz_cases import cases, encode
 from greedy_match import assert_greedy_matches_reference
 from hang_up import post_and_hang_up, stream

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.guidance import Guidance, GuidanceConfigError, GuidanceSettings
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.reference.generate import generate
 from adsa_vllm.reference.model import LlamaGenReference
 

@@ -94,16 +94,33 @@ def test_the_circle_finder_finds_a_circle():
     assert "adsa_vllm.policy.base" in import_graph()["adsa_vllm.policy.tracker"]   # the walker sees real edges
 
 
-def test_only_the_vllm_model_imports_the_llamagen_package():
-    """llamagen/ is the vLLM model; the hyper-parameters every pure module needs are adsa_vllm.model_config."""
+# The serving core reads a model only through the family contract (adsa_vllm/family.py), never a family's folder;
+# the family's own tools (reference, eval, cli, convert) may name it.
+FAMILY_FREE = ("adsa_vllm.engine", "adsa_vllm.worker", "adsa_vllm.guidance", "adsa_vllm.policy", "adsa_vllm.settings",
+               "adsa_vllm.config", "adsa_vllm.family", "adsa_vllm.request_validation", "adsa_vllm.plugin",
+               "adsa_vllm.metrics")
+
+
+def family_packages() -> set[str]:
+    from adsa_vllm.family import FAMILIES
+    return {entry.partition(":")[0].rpartition(".")[0] for entry in FAMILIES.values()}
+
+
+def test_the_serving_core_imports_no_family_folder():
     graph = import_graph()
-    users = {m for m, edges in graph.items() if not m.startswith("adsa_vllm.llamagen")
-             and any(e.startswith("adsa_vllm.llamagen") for e in edges)}
-    assert users == set(), users
+    families = family_packages()
+    assert families == {"adsa_vllm.llamagen"}
+    core = {m for m in graph if any(m == p or m.startswith(p + ".") for p in FAMILY_FREE)}
+    assert {"adsa_vllm.engine.config_hook", "adsa_vllm.worker.worker", "adsa_vllm.guidance.api",
+            "adsa_vllm.settings", "adsa_vllm.config"} <= core
+    found = {m: sorted(e for e in graph[m] if any(e == f or e.startswith(f + ".") for f in families)) for m in core}
+    assert {m: e for m, e in found.items() if e} == {}
+    assert "adsa_vllm.llamagen.config" in graph["adsa_vllm.llamagen.model"]   # the walker sees family edges
 
 
 def test_model_config_imports_neither_torch_nor_vllm():
-    code = "import sys, adsa_vllm.model_config; print(sorted({'torch', 'vllm'} & set(sys.modules)))"
+    code = ("import sys, adsa_vllm.family, adsa_vllm.llamagen.config, adsa_vllm.llamagen.family; "
+            "print(sorted({'torch', 'vllm'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent).stdout
     assert out.strip() == "[]", out

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.convert import load_reference
+from adsa_vllm.llamagen.convert import load_reference
 from adsa_vllm.data import fashion_mnist as fm
 from adsa_vllm.default_model import SHIPPED_DIR
 from adsa_vllm.reference import score_tokens_batched

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.policy import SequenceTracker
 from adsa_vllm.reference import LlamaGenReference, decoder, generate, score_tokens
 from adsa_vllm.reference.model import apply_rotary_emb, precompute_freqs_cis_2d

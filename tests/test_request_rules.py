@@ -19,7 +19,7 @@ import pytest
 from adsa_vllm.config import GRANULARITIES, ADSAConfig
 from adsa_vllm.errors import ADSAConfigError, SettingsError
 from adsa_vllm.guidance.settings import GuidanceSettings
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.policy import POLICIES, BlockScorer, needs_query, resolve_scorers
 from adsa_vllm.policy.token_scores import TokenScorer
 from adsa_vllm.policy.token_select import OldestBlocks

@@ -12,7 +12,7 @@ import pytest
 
 from adsa_vllm.client import ServerError, generate_via_server, image_request, post_json
 from adsa_vllm.config import GRANULARITIES, ADSAConfig
-from adsa_vllm.convert import load_config, load_reference
+from adsa_vllm.llamagen.convert import load_config, load_reference
 from adsa_vllm.policy import POLICIES, SCORERS_BY_GRANULARITY
 from adsa_vllm.reference.generate import generate
 from greedy_match import assert_greedy_matches_reference

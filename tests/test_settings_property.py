@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from adsa_vllm.config import ADSAConfig
 from adsa_vllm.errors import SettingsError
 from adsa_vllm.guidance.settings import GuidanceSettings
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.policy import SequenceTracker, resolve_scorers
 from adsa_vllm.request_validation import EngineLimits, validate_settings
 from adsa_vllm.settings import ADSASettings, EngineSettings

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.policy import SequenceTracker
 from adsa_vllm.reference import (LlamaGenReference, decoder, generate, generate_t2i, official_t2i_logits,
                                  score_tokens_t2i)

@@ -13,7 +13,7 @@ import torch
 
 from adsa_vllm.config import ADSAConfig, ADSAConfigError
 from adsa_vllm.guidance.settings import GuidanceSettings
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.policy import LockstepTrackers, ScoreInputs, make_scorer, top_blocks
 from adsa_vllm.policy.random_blocks import RandomBlocks
 from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer, make_token_scorer

@@ -142,8 +142,8 @@ def test_greedy_equals_reference_with_logprobs_24x24(engines, model16, model24, 
 # ---------------------------------------------------------------- round trip
 
 def test_round_trip_official_checkpoint_to_vllm(tmp_path, engines, reference):
-    from adsa_vllm.convert import convert, load_config
-    from adsa_vllm.model_config import LlamaGenConfig
+    from adsa_vllm.llamagen.convert import convert, load_config
+    from adsa_vllm.llamagen.config import LlamaGenConfig
     from adsa_vllm.reference.generate import generate
     from adsa_vllm.reference.model import LlamaGenReference
 

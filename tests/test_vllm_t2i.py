@@ -24,9 +24,9 @@ SCALE = 4.0
 @pytest.fixture(scope="module")
 def t2i(tmp_path_factory):
     """(model folder, config, reference model, captions)."""
-    from adsa_vllm.convert import load_reference
+    from adsa_vllm.llamagen.convert import load_reference
     from adsa_vllm.default_model import make_random_model_dir
-    from adsa_vllm.model_config import LlamaGenConfig
+    from adsa_vllm.llamagen.config import LlamaGenConfig
     config = LlamaGenConfig(**T2I_SHAPE)
     model_dir = make_random_model_dir(tmp_path_factory.mktemp("t2i16"), config, seed=0, std=0.1)
     gen = torch.Generator().manual_seed(1)
@@ -72,7 +72,7 @@ def test_greedy_t2i_equals_reference(case, engines, t2i):
 def test_caption_length_matters_and_padding_is_left_out(engines, t2i):
     """The same caption with padding rows appended is a different (longer) prompt; the compact prompt of a padded
     caption (captions.caption_prompt) is exactly the unpadded one, so vLLM gives the same image."""
-    from adsa_vllm.captions import caption_prompt
+    from adsa_vllm.llamagen.t5_captions import caption_prompt
     model_dir, config, _, captions = t2i
     llm = engines.get(("t2i", "full"), model_dir, additional_config={})
     rows = captions[1]

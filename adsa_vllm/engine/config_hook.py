@@ -1,16 +1,18 @@
-"""Engine configuration for LlamaGen models, run by vLLM at the top of `VllmConfig.__post_init__`
-(registered in `MODELS_CONFIG_MAP["LlamaGenForCausalLM"]`, vLLM's per-architecture hook; process 0 only,
-the result is pickled to EngineCore and workers).
+"""Engine configuration for the models of every family (adsa_vllm/family.py), run by vLLM at the top of
+`VllmConfig.__post_init__` (registered in `MODELS_CONFIG_MAP[arch]` for each family architecture, vLLM's
+per-architecture hook; process 0 only, the result is pickled to EngineCore and workers). The model is read only
+through its `ModelSpec` (condition length, grid, heads, condition form).
 
 * Image-token models have no tokenizer: skip its initialisation (prompts are token ids, or caption features for a
-  text-to-image model: prompt embeds are turned on for those).
+  model whose condition is prompt embeds, e.g. a text-to-image caption: prompt embeds are turned on for those).
 * The settings are resolved here, once, into an `EngineSettings` (adsa_vllm/settings.py says how every process
   reads it back); the user's additional_config dict is left as given.
 * `--attention-backend adsa` turns ADSA on, and the attention backend is reset to the kernel ADSA wraps
   (`adsa.inner_backend`, default the platform's choice), so every later consumer of the backend setting sees a
   real kernel.
 * With classifier-free guidance on (``"cfg"``), the config declares twice the attention heads (see
-  adsa_vllm/llamagen/model.py: a request's cond and uncond branches are one sequence with 2H heads).
+  a family's model, e.g. adsa_vllm/llamagen/model.py: a request's cond and uncond branches are one sequence with
+  2H heads).
 * With ADSA or classifier-free guidance on: the plugin's worker (it feeds the model's runtimes every
   SchedulerOutput and tells them the batch order on the host, with vLLM's V1 or V2 model runner alike).
 * With ADSA or guidance on: the plugin's scheduler (the async variant when async scheduling is on: GPU default);
@@ -26,21 +28,24 @@ from __future__ import annotations
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from adsa_vllm.config import ADSAConfigError
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.family import ModelSpec, model_spec
 from adsa_vllm.settings import ENGINE_KEY, ADSASettings, EngineSettings, UserSettings
 
 ADSA_BACKEND_NAME = "ADSA"
 
 
-class LlamaGenConfigHook(VerifyAndUpdateConfig):
+class ADSAConfigHook(VerifyAndUpdateConfig):
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
         model_config = vllm_config.model_config
         model_config.skip_tokenizer_init = True
-        model_cfg = LlamaGenConfig.from_hf_dict(model_config.hf_config.to_dict())
-        if model_cfg.is_t2i:
-            # The caption arrives as prompt_embeds (adsa_vllm/llamagen/caption.py); vLLM then runs its V1 model
-            # runner (the V2 runner has no prompt embeds yet).
+        spec = model_spec(model_config)
+        if spec is None:
+            raise ADSAConfigError(f"no adsa_vllm model family serves architectures "
+                                  f"{getattr(model_config.hf_config, 'architectures', None)} (adsa_vllm/family.py)")
+        if spec.uses_prompt_embeds:
+            # E.g. a caption (adsa_vllm/llamagen/caption.py); vLLM then runs its V1 model runner (the V2 runner has
+            # no prompt embeds yet).
             model_config.enable_prompt_embeds = True
 
         user = vllm_config.additional_config or {}   # the user's dict: read, never written
@@ -56,7 +61,7 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
 
         guidance = choice.guidance
         from vllm.platforms import current_platform
-        _declare_attention_heads(model_config, model_cfg, 2 if guidance.enabled else 1)
+        _declare_attention_heads(model_config, spec, 2 if guidance.enabled else 1)
         if guidance.enabled or adsa_on:
             parallel = vllm_config.parallel_config
             if parallel.worker_cls == "auto":
@@ -78,7 +83,7 @@ class LlamaGenConfigHook(VerifyAndUpdateConfig):
                 cache.block_size = 16
                 cache.user_specified_block_size = True  # or the CPU platform raises it to 128 afterwards
             adsa = ADSASettings(defaults=choice.adsa_defaults, block_size=cache.block_size,   # validates
-                                cls_token_num=model_cfg.cls_token_num, grid_size=model_cfg.grid_size,
+                                cls_token_num=spec.cls_token_num, grid_size=spec.grid_size,
                                 lag=int(bool(vllm_config.scheduler_config.async_scheduling)),
                                 admission=choice.admission, swap_space_gib=choice.swap_space_gib)
             cache.enable_prefix_caching = False
@@ -104,17 +109,17 @@ def graphs_cover_max_num_seqs(vllm_config) -> None:
         comp.max_cudagraph_capture_size = n
 
 
-def _declare_attention_heads(model_config, model_cfg: LlamaGenConfig, branches: int) -> None:
+def _declare_attention_heads(model_config, spec: ModelSpec, branches: int) -> None:
     """The head counts vLLM's attention builders read from the config (FlashAttention, Triton and CPU builders
     call model_config.get_num_attention_heads / get_num_kv_heads, answered from `model_arch_config`, derived
     from hf_config when ModelConfig was built): under CFG a layer attends over both branches' heads. Set from the
     model's own numbers, so running the hook twice changes nothing."""
-    heads, kv_heads = branches * model_cfg.n_head, branches * model_cfg.kv_heads
+    heads, kv_heads = branches * spec.n_head, branches * spec.kv_heads
     for target in (model_config.hf_config, model_config.hf_text_config):
-        target.head_dim = model_cfg.head_dim
+        target.head_dim = spec.head_dim
         target.num_attention_heads, target.num_key_value_heads = heads, kv_heads
     arch = model_config.model_arch_config
-    arch.total_num_attention_heads, arch.total_num_kv_heads, arch.head_size = heads, kv_heads, model_cfg.head_dim
+    arch.total_num_attention_heads, arch.total_num_kv_heads, arch.head_size = heads, kv_heads, spec.head_dim
 
 
 def _inner_backend(name: str | None):

@@ -4,11 +4,11 @@ Image i of a run has condition i % len(conditions): the conditions cycle, so eve
 images holds each condition once. That keeps ADM's evaluator honest on our npz files: it scores the Inception
 Score over consecutive splits of 5,000 images, and class-major order would give each split a tenth of ImageNet.
 
-Captions (t2i) are text-encoder rows, [v, caption_dim] each (adsa_vllm/captions.py), from either
+Captions (t2i) are text-encoder rows, [v, caption_dim] each (adsa_vllm/llamagen/t5_captions.py), from either
   * `--caption-embeds FILE`: a .pt holding a list of [v, C] tensors or {"features": [B, L, C], "mask": [B, L]},
     or a .npz with arrays "features" [B, L, C] and "mask" [B, L] (mask: 1 = a real token);
   * `--captions FILE.txt --t5 DIR`: one caption per line, encoded by a local flan-t5-xl folder exactly as LlamaGen
-    does (adsa_vllm.captions.encode_captions).
+    does (adsa_vllm.llamagen.t5_captions.encode_captions).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def caption_conditions(config, rows: list) -> Conditions:
     for i, r in enumerate(rows):
         r = torch.as_tensor(r)
         try:
-            config.check_caption(tuple(r.shape), floating=r.is_floating_point())
+            config.check_prompt_embeds(tuple(r.shape), floating=r.is_floating_point())
         except ValueError as e:
             raise ValueError(f"caption {i}: {e}") from None
         prompts.append({"prompt_embeds": r.detach().to("cpu", torch.float32)})
@@ -59,7 +59,7 @@ def load_caption_embeds(path: str | Path) -> list:
     """Caption rows from a .pt (list of [v, C] tensors, or {"features", "mask"}) or .npz ("features", "mask")."""
     import torch
 
-    from adsa_vllm.captions import caption_prompts
+    from adsa_vllm.llamagen.t5_captions import caption_prompts
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--caption-embeds {path}: no such file")
@@ -83,7 +83,7 @@ def encode_caption_file(path: str | Path, t5_dir: str, batch_size: int = 32) -> 
     """One caption per non-empty line of a text file -> caption rows, through a local T5 (LlamaGen's encoding)."""
     import torch
 
-    from adsa_vllm.captions import caption_prompts, encode_captions, load_t5
+    from adsa_vllm.llamagen.t5_captions import caption_prompts, encode_captions, load_t5
     texts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"--captions {path}: no caption in the file (one per line)")

@@ -42,13 +42,13 @@ def generate_images(llm, class_ids: list[int], *, cfg_scale: float | None = None
                     greedy: bool = False, adsa: dict | None = None, logprobs: int | None = None,
                     use_tqdm: bool = False) -> GeneratedImages:
     """One guided image per class id, batched by vLLM (continuous batching; each pair is one request)."""
-    from adsa_vllm.model_config import LlamaGenConfig
+    from adsa_vllm.family import model_spec
     vllm_config = llm.llm_engine.vllm_config
     if not EngineSettings.from_vllm_config(vllm_config).guidance.enabled:
         raise GuidanceConfigError('this LLM runs without classifier-free guidance: create it with '
                                   'LLM(..., additional_config={"cfg": {"scale": 4.0}}) (the model then runs each '
                                   'request as a conditional/unconditional pair)')
-    model_cfg = LlamaGenConfig.from_hf_dict(vllm_config.model_config.hf_config.to_dict())
+    model_cfg = model_spec(vllm_config.model_config)
     prompts = [{"prompt_token_ids": model_cfg.prompt(c)} for c in class_ids]
     params = [image_params(model_cfg, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                            seed=None if seed is None else seed + i, temperature=temperature, top_k=top_k,

@@ -1,7 +1,7 @@
 """Text-to-image LlamaGen in vLLM: the caption embedder and the positions that keep image tokens official.
 
 A t2i prompt is the caption's valid rows only, [v, caption_dim] with 1 <= v <= cls_token_num, sent as vLLM
-`prompt_embeds` (adsa_vllm/model_config.py says why that equals LlamaGen's left padding + mask). Two things follow:
+`prompt_embeds` (adsa_vllm/llamagen/config.py says why that equals LlamaGen's left padding + mask). Two things follow:
   * Rows of `inputs_embeds` are of two kinds: caption features (caption_dim wide) at condition positions, and image
     tokens, which the model embeds itself (`embed_image_tokens`, zero-padded to caption_dim because vLLM keeps one
     inputs_embeds buffer of `projection_dim` columns). A row's position tells which it is.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.model_executor.layers.linear import ReplicatedLinear
 
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 
 
 class CaptionEmbedder(nn.Module):

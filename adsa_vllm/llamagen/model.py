@@ -18,7 +18,7 @@ throughput can be compared with a plain Llama of the same shape. What differs fr
     scheduler therefore admits, preempts, aborts and finishes the pair as one request, both branches always see
     the same sampled token, and ADSA makes one selection for the pair from both branches' heads.
     `compute_logits` returns u + s * (c - u) with the request's scale (adsa_vllm/guidance/runtime.py).
-Weights keep the official names (config.json + safetensors written by `adsa_vllm.convert`).
+Weights keep the official names (config.json + safetensors written by `adsa_vllm.llamagen.convert`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from adsa_vllm.guidance.runtime import make_guidance_runtime
 from adsa_vllm.llamagen.caption import CaptionEmbedder, caption_positions, embed_image_tokens
 from adsa_vllm.llamagen.rope2d import apply_rope_2d, rope_2d_table
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.worker.layer import make_attention, make_runtime
 
 

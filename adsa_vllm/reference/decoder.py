@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from adsa_vllm.config import ADSAConfig
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.policy import BlockLayout, SequenceTracker, resolve_scorers
 from adsa_vllm.reference.model import LlamaGenReference
 
@@ -106,6 +106,8 @@ class TrackerDecoder(Decoder):
             if self.pairs:
                 rows = rows + rows                                        # both halves keep the same blocks
             mask = torch.stack(rows)[:, None, None]                       # [R, 1, 1, L]
+            if self.layout.token_edges:   # prefix and window at token granularity (policy/layout.py)
+                mask = mask & self.layout.attended(pos, self.slots)
         pos_t = torch.tensor([pos], device=h.device)
         hook = self._score if self._requests else None
         return self.model.forward_hidden(h, pos_t, self.caches, mask, hook=hook, rope_offset=self.rope_offset)[:, -1]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adsa_vllm.model_config import LlamaGenConfig
+from adsa_vllm.llamagen.config import LlamaGenConfig
 
 # Called inside every layer once its K/V are in the cache: (layer_idx, q [B, H, S, D] post-RoPE).
 LayerHook = Callable[[int, torch.Tensor], None]
@@ -193,7 +193,7 @@ class LlamaGenReference(nn.Module):
 
         null=True embeds the null caption of the same length instead: the last v rows of `uncond_embedding` (the
         rows LlamaGen's left-padded, masked null caption leaves visible); only rows.shape is read then."""
-        self.config.check_caption(tuple(rows.shape[-2:]), rows.is_floating_point())
+        self.config.check_prompt_embeds(tuple(rows.shape[-2:]), rows.is_floating_point())
         if null:
             v = rows.shape[-2]
             rows = self.cls_embedding.uncond_embedding[-v:].expand(*rows.shape)

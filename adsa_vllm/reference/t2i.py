@@ -1,6 +1,6 @@
 """Reference text-to-image generation on compact captions: the test oracle of the vLLM t2i path.
 
-A t2i prompt is a caption's valid rows [v, caption_dim], 1 <= v <= cls_token_num (adsa_vllm/captions.py). The
+A t2i prompt is a caption's valid rows [v, caption_dim], 1 <= v <= cls_token_num (adsa_vllm/llamagen/t5_captions.py). The
 sequence is [v caption rows, image tokens], sequence index s turning by RoPE row (cls_token_num - v) + s: caption
 rows have zero angle wherever they sit, image token i keeps its official row cls_token_num + i. This equals LlamaGen's
 left padding + attention mask (adsa_vllm/reference/t2i_official.py). Under CFG the null half of a caption of v rows
@@ -36,7 +36,7 @@ def _run_t2i(model, captions, n, *, cfg_scale, force_cfg, adsa, block_size, choo
     if not captions:
         raise ValueError("no captions given")
     for c in captions:
-        config.check_caption(tuple(c.shape), c.is_floating_point())
+        config.check_prompt_embeds(tuple(c.shape), c.is_floating_point())
     scales = check_run(config, n, cfg_scale, cfg_interval, cfg_selection)
     guided = cfg_scale > 1.0 or force_cfg
     dev = model.tok_embeddings.weight.device

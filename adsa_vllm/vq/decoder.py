@@ -77,7 +77,7 @@ class VQDecoder(nn.Module):
     def from_checkpoint(cls, path: str | Path, **config) -> "VQDecoder":
         """Load an official VQ checkpoint ({"model": state_dict}, .pt, or .safetensors); `config` overrides
         VQConfig's official VQ-16 defaults (e.g. codebook_size, ch_mult)."""
-        from adsa_vllm.convert import ConversionError, load_checkpoint
+        from adsa_vllm.llamagen.convert import ConversionError, load_checkpoint
         try:
             sd = load_checkpoint(path)
         except ConversionError as e:

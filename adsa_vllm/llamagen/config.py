@@ -69,6 +69,11 @@ class LlamaGenConfig:
         return self.model_type == "t2i"
 
     @property
+    def uses_prompt_embeds(self) -> bool:
+        """A t2i condition is caption features, sent as vLLM prompt_embeds (the ModelSpec contract)."""
+        return self.is_t2i
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_head if self.n_kv_head is not None else self.n_head
 
@@ -103,7 +108,7 @@ class LlamaGenConfig:
         """Codebook ids, then (c2i) one id per class and the null class; a t2i prompt is embeddings, not ids."""
         return self.codebook_size if self.is_t2i else self.codebook_size + self.num_classes + 1
 
-    def check_caption(self, shape: tuple, floating: bool = True) -> None:
+    def check_prompt_embeds(self, shape: tuple, floating: bool = True) -> None:
         """Raise ValueError naming the valid form unless `shape` is a t2i prompt: [rows, caption_dim] with
         1 <= rows <= cls_token_num (the valid caption rows, padding left out)."""
         if not self.is_t2i:
@@ -114,7 +119,7 @@ class LlamaGenConfig:
             raise ValueError(
                 f"a text-to-image prompt is prompt_embeds of shape [rows, {self.caption_dim}] in a floating dtype, "
                 f"1 <= rows <= {self.cls_token_num}: the caption's valid text-encoder rows, padding left out "
-                f"(adsa_vllm.captions.caption_prompt makes it from features and mask); got shape "
+                f"(adsa_vllm.llamagen.t5_captions.caption_prompt makes it from features and mask); got shape "
                 f"{list(shape)}" + ("" if floating else " with a non-floating dtype"))
 
     def class_token(self, class_id: int) -> int:
@@ -133,7 +138,7 @@ class LlamaGenConfig:
             raise ValueError(
                 f"this is a text-to-image LlamaGen: send the caption as prompt_embeds [rows, {self.caption_dim}] "
                 f"(1 <= rows <= {self.cls_token_num}), not prompt_token_ids; see "
-                "adsa_vllm.captions.caption_prompt")
+                "adsa_vllm.llamagen.t5_captions.caption_prompt")
         lo, hi = self.codebook_size, self.codebook_size + self.num_classes
         if len(ids) != self.cls_token_num or any(not lo <= i <= hi for i in ids):
             bad = [i - lo for i in ids if not lo <= i <= hi]
@@ -145,6 +150,11 @@ class LlamaGenConfig:
 
     def prompt(self, class_id: int) -> list[int]:
         return [self.class_token(class_id)] * self.cls_token_num
+
+    def null_prompt(self) -> list[int] | None:
+        """The unconditional condition: the null class's ids (c2i); None for t2i, whose model holds a learned null
+        caption (llamagen/caption.py)."""
+        return None if self.is_t2i else self.prompt(self.num_classes)
 
     # ---- config.json (a transformers LlamaConfig with extra fields) ----
     def to_hf_dict(self) -> dict:
@@ -181,7 +191,7 @@ class LlamaGenConfig:
     def from_hf_dict(cls, d: dict) -> "LlamaGenConfig":
         if "llamagen" not in d:
             raise ValueError("config.json has no 'llamagen' section: is this a LlamaGen model folder? "
-                             "Convert official checkpoints with `python -m adsa_vllm.convert`.")
+                             "Convert official checkpoints with `python -m adsa_vllm.llamagen.convert`.")
         return cls(**d["llamagen"])
 
 

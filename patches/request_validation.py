@@ -1,4 +1,5 @@
-"""Reject bad LlamaGen requests in the API process with errors that name the field and the fix."""
+"""Reject bad requests to a family's model (adsa_vllm/family.py) in the API process with errors that name the field
+and the fix."""
 
 from __future__ import annotations
 
@@ -22,18 +23,16 @@ WHY = ("vLLM validates prompts and token-id fields against a text tokenizer, whi
 VLLM_VERSIONS = ("0.26",)   # release series, see adsa_vllm_patches.check_version
 RETIRED_BY = "no upstream hook for model-specific request validation yet (a model-level validate_request would do)"
 
-_ARCH = "LlamaGenForCausalLM"
-
-
 def _limits(processor):
-    """The EngineLimits of a LlamaGen engine (decided once, cached on the InputProcessor), None for other models."""
-    limits = getattr(processor, "_adsa_llamagen", False)
+    """The EngineLimits of a family's engine (decided once, cached on the InputProcessor), None for other models."""
+    limits = getattr(processor, "_adsa_limits", False)
     if limits is False:
         limits = None
-        if _ARCH in (getattr(processor.model_config.hf_config, "architectures", None) or []):
+        from adsa_vllm.family import family_for
+        if family_for(processor.model_config.hf_config) is not None:
             from adsa_vllm.request_validation import EngineLimits
             limits = EngineLimits.from_vllm_config(processor.vllm_config)
-        processor._adsa_llamagen = limits
+        processor._adsa_limits = limits
     return limits
 
 
@@ -68,9 +67,9 @@ def apply() -> None:
     def _validate_model_inputs(self, encoder_input, decoder_input):
         limits = _limits(self)
         if limits is not None:
-            if decoder_input.get("type") == "embeds":   # a t2i caption (a c2i model names its own prompt form)
+            if decoder_input.get("type") == "embeds":   # e.g. a t2i caption (a model of ids names its prompt form)
                 embeds = decoder_input["prompt_embeds"]
-                limits.model.check_caption(tuple(embeds.shape), embeds.is_floating_point())
+                limits.model.check_prompt_embeds(tuple(embeds.shape), embeds.is_floating_point())
             else:
                 ids = decoder_input.get("prompt_token_ids")
                 limits.model.check_prompt([] if ids is None else list(ids))

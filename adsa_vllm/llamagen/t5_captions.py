@@ -2,7 +2,7 @@
 
 LlamaGen encodes a caption with flan-t5-xl into [120, 2048] features and a mask (1 = a real token; T5 pads on the
 right), then left-pads and masks. Here a prompt is the valid rows only, `features[mask.bool()]` [v, 2048]
-(adsa_vllm/model_config.py says why that is the same computation); send it as vLLM `prompt_embeds`.
+(adsa_vllm/llamagen/config.py says why that is the same computation); send it as vLLM `prompt_embeds`.
 
 `encode_captions` runs the encoder exactly as LlamaGen's `T5Embedder.get_text_embeddings` does
 (FoundationVision/LlamaGen language/t5.py). Pure torch; `transformers` is imported only by the functions that need it.

@@ -7,7 +7,7 @@ caption projection (`cls_embedding.cap_proj.*`); its caption width and length co
 Pure torch + safetensors, no vLLM.
 
     adsa-convert c2i_L_384.pt models/llamagen-L-384 --image-size 384
-    python -m adsa_vllm.convert c2i_B_256.pt models/llamagen-B --preset B --image-size 256 --dtype bfloat16
+    python -m adsa_vllm.llamagen.convert c2i_B_256.pt models/llamagen-B --preset B --image-size 256 --dtype bfloat16
     adsa-convert t2i_XL_stage1_256.pt models/llamagen-t2i-XL-256 --image-size 256
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from adsa_vllm.model_config import PRESETS, LlamaGenConfig, grid_for_image_size
+from adsa_vllm.llamagen.config import PRESETS, LlamaGenConfig, grid_for_image_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Non-parameter tensors the official model may carry (plain attributes or KV-cache buffers).

@@ -1,4 +1,4 @@
-"""LlamaGen caption features as prompt_embeds: checked against the width vLLM's runner really uses."""
+"""A family's prompt_embeds condition (a LlamaGen t2i caption): checked against the width vLLM's runner really uses."""
 
 from __future__ import annotations
 
@@ -10,27 +10,24 @@ TARGET = "vllm.renderers.base.safe_load_prompt_embeds, vllm.renderers.base.BaseR
 WHY = ("A text-to-image LlamaGen's prompt is caption features, caption_dim (2048) wide, while its hidden size is the "
        "model width (1280 for XL). vLLM sizes the runner's inputs_embeds buffer by ModelConfig.get_inputs_embeds_size "
        "(the config's projection_dim), but checks an HTTP prompt_embeds payload against get_hidden_size, so every "
-       "caption would be refused with HTTP 400. The check is made against get_inputs_embeds_size for t2i LlamaGen "
-       "models. A class-to-image LlamaGen runs without prompt embeds, and vLLM's answer to a prompt_embeds request "
+       "caption would be refused with HTTP 400. The check is made against get_inputs_embeds_size for every model of "
+       "a family (adsa_vllm/family.py) whose condition is prompt embeds (ModelSpec.uses_prompt_embeds: t2i LlamaGen). "
+       "A class-to-image LlamaGen runs without prompt embeds, and vLLM's answer to a prompt_embeds request "
        "('You must set --enable-prompt-embeds') names a fix that cannot work: it is told to send class ids instead.")
 VLLM_VERSIONS = ("0.26",)   # release series, see adsa_vllm_patches.check_version
 RETIRED_BY = ("an upstream safe_load_prompt_embeds that checks get_inputs_embeds_size (the width the runner "
               "allocates); the c2i message needs a model-level prompt validation hook")
 
-_ARCH = "LlamaGenForCausalLM"
 
-
-def _llamagen(model_config):
-    """The LlamaGenConfig of a LlamaGen engine, None for other models."""
-    if _ARCH not in (getattr(model_config.hf_config, "architectures", None) or []):
-        return None
-    from adsa_vllm.model_config import LlamaGenConfig
-    return LlamaGenConfig.from_hf_dict(model_config.hf_config.to_dict())
+def _spec(model_config):
+    """The ModelSpec of a family's engine (adsa_vllm/family.py), None for other models."""
+    from adsa_vllm.family import model_spec
+    return model_spec(model_config)
 
 
 def _caption_form(config) -> str:
     try:
-        config.check_caption((0, 0))
+        config.check_prompt_embeds((0, 0))
     except ValueError as e:
         return str(e).split("; got shape")[0]
     return ""
@@ -58,11 +55,11 @@ def apply() -> None:
 
     @functools.wraps(orig_load)
     def safe_load_prompt_embeds(model_config, embed):
-        config = _llamagen(model_config)
+        config = _spec(model_config)
         if config is None:
             return orig_load(model_config, embed)
-        if not config.is_t2i:
-            config.check_caption(())   # raises: a class-to-image model takes class ids
+        if not config.uses_prompt_embeds:
+            config.check_prompt_embeds(())   # raises: a class-to-image model takes class ids
         try:
             return orig_load(_InputsEmbedsWidth(model_config), embed)
         except ValueError as e:   # vLLM's own message (e.g. a width mismatch), plus what a caption must be
@@ -70,9 +67,9 @@ def apply() -> None:
 
     @functools.wraps(orig_process)
     def _process_embeds(self, prompt):
-        config = _llamagen(self.model_config)
-        if config is not None and not config.is_t2i:
-            config.check_caption(())
+        config = _spec(self.model_config)
+        if config is not None and not config.uses_prompt_embeds:
+            config.check_prompt_embeds(())
         return orig_process(self, prompt)
 
     # The renderer binds its async loader from this module-level name when it is built (after plugins load).

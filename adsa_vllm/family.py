@@ -1,0 +1,80 @@
+"""The model-family contract: what ADSA, guidance and the request checks need from a family of image models, and the
+registry from vLLM architecture name to family.
+
+A family is one folder (its vLLM model, its config, its converter) plus one line in `FAMILIES`. The engine, worker,
+settings and guidance read a model only through `ModelSpec` (found with `model_spec(model_config)`), never through
+a family's own modules. Pure Python: no torch, no vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ModelSpec(Protocol):
+    """One model's shape as ADSA and guidance read it; a family's config object is one (duck-typed).
+
+    The sequence is a condition (at most `cls_token_num` rows: token ids, or prompt_embeds rows when
+    `uses_prompt_embeds`), then exactly `image_tokens` = grid_size**2 image-token ids in [0, codebook_size)."""
+    cls_token_num: int     # the condition's length (the longest, for a caption of variable length)
+    grid_size: int         # image tokens per side
+    codebook_size: int     # image-token ids are 0..codebook_size-1
+    n_head: int            # attention heads (guidance declares twice as many: cond and uncond in one sequence)
+
+    @property
+    def kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def image_tokens(self) -> int: ...
+    @property
+    def uses_prompt_embeds(self) -> bool: ...      # the condition arrives as vLLM prompt_embeds (a caption)
+
+    def check_prompt(self, ids: list[int]) -> None: ...       # ValueError naming the valid form, else None
+    def check_prompt_embeds(self, shape: tuple, floating: bool = True) -> None: ...   # likewise, for prompt_embeds
+    def prompt(self, class_id: int) -> list[int]: ...         # a class's condition ids (ValueError if none)
+    def null_prompt(self) -> list[int] | None: ...            # the unconditional condition's ids; None: the model
+                                                              # holds its own (a learned null caption)
+
+
+class ModelFamily(Protocol):
+    architectures: tuple[str, ...]   # config.json "architectures" names vLLM routes to this family
+    model_cls: str                   # "module:Class" of its vLLM model (registered with vLLM's ModelRegistry)
+    converter: str                   # "module:function" of its checkpoint converter (a main(argv))
+
+    def load_config(self, hf_config: dict) -> ModelSpec: ...  # config.json as a dict -> the spec; ValueError
+
+
+# Architecture name -> its family, as "module:attribute" (imported on first use) or the family itself.
+FAMILIES: dict[str, str | ModelFamily] = {
+    "LlamaGenForCausalLM": "adsa_vllm.llamagen.family:LLAMAGEN",
+}
+
+
+def family_of(architecture: str) -> ModelFamily | None:
+    """The family serving this architecture name; None for any other model."""
+    family = FAMILIES.get(architecture)
+    if isinstance(family, str):
+        module, _, attr = family.partition(":")
+        family = getattr(importlib.import_module(module), attr)
+    return family
+
+
+def family_for(hf_config) -> ModelFamily | None:
+    """The family of a model's HF config (its `architectures` list); None for a model no family serves."""
+    for arch in getattr(hf_config, "architectures", None) or []:
+        family = family_of(arch)
+        if family is not None:
+            return family
+    return None
+
+
+def model_spec(model_config) -> ModelSpec | None:
+    """The spec of the model a vLLM ModelConfig (duck-typed) loads; None for a model no family serves."""
+    family = family_for(model_config.hf_config)
+    return None if family is None else family.load_config(model_config.hf_config.to_dict())
+
+
+__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_for", "family_of", "model_spec"]
