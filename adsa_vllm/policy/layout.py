@@ -3,10 +3,22 @@
 Block j holds positions [j*bs, (j+1)*bs). At a decode step the query sits at position t and its own K/V is written
 into the *tail* block t // bs before attention, so the tail is always kept. Everything here is integer math on
 positions, identical for the vLLM path and the plain-PyTorch reference.
+
+Token edges (issue 24): a budget counts attended tokens, prefix + local window + top-k. Whole blocks are the unit
+of memory, and normally of attention too: every token of a kept block is attended. When the budget is too small for
+the prefix and window rounded up to whole blocks (28x28 at 10%: 78 tokens, while 2 prefix + 3 window blocks are 80),
+the layout turns `token_edges` on: the prefix is exactly `prefix_tokens` and the window exactly the last
+`local_tokens` positions, and the tokens of the prefix and window blocks outside them are held but not attended
+(`attended`); top-k gets the whole blocks that the rest of the budget pays for, (budget - prefix - local) // bs,
+attended whole. The blocks held are still prefix_blocks + local_blocks + topk_blocks (+ slack): each holds an
+attended token, and every block without one is freed, as before. Settings whose block-rounded prefix and window
+fit keep `token_edges` off and attend exactly what they did before. A budget below prefix + local tokens is
+refused (ADSAConfigError naming the smallest budget that works).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +48,7 @@ class BlockLayout:
     seed: int
     lag: int = 0           # steps between a selection and the pool getting the blocks back, beyond the first
     granularity: str = "block"   # "token": each (layer, KV head) keeps its own tokens in the top-k blocks
+    token_edges: bool = False    # prefix and window at token granularity (module docstring); set by from_config
 
     @classmethod
     def from_config(cls, config: "ADSAConfig", *, block_size: int, cls_token_num: int, grid_size: int,
@@ -65,12 +78,17 @@ class BlockLayout:
         layout = cls(block_size=block_size, prefix_tokens=prefix, local_tokens=local, budget_blocks=budget_blocks,
                      refresh=refresh, seq_len=seq_len, policy=config.policy, keep=config.keep, seed=config.seed,
                      lag=lag, granularity=config.granularity)
-        if layout.evicts and layout.topk_blocks < 0:
-            raise ADSAConfigError(
-                f"adsa.budget={config.budget!r} gives {layout.budget_blocks} blocks of {block_size} tokens, fewer than "
-                f"prefix ({layout.prefix_blocks} blocks for {prefix} tokens) + local window "
-                f"({layout.local_blocks} blocks for {local} tokens); raise the budget to at least "
-                f"{(layout.prefix_blocks + layout.local_blocks) * block_size} tokens or shrink prefix/local")
+        if layout.evicts and layout.topk_blocks < 0:   # whole blocks do not fit: prefix and window at token edges
+            topk_tokens = budget_tokens - prefix - local
+            if topk_tokens < 0:
+                least = prefix + local
+                raise ADSAConfigError(
+                    f"adsa.budget={config.budget!r} gives {budget_tokens} tokens, fewer than prefix ({prefix} tokens) "
+                    f"+ local window ({local} tokens); raise the budget to at least {least} tokens "
+                    f"({least / image_tokens:.3f} of the {image_tokens} image tokens) or shrink prefix/local")
+            blocks = layout.prefix_blocks + layout.local_blocks + topk_tokens // block_size
+            # A sequence too short for that many blocks to evict anything keeps them all, attended whole.
+            layout = dataclasses.replace(layout, budget_blocks=min(blocks, max_blocks), token_edges=blocks < max_blocks)
         return layout
 
     # ---- static sizes ----
@@ -121,3 +139,16 @@ class BlockLayout:
     def candidate_range(self, pos: int) -> range:
         """Blocks that compete for the top-k slots when the query is at `pos`: complete, not prefix, not local."""
         return range(self.prefix_blocks, max(self.prefix_blocks, self.local_start(pos)))
+
+    def attended(self, pos, positions):
+        """Whether the query at `pos` attends to the tokens at `positions` that its kept blocks hold (ints, numpy
+        arrays or tensors, broadcast): all of them without `token_edges`; with them, the prefix tokens, the window
+        (t - local, t] and every token of a candidate block (complete, not prefix, not window; those are attended
+        whole, kept or not yet selected), so the tokens of the prefix and window blocks outside the prefix and the
+        window are not. Causality is the caller's (positions past `pos` are unwritten)."""
+        if not self.token_edges:
+            return positions == positions   # all True, in the caller's type and shape
+        block = positions // self.block_size
+        local_start = (pos - self.local_tokens + 1) // self.block_size   # below 0 (no candidate) while pos < local
+        return (positions < self.prefix_tokens) | (positions > pos - self.local_tokens) \
+            | ((block >= self.prefix_blocks) & (block < local_start))

@@ -50,6 +50,8 @@ class BatchedDecoder(ChunkedDecoder):
             if self.pairs:
                 evicted = evicted.repeat(2, 1)                            # both halves keep the same blocks
             mask = mask & (~evicted)[:, slots // self.bs][:, None, None, :]                 # [R, 1, S, n]
+            if self.layout.token_edges:   # prefix and window at token granularity (policy/layout.py)
+                mask = mask & self.layout.attended(pos[:, None], slots[None, :])
         else:
             mask = mask.expand(h.shape[0], 1, len(pos), n)
         return self._attend(h, pos, mask)

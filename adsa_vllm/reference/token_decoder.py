@@ -51,6 +51,9 @@ class TokenDecoder(ChunkedDecoder):
             if self._rep > 1:
                 kept = kept.repeat_interleave(self._rep, dim=2)
 
+            if self.layout.token_edges:   # prefix and window at token granularity (policy/layout.py)
+                causal = causal & self.layout.attended(pos[:, None], self.slots[:n][None, :])
+
             def mask(layer):                                              # [R, H, S, n], built layer by layer
                 return causal & kept[:, layer, :, None, :]
         return self._attend(h, pos, mask)
