@@ -4,7 +4,8 @@ Called by patches/request_validation.py in the API process (offline: the LLM's p
 its own input checks, so a bad request fails alone with a `SettingsError` (HTTP 400 online) instead of raising
 inside EngineCore, where any exception kills the engine for everyone. What vLLM would check against a text
 tokenizer is checked here against the model's codebook (its `ModelSpec`, adsa_vllm/family.py): the model has no
-tokenizer (it emits codebook ids, e.g. adsa_vllm/llamagen/model.py), so vLLM skips those checks, and an id outside the logits row crashes the worker.
+tokenizer (it emits codebook ids, e.g. adsa_vllm/llamagen/model.py), so vLLM skips those checks, and an id outside
+the logits row crashes the worker.
 
 Per-request settings (`extra_args["adsa"]`, `extra_args["cfg"]`, a dict offline or its JSON string over HTTP) are
 parsed with the same code the worker and scheduler run (`ADSASettings.layout`, `GuidanceSettings.for_request`), and

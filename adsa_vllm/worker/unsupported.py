@@ -1,8 +1,8 @@
 """Where `--attention-backend adsa` leads a model that does not build ADSA layers itself.
 
 ADSA needs the model's cooperation (condition length, image grid, the ADSA KV spec); the models of a family
-(adsa_vllm/family.py) resolve the name to a real kernel in the config hook before the selector ever sees it. Any other model reaches this class,
-whose only job is to fail with a message that says so.
+(adsa_vllm/family.py) resolve the name to a real kernel in the config hook before the selector ever sees it. Any
+other model reaches this class, whose only job is to fail with a message that says so.
 """
 
 from vllm.v1.attention.backend import AttentionBackend
