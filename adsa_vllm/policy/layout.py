@@ -13,7 +13,7 @@ the layout turns `token_edges` on: the prefix is exactly `prefix_tokens` and the
 attended whole. The blocks held are still prefix_blocks + local_blocks + topk_blocks (+ slack): each holds an
 attended token, and every block without one is freed, as before. Settings whose block-rounded prefix and window
 fit keep `token_edges` off and attend exactly what they did before. A budget below prefix + local tokens is
-refused (ADSAConfigError naming the smallest budget that works).
+refused (ADSAConfigError naming both the budget of whole blocks and the least budget).
 """
 
 from __future__ import annotations
@@ -83,9 +83,12 @@ class BlockLayout:
             if topk_tokens < 0:
                 least = prefix + local
                 raise ADSAConfigError(
-                    f"adsa.budget={config.budget!r} gives {budget_tokens} tokens, fewer than prefix ({prefix} tokens) "
-                    f"+ local window ({local} tokens); raise the budget to at least {least} tokens "
-                    f"({least / image_tokens:.3f} of the {image_tokens} image tokens) or shrink prefix/local")
+                    f"adsa.budget={config.budget!r} gives {layout.budget_blocks} blocks of {block_size} tokens, fewer "
+                    f"than prefix ({layout.prefix_blocks} blocks for {prefix} tokens) + local window "
+                    f"({layout.local_blocks} blocks for {local} tokens); raise the budget to at least "
+                    f"{(layout.prefix_blocks + layout.local_blocks) * block_size} tokens (whole blocks), or to at "
+                    f"least {least} tokens ({least / image_tokens:.3f} of the {image_tokens} image tokens: the "
+                    f"prefix and window cut at token edges), or shrink prefix/local")
             blocks = layout.prefix_blocks + layout.local_blocks + topk_tokens // block_size
             # A sequence too short for that many blocks to evict anything keeps them all, attended whole.
             layout = dataclasses.replace(layout, budget_blocks=min(blocks, max_blocks), token_edges=blocks < max_blocks)
