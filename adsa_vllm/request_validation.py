@@ -52,11 +52,12 @@ def attention_in_cuda_graphs(compilation_config, engine: EngineSettings) -> bool
         whole forwards, attention included;
       * PIECEWISE: attention runs eagerly between the captured pieces when the attention ops are splitting ops
         (vLLM's default), else it is inside a piece.
-    An engine whose default policy needs the query has none: its backend reports AttentionCGSupport.NEVER
+    An engine whose default policy needs the query, or whose default layout has token edges (their attention runs
+    in Python, worker/token_edges.py), has none: its backend reports AttentionCGSupport.NEVER
     (worker/backend.py), so vLLM's worker drops full graphs to PIECEWISE, or refuses to start. The answer is
     conservative where vLLM's worker later lowers the mode for another reason (an inner kernel without graph
     support): such an engine refuses what it could have run."""
-    if engine.adsa is None or needs_query(engine.adsa.defaults):
+    if engine.adsa is None or needs_query(engine.adsa.defaults) or engine.adsa.layout().token_edges:
         return False
     mode = compilation_config.cudagraph_mode
     if mode is None or mode.name == "NONE":
@@ -99,6 +100,13 @@ def validate_settings(extra_args, limits: EngineLimits, prompt_len: int | None =
                 "engine runs in CUDA graphs, where that scoring never runs; start the engine with it as the default "
                 f"policy (--additional-config '{{\"adsa\": {{\"policy\": \"{layout.policy}\"}}}}') or with "
                 "--enforce-eager (offline: LLM(..., enforce_eager=True))")
+        if limits.attention_in_cuda_graphs and layout.token_edges:
+            raise ADSAConfigError(
+                f"adsa settings {overrides!r} leave a budget below whole prefix and window blocks, so the prefix and "
+                "window are cut at token edges, whose attention runs in the forward (worker/token_edges.py), which this "
+                "engine runs in CUDA graphs; start the engine with these settings as its default or with "
+                "--enforce-eager (offline: LLM(..., enforce_eager=True)), or raise the budget to at least "
+                f"{(layout.prefix_blocks + layout.local_blocks) * layout.block_size} tokens")
     elif overrides is not None:
         raise RequestFieldError('this engine runs without ADSA, so extra_args["adsa"] cannot apply: start it with '
                                 "--attention-backend adsa (offline: LLM(..., attention_backend=\"adsa\"))")

@@ -43,6 +43,7 @@ class SlotTrackers:
         # layout numbers per slot
         self.block_size, self.prefix_blocks, self.local_tokens = z(np.int64, 1), z(np.int64), z(np.int64)
         self.topk, self.refresh, self.seq_len, self.evicts = z(np.int64), z(np.int64), z(np.int64), z(bool)
+        self.token_edges = z(bool)                               # layout.token_edges (worker/token_edges.py)
         # state
         self.evicted = np.zeros((capacity, width), dtype=bool)
         self.num_evicted = z(np.int64)
@@ -72,7 +73,7 @@ class SlotTrackers:
         self.block_size[s], self.prefix_blocks[s], self.local_tokens[s] = (layout.block_size, layout.prefix_blocks,
                                                                            layout.local_tokens)
         self.topk[s], self.refresh[s], self.seq_len[s] = layout.topk_blocks, layout.refresh, layout.seq_len
-        self.evicts[s] = layout.evicts
+        self.evicts[s], self.token_edges[s] = layout.evicts, layout.token_edges
         self.evicted[s] = self.pending[s] = False
         self.num_evicted[s], self.last_selection[s], self.pending_pos[s], self.scored[s] = 0, NO_SELECTION, -1, False
         self.tail_from[s] = self.head_len[s] = 0
@@ -82,6 +83,7 @@ class SlotTrackers:
 
     def remove(self, slot: int) -> None:
         self.wake[slot], self.evicts[slot], self.pending_pos[slot] = NEVER, False, -1
+        self.token_edges[slot] = False
         self.num_evicted[slot] = self.tail_from[slot] = self.head_len[slot] = 0
         self._free.append(slot)
 

@@ -9,10 +9,12 @@ Semantics (issue 12, step 1):
     tokens after a selection and gains one block of newly aged tokens per block of decoding, so a head's candidates
     always number block mode's candidate blocks x block_size and the schedule is the same (`selection_schedule`).
   * Prefix and local window: the layout's, in whole blocks (prefix_blocks * bs tokens from the start; the window
-    from the block of t - local + 1 on), so block and token modes always keep the same prefix and window.
+    from the block of t - local + 1 on), so block and token modes always keep the same prefix and window. With
+    `layout.token_edges` (budgets below whole prefix and window blocks, policy/layout.py) both modes attend only
+    the prefix and window tokens of those blocks (`BlockLayout.attended`, applied by the decoders' masks); the
+    aged range, hence this selection, is the same.
   * Budget: topk_tokens = layout.topk_blocks * block_size per (layer, KV head), so both modes keep the same number
-    of KV entries per head. (Budgets whose top-k part is not whole blocks, e.g. 10% with a token-level prefix and
-    window, are a later goal: they change the layout and the schedule, not this selection.)
+    of KV entries per head (with token edges too: the rest of the budget below a whole block is not used).
   * What: at each selection, for every (row, layer, KV head) separately, the candidates are the head's kept aged
     tokens plus the newly aged ones; it keeps the `topk_tokens` best by its own score (token_scores.py) and evicts
     the rest for good, as freed blocks never come back. Ties go to the more recent token (`select`), as block

@@ -6,7 +6,8 @@ ChunkedLocalAttention), so `get_name()` and the KV layout stay the inner ones:
     then gets a compacted block table [kept blocks...] and compacted seq_lens (every kept block is full except the
     tail, which is all a paged kernel needs; K/V writes still go to the positional slot). Both live in persistent
     buffers, so the addresses a CUDA graph captured stay valid on every replay.
-  * Impl.forward: the inner kernel; only for query-dependent policies it also scores the candidates of its layer.
+  * Impl.forward: the inner kernel; only for query-dependent policies it also scores the candidates of its layer,
+    and only for layouts with token edges it recomputes the attention of the rows concerned (worker/token_edges.py).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
         @classmethod
         def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
             from adsa_vllm.policy import needs_query
-            if needs_query(kv_cache_spec.adsa.defaults):
-                # Scoring runs Python inside each layer's forward: keep attention out of CUDA graphs. (Other
-                # engines refuse per-request query-dependent policies: request_validation.attention_in_cuda_graphs.)
+            if needs_query(kv_cache_spec.adsa.defaults) or kv_cache_spec.adsa.layout().token_edges:
+                # Scoring or token edges (worker/token_edges.py) run Python inside each layer's forward: keep
+                # attention out of CUDA graphs. (Other engines refuse such per-request settings:
+                # request_validation.attention_in_cuda_graphs.)
                 return AttentionCGSupport.NEVER
             return super().get_cudagraph_support(vllm_config, kv_cache_spec)
 
@@ -50,6 +52,7 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
             metadata = super().build(common_prefix_len, cm, fast_build)
             metadata.adsa_scoring = plan.scoring
             metadata.adsa_token_scoring = plan.token_scoring
+            metadata.adsa_edges = plan.edges
             return metadata
 
         def _persistent(self, cm: CommonAttentionMetadata, plan) -> CommonAttentionMetadata:
@@ -76,6 +79,9 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
                 score_layer(scoring, query, kv_cache, backend_name, self.head_size, self.scale)
             for tokens in getattr(attn_metadata, "adsa_token_scoring", None) or ():
                 tokens.score_layer(query, kv_cache, backend_name, self.head_size, self.scale)
+            edges = getattr(attn_metadata, "adsa_edges", None)
+            if edges is not None:   # prefix and window at token granularity (worker/token_edges.py)
+                edges.attend(query, kv_cache, output, backend_name, self.head_size, self.scale)
             return out
 
     class ADSABackend(inner):  # type: ignore[misc, valid-type]

@@ -24,6 +24,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from adsa_vllm.policy import ScoreInputs, pack_rows
 from adsa_vllm.worker.kv_views import check_cpu_layout, gather_blocks
 from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
+from adsa_vllm.worker.token_edges import EdgeRows, plan_edges
 from adsa_vllm.worker.token_gather import TokenScoring
 
 
@@ -34,6 +35,7 @@ class StepPlan:
     seq_lens: np.ndarray            # [num_reqs] seq_lens as the kernel must see them (compacted for those rows)
     scoring: ScoringBatch | None    # rows scored inside this forward (query-dependent policies only)
     token_scoring: list[TokenScoring] = ()   # the same for token granularity (worker/token_gather.py)
+    edges: EdgeRows | None = None   # rows whose kept blocks hold tokens they do not attend (worker/token_edges.py)
     # Equal keys on two steps: equal compacted tables (`key`, given the same runner table) / offsets (`offset_key`).
     # None: not comparable (a row ADSA does not manage, or a prefill chunk): always rebuilt.
     key: bytes | None = None
@@ -67,8 +69,13 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
         scoring, token_scoring = _events(runtime, bt, qsl, sequences, at_event, slots[at_event], pos[at_event],
                                          layers, backend)
 
-    rows = np.nonzero(live & (trackers.num_evicted[live_slots] > 0))[0]
     bs = runtime.block_size
+    edges = None
+    edge_rows = np.nonzero(live & trackers.token_edges[live_slots])[0]
+    if len(edge_rows):   # only layouts with token edges: one vectorised test per step for every other setting
+        edges = plan_edges(trackers, bt, sequences, edge_rows, slots[edge_rows], pos[edge_rows],
+                           qsl[edge_rows] - qsl[0], bs)
+    rows = np.nonzero(live & (trackers.num_evicted[live_slots] > 0))[0]
     offsets, index_of = None, ()
     if len(rows):
         index_of = (trackers, slots[rows], pos[rows] // bs + 1, bt.shape[1])
@@ -82,7 +89,7 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     # Every TP rank plans every step (same SchedulerOutput), so this count, the cadence of the ranks' eviction
     # check (a collective), advances identically on all of them.
     runtime.end_plan_step()
-    return StepPlan(rows, offsets, seq_lens, scoring, token_scoring, key, offset_key, index_of)
+    return StepPlan(rows, offsets, seq_lens, scoring, token_scoring, edges, key, offset_key, index_of)
 
 
 def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: list, rows: np.ndarray,
