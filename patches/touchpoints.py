@@ -234,10 +234,11 @@ TOUCHPOINTS = (
                  "_num_computed_tokens_cache")),)),
     Touchpoint(
         "attn-metadata-scoring", "the inner backends' attention metadata (CPU_ATTN, FLASH_ATTN, TRITON_ATTN): "
-        "attributes adsa_scoring, adsa_token_scoring",
-        ("adsa_vllm/worker/backend.py",), ("adsa_scoring", "adsa_token_scoring"),
-        "Query-dependent scoring (block and token granularity) runs inside each layer's forward and needs the step's "
-        "plan; the metadata object the inner builder returns is the only per-step object the forward receives.",
+        "attributes adsa_scoring, adsa_token_scoring, adsa_edges",
+        ("adsa_vllm/worker/backend.py",), ("adsa_scoring", "adsa_token_scoring", "adsa_edges"),
+        "Query-dependent scoring (block and token granularity) and token edges (worker/token_edges.py) run inside each "
+        "layer's forward and need the step's plan; the metadata object the inner builder returns is the only per-step "
+        "object the forward receives.",
         "an extension field on attention metadata for wrapping backends",
         (OpenInstances("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata"),
          OpenInstances("vllm.v1.attention.backends.triton_attn:TritonAttentionMetadata"),
