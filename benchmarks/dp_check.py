@@ -6,7 +6,7 @@ Checked: every request returns exactly grid**2 image tokens, and the DP=N server
 (`engine="0"`, `engine="1"`, ...) finished requests. Reported: requests and ADSA's freed blocks per engine, and the
 matching prefix length of every image between DP=N and DP=1. The engines batch different requests together, so
 bf16 kernels on GPUs may part ways after a while: reported, not asserted. On CPU (float32) the images must be equal:
-they were in every smoke run (README, "Data parallelism").
+they were in every smoke run (docs/parallelism.md, "Data parallelism").
 
   python benchmarks/dp_check.py --preset XL --dp 2 --out $OUT/dp_check.json                  # 2 GPUs
   python benchmarks/dp_check.py --preset B --grid 16 --images 8 --out dp_check_cpu.json       # CPU smoke test

@@ -20,7 +20,7 @@ Over the eight disjoint 32-image blocks of the first 256 images, "similar − di
     would give exactly 0);
   * full attention's bits on these images are the trained model's (a regression check of checkpoint + model code).
 "ADSA beats StreamingLLM" holds on all 10k images (+0.0014, s.e. ~0.0001) but not robustly on any subset a CPU
-test can afford (+0.0012 ± 0.0015 on these 32), so it is reported in the README, not asserted here.
+test can afford (+0.0012 ± 0.0015 on these 32), so it is reported in docs/quality.md, not asserted here.
 Skipped only where Debian's dataset-fashion-mnist is not installed. ~1 minute on 2 idle CPU cores.
 """
 

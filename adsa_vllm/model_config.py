@@ -1,4 +1,0 @@
-"""Old path of `adsa_vllm.llamagen.config`, kept only while docs/ name it; remove once they name the new path."""
-
-from adsa_vllm.llamagen.config import *  # noqa: F401,F403
-from adsa_vllm.llamagen.config import __all__  # noqa: F401
