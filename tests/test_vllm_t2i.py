@@ -147,9 +147,10 @@ def test_http_t2i_equals_reference_and_bad_captions_get_400(t2i_server, t2i):
 
 def test_http_t2i_settings_are_checked_against_the_captions_length(t2i_server, t2i):
     """A request's ADSA layout depends on its caption's rows (prefix = rows + one image row by default). Budget 0.25
-    is 4 blocks: enough for a 9-row caption (prefix 25 tokens = 2 blocks, local window 2), too few for a 24-row one
-    (prefix 40 tokens = 3 blocks). The first must run (and match the reference), the second get HTTP 400 naming the
-    fix, both before the engine sees them."""
+    is 4 blocks: enough for a 9-row caption (prefix 25 tokens = 2 blocks, local window 2), which must run and match
+    the reference. A 24-row caption (prefix 40 + window 17 tokens) needs at least 57 tokens even with token edges
+    (issue 24: 0.25 now runs it that way), so a 48-token budget must get HTTP 400 naming both fixes, before the
+    engine sees it."""
     from adsa_vllm.client import ServerError, completion_token_ids, image_request, post_json, server_model
     from adsa_vllm.reference import score_tokens_t2i
     _, config, ref, captions = t2i
@@ -160,6 +161,6 @@ def test_http_t2i_settings_are_checked_against_the_captions_length(t2i_server, t
     got = torch.tensor([completion_token_ids(post_json(url, body))])
     lp = score_tokens_t2i(ref, [short], got, adsa=ADSAConfig(budget=0.25), cfg_scale=SCALE, cfg_selection="shared")
     check_greedy(got, lp, cfg_scale=SCALE, label="budget 0.25, 9 rows")
-    with pytest.raises(ServerError, match=r"raise the budget to at least 80 tokens") as err:
-        post_json(url, image_request(config, caption=full, model=model, adsa={"budget": 0.25}, max_tokens=4))
+    with pytest.raises(ServerError, match=r"raise the budget to at least 80 tokens .*or to at least 57 tokens") as err:
+        post_json(url, image_request(config, caption=full, model=model, adsa={"budget": 48}, max_tokens=4))
     assert err.value.status == 400
