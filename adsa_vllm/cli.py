@@ -39,7 +39,7 @@ def generate_offline(model_dir: str, class_ids: list[int], args, adsa: dict) -> 
     """Token ids [B, grid*grid] of one image per class id from an offline vllm.LLM (progress bar on)."""
     import torch
     from vllm import LLM
-    from adsa_vllm.llamagen.convert import load_config
+    from adsa_vllm.family import load_config
     from adsa_vllm.guidance.api import generate_images, image_params
     config = load_config(model_dir)
     guided = args.cfg != 1.0
@@ -57,7 +57,7 @@ def generate_offline(model_dir: str, class_ids: list[int], args, adsa: dict) -> 
 def generate_remote(url: str, model_dir: str, class_ids: list[int], args, adsa: dict | None) -> np.ndarray:
     """Token ids of one image per class id from a running server (requests sent concurrently)."""
     from adsa_vllm.client import generate_via_server
-    from adsa_vllm.llamagen.convert import load_config
+    from adsa_vllm.family import load_config
     print(f"[adsa-vllm] sending {len(class_ids)} request(s) to {url} ...", flush=True)
     tokens = generate_via_server(url, class_ids, config=load_config(model_dir), adsa=adsa, seed=args.seed,
                                  temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         from adsa_vllm.eval.command import run_command
         return run_command(args, args.command_parser)
     from adsa_vllm.config import ADSAConfig
-    from adsa_vllm.llamagen.convert import load_config
+    from adsa_vllm.family import load_config
     from adsa_vllm.default_model import default_model_dir
     from adsa_vllm.errors import SettingsError
     from adsa_vllm.guidance.settings import Guidance

@@ -179,7 +179,7 @@ def generate_via_server(base_url: str, class_ids: list[int] | None = None, *, ca
     """
     from concurrent.futures import ThreadPoolExecutor
     if config is None:
-        from adsa_vllm.llamagen.convert import load_config
+        from adsa_vllm.family import load_config
         from adsa_vllm.default_model import default_model_dir
         config = load_config(default_model_dir())
     base_url = base_url.rstrip("/")

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         # CPU random sampler, which then runs eagerly too (over 16 grey levels that costs nothing).
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from adsa_vllm.config import ADSAConfig
-    from adsa_vllm.llamagen.convert import load_config
+    from adsa_vllm.family import load_config
     from adsa_vllm.default_model import default_model_dir
 
     model_dir = str(args.model or default_model_dir())

@@ -9,6 +9,8 @@ a family's own modules. Pure Python: no torch, no vLLM.
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 
@@ -77,4 +79,20 @@ def model_spec(model_config) -> ModelSpec | None:
     return None if family is None else family.load_config(model_config.hf_config.to_dict())
 
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_for", "family_of", "model_spec"]
+def load_config(model_dir: str | Path) -> ModelSpec:
+    """The spec of a model folder (its config.json, whichever family serves it): what the user tools (CLI, client,
+    images, demo, eval) read before any engine exists. ValueError for a folder no family serves."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{model_dir} has no config.json: pass a model folder (config.json + safetensors)")
+    hf_config = json.loads(path.read_text())
+    architectures = hf_config.get("architectures") or []
+    for arch in architectures:
+        family = family_of(arch)
+        if family is not None:
+            return family.load_config(hf_config)
+    raise ValueError(f"{path}: architectures {architectures} are served by no adsa_vllm family; the families serve "
+                     f"{', '.join(FAMILIES)} (adsa_vllm/family.py)")
+
+
+__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_for", "family_of", "load_config", "model_spec"]

@@ -50,7 +50,7 @@ def tokens_to_images(model_dir_or_config, tokens, *, vq=None) -> np.ndarray:
     model_dir_or_config: a model folder (its config.json may name a VQ checkpoint) or a LlamaGenConfig.
     vq: a VQDecoder or a checkpoint path, overriding the folder's; required for VQ decoding from a bare config.
     """
-    from adsa_vllm.llamagen.convert import load_config
+    from adsa_vllm.family import load_config
     from adsa_vllm.vq import VQDecoder
     is_dir = isinstance(model_dir_or_config, (str, Path))
     config = load_config(model_dir_or_config) if is_dir else model_dir_or_config

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from adsa_vllm.family import FAMILIES, ModelSpec, family_for, family_of, model_spec
+from adsa_vllm.family import FAMILIES, ModelSpec, family_for, family_of, load_config, model_spec
 from adsa_vllm.llamagen.config import T2I, preset
 from adsa_vllm.request_validation import EngineLimits, RequestFieldError, validate_request
 from adsa_vllm.settings import EngineSettings
@@ -96,6 +96,17 @@ def test_the_registry_resolves_llamagen_by_its_architecture():
     # The converter the contract names is the one `adsa-convert` runs.
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["adsa-convert"] == family.converter
+
+
+def test_load_config_finds_the_family_of_a_model_folder(tmp_path):
+    from adsa_vllm.default_model import SHIPPED_DIR
+    from adsa_vllm.llamagen.convert import load_config as load_llamagen
+    assert load_config(SHIPPED_DIR) == load_llamagen(SHIPPED_DIR)
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(ValueError, match=r"served by no adsa_vllm family; the families serve LlamaGenForCausalLM"):
+        load_config(tmp_path)
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_config(tmp_path / "missing")
 
 
 def test_a_registered_family_is_what_the_engine_reads(monkeypatch):

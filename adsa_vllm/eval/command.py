@@ -75,7 +75,7 @@ def build_run(args):
     import torch
 
     from adsa_vllm.cli_common import BLOCK_SIZE, PIXEL_MODEL_TOP_K, parse_classes
-    from adsa_vllm.llamagen.convert import load_config
+    from adsa_vllm.family import load_config
     from adsa_vllm.default_model import default_model_dir
     from adsa_vllm.eval import conditions as cond
     from adsa_vllm.eval.metrics import DEFAULT_FEATURE_EXTRACTOR
