@@ -19,11 +19,13 @@ class ModelSpec(Protocol):
     """One model's shape as ADSA and guidance read it; a family's config object is one (duck-typed).
 
     The sequence is a condition (at most `cls_token_num` rows: token ids, or prompt_embeds rows when
-    `uses_prompt_embeds`), then exactly `image_tokens` = grid_size**2 image-token ids in [0, codebook_size)."""
-    cls_token_num: int     # the condition's length (the longest, for a caption of variable length)
+    `uses_prompt_embeds`), then exactly `image_tokens` = grid_size**2 image-token ids in [0, codebook_size).
+    Condition ids come after the codebook: the served vocabulary is [0, input_vocab_size)."""
+    cls_token_num: int     # the condition's length (the longest, for a condition of variable length)
     grid_size: int         # image tokens per side
     codebook_size: int     # image-token ids are 0..codebook_size-1
     n_head: int            # attention heads (guidance declares twice as many: cond and uncond in one sequence)
+    n_layer: int           # attention layers (ADSA keeps per-layer state)
 
     @property
     def kv_heads(self) -> int: ...
@@ -33,12 +35,16 @@ class ModelSpec(Protocol):
     def image_tokens(self) -> int: ...
     @property
     def uses_prompt_embeds(self) -> bool: ...      # the condition arrives as vLLM prompt_embeds (a caption)
+    @property
+    def input_vocab_size(self) -> int: ...         # codebook + condition ids: the width of every logits row, which
+                                                   # the config hook declares as vLLM's vocabulary
 
     def check_prompt(self, ids: list[int]) -> None: ...       # ValueError naming the valid form, else None
     def check_prompt_embeds(self, shape: tuple, floating: bool = True) -> None: ...   # likewise, for prompt_embeds
     def prompt(self, class_id: int) -> list[int]: ...         # a class's condition ids (ValueError if none)
-    def null_prompt(self) -> list[int] | None: ...            # the unconditional condition's ids; None: the model
-                                                              # holds its own (a learned null caption)
+    def null_prompt(self, ids: list[int]) -> list[int] | None: ...   # the unconditional condition of prompt `ids`
+                                                              # (it may depend on the prompt, e.g. Janus pads it);
+                                                              # None: the model holds its own (a null caption)
 
 
 class ModelFamily(Protocol):

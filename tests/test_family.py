@@ -27,11 +27,13 @@ class FakeSpec:
     grid_size: int = 16
     codebook_size: int = 100
     n_head: int = 3
+    n_layer: int = 2
 
     kv_heads = property(lambda self: self.n_head)
     head_dim = property(lambda self: 8)
     image_tokens = property(lambda self: self.grid_size ** 2)
     uses_prompt_embeds = property(lambda self: False)
+    input_vocab_size = property(lambda self: self.codebook_size + 7)
 
     def check_prompt(self, ids):
         if len(ids) != self.cls_token_num:
@@ -43,7 +45,7 @@ class FakeSpec:
     def prompt(self, class_id):
         return [self.codebook_size + class_id] * self.cls_token_num
 
-    def null_prompt(self):
+    def null_prompt(self, ids):
         return self.prompt(0)
 
 
@@ -91,7 +93,8 @@ def test_the_registry_resolves_llamagen_by_its_architecture():
     hf = _HFConfig(architectures=["LlamaGenForCausalLM"], config_json=config.to_hf_dict())
     assert family_for(hf) is family and model_spec(SimpleNamespace(hf_config=hf)) == config
     assert isinstance(config, ModelSpec) and isinstance(FakeSpec(), ModelSpec)
-    assert config.null_prompt() == config.prompt(config.num_classes) and preset("B", **T2I).null_prompt() is None
+    assert config.null_prompt(config.prompt(3)) == config.prompt(config.num_classes)
+    assert preset("B", **T2I).null_prompt([]) is None
     assert preset("B", **T2I).uses_prompt_embeds and not config.uses_prompt_embeds
     # The converter the contract names is the one `adsa-convert` runs.
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -124,6 +127,7 @@ def test_a_registered_family_is_what_the_engine_reads(monkeypatch):
     # Guidance declares both branches' heads, from the spec's numbers.
     assert (vc.model_config.hf_config.num_attention_heads, vc.model_config.hf_config.head_dim) == (6, 8)
     assert vc.model_config.model_arch_config.total_num_kv_heads == 6
+    assert vc.model_config.model_arch_config.vocab_size == 107      # the spec's served vocabulary
 
     limits = EngineLimits.from_vllm_config(vc)
     assert limits.model == FakeSpec()

@@ -62,6 +62,9 @@ class ADSAConfigHook(VerifyAndUpdateConfig):
         guidance = choice.guidance
         from vllm.platforms import current_platform
         _declare_attention_heads(model_config, spec, 2 if guidance.enabled else 1)
+        # The sampler's width (logit bias, allowed-token masks) is vLLM's vocabulary: the model's logits rows, which
+        # cover codebook and condition ids; a family whose config.json names a text vocabulary only (Janus) differs.
+        model_config.model_arch_config.vocab_size = spec.input_vocab_size
         if guidance.enabled or adsa_on:
             parallel = vllm_config.parallel_config
             if parallel.worker_cls == "auto":

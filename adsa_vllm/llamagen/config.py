@@ -151,9 +151,9 @@ class LlamaGenConfig:
     def prompt(self, class_id: int) -> list[int]:
         return [self.class_token(class_id)] * self.cls_token_num
 
-    def null_prompt(self) -> list[int] | None:
-        """The unconditional condition: the null class's ids (c2i); None for t2i, whose model holds a learned null
-        caption (llamagen/caption.py)."""
+    def null_prompt(self, ids: list[int] | None = None) -> list[int] | None:
+        """The unconditional condition of any prompt: the null class's ids (c2i); None for t2i, whose model holds a
+        learned null caption (llamagen/caption.py)."""
         return None if self.is_t2i else self.prompt(self.num_classes)
 
     # ---- config.json (a transformers LlamaConfig with extra fields) ----
