@@ -48,6 +48,10 @@ class ADSAConfig:
     # Unit of selection: "block" (one decision for all layers and heads) or "token" (each layer and KV head keeps
     # its own tokens in the kept blocks; adsa_vllm/worker/token_gather.py).
     granularity: str = "block"
+    # head_split only: each attention head's class, "L" (local: keeps the window) or "S" (sink: keeps its
+    # top-attended tokens), one character per head, layers separated by "/" (e.g. "LSLS/SSLL"); measured by
+    # benchmarks/head_calibration.py. None: every head a sink head (head_split then equals attention_mass).
+    heads: str | None = None
 
     def __post_init__(self):
         b = self.budget
@@ -73,6 +77,12 @@ class ADSAConfig:
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
             raise ADSAConfigError(f"adsa.seed={s!r}: use an integer in 0..{MAX_SEED} (the random policy's seed)")
+        if self.heads is not None:
+            rows = self.heads.split("/") if isinstance(self.heads, str) else None
+            if not rows or any(not r or set(r) - {"L", "S"} for r in rows) or len(set(map(len, rows))) != 1:
+                raise ADSAConfigError(f"adsa.heads={self.heads!r}: use one 'L' (local) or 'S' (sink) per head, the "
+                                      "same count per layer, layers separated by '/' (benchmarks/head_calibration.py "
+                                      "writes it)")
         resolve_scorers(self)   # the policy has a scorer at this granularity (else the error names the fix)
 
     @classmethod

@@ -27,7 +27,8 @@ from adsa_vllm.request_validation import EngineLimits, attention_in_cuda_graphs,
 from adsa_vllm.settings import ADSASettings, EngineSettings
 
 MODEL = LlamaGenConfig(dim=64, n_layer=2, n_head=2, codebook_size=512, num_classes=10, grid_size=16)
-QUERY_POLICIES = {"attention_mass"}   # the registry's query-dependent policies (checked below)
+# the registry's query-dependent policies (checked below)
+QUERY_POLICIES = {"attention_mass", "row_anchored", "head_split"}
 
 
 def _engine(**defaults) -> EngineSettings:

@@ -155,7 +155,10 @@ MAIN_REQUESTS = ([("diverse", c, None) for c in C16]
                     ("tok_attention_mass96", C16[1], {"granularity": "token", "policy": "attention_mass",
                                                       "budget": 96}),
                     ("tok_budget0.25", C16[1], {"granularity": "token", "budget": 0.25}),   # no top-k slot
-                    ("tok_budget96", C16[1], {"granularity": "token", "budget": 96})])
+                    ("tok_budget96", C16[1], {"granularity": "token", "budget": 96}),
+                    # head classes given (the registry entries below would run head_split with every head a sink)
+                    ("head_split", C16[1], {"policy": "head_split", "heads": "LS/SL"}),
+                    ("tok_head_split", C16[0], {"granularity": "token", "policy": "head_split", "heads": "SL/LS"})])
 ENGINE16 = {"budget": 0.5, "policy": "topk_v"}   # adsa16's engine defaults
 
 

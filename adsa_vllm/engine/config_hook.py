@@ -85,7 +85,8 @@ class ADSAConfigHook(VerifyAndUpdateConfig):
             if not cache.user_specified_block_size:
                 cache.block_size = 16
                 cache.user_specified_block_size = True  # or the CPU platform raises it to 128 afterwards
-            adsa = ADSASettings(defaults=choice.adsa_defaults, block_size=cache.block_size,   # validates
+            adsa = ADSASettings(defaults=model_head_classes(choice.adsa_defaults, model_config.model),
+                                block_size=cache.block_size,   # validates
                                 cls_token_num=spec.cls_token_num, grid_size=spec.grid_size,
                                 lag=int(bool(vllm_config.scheduler_config.async_scheduling)),
                                 admission=choice.admission, swap_space_gib=choice.swap_space_gib)
@@ -94,6 +95,19 @@ class ADSAConfigHook(VerifyAndUpdateConfig):
             graphs_cover_max_num_seqs(vllm_config)
         settings = EngineSettings(adsa=adsa, guidance=guidance)
         vllm_config.additional_config = {**user, ENGINE_KEY: settings.to_json()}
+
+
+def model_head_classes(defaults, model: str):
+    """The engine's defaults, with head_split's head classes measured for this model (its folder's
+    head_classes.json, written by benchmarks/head_calibration.py) unless the user gave `heads`."""
+    import dataclasses
+    import json
+    from pathlib import Path
+    from adsa_vllm.policy.head_split import HEAD_CLASSES_FILE
+    calibrated = Path(model) / HEAD_CLASSES_FILE
+    if defaults.heads is not None or not calibrated.is_file():
+        return defaults
+    return dataclasses.replace(defaults, heads=json.loads(calibrated.read_text())["heads"])
 
 
 def graphs_cover_max_num_seqs(vllm_config) -> None:

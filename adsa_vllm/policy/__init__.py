@@ -8,7 +8,7 @@ CUDA-graph support and the reference decoders all ask it.
 """
 
 from adsa_vllm.errors import ADSAConfigError
-from adsa_vllm.policy import attention_mass, random_blocks, streaming, topk_v
+from adsa_vllm.policy import attention_mass, head_split, random_blocks, row_anchored, streaming, topk_v
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs, from_settings
 from adsa_vllm.policy.layout import BlockLayout
 from adsa_vllm.policy.lockstep import LockstepTrackers, selection_schedule
@@ -17,7 +17,8 @@ from adsa_vllm.policy.token_scores import TokenScorer
 from adsa_vllm.policy.token_select import OldestBlocks
 from adsa_vllm.policy.tracker import SequenceTracker, top_blocks, top_blocks_rows
 
-SCORER_MODULES = (attention_mass, random_blocks, streaming, topk_v)   # imported for their registration
+# imported for their registration
+SCORER_MODULES = (attention_mass, head_split, random_blocks, row_anchored, streaming, topk_v)
 POLICIES = tuple(sorted(BlockScorer.registry))        # the policy names settings accept, from the registry
 KEEP_DIRECTIONS = topk_v.TopKV.KEEPS                  # TopK-V's `keep`, the only direction setting
 # Each granularity's policy scorers (its keys are the granularities settings accept: adsa_vllm.config.GRANULARITIES).
@@ -35,10 +36,11 @@ def make_scorer(policy: str, **settings) -> BlockScorer:
 
 def resolve_scorers(settings) -> tuple[BlockScorer, TokenScorer | None]:
     """(block scorer, token scorer or None): what runs for `settings`, an `ADSAConfig` or a `BlockLayout` (its
-    policy, keep, seed and granularity). Block granularity: the policy's block scorer alone. Token granularity: the
-    blocks kept are the oldest candidates (`OldestBlocks`: the slots each head fills with its own winners, see
-    worker/token_gather.py), and the policy's token scorer picks each head's tokens. Raises ADSAConfigError naming
-    the fix when the policy has no scorer at that granularity, so no setting can pass validation and fail later."""
+    policy, its settings and granularity; a layout adds the image geometry). Block granularity: the policy's block
+    scorer alone. Token granularity: the blocks kept are the oldest candidates (`OldestBlocks`: the slots each head
+    fills with its own winners, see worker/token_gather.py), and the policy's token scorer picks each head's tokens.
+    Raises ADSAConfigError naming the fix when the policy has no scorer at that granularity, so no setting can pass
+    validation and fail later."""
     policy, granularity = settings.policy, settings.granularity
     registry = SCORERS_BY_GRANULARITY[granularity]
     cls = registry.get(policy)
@@ -47,7 +49,9 @@ def resolve_scorers(settings) -> tuple[BlockScorer, TokenScorer | None]:
         fix = f', or keep {policy!r} with "granularity": "{elsewhere[0]}"' if elsewhere else ""
         raise ADSAConfigError(f"adsa.policy={policy!r} has no {granularity}-granularity scorer: with "
                               f'"granularity": "{granularity}" choose one of {", ".join(sorted(registry))}{fix}')
-    scorer = from_settings(cls, dict(keep=settings.keep, seed=settings.seed))
+    scorer = from_settings(cls, dict(keep=settings.keep, seed=settings.seed, heads=settings.heads,
+                                     cond_tokens=getattr(settings, "cond_tokens", 0),
+                                     row_tokens=getattr(settings, "row_tokens", 0)))
     return (OldestBlocks(), scorer) if granularity == "token" else (scorer, None)
 
 

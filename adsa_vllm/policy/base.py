@@ -29,6 +29,7 @@ class ScoreInputs:
     positions: torch.Tensor      # [R] int64 position of each row's query
     query: torch.Tensor | None   # [R, num_heads, head_dim] decode queries (post-RoPE); None unless needs_query
     scale: float                 # softmax scale of the attention
+    layer: int = 0               # the layer scored (per-layer settings, e.g. head_split's head classes)
 
 
 def from_settings(cls: type, settings: dict):

@@ -49,6 +49,9 @@ class BlockLayout:
     lag: int = 0           # steps between a selection and the pool getting the blocks back, beyond the first
     granularity: str = "block"   # "token": each (layer, KV head) keeps its own tokens in the top-k blocks
     token_edges: bool = False    # prefix and window at token granularity (module docstring); set by from_config
+    cond_tokens: int = 0         # condition tokens before the image, and tokens per image row: where the rows lie
+    row_tokens: int = 0          #   (row_anchored scores rows); 0 where unknown
+    heads: str | None = None     # head_split's head classes (ADSAConfig.heads)
 
     @classmethod
     def from_config(cls, config: "ADSAConfig", *, block_size: int, cls_token_num: int, grid_size: int,
@@ -77,7 +80,8 @@ class BlockLayout:
         refresh = config.refresh if config.refresh is not None else block_size
         layout = cls(block_size=block_size, prefix_tokens=prefix, local_tokens=local, budget_blocks=budget_blocks,
                      refresh=refresh, seq_len=seq_len, policy=config.policy, keep=config.keep, seed=config.seed,
-                     lag=lag, granularity=config.granularity)
+                     lag=lag, granularity=config.granularity, cond_tokens=cls_token_num, row_tokens=grid_size,
+                     heads=config.heads)
         if layout.evicts and layout.topk_blocks < 0:   # whole blocks do not fit: prefix and window at token edges
             topk_tokens = budget_tokens - prefix - local
             if topk_tokens < 0:

@@ -88,13 +88,13 @@ class LockstepTrackers:
                                 index, np.ones(index.shape, dtype=bool),
                                 scores.detach().to(torch.float32).cpu().numpy())
 
-    def score_layer(self, keys, values, query, pos: int, scale: float) -> None:
+    def score_layer(self, keys, values, query, pos: int, scale: float, layer: int = 0) -> None:
         """Score one layer: keys/values [rows, C, bs, Hkv, D] of the requested candidates (in `pending_blocks`
         order), query [rows, H, D] or None; pos is this forward's position (the request's)."""
         cands = self.pending_blocks
         x = ScoreInputs(keys=keys, values=values, valid=torch.ones_like(cands, dtype=torch.bool),
                         block_index=cands, positions=torch.full((len(cands),), pos, device=cands.device),
-                        query=query, scale=scale)
+                        query=query, scale=scale, layer=layer)
         self.add_layer_scores(self.scorer.score(x))
 
     @property

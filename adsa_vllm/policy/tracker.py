@@ -135,14 +135,14 @@ class SequenceTracker:
         s = scores.detach().to(torch.float32)
         self._pending_scores = s if self._pending_scores is None else self._pending_scores + s
 
-    def score_layer(self, keys, values, query, pos: int, scale: float) -> None:
+    def score_layer(self, keys, values, query, pos: int, scale: float, layer: int = 0) -> None:
         """Score one layer for a single sequence: keys/values [n, bs, Hkv, D] of the requested candidates (in
-        `pending_blocks` order), query [H, D] or None."""
+        `pending_blocks` order), query [H, D] or None; layer: its index."""
         dev = values.device
         idx = torch.tensor([self._pending_blocks], dtype=torch.int64, device=dev)
         x = ScoreInputs(keys=keys[None], values=values[None], valid=torch.ones_like(idx, dtype=torch.bool),
                         block_index=idx, positions=torch.tensor([pos], device=dev),
-                        query=None if query is None else query[None], scale=scale)
+                        query=None if query is None else query[None], scale=scale, layer=layer)
         self.add_layer_scores(self.scorer.score(x)[0])
 
     @property

@@ -77,7 +77,7 @@ class BatchedDecoder(ChunkedDecoder):
         if self.pairs:
             query = torch.cat([query[:P], query[P:]], dim=1)
         scale = self.model.config.head_dim ** -0.5
-        self.selection.score_layer(blocks(k_cache), blocks(v_cache), query, pos, scale=scale)
+        self.selection.score_layer(blocks(k_cache), blocks(v_cache), query, pos, scale=scale, layer=layer)
 
     def evicted_sets(self) -> list[set[int]]:
         """Each decider's evicted blocks, as `[t.evicted for t in TrackerDecoder.trackers]`."""

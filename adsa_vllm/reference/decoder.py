@@ -126,7 +126,7 @@ class TrackerDecoder(Decoder):
             def blocks(cache):  # [heads, n*bs, D] -> [n, bs, heads, D], the paged-cache layout the scorers expect
                 return torch.cat([cache[i][:, idx] for i in rows]).transpose(0, 1).reshape(n, self.bs, -1, hd)
             tr.score_layer(blocks(k_cache), blocks(v_cache), torch.cat([q[i, :, 0] for i in rows]), self._pos,
-                           scale=scale)
+                           scale=scale, layer=layer)
 
 
 class ChunkedDecoder(Decoder):

@@ -167,9 +167,9 @@ def _score_group(runtime: ADSARuntime, batch: ScoringBatch, scorer, sel, layers:
             batch.acc[part] += scorer.score_summaries(runtime.summaries.read(batch.block_ids[part]),
                                                       batch.valid[part], runtime.block_size)
     else:                          # any other KV-reading scorer: every layer's candidates, as in the forward
-        for layer in layers:
+        for i, layer in enumerate(layers):
             score_layer(batch, None, layer.kv_cache, backend, layer.head_size, layer.impl.scale,
-                        groups=[(scorer, sel)])
+                        groups=[(scorer, sel)], layer_index=i)
 
 
 def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, layers, backend) -> None:
@@ -212,23 +212,25 @@ def scoring_batch(bt: torch.Tensor, rows: np.ndarray, sequences: list, slots: np
 
 
 def score_layer(batch: ScoringBatch, query: torch.Tensor | None, kv_cache: torch.Tensor, backend: str,
-                head_size: int, scale: float, groups=None) -> None:
-    """Add one layer's scores of every candidate block to `batch.acc` (one batched call per scorer)."""
+                head_size: int, scale: float, groups=None, layer_index: int | None = None) -> None:
+    """Add one layer's scores of every candidate block to `batch.acc` (one batched call per scorer). The layer's
+    index is layer_index, else (inside the forward, layers in order) the count of layers scored so far."""
     r, c = batch.block_ids.shape
     _check_layout(kv_cache, backend, head_size)
     keys, values = gather_blocks(kv_cache, batch.block_ids.reshape(-1), backend, head_size)
     keys = keys.reshape((r, c) + tuple(keys.shape[1:]))
     values = values.reshape((r, c) + tuple(values.shape[1:]))
     for scorer, sel in groups or batch.groups:
-        batch.acc[sel] += scorer.score(_inputs(batch, sel, keys, values, query, scale))
+        batch.acc[sel] += scorer.score(_inputs(batch, sel, keys, values, query, scale,
+                                               batch.layers_done if layer_index is None else layer_index))
     if groups is None:
         batch.layers_done += 1
 
 
-def _inputs(batch: ScoringBatch, sel, keys, values, query, scale) -> ScoreInputs:
+def _inputs(batch: ScoringBatch, sel, keys, values, query, scale, layer: int = 0) -> ScoreInputs:
     return ScoreInputs(keys=None if keys is None else keys[sel], values=None if values is None else values[sel],
                        valid=batch.valid[sel], block_index=batch.block_index[sel], positions=batch.positions[sel],
-                       query=None if query is None else query[batch.token_index[sel]], scale=scale)
+                       query=None if query is None else query[batch.token_index[sel]], scale=scale, layer=layer)
 
 
 def _groups_by_scorer(sequences, device):

@@ -133,8 +133,9 @@ class ADSARuntime:
 
     def _scorers_of(self, layout: BlockLayout) -> tuple:
         """`resolve_scorers(layout)`: (block scorer, token scorer or None). One instance per setting, so the
-        builder can score all rows sharing it in one batched call."""
-        key = (layout.policy, layout.keep, layout.seed, layout.granularity)
+        builder can score all rows sharing it in one batched call (the key: every layout field a scorer reads)."""
+        key = (layout.policy, layout.keep, layout.seed, layout.granularity, layout.heads, layout.cond_tokens,
+               layout.row_tokens)
         if key not in self._scorers:
             self._scorers[key] = resolve_scorers(layout)
         return self._scorers[key]

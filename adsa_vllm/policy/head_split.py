@@ -1,0 +1,87 @@
+"""Head split (after SSD, arXiv 2510.18716): spatial-locality heads keep only their recent window; semantic-sink
+heads keep the tokens they attend to most.
+
+Which head is which is measured, not chosen: `benchmarks/head_calibration.py` runs full attention on a few training
+images and classes a head "L" (local) when most of its attention falls inside the local window, else "S" (sink); the
+classes reach the policy as the setting `adsa.heads` ("LSLS/SSLL": one character per head, layers split by "/";
+an engine whose model folder holds head_classes.json, as the shipped model's does, defaults to its classes:
+engine/config_hook.py). None: every head is a sink head.
+  token: per (layer, KV head), the granularity this policy is made for. A sink head rates its candidates by its
+         own softmax probability under the current query (token attention_mass); a local head by position, so
+         its top-k slots hold the newest aged tokens, i.e. its window continues (slots are shared blocks: a local
+         head cannot hold fewer tokens than the others, so it spends them on recency).
+  block: one decision for every head, so the local heads, which need only the window (always kept), get no vote:
+         a block's score is its attention mass averaged over the sink heads of the layer (0 in a layer without
+         one; where no head votes, ties keep the newest blocks: streaming). Under CFG a pair's heads are
+         [conditional, null]: head h has class h mod heads-per-layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adsa_vllm.policy.base import BlockScorer, ScoreInputs
+from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer
+
+HEAD_CLASSES_FILE = "head_classes.json"   # in a model folder: its measured classes, the engine's default `heads`
+
+
+def sink_heads(heads: str | None, layer, head_index: torch.Tensor) -> torch.Tensor:
+    """heads (the setting), layer an int or [R] int64, head_index [H] int64 model head indices -> bool [H] or
+    [R, H]: whether each head is a sink head. Raises ValueError when the classes do not fit the model."""
+    if heads is None:
+        return torch.ones(head_index.shape, dtype=torch.bool, device=head_index.device).expand(
+            *torch.as_tensor(layer).shape, -1)
+    table = torch.tensor([[ch == "S" for ch in row] for row in heads.split("/")], device=head_index.device)
+    layer = torch.as_tensor(layer, dtype=torch.int64, device=head_index.device)
+    if int(layer.max()) >= table.shape[0] or int(head_index.max()) >= table.shape[1]:
+        raise ValueError(f"adsa.heads classes {table.shape[0]} layers x {table.shape[1]} heads; the model has "
+                         f"layer {int(layer.max())}, head {int(head_index.max())}: run benchmarks/head_calibration.py "
+                         "on this model and pass its adsa.heads")
+    return table[layer][..., head_index]
+
+
+@dataclass(frozen=True)
+class HeadSplit(BlockScorer):
+    name = "head_split"
+    needs_query = True
+    heads: str | None = None
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        r, c, bs, hkv, d = x.keys.shape
+        q = x.query.float()                                                     # [R, H, D]
+        h = q.shape[1]
+        per_layer = len(self.heads.split("/")[0]) if self.heads else h
+        if h % per_layer:
+            raise ValueError(f"adsa.heads has {per_layer} heads per layer; this layer scores {h}: run "
+                             "benchmarks/head_calibration.py on this model and pass its adsa.heads")
+        sink = sink_heads(self.heads, x.layer, torch.arange(h, device=q.device) % per_layer).float()   # [H]
+        k = x.keys.float().reshape(r, c * bs, hkv, d).repeat_interleave(h // hkv, dim=2)
+        logits = torch.einsum("rhd,rthd->rht", q, k) * x.scale                  # [R, H, C*bs]
+        tok_valid = x.valid[:, None, :, None].expand(r, 1, c, bs).reshape(r, 1, c * bs)
+        mass = logits.masked_fill(~tok_valid, float("-inf")).softmax(-1).reshape(r, h, c, bs).sum(-1)
+        return torch.einsum("rhc,h->rc", mass, sink) / sink.sum().clamp(min=1)
+
+
+@dataclass(frozen=True)
+class TokenHeadSplit(TokenScorer):
+    name = "head_split"
+    needs_query = True
+    reads = ("keys",)
+    heads: str | None = None
+
+    def score(self, x: TokenInputs) -> torch.Tensor:
+        r, n, hkv, _ = x.keys.shape
+        q = x.query.float()
+        rep = q.shape[1] // hkv
+        logits = torch.einsum("rhd,rnhd->rhn", q, x.keys.float().repeat_interleave(rep, dim=2)) * x.scale
+        valid = x.valid.repeat_interleave(rep, dim=1)                            # [R, H, N]
+        p = logits.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
+        mass = p.reshape(r, hkv, rep, n).mean(2)                                 # token attention_mass
+        recency = x.positions.to(torch.float32).expand(r, hkv, n)                # token streaming
+        head = torch.arange(hkv, device=q.device, dtype=torch.int64) + x.head_offset
+        sink = sink_heads(self.heads, x.layer, head)                             # [Hkv] or [R, Hkv]
+        sink = sink.expand(r, hkv) if sink.dim() == 1 else sink
+        return torch.where(sink[..., None], mass, recency)

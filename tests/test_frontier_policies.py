@@ -1,0 +1,189 @@
+"""row_anchored and head_split (issue 24): their scores against direct, loop-written formulas, the head classes
+setting, and the calibration that measures them. Pure torch, no vLLM (the vLLM == reference checks are the
+registry-driven matrix of tests/test_vllm_adsa.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adsa_vllm.config import ADSAConfig, ADSAConfigError
+from adsa_vllm.policy import ScoreInputs, resolve_scorers
+from adsa_vllm.policy.attention_mass import AttentionMass
+from adsa_vllm.policy.head_split import HeadSplit, TokenHeadSplit
+from adsa_vllm.policy.row_anchored import RowAnchored, TokenRowAnchored
+from adsa_vllm.policy.token_scores import TokenAttentionMass, TokenInputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def block_inputs(r=2, c=5, bs=4, h=4, d=8, seed=0, layer=0):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.ones(r, c, dtype=torch.bool)
+    valid[1, -2:] = False                                              # padding in row 1
+    return ScoreInputs(keys=torch.randn(r, c, bs, h, d, generator=g), values=None, valid=valid,
+                       block_index=torch.arange(2, 2 + c).expand(r, c).clone(), positions=torch.full((r,), 90),
+                       query=torch.randn(r, h, d, generator=g), scale=d ** -0.5, layer=layer)
+
+
+def token_inputs(r=2, n=24, h=4, d=8, seed=0, layer=0, lo=7):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(r, h, n, generator=g) > 0.3
+    return TokenInputs(keys=torch.randn(r, n, h, d, generator=g), values=None, valid=valid,
+                       positions=torch.arange(lo, lo + n), query_pos=lo + n + 9,
+                       query=torch.randn(r, h, d, generator=g), scale=d ** -0.5, layer=layer)
+
+
+def probs(q, k, scale, valid):
+    """Loop-free reference softmax of one head: q [D], k [N, D], valid [N] -> [N] (0 off valid)."""
+    logits = (k @ q) * scale
+    return torch.where(valid, logits, -torch.inf).softmax(0)
+
+
+# ====================================================================== row_anchored
+
+@pytest.mark.parametrize("cond,row", [(1, 6), (3, 5)])
+def test_row_anchored_block_score_is_the_mean_row_mass_of_its_tokens(cond, row):
+    x = block_inputs()
+    r, c, bs, h, _ = x.keys.shape
+    got = RowAnchored(cond_tokens=cond, row_tokens=row).score(x)
+    for i in range(r):
+        pos = [int(b) * bs + j for b in x.block_index[i] for j in range(bs)]
+        valid = x.valid[i].repeat_interleave(bs)
+        want = torch.zeros(c)
+        for head in range(h):
+            p = probs(x.query[i, head], x.keys[i, :, :, head].reshape(c * bs, -1), x.scale, valid)
+            rows = [(t - cond) // row for t in pos]
+            mass = {w: sum(float(p[t]) for t in range(c * bs) if rows[t] == w) for w in set(rows)}
+            want += torch.tensor([sum(mass[rows[b * bs + j]] for j in range(bs)) / bs for b in range(c)]) / h
+        torch.testing.assert_close(got[i][x.valid[i]], want[x.valid[i]], rtol=1e-5, atol=1e-6)
+
+
+def test_row_anchored_keeps_rows_whole_where_blocks_tile_rows():
+    """Rows of exactly two blocks: both blocks of a row score the same, so the top blocks are whole rows."""
+    x = block_inputs(c=6, bs=4)
+    s = RowAnchored(cond_tokens=0, row_tokens=8).score(x)[0]           # blocks 2..7: rows 1, 1, 2, 2, 3, 3
+    torch.testing.assert_close(s[0::2], s[1::2])
+    assert not torch.allclose(s, AttentionMass().score(x)[0])          # not plain attention mass
+
+
+def test_token_row_anchored_scores_each_heads_tokens_by_their_row():
+    x = token_inputs()
+    got = TokenRowAnchored(cond_tokens=1, row_tokens=5).score(x)
+    rows = (x.positions - 1) // 5
+    for i in range(2):
+        for head in range(4):
+            p = probs(x.query[i, head], x.keys[i, :, head], x.scale, x.valid[i, head])
+            want = torch.stack([p[rows == rows[t]].sum() for t in range(len(rows))])
+            torch.testing.assert_close(got[i, head], want, rtol=1e-5, atol=1e-6)
+
+
+def test_row_anchored_needs_the_geometry():
+    with pytest.raises(ValueError, match="row_tokens"):
+        RowAnchored().score(block_inputs())
+
+
+# ====================================================================== head_split
+
+def test_head_split_block_votes_with_the_sink_heads_of_its_layer():
+    heads = "SLLS/LLSL"
+    for layer, sinks in ((0, [0, 3]), (1, [2])):
+        x = block_inputs(layer=layer)
+        got = HeadSplit(heads=heads).score(x)
+        only = ScoreInputs(keys=x.keys[..., sinks, :], values=None, valid=x.valid, block_index=x.block_index,
+                           positions=x.positions, query=x.query[:, sinks], scale=x.scale)
+        torch.testing.assert_close(got, AttentionMass().score(only), rtol=1e-5, atol=1e-6)
+
+
+def test_head_split_block_all_local_gives_no_vote_and_none_equals_attention_mass():
+    x = block_inputs()
+    assert torch.equal(HeadSplit(heads="LLLL").score(x), torch.zeros(2, 5))   # ties: the newest blocks (streaming)
+    torch.testing.assert_close(HeadSplit().score(x), AttentionMass().score(x))
+
+
+def test_head_split_block_cfg_pair_heads_share_their_class():
+    """A CFG pair scores [conditional, null] heads together (2 x heads per layer): head h has class h mod 2."""
+    x = block_inputs(h=4)
+    pair = HeadSplit(heads="SL").score(x)
+    torch.testing.assert_close(pair, HeadSplit(heads="SLSL").score(x))
+
+
+@pytest.mark.parametrize("layer", [0, torch.tensor([1, 0])])
+def test_token_head_split_local_heads_keep_recency_sink_heads_their_attention(layer):
+    heads = "SLLS/LLSS"
+    x = token_inputs(layer=layer)
+    got = TokenHeadSplit(heads=heads).score(x)
+    mass = TokenAttentionMass().score(x)
+    layers = [layer] * 2 if isinstance(layer, int) else layer.tolist()
+    for i in range(2):
+        for head in range(4):
+            want = mass[i, head] if heads.split("/")[layers[i]][head] == "S" else x.positions.float()
+            torch.testing.assert_close(got[i, head], want)
+
+
+def test_token_head_split_reads_its_rank_slice_of_the_classes():
+    x = token_inputs(h=2)
+    shifted = TokenInputs(**{**x.__dict__, "head_offset": 2})
+    got = TokenHeadSplit(heads="SSLL").score(shifted)                   # this rank holds heads 2, 3: local
+    assert torch.equal(got, x.positions.float().expand(2, 2, -1))
+
+
+def test_head_classes_that_do_not_fit_the_model_are_refused_naming_the_calibration():
+    with pytest.raises(ValueError, match="head_calibration"):
+        TokenHeadSplit(heads="SL").score(token_inputs(h=4))
+    with pytest.raises(ValueError, match="head_calibration"):
+        HeadSplit(heads="SLS").score(block_inputs(h=4))
+    with pytest.raises(ValueError, match="head_calibration"):
+        HeadSplit(heads="SLSL").score(block_inputs(h=4, layer=1))
+
+
+@pytest.mark.parametrize("bad", ["", "LX", "LS/L", "LS//LS", 3])
+def test_heads_setting_is_validated(bad):
+    with pytest.raises(ADSAConfigError, match="adsa.heads"):
+        ADSAConfig(policy="head_split", heads=bad)
+
+
+def test_settings_reach_the_scorers():
+    config = ADSAConfig(policy="head_split", heads="LS/SS", granularity="token")
+    assert resolve_scorers(config.layout(block_size=16, cls_token_num=1, grid_size=16))[1].heads == "LS/SS"
+    lay = ADSAConfig(policy="row_anchored").layout(block_size=16, cls_token_num=3, grid_size=12)
+    assert resolve_scorers(lay)[0] == RowAnchored(cond_tokens=3, row_tokens=12)
+
+
+# ====================================================================== the calibration
+
+def test_shipped_head_classes_fit_the_shipped_model_and_follow_the_rule():
+    shipped = json.loads((ROOT / "adsa_vllm" / "assets" / "head_classes.json").read_text())
+    config = json.loads((ROOT / "adsa_vllm" / "assets" / "config.json").read_text())["llamagen"]
+    rows = shipped["heads"].split("/")
+    assert len(rows) == config["n_layer"] and {len(r) for r in rows} == {config["n_head"]}
+    for row, window in zip(rows, shipped["window_mass"]):
+        assert row == "".join("L" if w >= shipped["local_share"] else "S" for w in window)
+    ADSAConfig(policy="head_split", heads=shipped["heads"])               # a valid setting
+
+
+def test_calibration_masses_on_a_tiny_model():
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from head_calibration import head_masses
+    from adsa_vllm.llamagen.config import LlamaGenConfig
+    from adsa_vllm.reference.model import LlamaGenReference
+    cfg = LlamaGenConfig(dim=32, n_layer=2, n_head=2, codebook_size=16, num_classes=3, grid_size=6)
+    model = LlamaGenReference(cfg).init_random_(seed=1).eval()
+    tokens = torch.randint(0, 16, (2, 36))
+    with torch.no_grad():
+        m = head_masses(model, torch.tensor([0, 2]), tokens, prefix=7, local=7)
+    assert m.shape == (2, 2, 2) and bool((m >= 0).all()) and bool((m.sum(-1) <= 1 + 1e-5).all())
+    assert bool((m[..., 0] > 0.05).all())   # a query always attends to itself, inside the window
+
+
+def test_an_engine_defaults_to_the_head_classes_of_its_model_folder(tmp_path):
+    from adsa_vllm.default_model import SHIPPED_DIR
+    from adsa_vllm.engine.config_hook import model_head_classes
+    shipped = json.loads((SHIPPED_DIR / "head_classes.json").read_text())["heads"]
+    assert model_head_classes(ADSAConfig(), str(SHIPPED_DIR)).heads == shipped
+    assert model_head_classes(ADSAConfig(heads="LS/SL"), str(SHIPPED_DIR)).heads == "LS/SL"   # the user's win
+    assert model_head_classes(ADSAConfig(), str(tmp_path)).heads is None                        # none measured
