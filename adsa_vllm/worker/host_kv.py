@@ -7,8 +7,8 @@ scores exactly as before without re-reading its blocks. On the GPU the host tens
 queued on the current stream, before the step's forward: the copy out reads the blocks before any new owner writes
 them, the copy back lands before the forward reads them, and nothing waits on the device (the caching host
 allocator keeps a pinned buffer alive until its copies are done). Block-id lists go to the device from pinned
-memory too: a copy from pageable host memory synchronises the stream first, which under async scheduling would
-make the host wait for the step in flight.
+memory too (worker/device_copy.py): a copy from pageable host memory synchronises the stream first, which under
+async scheduling would make the host wait for the step in flight.
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-def _on_device(ids: list[int], dev: torch.device) -> torch.Tensor:
-    """An index tensor on `dev`, copied without a stream synchronisation (pinned source, see the module doc)."""
-    pin = dev.type == "cuda"
-    return torch.tensor(ids, dtype=torch.long, pin_memory=pin).to(dev, non_blocking=pin)
+from adsa_vllm.worker.device_copy import on_device
 
 
 @dataclass
@@ -42,7 +38,7 @@ class HostKV:
                  summaries: torch.Tensor | None) -> None:
         dev = caches[0].device
         pin = dev.type == "cuda"
-        ids = _on_device(physical, dev)
+        ids = on_device(physical, dev, torch.long)
         kv = torch.empty((len(caches), len(physical), *caches[0].shape[1:]), dtype=caches[0].dtype,
                          pin_memory=pin)
         for layer, cache in enumerate(caches):
@@ -70,10 +66,10 @@ class HostKV:
             copy.done.synchronize()   # the host tensor is complete (normally long since: it was steps ago)
         dev = caches[0].device
         nb = dev.type == "cuda"
-        ids = _on_device(physical, dev)
+        ids = on_device(physical, dev, torch.long)
         pick = None
         if [where[j] for j in logical] != list(range(len(copy.logical))):
-            pick = _on_device([where[j] for j in logical], dev)
+            pick = on_device([where[j] for j in logical], dev, torch.long)
         for layer, cache in enumerate(caches):
             src = copy.kv[layer].to(dev, non_blocking=nb)   # pinned: asynchronous, the allocator keeps it alive
             cache.index_copy_(0, ids, src if pick is None else src.index_select(0, pick))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adsa_vllm.worker.device_copy import on_device
 from adsa_vllm.worker.kv_views import gather_blocks
 
 
@@ -70,8 +71,8 @@ def plan_edges(trackers, bt: torch.Tensor, sequences: list, rows: np.ndarray, sl
     real = np.repeat(np.arange(width)[None, :] < kept[:, None], block_size, axis=1)
     mask = np.stack([lay.attended(int(p), positions[i]) for i, (p, lay) in enumerate(zip(pos, layouts))])
     mask &= real & (positions <= pos[:, None])
-    dev = bt.device
-    rows_dev = torch.from_numpy(rows.astype(np.int64)).to(dev)
-    block_ids = torch.gather(bt[rows_dev].long(), 1, torch.from_numpy(index).to(dev))
-    return EdgeRows(token_index=torch.from_numpy(token_rows.astype(np.int64)).to(dev), block_ids=block_ids,
-                    mask=torch.from_numpy(mask).to(dev))
+    dev = bt.device   # pinned copies: a pageable one would make the host wait for the step in flight
+    rows_dev = on_device(rows, dev, torch.long)
+    block_ids = torch.gather(bt[rows_dev].long(), 1, on_device(index, dev, torch.long))
+    return EdgeRows(token_index=on_device(token_rows, dev, torch.long), block_ids=block_ids,
+                    mask=on_device(mask, dev))
