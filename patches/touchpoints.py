@@ -262,23 +262,25 @@ TOUCHPOINTS = (
     Touchpoint(
         "config-hook-fields", "VllmConfig fields written by ADSAConfigHook (MODELS_CONFIG_MAP, one entry per "
         "family architecture): "
-        "CacheConfig.user_specified_block_size, ModelConfig.model_arch_config (ModelArchitectureConfig head counts), "
+        "CacheConfig.user_specified_block_size, ModelConfig.model_arch_config (ModelArchitectureConfig head counts, "
+        "vocab_size), "
         "hf_config / hf_text_config head counts, and the public settings it decides",
         ("adsa_vllm/engine/config_hook.py",),
         ("skip_tokenizer_init", "additional_config", "backend", "worker_cls", "async_scheduling", "scheduler_cls",
          "user_specified_block_size", "enable_prefix_caching", "disable_cascade_attn", "num_attention_heads",
          "num_key_value_heads", "head_size", "total_num_attention_heads", "total_num_kv_heads",
-         "max_cudagraph_capture_size", "enable_prompt_embeds"),
+         "max_cudagraph_capture_size", "enable_prompt_embeds", "vocab_size"),
         "The per-architecture hook is vLLM's place to change the config, but two of the fields are internal: "
         "user_specified_block_size (else the CPU platform raises the block size to 128 afterwards) and "
         "model_arch_config, derived from hf_config when ModelConfig was built and read by the attention builders "
-        "(under guidance a layer has twice the model's heads).",
+        "(under guidance a layer has twice the model's heads) and the sampler (its vocab_size: the model's logits "
+        "width, codebook + condition ids, where a family's config.json names a text vocabulary only).",
         "a model-level way to declare the block size and attention head counts",
         (Fields("vllm.config:CacheConfig", ("block_size", "user_specified_block_size", "enable_prefix_caching")),
          Fields("vllm.config:ModelConfig", ("skip_tokenizer_init", "disable_cascade_attn", "hf_config",
                                             "hf_text_config", "enable_prompt_embeds")),
          Fields("vllm.config.model_arch:ModelArchitectureConfig",
-                ("total_num_attention_heads", "total_num_kv_heads", "head_size")),
+                ("total_num_attention_heads", "total_num_kv_heads", "head_size", "vocab_size")),
          Reads("vllm.config:ModelConfig.get_num_attention_heads", ("model_arch_config",)),
          Fields("vllm.config:SchedulerConfig", ("scheduler_cls", "async_scheduling", "max_num_seqs")),
          Fields("vllm.config:CompilationConfig", ("max_cudagraph_capture_size", "cudagraph_capture_sizes")),
