@@ -58,6 +58,7 @@ class ModelFamily(Protocol):
 # Architecture name -> its family, as "module:attribute" (imported on first use) or the family itself.
 FAMILIES: dict[str, str | ModelFamily] = {
     "LlamaGenForCausalLM": "adsa_vllm.llamagen.family:LLAMAGEN",
+    "JanusForConditionalGeneration": "adsa_vllm.janus.family:JANUS",
 }
 
 

@@ -1,0 +1,20 @@
+"""Janus-Pro text-to-image as a model family (adsa_vllm/family.py): its architecture, vLLM model, config and converter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adsa_vllm.janus.config import ARCHITECTURE, JanusConfig
+
+
+@dataclass(frozen=True)
+class JanusFamily:
+    architectures: tuple[str, ...] = (ARCHITECTURE,)
+    model_cls: str = "adsa_vllm.janus.model:JanusForConditionalGeneration"
+    converter: str = "adsa_vllm.janus.convert:main"
+
+    def load_config(self, hf_config: dict) -> JanusConfig:
+        return JanusConfig.from_hf_dict(hf_config)
+
+
+JANUS = JanusFamily()
