@@ -123,8 +123,7 @@ def test_lost_swapped_blocks_change_the_image(engines, model16, unpreempted, mon
     swap_in = HostKV.swap_in
 
     def zeroed(self, req_id, logical, physical, caches, summaries):
-        for c in self.copies[req_id].kv:
-            c.zero_()
+        self.kv.zero_()
         return swap_in(self, req_id, logical, physical, caches, summaries)
     monkeypatch.setattr(HostKV, "swap_in", zeroed)
     got, _ = _run(llm, config, ROWS[:1], PREEMPT_AT)

@@ -174,6 +174,12 @@ class ADSARuntime:
     def _caches(self) -> list:
         return [layer.kv_cache for layer in self.layers]
 
+    def reserve_swap_space(self) -> None:
+        """Reserve the host buffer of swapped blocks (worker/host_kv.py), once the KV caches exist, where the
+        admission rule may preempt by swap."""
+        if self.settings.admission != "peak" and self.settings.swap_space_gib > 0:
+            self.host.reserve(self._caches(), self.settings.swap_space_gib)
+
     def _park(self, req_id: str, logical: list[int], physical: list[int]) -> None:
         """Copy the kept blocks out and keep the sequence (slot, selections, watermarks) for its resume."""
         with torch.inference_mode():   # the summary table was made inside the forward's inference mode

@@ -35,6 +35,12 @@ class ADSAWorkerMixin:
             rt.batch_req_ids = self._order
         return out
 
+    def initialize_from_config(self, *args, **kwargs):
+        out = super().initialize_from_config(*args, **kwargs)
+        if self._adsa_rt is not None:   # the caches exist now: size the host buffer of swap preemption by them
+            self._adsa_rt.reserve_swap_space()
+        return out
+
     def execute_model(self, scheduler_output, *args, **kwargs):
         for rt in self._step_rts:
             rt.on_schedule(scheduler_output)
