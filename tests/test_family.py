@@ -74,7 +74,8 @@ def _params(**fields):
 def _vllm_config(additional_config: dict):
     """The VllmConfig fields the config hook and the request checks read (duck-typed, as they read it)."""
     hf = _HFConfig(architectures=[FAKE_ARCH], config_json={"architectures": [FAKE_ARCH], "fake": {}})
-    model_config = SimpleNamespace(hf_config=hf, hf_text_config=SimpleNamespace(), model_arch_config=SimpleNamespace(),
+    model_config = SimpleNamespace(model="no-such-folder", hf_config=hf, hf_text_config=SimpleNamespace(),
+                                   model_arch_config=SimpleNamespace(),
                                    skip_tokenizer_init=False, enable_prompt_embeds=False, disable_cascade_attn=False)
     return SimpleNamespace(
         model_config=model_config, additional_config=additional_config,
