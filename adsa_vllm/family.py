@@ -51,6 +51,10 @@ class ModelFamily(Protocol):
     architectures: tuple[str, ...]   # config.json "architectures" names vLLM routes to this family
     model_cls: str                   # "module:Class" of its vLLM model (registered with vLLM's ModelRegistry)
     converter: str                   # "module:function" of its checkpoint converter (a main(argv))
+    # User tools (adsa-vllm generate / client), "module:function" or None, found with `family_tool`:
+    text_prompts: str | None         # (model_dir, texts) -> prompt ids per text; None: the prompt is a class id
+    image_decoder: str | None        # (model_dir, codes [N, grid**2]) -> uint8 RGB [N, H, W, 3]; None:
+                                     # adsa_vllm.images.tokens_to_images (grey levels, or the VQ-16 decoder)
 
     def load_config(self, hf_config: dict) -> ModelSpec: ...  # config.json as a dict -> the spec; ValueError
 
@@ -86,9 +90,18 @@ def model_spec(model_config) -> ModelSpec | None:
     return None if family is None else family.load_config(model_config.hf_config.to_dict())
 
 
-def load_config(model_dir: str | Path) -> ModelSpec:
-    """The spec of a model folder (its config.json, whichever family serves it): what the user tools (CLI, client,
-    images, demo, eval) read before any engine exists. ValueError for a folder no family serves."""
+def family_tool(model_dir: str | Path, name: str):
+    """A model folder's family tool (`text_prompts` or `image_decoder`, ModelFamily) as a function; None where its
+    family has none."""
+    family = _family_of_dir(model_dir)[0]
+    entry = getattr(family, name, None)
+    if entry is None:
+        return None
+    module, _, attr = entry.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _family_of_dir(model_dir: str | Path) -> tuple[ModelFamily, dict]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{model_dir} has no config.json: pass a model folder (config.json + safetensors)")
@@ -97,9 +110,17 @@ def load_config(model_dir: str | Path) -> ModelSpec:
     for arch in architectures:
         family = family_of(arch)
         if family is not None:
-            return family.load_config(hf_config)
+            return family, hf_config
     raise ValueError(f"{path}: architectures {architectures} are served by no adsa_vllm family; the families serve "
                      f"{', '.join(FAMILIES)} (adsa_vllm/family.py)")
 
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_for", "family_of", "load_config", "model_spec"]
+def load_config(model_dir: str | Path) -> ModelSpec:
+    """The spec of a model folder (its config.json, whichever family serves it): what the user tools (CLI, client,
+    images, demo, eval) read before any engine exists. ValueError for a folder no family serves."""
+    family, hf_config = _family_of_dir(model_dir)
+    return family.load_config(hf_config)
+
+
+__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_for", "family_of", "family_tool", "load_config",
+           "model_spec"]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from adsa_vllm.family import FAMILIES, ModelSpec, family_for, family_of, load_config, model_spec
+from adsa_vllm.family import FAMILIES, ModelSpec, family_for, family_of, family_tool, load_config, model_spec
 from adsa_vllm.llamagen.config import T2I, preset
 from adsa_vllm.request_validation import EngineLimits, RequestFieldError, validate_request
 from adsa_vllm.settings import EngineSettings
@@ -54,6 +54,8 @@ class FakeFamily:
     architectures: tuple[str, ...] = (FAKE_ARCH,)
     model_cls: str = "tests.fake:FakeImageForCausalLM"
     converter: str = "tests.fake:convert"
+    text_prompts: str | None = None
+    image_decoder: str | None = None
 
     def load_config(self, hf_config: dict) -> FakeSpec:
         return FakeSpec(**hf_config["fake"])
@@ -111,6 +113,7 @@ def test_load_config_finds_the_family_of_a_model_folder(tmp_path):
         load_config(tmp_path)
     with pytest.raises(ValueError, match="has no config.json"):
         load_config(tmp_path / "missing")
+    assert family_tool(SHIPPED_DIR, "text_prompts") is None and family_tool(SHIPPED_DIR, "image_decoder") is None
 
 
 def test_a_registered_family_is_what_the_engine_reads(monkeypatch):

@@ -12,6 +12,8 @@ class LlamaGenFamily:
     architectures: tuple[str, ...] = (ARCHITECTURE,)
     model_cls: str = "adsa_vllm.llamagen.model:LlamaGenForCausalLM"
     converter: str = "adsa_vllm.llamagen.convert:main"
+    text_prompts: str | None = None     # class ids (a t2i caption is features, made by the user's T5)
+    image_decoder: str | None = None    # adsa_vllm.images: grey levels or the VQ-16 decoder
 
     def load_config(self, hf_config: dict) -> LlamaGenConfig:
         return LlamaGenConfig.from_hf_dict(hf_config)
