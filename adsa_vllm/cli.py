@@ -14,6 +14,7 @@ config.json names `vq_ckpt` or when --vq is given.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,38 +36,50 @@ def write_images(images: np.ndarray, labels: list[str], out_dir: Path, nrow: int
     return paths
 
 
-def generate_offline(model_dir: str, class_ids: list[int], args, adsa: dict) -> np.ndarray:
-    """Token ids [B, grid*grid] of one image per class id from an offline vllm.LLM (progress bar on)."""
+def generate_offline(model_dir: str, prompts: list[list[int]], args, adsa: dict) -> np.ndarray:
+    """Token ids [B, grid*grid] of one image per prompt from an offline vllm.LLM (progress bar on)."""
     import torch
     from vllm import LLM
     from adsa_vllm.family import load_config
-    from adsa_vllm.guidance.api import generate_images, image_params
+    from adsa_vllm.guidance.api import image_params
     config = load_config(model_dir)
     guided = args.cfg != 1.0
     extra = {"adsa": adsa, **({"cfg": {"scale": args.cfg}} if guided else {})}
     llm = LLM(model=model_dir, attention_backend="adsa", additional_config=extra, dtype=args.dtype,
-              block_size=BLOCK_SIZE, seed=0, max_num_seqs=len(class_ids), enforce_eager=not torch.cuda.is_available())
-    sampling = dict(seed=args.seed, temperature=args.temperature, top_k=args.top_k)
-    if guided:
-        return generate_images(llm, class_ids, cfg_scale=args.cfg, use_tqdm=True, **sampling).tokens
-    params = [image_params(config, **{**sampling, "seed": args.seed + i}) for i in range(len(class_ids))]
-    outs = llm.generate([{"prompt_token_ids": config.prompt(c)} for c in class_ids], params, use_tqdm=True)
+              block_size=BLOCK_SIZE, seed=0, max_num_seqs=len(prompts), enforce_eager=not torch.cuda.is_available())
+    params = [image_params(config, cfg_scale=args.cfg if guided else None, seed=args.seed + i,
+                           temperature=args.temperature, top_k=args.top_k) for i in range(len(prompts))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     return np.array([list(o.outputs[0].token_ids) for o in outs], dtype=np.int64)
 
 
-def generate_remote(url: str, model_dir: str, class_ids: list[int], args, adsa: dict | None) -> np.ndarray:
-    """Token ids of one image per class id from a running server (requests sent concurrently)."""
+def generate_remote(url: str, model_dir: str, prompts: list[list[int]], args, adsa: dict | None) -> np.ndarray:
+    """Token ids of one image per prompt from a running server (requests sent concurrently)."""
     from adsa_vllm.client import generate_via_server
     from adsa_vllm.family import load_config
-    print(f"[adsa-vllm] sending {len(class_ids)} request(s) to {url} ...", flush=True)
-    tokens = generate_via_server(url, class_ids, config=load_config(model_dir), adsa=adsa, seed=args.seed,
+    print(f"[adsa-vllm] sending {len(prompts)} request(s) to {url} ...", flush=True)
+    tokens = generate_via_server(url, prompts=prompts, config=load_config(model_dir), adsa=adsa, seed=args.seed,
                                  temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg)
     return np.array(tokens, dtype=np.int64)
 
 
+def conditions(model_dir: str, config, items: list[str]) -> tuple[list[list[int]], list[str]]:
+    """The command line's CLASS arguments -> (prompt ids, file labels): class ids or names, or for a family with
+    text prompts (Janus-Pro) one text each."""
+    from adsa_vllm.family import family_tool
+    to_prompts = family_tool(model_dir, "text_prompts")
+    if to_prompts is not None:
+        labels = [re.sub(r"[^a-z0-9]+", "-", t.lower()).strip("-")[:40] or "prompt" for t in items]
+        return to_prompts(model_dir, items), labels
+    class_ids = parse_classes(items, config)
+    return [config.prompt(c) for c in class_ids], [file_label(c, config) for c in class_ids]
+
+
 def _add_common(p: argparse.ArgumentParser, *, server: bool) -> None:
     keep = " (default: the server's)" if server else ""
-    p.add_argument("classes", nargs="+", metavar="CLASS", help="class ids or names (shipped model: 'sneaker', ...)")
+    p.add_argument("classes", nargs="+", metavar="CLASS",
+                   help="class ids or names (shipped model: 'sneaker', ...); a text-prompted model (Janus-Pro) takes "
+                        "one text per image")
     p.add_argument("--model", help="model folder (default: the shipped Fashion-MNIST model)"
                    + ("; the client decodes with its config, so name the folder the server serves" if server else ""))
     p.add_argument("--cfg", type=float, default=None if server else 2.0,
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         from adsa_vllm.eval.command import run_command
         return run_command(args, args.command_parser)
     from adsa_vllm.config import ADSAConfig
-    from adsa_vllm.family import load_config
+    from adsa_vllm.family import family_tool, load_config
     from adsa_vllm.default_model import default_model_dir
     from adsa_vllm.errors import SettingsError
     from adsa_vllm.guidance.settings import Guidance
@@ -126,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     # Everything a user can get wrong is checked here, before the (slow) engine or any request.
     try:
         config = load_config(model_dir)
-        class_ids = parse_classes(args.classes, config)
+        prompts, labels = conditions(model_dir, config, args.classes)
         adsa = {}  # client: only what was given, the server's defaults for the rest
         if args.budget is not None:
             adsa["budget"] = parse_budget(args.budget)
@@ -137,26 +150,27 @@ def main(argv: list[str] | None = None) -> None:
             Guidance().merged({"scale": args.cfg})
         if args.command == "generate":  # a server checks the layout against its own block size
             settings.layout(block_size=BLOCK_SIZE, cls_token_num=config.cls_token_num, grid_size=config.grid_size)
-        vq = load_vq_decoder(model_dir, args.vq)
+        decoder = family_tool(model_dir, "image_decoder")    # a family's own VQ decoder (Janus), else ours
+        vq = None if decoder is not None else load_vq_decoder(model_dir, args.vq)
     except (ValueError, SettingsError, VQCheckpointError, OSError) as e:
         ap.exit(2, f"adsa-vllm {args.command}: error: {e}\n")
     if args.top_k is None:
         args.top_k = PIXEL_MODEL_TOP_K if is_pixel_token_model(config) else min(VQ_MODEL_TOP_K, config.codebook_size)
     if args.command == "generate":
         set_cpu_defaults()
-        tokens = generate_offline(model_dir, class_ids, args, adsa)
+        tokens = generate_offline(model_dir, prompts, args, adsa)
     else:
         from adsa_vllm.client import ServerError
         try:
-            tokens = generate_remote(args.url, model_dir, class_ids, args, adsa or None)
+            tokens = generate_remote(args.url, model_dir, prompts, args, adsa or None)
         except ServerError as e:
             ap.exit(1, f"adsa-vllm client: the server refused the request: {e}\n")
         except OSError as e:
             ap.exit(1, f"adsa-vllm client: cannot reach {args.url}: {e}\n")
-    images = tokens_to_images(config, tokens, vq=vq)
-    if vq is None and not is_pixel_token_model(config):
+    images = decoder(model_dir, tokens) if decoder is not None else tokens_to_images(config, tokens, vq=vq)
+    if decoder is None and vq is None and not is_pixel_token_model(config):
         print("[adsa-vllm] no VQ decoder configured: wrote token maps (pass --vq vq_ds16_c2i.pt for pictures)")
-    paths = write_images(images, [file_label(c, config) for c in class_ids], Path(args.out), args.nrow)
+    paths = write_images(images, labels, Path(args.out), args.nrow)
     h, w = images.shape[1:3]
     print(f"wrote {len(images)} image(s) of {w}x{h} and {paths[-1].name} to {Path(args.out).resolve()}")
 

@@ -167,12 +167,13 @@ def server_model(base_url: str, timeout: float = 30.0) -> str:
 
 
 def generate_via_server(base_url: str, class_ids: list[int] | None = None, *, captions: list | None = None,
-                        config=None, adsa: dict | None = None,
+                        prompts: list[list[int]] | None = None, config=None, adsa: dict | None = None,
                         seed: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         cfg_scale: float | None = None, cfg_interval: int | None = None,
                         timeout: float = 300.0) -> list[list[int]]:
-    """One image per class id (or per caption: [v, caption_dim] rows, a t2i model) through POST
-    {base_url}/v1/completions; returns each image's token ids.
+    """One image per class id (or per caption: [v, caption_dim] rows, a t2i model; or per prompt: token ids, e.g.
+    a Janus text prompt from adsa_vllm.janus.prompts) through POST {base_url}/v1/completions; returns each image's
+    token ids.
 
     `config` (a LlamaGenConfig) defaults to the config of the default model. Requests are sent concurrently (one
     thread each) so the server batches them. With `seed`, request i uses seed + i.
@@ -184,7 +185,12 @@ def generate_via_server(base_url: str, class_ids: list[int] | None = None, *, ca
         config = load_config(default_model_dir())
     base_url = base_url.rstrip("/")
     model = server_model(base_url, timeout)
-    conds = [{"caption": c} for c in captions] if captions is not None else [{"class_id": c} for c in class_ids]
+    if prompts is not None:
+        conds = [{"prompt": p} for p in prompts]
+    elif captions is not None:
+        conds = [{"caption": c} for c in captions]
+    else:
+        conds = [{"class_id": c} for c in class_ids]
     bodies = [image_request(config, **cond, adsa=adsa, seed=None if seed is None else seed + i,
                             temperature=temperature, top_k=top_k, top_p=top_p, model=model, cfg_scale=cfg_scale,
                             cfg_interval=cfg_interval)
