@@ -12,6 +12,8 @@ class JanusFamily:
     architectures: tuple[str, ...] = (ARCHITECTURE,)
     model_cls: str = "adsa_vllm.janus.model:JanusForConditionalGeneration"
     converter: str = "adsa_vllm.janus.convert:main"
+    text_prompts: str | None = "adsa_vllm.janus.prompts:text_prompts"
+    image_decoder: str | None = "adsa_vllm.janus.images:decode_images"
 
     def load_config(self, hf_config: dict) -> JanusConfig:
         return JanusConfig.from_hf_dict(hf_config)
