@@ -90,3 +90,38 @@ def test_a_prompt_beyond_the_context_exits_before_the_engine(janus_folder, capsy
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(folder), "a fox", "--budget", "0.1"])
     assert "budget" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def janus_server(janus_folder, tmp_path_factory):
+    import json
+
+    from server_util import launch_server
+    extra = {"adsa": {"budget": 512}, "cfg": {"scale": SCALE}}     # a budget covering the sequence: exact
+    yield from launch_server(janus_folder[0], tmp_path_factory.mktemp("janus_server") / "server.log",
+                             "--attention-backend", "adsa", "--additional-config", json.dumps(extra))
+
+
+def test_http_client_writes_transformers_pictures_and_bad_requests_get_400(janus_folder, janus_server, tmp_path):
+    from adsa_vllm.client import ServerError, image_request, post_json, server_model
+    from adsa_vllm.janus.images import decode_images
+    from adsa_vllm.janus.prompts import text_prompts
+    folder, model = janus_folder
+    main(["client", janus_server, "--model", str(folder), TEXTS[0], "--temperature", "0", "--out", str(tmp_path)])
+    (prompt,) = text_prompts(folder, TEXTS[:1])
+    want = decode_images(folder, [hf_generate(model, [i - CODEBOOK for i in prompt], SCALE)])[0]
+    assert np.array_equal(_png(tmp_path / "000_a-red-fox-in-snow.png"), want)
+    config, url = load_config(folder), f"{janus_server}/v1/completions"
+    served = server_model(janus_server)
+    for body, match in (
+            (image_request(config, model=served, prompt=[CODEBOOK + 7], max_tokens=4), "class ids are not a Janus"),
+            (image_request(config, model=served, prompt=[CODEBOOK + BOS] * MAX_PROMPT + [CODEBOOK + BOI],
+                           max_tokens=4), "shorten the text"),
+            (image_request(config, model=served, prompt=prompt, max_tokens=4, adsa={"budget": 0.1}), "budget"),
+            ({**image_request(config, model=served, prompt=prompt, max_tokens=4),
+              "vllm_xargs": {"colour": "red"}}, r"unknown extra_args / vllm_xargs key")):
+        with pytest.raises(ServerError, match=match) as err:
+            post_json(url, body)
+        assert err.value.status == 400
+    again = post_json(url, image_request(config, model=served, prompt=prompt, temperature=0.0))
+    assert again["choices"][0]["token_ids"] == hf_generate(model, [i - CODEBOOK for i in prompt], SCALE)
