@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adsa_vllm.llamagen.config import LlamaGenConfig
+from adsa_vllm.policy.dense_attention import masked_attention
 
 # Called inside every layer once its K/V are in the cache: (layer_idx, q [B, H, S, D] post-RoPE).
 LayerHook = Callable[[int, torch.Tensor], None]
@@ -99,10 +100,7 @@ class Attention(nn.Module):
             k, v = cache
             if hook is not None:
                 hook(layer_idx, q)
-        rep = self.n_head // self.n_kv_head
-        if rep > 1:   # MHA needs no copy (repeat_interleave always copies: the whole cache, every layer and step)
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        out = masked_attention(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, self.dim))
 
 

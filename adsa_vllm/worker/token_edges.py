@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adsa_vllm.policy.dense_attention import masked_attention
 from adsa_vllm.worker.device_copy import on_device
 from adsa_vllm.worker.kv_views import gather_blocks
 
@@ -38,17 +39,12 @@ class EdgeRows:
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor, backend: str,
                head_size: int, scale: float) -> None:
         """Overwrite the rows' attention output (after the kernel wrote it; this layer's K/V of the step are
-        cached): softmax(q k / sqrt(d)) v over the masked kept tokens, in float32."""
+        cached): the reference's masked attention over the masked kept tokens, in float32."""
         r = self.block_ids.shape[0]
         keys, values = gather_blocks(kv_cache, self.block_ids.reshape(-1), backend, head_size)   # [R n, bs, H, D]
-        keys, values = (t.reshape(r, -1, *t.shape[2:]).float() for t in (keys, values))       # [R, N, H, D]
-        q = query.reshape(query.shape[0], -1, head_size)[self.token_index].float()          # [R, Hq, D]
-        rep = q.shape[1] // keys.shape[2]
-        if rep > 1:   # GQA: each KV head serves `rep` query heads
-            keys, values = keys.repeat_interleave(rep, dim=2), values.repeat_interleave(rep, dim=2)
-        s = torch.einsum("rhd,rnhd->rhn", q, keys) * scale
-        s = s.masked_fill(~self.mask[:, None, :], float("-inf"))
-        out = torch.einsum("rhn,rnhd->rhd", s.softmax(-1), values)
+        keys, values = (t.reshape(r, -1, *t.shape[2:]).transpose(1, 2).float() for t in (keys, values))  # [R,H,N,D]
+        q = query.reshape(query.shape[0], -1, head_size)[self.token_index].float()[:, :, None]  # [R, Hq, 1, D]
+        out = masked_attention(q, keys, values, self.mask[:, None, None, :], scale=scale)[:, :, 0]
         output.view(-1, q.shape[1], head_size)[self.token_index] = out.to(output.dtype)
 
 
