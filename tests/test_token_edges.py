@@ -135,21 +135,10 @@ REQUESTS = [("random", c, None) for c in C] + [
 
 @pytest.fixture(scope="module")
 def edges16(engines, model16):
-    from test_vllm_adsa import HeldRecorder, _generate, _internal_ids, _manager, _sched
+    from recorded_run import recorded_run
     model_dir, config = model16
     llm = engines.get("edges16", model_dir, attention_backend="adsa", additional_config={"adsa": ENGINE})
-    m = _manager(llm)
-    free_before = m.block_pool.get_num_free_blocks()
-    rec = HeldRecorder(llm)
-    try:
-        tokens, outs = _generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in REQUESTS])
-    finally:
-        rec.remove()
-    ids = _internal_ids(outs, list(rec.log))
-    labels = {ids[o.request_id]: f"{lab}/{c}" for (lab, c, _), o in zip(REQUESTS, outs)}
-    return dict(tokens=tokens, rec=rec, labels=labels, stats=_sched(llm).adsa_stats(), free_before=free_before,
-                free_after=m.block_pool.get_num_free_blocks(), num_blocks=m.block_pool.num_gpu_blocks,
-                live_after=dict(m.requests))
+    return recorded_run(llm, config, REQUESTS)
 
 
 @pytest.mark.parametrize("label,overrides", [("random", {}), ("streaming", {"policy": "streaming"}),

@@ -22,26 +22,13 @@ import torch
 
 from adsa_vllm.config import GRANULARITIES, ADSAConfig
 from adsa_vllm.policy import POLICIES
-from adsa_vllm.engine.observe import SchedulerWatch, engine_scheduler
+from adsa_vllm.engine.observe import SchedulerWatch
 from greedy_match import assert_greedy_matches_reference
+from recorded_run import HeldRecorder, generate, manager, recorded_run, sampling_params, scheduler
 
 C16 = (2, 7)
 C24 = (1,)
 ADSA_ON = dict(attention_backend="adsa")
-
-
-def _params(n, extra=None):
-    from vllm import SamplingParams
-    return SamplingParams(temperature=0.0, max_tokens=n, detokenize=False,
-                          extra_args=None if extra is None else {"adsa": extra})
-
-
-def _sched(llm):
-    return engine_scheduler(llm)
-
-
-def _manager(llm):
-    return _sched(llm).adsa_managers[0]
 
 
 def _kv_caches(llm):
@@ -54,53 +41,9 @@ def _kv_caches(llm):
     return caches
 
 
-def _generate(llm, config, requests, n=None):
-    """requests: [(label, class_id, overrides|None)] -> {label: token tensor} (one batched generate call)."""
-    prompts = [{"prompt_token_ids": config.prompt(c)} for _, c, _ in requests]
-    params = [_params(config.image_tokens if n is None else n, ov) for _, _, ov in requests]
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    assert len(outs) == len(requests)
-    return {label: torch.tensor(list(o.outputs[0].token_ids)) for (label, _, _), o in zip(requests, outs)}, outs
-
-
-def _internal_ids(llm_outs, sched_ids):
-    """RequestOutput.request_id (external) -> the scheduler's internal id ('<external>-<suffix>')."""
-    out = {}
-    for o in llm_outs:
-        match = [r for r in sched_ids if r == o.request_id or r.startswith(o.request_id + "-")]
-        assert len(match) == 1, (o.request_id, sched_ids)
-        out[o.request_id] = match[0]
-    return out
-
-
 def _mismatch(a, b):
     bad = (a != b).nonzero()
     return None if bad.numel() == 0 else int(bad[0, 0])
-
-
-class HeldRecorder:
-    """After every schedule() (a SchedulerWatch callback): held blocks and the bound of each running request (the
-    moment a sequence holds most: this step's tail is allocated, this step's evictions not yet applied)."""
-
-    def __init__(self, llm):
-        self.sched, self.m = _sched(llm), _manager(llm)
-        self.log: dict[str, list[int]] = {}
-        self.bound: dict[str, int] = {}
-        self.layout: dict[str, object] = {}
-        self.watch = SchedulerWatch(self.sched, on_step=self._record)
-
-    def _record(self, sched):
-        for r in sched.running:
-            rid = r.request_id
-            entry = self.m.requests[rid]
-            self.layout[rid] = entry.layout
-            self.bound[rid] = entry.layout.budget_blocks + entry.layout.slack_blocks
-            counted = sum(not b.is_null for b in self.m.req_to_blocks.get(rid, ()))
-            assert self.m.held_blocks(rid) == counted, "the manager's O(1) held count drifted"
-            self.log.setdefault(rid, []).append(counted)
-
-    def remove(self):
-        self.watch.close()
 
 
 class GarbageWriter:
@@ -109,7 +52,7 @@ class GarbageWriter:
     holds and attends to (logical block 0, a prefix block), to prove that garbage is visible when read."""
 
     def __init__(self, llm, value=1e4, kept=False):
-        self.m, self.caches, self.value, self.kept = _manager(llm), _kv_caches(llm), value, kept
+        self.m, self.caches, self.value, self.kept = manager(llm), _kv_caches(llm), value, kept
         self.written: list[int] = []
         self.calls = 0
         self._orig = self.m.evict
@@ -185,22 +128,8 @@ def _adsa16(engines, model16):
 
 @pytest.fixture(scope="module")
 def main16(engines, model16):
-    llm, config, model_dir = _adsa16(engines, model16)
-    m = _manager(llm)
-    free_before = m.block_pool.get_num_free_blocks()
-    freed_before = m.total_freed
-    rec = HeldRecorder(llm)
-    try:
-        tokens, outs = _generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in MAIN_REQUESTS])
-    finally:
-        rec.remove()
-    ids = _internal_ids(outs, list(rec.log))
-    labels = {ids[o.request_id]: f"{lab}/{c}" for (lab, c, _), o in zip(MAIN_REQUESTS, outs)}
-    stats = _sched(llm).adsa_stats()
-    return dict(tokens=tokens, rec=rec, labels=labels, stats=stats, free_before=free_before,
-                free_after=m.block_pool.get_num_free_blocks(), freed=m.total_freed - freed_before,
-                live_after=dict(m.requests), sched_requests_after=dict(_sched(llm).requests),
-                num_blocks=m.block_pool.num_gpu_blocks)
+    llm, config, _ = _adsa16(engines, model16)
+    return recorded_run(llm, config, MAIN_REQUESTS)
 
 
 def _by_label(main, label):
@@ -252,7 +181,7 @@ def test_bounded_scratch_memory_changes_nothing(module, labels, main16, engines,
     llm, config, _ = _adsa16(engines, model16)
     monkeypatch.setattr(importlib.import_module(f"adsa_vllm.worker.{module}"), "SCRATCH_BYTES", 1)
     requests = [r for r in MAIN_REQUESTS if r[0] in labels]
-    tokens, _ = _generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in requests])
+    tokens, _ = generate(llm, config, [(f"{lab}/{c}", c, ov) for lab, c, ov in requests])
     for label, got in tokens.items():
         assert torch.equal(got, main16["tokens"][label]), label
 
@@ -391,7 +320,7 @@ def test_freed_blocks_overwritten_with_garbage_do_not_change_outputs(engines, mo
     # not-yet-written slots the CPU kernel masks by value (NaN there would poison even stock vLLM; see report).
     gw = GarbageWriter(llm, value=1e4)
     try:
-        tokens, _ = _generate(llm, config, reqs)
+        tokens, _ = generate(llm, config, reqs)
     finally:
         gw.remove()
     assert len(gw.written) > 0 and gw.calls > 0, "no block was freed, the test proves nothing"
@@ -406,14 +335,14 @@ def test_garbage_writer_control_kept_block_changes_output(engines, model16, main
     c = C16[0]
     gw = GarbageWriter(llm, value=1e4, kept=True)
     try:
-        tokens, _ = _generate(llm, config, [("ctl", c, None)], n=200)
+        tokens, _ = generate(llm, config, [("ctl", c, None)], n=200)
     finally:
         gw.remove()
     assert gw.written, "the control never wrote (no eviction within 200 tokens)"
     assert not torch.equal(tokens["ctl"], main16["tokens"][f"diverse/{c}"][:200]), \
         "garbage in a kept block did not change the output: the writer does not reach the KV the kernel reads"
     # The engine still produces the clean result afterwards (block 0 of that request was freed with it).
-    again, _ = _generate(llm, config, [("again", c, None)])
+    again, _ = generate(llm, config, [("again", c, None)])
     assert torch.equal(again["again"], main16["tokens"][f"diverse/{c}"])
 
 
@@ -433,9 +362,9 @@ def main24(engines, model24):
             + [(f"similar/{c}", c, {"policy": "topk_v", "keep": "similar"}) for c in C24]
             + [(f"{label}/{c}", c, {"granularity": "token", "policy": a.policy, "seed": a.seed})
                for label, a in TOKEN24 for c in C24])
-    freed0 = _manager(llm).total_freed
-    tokens, _ = _generate(llm, config, reqs)
-    return dict(tokens=tokens, freed=_manager(llm).total_freed - freed0)
+    freed0 = manager(llm).total_freed
+    tokens, _ = generate(llm, config, reqs)
+    return dict(tokens=tokens, freed=manager(llm).total_freed - freed0)
 
 
 @pytest.mark.parametrize("label,adsa", [
@@ -458,8 +387,8 @@ def test_token_granularity_equals_reference_24x24(label, adsa, main24, model24, 
 def test_engine_budget_none_equals_full_attention_and_frees_nothing(engines, model16, reference):
     model_dir, config = model16
     llm = engines.get("none16", model_dir, **ADSA_ON, additional_config={"adsa": {"budget": None}})
-    sched = _sched(llm)
-    tokens, outs = _generate(llm, config, [(c, c, None) for c in C16])
+    sched = scheduler(llm)
+    tokens, outs = generate(llm, config, [(c, c, None) for c in C16])
     _assert_matches(reference, model_dir, torch.stack([tokens[c] for c in C16]), C16, None, "budget None")
     stats = sched.adsa_stats()
     assert stats["enabled"] and stats["total_freed_blocks"] == 0
@@ -492,12 +421,12 @@ def capacity_numbers():
 
 def test_capacity_adsa_runs_more_sequences_without_preemption(engines, model24, reference, capacity_numbers):
     llm, config = _capacity_engine(engines, model24, adsa=True)
-    sched, m = _sched(llm), _manager(llm)
+    sched, m = scheduler(llm), manager(llm)
     assert m.block_pool.num_gpu_blocks == POOL
     free0 = m.block_pool.get_num_free_blocks()
     assert free0 == POOL - 1
     with SchedulerWatch(sched) as conc:   # max len(running) after schedule() and preemptions, stock scheduler too
-        tokens, outs = _generate(llm, config, [(i, i % 10, None) for i in range(NUM_REQ)])
+        tokens, outs = generate(llm, config, [(i, i % 10, None) for i in range(NUM_REQ)])
     capacity_numbers["adsa"] = (conc.max_running, conc.preemptions)
     msg = f"ADSA: max running {conc.max_running} (scheduler.max_running {sched.max_running}), preemptions " \
           f"{conc.preemptions} (scheduler.num_preemptions {sched.num_preemptions}); need >= {1.8 * N_FULL}"
@@ -513,12 +442,12 @@ def test_capacity_adsa_runs_more_sequences_without_preemption(engines, model24, 
 
 def test_no_leak_after_aborts_mid_generation(engines, model24):
     llm, config = _capacity_engine(engines, model24, adsa=True)
-    sched, m, eng = _sched(llm), _manager(llm), llm.llm_engine
+    sched, m, eng = scheduler(llm), manager(llm), llm.llm_engine
     free0 = m.block_pool.get_num_free_blocks()
     assert free0 == POOL - 1
     ids = [f"abort{i}" for i in range(6)]
     for i, rid in enumerate(ids):
-        eng.add_request(rid, {"prompt_token_ids": config.prompt(i)}, _params(config.image_tokens))
+        eng.add_request(rid, {"prompt_token_ids": config.prompt(i)}, sampling_params(config.image_tokens))
     eng.step()
     eng.step()
     eng.abort_request([ids[0]])                     # early: before any eviction
@@ -547,10 +476,10 @@ def test_no_leak_after_aborts_mid_generation(engines, model24):
 
 def test_capacity_full_attention_baseline_cannot_keep_up(engines, model24, capacity_numbers):
     llm, config = _capacity_engine(engines, model24, adsa=False)
-    sched = _sched(llm)
+    sched = scheduler(llm)
     assert not hasattr(sched, "adsa_managers")  # the stock scheduler
     with SchedulerWatch(sched) as conc:   # max len(running) after schedule() and preemptions, stock scheduler too
-        tokens, outs = _generate(llm, config, [(i, i % 10, None) for i in range(NUM_REQ)])
+        tokens, outs = generate(llm, config, [(i, i % 10, None) for i in range(NUM_REQ)])
     capacity_numbers["full"] = (conc.max_running, conc.preemptions)
     print(f"capacity (max running, preemptions): ADSA {capacity_numbers.get('adsa')}, full {capacity_numbers['full']}")
     msg = f"full attention: max running {conc.max_running}, preemptions {conc.preemptions}; " \
@@ -616,13 +545,13 @@ def test_block_size_32_equals_reference(engines, model16, reference):
                       additional_config={"adsa": {"budget": 0.5, "policy": "topk_v"}})
     rec = HeldRecorder(llm)
     try:
-        tokens, _ = _generate(llm, config, [(c, c, None) for c in C16])
+        tokens, _ = generate(llm, config, [(c, c, None) for c in C16])
     finally:
         rec.remove()
     reference.greedy(model_dir, C16[:1])   # loads and caches the reference model
     _assert_matches(reference, model_dir, torch.stack([tokens[c] for c in C16]), C16,
                     ADSAConfig(budget=0.5, policy="topk_v"), "block size 32", block_size=32)
-    stats = _sched(llm).adsa_stats()
+    stats = scheduler(llm).adsa_stats()
     assert stats["total_freed_blocks"] > 0
     for rid, held in rec.log.items():
         layout = rec.layout[rid]
