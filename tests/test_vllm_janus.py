@@ -33,7 +33,8 @@ def tiny_config():
     return JanusConfig(
         text_config=dict(model_type="llama", vocab_size=TEXT_VOCAB, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,   # head_dim 32, GQA
-                         max_position_embeddings=512, bos_token_id=BOS, pad_token_id=PAD, tie_word_embeddings=False),
+                         max_position_embeddings=512, bos_token_id=BOS, pad_token_id=PAD, eos_token_id=None,
+                         tie_word_embeddings=False),   # no EOS: LlamaConfig's default 2 is an image code here
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0,
                            image_size=16 * GRID, patch_size=16, projection_dim=64, depth=2,
                            num_image_tokens=GRID * GRID),
@@ -121,6 +122,9 @@ def test_spec_reads_the_transformers_config(janus):
                               "head_dim": 32}
     again = JanusConfig.from_hf_dict(doubled)
     assert (again.n_head, again.kv_heads, again.head_dim) == (2, 1, 32)
+    # An EOS among the image codes would stop images early (vLLM stops at the config's EOS as served).
+    with pytest.raises(ValueError, match=r"eos_token_id=2 is an image code .* set it .* to null"):
+        JanusConfig.from_hf_dict({**doubled, "text_config": {**doubled["text_config"], "eos_token_id": 2}})
 
 
 @pytest.mark.parametrize("ids, match", [

@@ -53,8 +53,16 @@ class JanusConfig:
     pad_token_id: int
     boi_token_id: int
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    eos_token_id: int | None = None    # the text EOS: vLLM stops a request that samples this id, as served
 
     def __post_init__(self):
+        if self.eos_token_id is not None and 0 <= self.eos_token_id < self.codebook_size:
+            # vLLM takes the model's EOS (config / generation_config.json) as a stop id without our shift, and every
+            # id below codebook_size is an image code: the image would end where that code is drawn.
+            raise ValueError(f"Janus config: text_config.eos_token_id={self.eos_token_id} is an image code as "
+                             f"vLLM serves this model (codes are 0..{self.codebook_size - 1}), so images would stop "
+                             "early; set it (and generation_config.json's) to null or the tokenizer's real EOS "
+                             "(Janus-Pro: 100001)")
         for name in ("bos_token_id", "pad_token_id", "boi_token_id"):
             tid = getattr(self, name)
             if not 0 <= tid < self.text_vocab_size:
@@ -149,7 +157,13 @@ class JanusConfig:
             gen_act=vq.get("hidden_act", "gelu"), bos_token_id=text.get("bos_token_id", 100000),
             pad_token_id=JANUS_PAD_TOKEN_ID if pad is None else pad,
             boi_token_id=d.get("boi_token_id", JANUS_BOI_TOKEN_ID),
-            max_prompt_tokens=d.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS))
+            max_prompt_tokens=d.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS), eos_token_id=_first(
+                text.get("eos_token_id")))
+
+
+def _first(ids):
+    """An id, a list of ids (a generation config may name several) or None -> the smallest id or None."""
+    return min(ids) if isinstance(ids, list) and ids else ids if isinstance(ids, int) else None
 
 
 __all__ = ["ARCHITECTURE", "DEFAULT_MAX_PROMPT_TOKENS", "JanusConfig"]
