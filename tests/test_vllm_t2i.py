@@ -69,6 +69,36 @@ def test_greedy_t2i_equals_reference(case, engines, t2i):
         assert freed > 0, "ADSA freed nothing: the test proves nothing about eviction"
 
 
+def test_greedy_t2i_with_token_edges_equals_reference(engines, t2i):
+    """Token edges on a caption (issue 24): a 9-row caption at 48 tokens, guided. Its prefix (25 tokens) and window
+    (17) fit the budget but their 4 whole blocks (64 tokens) do not, so the layout cuts them at token granularity
+    (BlockLayout.token_edges; worker/token_edges.py recomputes those rows). vLLM equals the reference, and differs
+    from the very same blocks attended whole (budget 64: no edges), so the masking really ran."""
+    from vllm import SamplingParams
+    from adsa_vllm.reference import score_tokens_t2i
+    model_dir, config, ref, captions = t2i
+    short = captions[1]
+    edges, whole = ADSAConfig(budget=48), ADSAConfig(budget=64)
+    lay = edges.layout(block_size=16, cls_token_num=short.shape[0], grid_size=config.grid_size)
+    assert lay.token_edges and (lay.prefix_tokens, lay.local_tokens) == (25, 17)
+    lay_whole = whole.layout(block_size=16, cls_token_num=short.shape[0], grid_size=config.grid_size)
+    assert not lay_whole.token_edges and lay_whole.budget_blocks == lay.budget_blocks == 4   # the same blocks
+    # cfg4_adsa50's engine (a 48-token engine default would be refused: the 24-row caption needs 57 tokens)
+    llm = engines.get(("t2i", "cfg4_adsa50"), model_dir, attention_backend="adsa",
+                      additional_config={"cfg": {"scale": SCALE}, "adsa": {"budget": 0.5}})
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    free0, freed0 = sched.kv_cache_manager.block_pool.get_num_free_blocks(), sched.adsa_managers[0].total_freed
+    params = [SamplingParams(temperature=0.0, max_tokens=config.image_tokens, ignore_eos=True, detokenize=False,
+                             extra_args={"adsa": {"budget": b}}) for b in (48, 64)]
+    outs = llm.generate([{"prompt_embeds": short}] * 2, params, use_tqdm=False)
+    got, got_whole = (torch.tensor([list(o.outputs[0].token_ids)]) for o in outs)
+    lp = score_tokens_t2i(ref, [short], got, adsa=edges, cfg_scale=SCALE, cfg_selection="shared")
+    check_greedy(got, lp, cfg_scale=SCALE, label="t2i token edges")
+    assert not torch.equal(got, got_whole), "token edges changed nothing: the rows were not recomputed"
+    assert sched.adsa_managers[0].total_freed > freed0
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == free0, "KV blocks leaked"
+
+
 def test_caption_length_matters_and_padding_is_left_out(engines, t2i):
     """The same caption with padding rows appended is a different (longer) prompt; the compact prompt of a padded
     caption (captions.caption_prompt) is exactly the unpadded one, so vLLM gives the same image."""
