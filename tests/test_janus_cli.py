@@ -29,12 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def janus_folder(janus):
     """The tiny Janus folder with a tokenizer whose special ids are the config's (BOS 1, pad 2, image start 3)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    import json
+
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
     assert [WORDS.index(w) for w in ("<bos>", "<pad>", "<begin_of_image>")] == [BOS, PAD, BOI]
     folder, model = janus
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = Tokenizer.from_str(json.dumps({   # word level, split at whitespace
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(WORDS)}, "unk_token": "<unk>"}}))
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>",
                             pad_token="<pad>").save_pretrained(folder)
     return folder, model
