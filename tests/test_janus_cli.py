@@ -53,7 +53,8 @@ def test_text_prompts_are_janus_chat_format_with_the_image_start(janus_folder):
     from adsa_vllm.janus.prompts import text_prompts
     folder, _ = janus_folder
     (prompt,) = text_prompts(folder, ["  a red fox in snow "])
-    assert [CODEBOOK + i for i in (BOS, 4, 6, 7, 9, 10, 11, 5, BOI)] == prompt   # <bos><|User|>: ... <|Assistant|>:<boi>
+    # <bos> <|User|>: a red fox in snow <|Assistant|>: <begin_of_image>
+    assert [CODEBOOK + i for i in (BOS, 4, 6, 7, 9, 10, 11, 5, BOI)] == prompt
 
 
 def test_generate_writes_the_pictures_transformers_makes(janus_folder, tmp_path):

@@ -66,8 +66,9 @@ class JanusConfig:
         for name in ("bos_token_id", "pad_token_id", "boi_token_id"):
             tid = getattr(self, name)
             if not 0 <= tid < self.text_vocab_size:
-                raise ValueError(f"Janus config: {name}={tid} is outside the text vocabulary 0..{self.text_vocab_size - 1}"
-                                 f"; set it in config.json (top level for boi_token_id, text_config for the others)")
+                raise ValueError(f"Janus config: {name}={tid} is outside the text vocabulary "
+                                 f"0..{self.text_vocab_size - 1}; set it in config.json (top level for boi_token_id, "
+                                 "text_config for the others)")
         if not 1 <= self.max_prompt_tokens <= self.context - self.image_tokens:
             raise ValueError(f"Janus config: max_prompt_tokens={self.max_prompt_tokens} must be 1.."
                              f"{self.context - self.image_tokens} (context {self.context} minus {self.image_tokens} "
@@ -105,7 +106,7 @@ class JanusConfig:
         lo, hi = self.codebook_size, self.input_vocab_size
         form = (f"a Janus prompt is 1..{self.max_prompt_tokens} text token ids shifted past the codebook "
                 f"(codebook_size + id = {lo}..{hi - 1}) ending with the image start token ({lo + self.boi_token_id});"
-                " adsa_vllm.janus.prompts.prompt_ids(tokenizer, text) makes one")
+                " adsa_vllm.janus.prompts.text_prompts(model_dir, texts) makes them")
         if not ids:
             raise ValueError(f"{form}; got an empty prompt")
         if len(ids) > self.max_prompt_tokens:
@@ -114,19 +115,19 @@ class JanusConfig:
                              "then hold the longer prefix)")
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not lo <= i < hi]
         if bad:
-            raise ValueError(f"{form}; got id(s) {bad[:4]} outside it" + (" (image codes or class ids are not a "
-                                                                             "Janus prompt)" if any(
-                isinstance(i, int) and 0 <= i < lo for i in bad) else ""))
+            below = any(isinstance(i, int) and 0 <= i < lo for i in bad)
+            raise ValueError(f"{form}; got id(s) {bad[:4]} outside it"
+                             + (" (image codes or class ids are not a Janus prompt)" if below else ""))
         if ids[-1] != lo + self.boi_token_id:
             raise ValueError(f"{form}; got a prompt ending with {ids[-1]} (class ids are not a Janus prompt)")
 
     def check_prompt_embeds(self, shape: tuple, floating: bool = True) -> None:
-        raise ValueError("Janus takes a text prompt as token ids (adsa_vllm.janus.prompts.prompt_ids(tokenizer, "
-                         "text)), not prompt_embeds")
+        raise ValueError("Janus takes a text prompt as token ids (adsa_vllm.janus.prompts.text_prompts(model_dir, "
+                         "texts)), not prompt_embeds")
 
     def prompt(self, class_id: int) -> list[int]:
-        raise ValueError("Janus is a text-to-image model: send a text prompt (adsa_vllm.janus.prompts.prompt_ids("
-                         "tokenizer, text)), not a class id")
+        raise ValueError("Janus is a text-to-image model: send a text prompt (adsa_vllm.janus.prompts.text_prompts("
+                         "model_dir, texts)), not a class id")
 
     def null_prompt(self, ids: list[int]) -> list[int]:
         keep = {self.codebook_size + self.bos_token_id, self.codebook_size + self.boi_token_id}

@@ -1,4 +1,5 @@
-"""Janus-Pro text-to-image as a model family (adsa_vllm/family.py): its architecture, vLLM model, config and converter."""
+"""Janus-Pro text-to-image as a model family (adsa_vllm/family.py): its architecture, vLLM model, config, converter
+and user tools (text prompts, VQ decoder)."""
 
 from __future__ import annotations
 
