@@ -182,16 +182,18 @@ def test_adsa_covering_budget_equals_full_attention_and_a_real_budget_evicts_wit
     m = engine_scheduler(llm).adsa_managers[0]
     free0 = m.block_pool.get_num_free_blocks()
     rec = HeldRecorder(llm)
-    evicting = {"adsa": {"budget": 0.5}}
+    # Real budgets per request: the engine's policy, one query-dependent policy, and token granularity.
+    evicting = [{"adsa": {"budget": 0.5}}, {"adsa": {"budget": 0.5, "policy": "attention_mass"}},
+                {"adsa": {"budget": 0.5, "granularity": "token"}}]
     try:
-        tokens = _generate(llm, [(p, None) for p in PROMPTS] + [(p, evicting) for p in PROMPTS[:2]])
+        tokens = _generate(llm, [(p, None) for p in PROMPTS] + list(zip(PROMPTS, evicting)))
     finally:
         rec.remove()
     assert tokens[:3] == oracle["cfg"]
     assert all(len(t) == GRID * GRID and all(0 <= c < CODEBOOK for c in t) for t in tokens[3:])
     assert m.total_freed > 0
     evicted = [rid for rid, layout in rec.layout.items() if layout.budget_blocks < layout.max_blocks]
-    assert len(evicted) == 2
+    assert len(evicted) == len(evicting)
     for rid in evicted:
         layout = rec.layout[rid]
         assert max(rec.log[rid]) <= layout.held_bound < layout.max_blocks, (rid, max(rec.log[rid]), layout)
