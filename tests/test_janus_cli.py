@@ -130,3 +130,9 @@ def test_http_client_writes_transformers_pictures_and_bad_requests_get_400(janus
         assert err.value.status == 400
     again = post_json(url, image_request(config, model=served, prompt=prompt, temperature=0.0))
     assert again["choices"][0]["token_ids"] == hf_generate(model, [i - CODEBOOK for i in prompt], SCALE)
+
+
+def test_eval_names_what_it_cannot_do_yet(janus_folder, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(janus_folder[0]), "--settings", "full"])
+    assert e.value.code == 2 and "has no text-prompt conditions yet" in capsys.readouterr().err

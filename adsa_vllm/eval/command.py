@@ -75,7 +75,7 @@ def build_run(args):
     import torch
 
     from adsa_vllm.cli_common import BLOCK_SIZE, PIXEL_MODEL_TOP_K, parse_classes
-    from adsa_vllm.family import load_config
+    from adsa_vllm.family import family_tool, load_config
     from adsa_vllm.default_model import default_model_dir
     from adsa_vllm.eval import conditions as cond
     from adsa_vllm.eval.metrics import DEFAULT_FEATURE_EXTRACTOR
@@ -87,6 +87,9 @@ def build_run(args):
 
     model_dir = str(args.model or default_model_dir())
     config = load_config(model_dir)
+    if family_tool(model_dir, "text_prompts") is not None:
+        raise ValueError(f"{model_dir} takes text prompts (Janus-Pro): adsa-vllm eval samples class ids or "
+                         "LlamaGen captions and has no text-prompt conditions yet; adsa-vllm generate draws its images")
     pixel = is_pixel_token_model(config)
     if config.is_t2i:
         if args.classes:
