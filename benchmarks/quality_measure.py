@@ -3,7 +3,9 @@ against the reference trackers. The batched selection lives in the library (adsa
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -11,12 +13,16 @@ from adsa_vllm.config import ADSAConfig, ADSAConfigError
 from adsa_vllm.reference import generate, score_tokens, score_tokens_batched
 
 LN2 = math.log(2.0)
+# head_split's head classes for the shipped model, measured by benchmarks/head_calibration.py
+HEAD_CLASSES = Path(__file__).resolve().parent.parent / "adsa_vllm" / "assets" / "head_classes.json"
 # (label, ADSAConfig fields) of every policy measured; labels are the JSON / table / plot keys.
 POLICIES = {"topk_v_diverse": dict(policy="topk_v", keep="diverse"),
             "topk_v_similar": dict(policy="topk_v", keep="similar"),
             "streaming": dict(policy="streaming"),
             "random": dict(policy="random"),
-            "attention_mass": dict(policy="attention_mass")}
+            "attention_mass": dict(policy="attention_mass"),
+            "row_anchored": dict(policy="row_anchored"),
+            "head_split": dict(policy="head_split", heads=json.loads(HEAD_CLASSES.read_text())["heads"])}
 BUDGETS = (0.10, 0.25, 0.50, 0.75)
 
 

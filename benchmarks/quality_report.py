@@ -14,7 +14,8 @@ from adsa_vllm.data import fashion_mnist as fm
 
 # Pictures: Pillow only.
 COLORS = {"full": (0, 0, 0), "topk_v_diverse": (214, 39, 40), "topk_v_similar": (255, 127, 14),
-          "streaming": (31, 119, 180), "random": (127, 127, 127), "attention_mass": (44, 160, 44)}
+          "streaming": (31, 119, 180), "random": (127, 127, 127), "attention_mass": (44, 160, 44),
+          "row_anchored": (140, 86, 75), "head_split": (227, 119, 194)}
 
 
 def _colour(label: str):
