@@ -328,7 +328,8 @@ def test_layout_positions():
     (dict(prefix=0), r"adsa\.prefix=0 would evict condition tokens; use at least 1"),
     (dict(local=1), r"adsa\.local=1: the window must hold at least the query and its predecessor"),
     (dict(refresh=0), r"adsa\.refresh=0: must be a positive"),
-    (dict(policy="nope"), r"adsa\.policy='nope' is unknown; choose one of attention_mass, random, streaming, topk_v"),
+    (dict(policy="nope"), r"adsa\.policy='nope' is unknown; choose one of attention_mass, head_split, random, "
+     r"row_anchored, streaming, topk_v"),
     (dict(keep="both"), r"adsa\.keep='both' is unknown; choose one of diverse, similar"),
 ])
 def test_layout_errors_name_the_fix(kwargs, match):

@@ -69,7 +69,8 @@ def test_a_policy_without_a_scorer_at_a_granularity_is_refused_naming_the_fix(mo
     worker all build them), never an error in the worker."""
     monkeypatch.delitem(TokenScorer.registry, "streaming")
     match = r"""adsa\.policy='streaming' has no token-granularity scorer: with "granularity": "token" choose one """ \
-            r"""of attention_mass, random, topk_v, or keep 'streaming' with "granularity": "block\""""
+            r"""of attention_mass, head_split, random, row_anchored, topk_v, or keep 'streaming' with "granularity": """ \
+            r""""block\""""
     with pytest.raises(ADSAConfigError, match=match):
         ADSAConfig(policy="streaming", granularity="token")
     limits = EngineLimits(model=MODEL, engine=_engine())

@@ -496,7 +496,8 @@ def test_capacity_full_attention_baseline_cannot_keep_up(engines, model24, capac
     (dict(block_size=64, additional_config={"adsa": {"budget": 0.5}}),
      r"block.size 64 is not supported by ADSA; use .*16"),
     (dict(additional_config={"adsa": {"policy": "unknown"}}),
-     r"adsa\.policy='unknown' is unknown; choose one of attention_mass, random, streaming, topk_v"),
+     r"adsa\.policy='unknown' is unknown; choose one of attention_mass, head_split, random, row_anchored, "
+     r"streaming, topk_v"),
     (dict(additional_config={"adsa": {"bugdet": 0.5}}),
      r"unknown adsa setting\(s\) \['bugdet'\]; valid keys are .*'budget'"),
     (dict(additional_config={"adsa": {"keep": "both"}}),
