@@ -41,11 +41,12 @@ class Recorder(SequenceTracker):
             self.requests.append(pos)
         return cands
 
-    def score_layer(self, keys, values, query, pos, scale):
+    def score_layer(self, keys, values, query, pos, scale, layer=0):
         assert keys.shape == values.shape and keys.shape[:2] == (len(self.pending_blocks), self.layout.block_size)
         assert query.shape[-1] == keys.shape[-1] and scale == pytest.approx(keys.shape[-1] ** -0.5)
+        assert layer == self.layer_calls.get(pos, 0) or not self.scorer.reads_kv   # layers in order, each once
         self.layer_calls[pos] = self.layer_calls.get(pos, 0) + 1
-        super().score_layer(keys, values, query, pos, scale)
+        super().score_layer(keys, values, query, pos, scale, layer)
 
 
 @pytest.mark.parametrize("grid,cls,kv", [(16, 1, None), (4, 2, 2)])
