@@ -8,7 +8,8 @@ Users give them with ``--additional-config '{"adsa": {...}, "cfg": {...}}'``. Be
   admission      -- "peak" (default): reserve each request's peak, never preempt; "overcommit": vLLM's own rule
                     (blocks free now) and preempt by swap, exactly; "average": admit by life-average footprint,
                     preempt by swap (adsa_vllm/engine/swap.py says what each buys, measured);
-  swap_space_gib -- host memory for swapped requests' kept blocks (per worker; default 4).
+  swap_space_gib -- host memory for swapped requests' kept blocks (per worker; default 4; pinned at startup under a
+                    preempting admission rule, worker/host_kv.py).
 Per-request overrides use the same `ADSAConfig` keys under ``SamplingParams.extra_args["adsa"]``.
 
 How every process gets the same object: vLLM runs the config hook once, where the VllmConfig is built (the API
