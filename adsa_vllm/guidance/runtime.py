@@ -71,6 +71,19 @@ class GuidanceRuntime:
         return out[:, None]
 
 
+def image_logits(logits: torch.Tensor, n: int, guidance: GuidanceRuntime | None, codebook_size: int,
+                 vocab_size: int) -> torch.Tensor:
+    """A family model's compute_logits: head logits [n * branches, >= codebook_size] -> [n, vocab_size]. Under
+    guidance a request's rows are its (cond, uncond) pair, merged as u + s (c - u) in float32 with each request's
+    scale; the columns beyond the codebook (condition ids: classes, text) are -inf, so sampling never emits them."""
+    logits = logits[:, :codebook_size]
+    if guidance is not None:
+        pair = logits.float().reshape(n, 2, -1)
+        c, u = pair[:, 0], pair[:, 1]
+        logits = u + guidance.row_scales(n, logits.device) * (c - u)
+    return torch.cat([logits, logits.new_full((n, vocab_size - codebook_size), float("-inf"))], dim=-1)
+
+
 def make_guidance_runtime(vllm_config, model_cfg) -> GuidanceRuntime | None:
     """One per model instance; None when the engine runs without guidance (the model then runs one branch)."""
     settings = EngineSettings.from_vllm_config(vllm_config).guidance

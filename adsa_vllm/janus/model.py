@@ -34,7 +34,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 
-from adsa_vllm.guidance.runtime import make_guidance_runtime
+from adsa_vllm.guidance.runtime import image_logits, make_guidance_runtime
 from adsa_vllm.janus.config import JanusConfig
 from adsa_vllm.worker.layer import make_attention, make_runtime
 
@@ -184,14 +184,9 @@ class JanusForConditionalGeneration(nn.Module):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        n, branches = hidden_states.shape[0], self.model.branches
-        logits = self.model.generation_head(hidden_states.reshape(n * branches, -1))
-        if branches > 1:
-            pair = logits.float().reshape(n, 2, -1)
-            c, u = pair[:, 0], pair[:, 1]
-            logits = u + self.model.guidance.row_scales(n, logits.device) * (c - u)
-        text = logits.new_full((n, self.config.text_vocab_size), float("-inf"))
-        return torch.cat([logits, text], dim=-1)
+        n = hidden_states.shape[0]
+        logits = self.model.generation_head(hidden_states.reshape(n * self.model.branches, -1))
+        return image_logits(logits, n, self.model.guidance, self.config.codebook_size, self.config.input_vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

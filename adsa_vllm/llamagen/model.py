@@ -38,7 +38,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
-from adsa_vllm.guidance.runtime import make_guidance_runtime
+from adsa_vllm.guidance.runtime import image_logits, make_guidance_runtime
 from adsa_vllm.llamagen.caption import CaptionEmbedder, caption_positions, embed_image_tokens
 from adsa_vllm.llamagen.rope2d import apply_rope_2d, rope_2d_table
 from adsa_vllm.llamagen.config import LlamaGenConfig
@@ -166,7 +166,6 @@ class LlamaGenForCausalLM(nn.Module):
         self.config = config
         self.output = ParallelLMHead(config.codebook_size, config.dim, prefix="output")
         self.logits_processor = LogitsProcessor(config.codebook_size)
-        self.num_cond_ids = config.input_vocab_size - config.codebook_size
 
     @property
     def adsa_runtime(self):
@@ -190,12 +189,7 @@ class LlamaGenForCausalLM(nn.Module):
         logits = self.logits_processor(self.output, hidden_states.reshape(n * self.model.branches, -1))
         if logits is None:
             return None
-        if self.model.branches > 1:
-            pair = logits[:, : self.config.codebook_size].float().reshape(n, 2, -1)
-            c, u = pair[:, 0], pair[:, 1]
-            logits = u + self.model.guidance.row_scales(n, logits.device) * (c - u)
-        pad = logits.new_full((logits.shape[0], self.num_cond_ids), float("-inf"))
-        return torch.cat([logits[:, : self.config.codebook_size], pad], dim=-1)
+        return image_logits(logits, n, self.model.guidance, self.config.codebook_size, self.config.input_vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
