@@ -65,19 +65,32 @@ def attention_in_cuda_graphs(compilation_config, engine: EngineSettings) -> bool
     return mode.has_full_cudagraphs() or not compilation_config.splitting_ops_contain_attention()
 
 
+def check_tensor_parallel(layout: BlockLayout, tensor_parallel_size: int) -> None:
+    """head_split at block granularity reads its head classes by the query heads a rank holds, with no rank offset
+    (policy/head_split.py); under tensor parallelism it would misread them silently, so it is refused there
+    (engine start: the defaults; each request: its own settings)."""
+    if tensor_parallel_size > 1 and layout.policy == "head_split" and layout.granularity == "block":
+        raise ADSAConfigError(
+            f"adsa.policy 'head_split' at block granularity cannot run at tensor_parallel_size "
+            f"{tensor_parallel_size}: each rank holds a slice of the heads and the block form has no head offset; "
+            'use {"granularity": "token"} (each rank scores its own heads) or tensor_parallel_size 1')
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What a request is checked against: the model's shape and the engine's settings."""
     model: ModelSpec
     engine: EngineSettings
     attention_in_cuda_graphs: bool = False   # see `attention_in_cuda_graphs`
+    tensor_parallel_size: int = 1
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "EngineLimits":
         """The limits of a family's engine, decided once from its resolved VllmConfig (the API process's)."""
         engine = EngineSettings.from_vllm_config(vllm_config)
         return cls(model=model_spec(vllm_config.model_config), engine=engine,
-                   attention_in_cuda_graphs=attention_in_cuda_graphs(vllm_config.compilation_config, engine))
+                   attention_in_cuda_graphs=attention_in_cuda_graphs(vllm_config.compilation_config, engine),
+                   tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size)
 
 
 def validate_settings(extra_args, limits: EngineLimits, prompt_len: int | None = None) -> RequestSettings:
@@ -94,6 +107,7 @@ def validate_settings(extra_args, limits: EngineLimits, prompt_len: int | None =
     layout = None
     if limits.engine.adsa is not None:
         layout = limits.engine.adsa.layout(overrides, prompt_len)   # its ADSAConfig resolved the scorers
+        check_tensor_parallel(layout, limits.tensor_parallel_size)
         if limits.attention_in_cuda_graphs and needs_query(layout):
             raise ADSAConfigError(
                 f"adsa.policy={layout.policy!r} scores with each step's query inside the attention forward, which this "
@@ -155,4 +169,4 @@ def validate_request(params, limits: EngineLimits, prompt_len: int | None = None
 
 
 __all__ = ["EXTRA_ARG_KEYS", "EngineLimits", "RequestFieldError", "RequestSettings", "attention_in_cuda_graphs",
-           "validate_request", "validate_sampling_fields", "validate_settings"]
+           "check_tensor_parallel", "validate_request", "validate_sampling_fields", "validate_settings"]

@@ -81,7 +81,8 @@ def _vllm_config(additional_config: dict):
                                    skip_tokenizer_init=False, enable_prompt_embeds=False, disable_cascade_attn=False)
     return SimpleNamespace(
         model_config=model_config, additional_config=additional_config,
-        attention_config=SimpleNamespace(backend=None), parallel_config=SimpleNamespace(worker_cls="auto"),
+        attention_config=SimpleNamespace(backend=None),
+        parallel_config=SimpleNamespace(worker_cls="auto", tensor_parallel_size=1),
         scheduler_config=SimpleNamespace(async_scheduling=None, scheduler_cls=None, max_num_seqs=8),
         cache_config=SimpleNamespace(block_size=128, user_specified_block_size=False, enable_prefix_caching=True),
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=None, cudagraph_capture_sizes=None,

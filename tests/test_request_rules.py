@@ -164,3 +164,18 @@ def test_cpu_engines_run_attention_outside_graphs(enforce_eager, model16):
     assert limits.engine.adsa is not None and not limits.attention_in_cuda_graphs
     for granularity in GRANULARITIES:
         validate_settings({"adsa": {"policy": "attention_mass", "granularity": granularity}}, limits)
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_head_split_blocks_are_refused_under_tensor_parallelism(tensor_parallel_size):
+    """head_split's block form has no rank offset into its head classes: refused at TP > 1, naming the token form;
+    its token form and every other policy run there."""
+    limits = EngineLimits(model=MODEL, engine=_engine(), tensor_parallel_size=tensor_parallel_size)
+    for policy in POLICIES:
+        for granularity in GRANULARITIES:
+            extra = {"adsa": {"policy": policy, "granularity": granularity}}
+            if tensor_parallel_size > 1 and (policy, granularity) == ("head_split", "block"):
+                with pytest.raises(SettingsError, match=r'tensor_parallel_size 2.*"granularity": "token"'):
+                    validate_settings(extra, limits)
+            else:
+                assert validate_settings(extra, limits).layout.policy == policy

@@ -13,10 +13,9 @@ engine/config_hook.py). None: every head is a sink head.
   block: one decision for every head, so the local heads, which need only the window (always kept), get no vote:
          a block's score is its attention mass averaged over the sink heads of the layer (0 in a layer without
          one; where no head votes, ties keep the newest blocks: streaming). Under CFG a pair's heads are
-         [conditional, null]: head h has class h mod heads-per-layer. Known gap: under tensor parallelism the block
-         form sees only its rank's heads and no offset (the token form gets one); a head count that does not fit
-         the classes is refused, but CFG at TP 2 gives each rank as many heads as a layer has and would be
-         misread. Use the token form under tensor parallelism.
+         [conditional, null]: head h has class h mod heads-per-layer. Under tensor parallelism the block form
+         would see only its rank's heads with no offset (the token form gets one), so engine start and request
+         validation refuse it there (request_validation.check_tensor_parallel), naming the token form.
 """
 
 from __future__ import annotations
