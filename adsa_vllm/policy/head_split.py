@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
-from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer
+from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer, query_probs
 
 HEAD_CLASSES_FILE = "head_classes.json"   # in a model folder: its measured classes, the engine's default `heads`
 
@@ -76,14 +76,9 @@ class TokenHeadSplit(TokenScorer):
 
     def score(self, x: TokenInputs) -> torch.Tensor:
         r, n, hkv, _ = x.keys.shape
-        q = x.query.float()
-        rep = q.shape[1] // hkv
-        logits = torch.einsum("rhd,rnhd->rhn", q, x.keys.float().repeat_interleave(rep, dim=2)) * x.scale
-        valid = x.valid.repeat_interleave(rep, dim=1)                            # [R, H, N]
-        p = logits.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
-        mass = p.reshape(r, hkv, rep, n).mean(2)                                 # token attention_mass
+        mass = query_probs(x).reshape(r, hkv, -1, n).mean(2)                     # token attention_mass
         recency = x.positions.to(torch.float32).expand(r, hkv, n)                # token streaming
-        head = torch.arange(hkv, device=q.device, dtype=torch.int64) + x.head_offset
+        head = torch.arange(hkv, device=mass.device, dtype=torch.int64) + x.head_offset
         sink = sink_heads(self.heads, x.layer, head)                             # [Hkv] or [R, Hkv]
         sink = sink.expand(r, hkv) if sink.dim() == 1 else sink
         return torch.where(sink[..., None], mass, recency)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
-from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer
+from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer, query_probs
 
 
 def _rows(positions: torch.Tensor, cond_tokens: int, row_tokens: int) -> torch.Tensor:
@@ -67,11 +67,8 @@ class TokenRowAnchored(TokenScorer):
 
     def score(self, x: TokenInputs) -> torch.Tensor:
         r, n, hkv, _ = x.keys.shape
-        q = x.query.float()
-        rep = q.shape[1] // hkv
-        logits = torch.einsum("rhd,rnhd->rhn", q, x.keys.float().repeat_interleave(rep, dim=2)) * x.scale
-        valid = x.valid.repeat_interleave(rep, dim=1)                            # [R, H, N]
-        p = logits.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)   # a head with no candidate: 0
+        p = query_probs(x)                                                       # [R, H, N]
+        rep = p.shape[1] // hkv
         pos = x.positions.to(torch.int64)
         pos = pos.repeat_interleave(rep, dim=1) if pos.dim() == 3 else pos       # [N] or [R, H, N]
         mass = row_mass(p, _rows(pos, self.cond_tokens, self.row_tokens))

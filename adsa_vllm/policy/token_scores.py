@@ -78,12 +78,17 @@ class TokenAttentionMass(TokenScorer):
 
     def score(self, x: TokenInputs) -> torch.Tensor:
         r, n, hkv, _ = x.keys.shape
-        q = x.query.float()                                                      # [R, H, D]
-        rep = q.shape[1] // hkv
-        logits = torch.einsum("rhd,rnhd->rhn", q, x.keys.float().repeat_interleave(rep, dim=2)) * x.scale
-        valid = x.valid.repeat_interleave(rep, dim=1)                            # [R, H, N]
-        p = logits.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)   # a head with no candidate: 0
-        return p.reshape(r, hkv, rep, n).mean(2)
+        return query_probs(x).reshape(r, hkv, -1, n).mean(2)
+
+
+def query_probs(x: TokenInputs) -> torch.Tensor:
+    """[R, Hq, N] float32: each query head's softmax probability of each candidate token under the current query
+    (over that head's own candidates: its KV head's, repeated for GQA); a head with no candidate: 0."""
+    q = x.query.float()                                                          # [R, Hq, D]
+    rep = q.shape[1] // x.keys.shape[2]
+    logits = torch.einsum("rhd,rnhd->rhn", q, x.keys.float().repeat_interleave(rep, dim=2)) * x.scale
+    valid = x.valid.repeat_interleave(rep, dim=1)                                # [R, Hq, N]
+    return logits.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
 
 
 @dataclass(frozen=True)
