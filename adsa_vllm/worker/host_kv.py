@@ -5,7 +5,8 @@ blocks live in one host buffer of `swap_space_gib`, [layers, slots, ...], reserv
 admission rule only; `reserve`): pinning host memory costs about 3 GB/s of wall time (measured on an H100: 9-19 ms for
 30 MB), which per swap, inside a step, cost more than the copy itself. A swap-out takes slots (few runs of
 consecutive slots), gathers each layer's blocks and copies each run into its slots; a swap-in copies them back into
-the fresh blocks and returns the slots. TopK-V's per-block summaries travel with the blocks (worker/summaries.py), so
+the fresh blocks and returns the slots. (PyTorch's caching host allocator rounds a pinned allocation up to a power
+of two of bytes: docs/settings.md tells users to pick 4, 8, 16 or 32 GiB.) TopK-V's per-block summaries travel with the blocks (worker/summaries.py), so
 the resumed sequence scores exactly as before without re-reading its blocks.
 
 On the GPU every copy is queued on the current stream, before the step's forward: the copy out reads the blocks
