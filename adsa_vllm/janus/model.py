@@ -37,6 +37,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer
 from adsa_vllm.guidance.runtime import image_logits, make_guidance_runtime
 from adsa_vllm.janus.config import JanusConfig
 from adsa_vllm.worker.layer import make_attention, make_runtime
+from adsa_vllm.worker.served_model import ServedImageModel
 
 # transformers names -> vLLM's fused parameters (as LlamaModel.hf_to_vllm_mapper).
 STACKED = ((".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
@@ -163,25 +164,11 @@ class JanusImageModel(nn.Module):
         return h.reshape(positions.shape[0], -1)     # under CFG [T, 2 * hidden]: both branches of a token
 
 
-class JanusForConditionalGeneration(nn.Module):
+class JanusForConditionalGeneration(ServedImageModel):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.model = JanusImageModel(vllm_config=vllm_config, prefix="model")
         self.config = self.model.config
-
-    @property
-    def adsa_runtime(self):
-        return self.model.runtime
-
-    @property
-    def guidance_runtime(self):
-        return self.model.guidance
-
-    def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         n = hidden_states.shape[0]

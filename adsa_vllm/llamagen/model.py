@@ -43,6 +43,7 @@ from adsa_vllm.llamagen.caption import CaptionEmbedder, caption_positions, embed
 from adsa_vllm.llamagen.rope2d import apply_rope_2d, rope_2d_table
 from adsa_vllm.llamagen.config import LlamaGenConfig
 from adsa_vllm.worker.layer import make_attention, make_runtime
+from adsa_vllm.worker.served_model import ServedImageModel
 
 
 class LlamaGenAttention(nn.Module):
@@ -155,7 +156,7 @@ class LlamaGenTransformer(nn.Module):
         return h.reshape(positions.shape[0], -1)     # under CFG [T, 2 * dim]: both branches of a token
 
 
-class LlamaGenForCausalLM(nn.Module):
+class LlamaGenForCausalLM(ServedImageModel):
     # vLLM's SupportsMRoPE protocol; only t2i configs turn M-RoPE on (an "mrope_section", model_config.py).
     supports_mrope: ClassVar[Literal[True]] = True
 
@@ -167,22 +168,8 @@ class LlamaGenForCausalLM(nn.Module):
         self.output = ParallelLMHead(config.codebook_size, config.dim, prefix="output")
         self.logits_processor = LogitsProcessor(config.codebook_size)
 
-    @property
-    def adsa_runtime(self):
-        return self.model.runtime
-
-    @property
-    def guidance_runtime(self):
-        return self.model.guidance
-
-    def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         return caption_positions(len(input_tokens), self.config)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         n = hidden_states.shape[0]
