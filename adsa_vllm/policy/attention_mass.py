@@ -19,12 +19,17 @@ class AttentionMass(BlockScorer):
     needs_query = True
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        r, c, bs, hkv, d = x.keys.shape
-        q = x.query.float()                                                     # [R, H, D]
-        k = x.keys.float().reshape(r, c * bs, hkv, d)
-        k = k.repeat_interleave(q.shape[1] // hkv, dim=2)                       # [R, C*bs, H, D]
-        logits = torch.einsum("rhd,rthd->rht", q, k) * x.scale                  # [R, H, C*bs]
-        tok_valid = x.valid[:, None, :, None].expand(r, 1, c, bs).reshape(r, 1, c * bs)
-        logits = logits.masked_fill(~tok_valid, float("-inf"))
-        mass = logits.softmax(dim=-1).reshape(r, -1, c, bs).sum(-1)             # [R, H, C]
-        return mass.mean(1)
+        r, c, bs = x.keys.shape[:3]
+        return candidate_probs(x).reshape(r, -1, c, bs).sum(-1).mean(1)       # [R, H, C] block mass -> [R, C]
+
+
+def candidate_probs(x: ScoreInputs) -> torch.Tensor:
+    """[R, H, C*bs] float32: each query head's softmax probability of every candidate token under the current query
+    (padding candidates 0); grouped-query heads share their KV head. The query-dependent block scorers
+    (attention_mass, head_split, row_anchored) all start from it."""
+    r, c, bs, hkv, d = x.keys.shape
+    q = x.query.float()                                                         # [R, H, D]
+    k = x.keys.float().reshape(r, c * bs, hkv, d).repeat_interleave(q.shape[1] // hkv, dim=2)   # [R, C*bs, H, D]
+    logits = torch.einsum("rhd,rthd->rht", q, k) * x.scale                      # [R, H, C*bs]
+    tok_valid = x.valid[:, None, :, None].expand(r, 1, c, bs).reshape(r, 1, c * bs)
+    return logits.masked_fill(~tok_valid, float("-inf")).softmax(-1)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adsa_vllm.policy.attention_mass import candidate_probs
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer, query_probs
 
@@ -52,18 +53,14 @@ class HeadSplit(BlockScorer):
     heads: str | None = None
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        r, c, bs, hkv, d = x.keys.shape
-        q = x.query.float()                                                     # [R, H, D]
-        h = q.shape[1]
+        r, c, bs = x.keys.shape[:3]
+        h = x.query.shape[1]
         per_layer = len(self.heads.split("/")[0]) if self.heads else h
         if h % per_layer:
             raise ValueError(f"adsa.heads has {per_layer} heads per layer; this layer scores {h}: run "
                              "benchmarks/head_calibration.py on this model and pass its adsa.heads")
-        sink = sink_heads(self.heads, x.layer, torch.arange(h, device=q.device) % per_layer).float()   # [H]
-        k = x.keys.float().reshape(r, c * bs, hkv, d).repeat_interleave(h // hkv, dim=2)
-        logits = torch.einsum("rhd,rthd->rht", q, k) * x.scale                  # [R, H, C*bs]
-        tok_valid = x.valid[:, None, :, None].expand(r, 1, c, bs).reshape(r, 1, c * bs)
-        mass = logits.masked_fill(~tok_valid, float("-inf")).softmax(-1).reshape(r, h, c, bs).sum(-1)
+        sink = sink_heads(self.heads, x.layer, torch.arange(h, device=x.query.device) % per_layer).float()   # [H]
+        mass = candidate_probs(x).reshape(r, h, c, bs).sum(-1)                  # [R, H, C]
         return torch.einsum("rhc,h->rc", mass, sink) / sink.sum().clamp(min=1)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adsa_vllm.policy.attention_mass import candidate_probs
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer, query_probs
 
@@ -46,12 +47,8 @@ class RowAnchored(BlockScorer):
     row_tokens: int = 0
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        r, c, bs, hkv, d = x.keys.shape
-        q = x.query.float()                                                     # [R, H, D]
-        k = x.keys.float().reshape(r, c * bs, hkv, d).repeat_interleave(q.shape[1] // hkv, dim=2)
-        logits = torch.einsum("rhd,rthd->rht", q, k) * x.scale                  # [R, H, C*bs]
-        tok_valid = x.valid[:, :, None].expand(r, c, bs).reshape(r, 1, c * bs)
-        p = logits.masked_fill(~tok_valid, float("-inf")).softmax(-1)
+        r, c, bs = x.keys.shape[:3]
+        p = candidate_probs(x)                                                  # [R, H, C*bs]
         pos = (x.block_index[:, :, None] * bs + torch.arange(bs, device=x.block_index.device)).reshape(r, 1, c * bs)
         mass = row_mass(p, _rows(pos, self.cond_tokens, self.row_tokens))     # [R, H, C*bs]
         return mass.reshape(r, -1, c, bs).mean(dim=(1, 3))
