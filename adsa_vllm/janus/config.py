@@ -129,9 +129,18 @@ class JanusConfig:
         raise ValueError("Janus is a text-to-image model: send a text prompt (adsa_vllm.janus.prompts.text_prompts("
                          "model_dir, texts)), not a class id")
 
+    @property
+    def null_kept_ids(self) -> tuple[int, int]:
+        """The served ids the unconditional prompt keeps (BOS, image start); every other text id becomes
+        `null_pad_id` (the model applies the same rule per token: janus/model.py embed_pair)."""
+        return self.codebook_size + self.bos_token_id, self.codebook_size + self.boi_token_id
+
+    @property
+    def null_pad_id(self) -> int:
+        return self.codebook_size + self.pad_token_id
+
     def null_prompt(self, ids: list[int]) -> list[int]:
-        keep = {self.codebook_size + self.bos_token_id, self.codebook_size + self.boi_token_id}
-        return [i if i in keep else self.codebook_size + self.pad_token_id for i in ids]
+        return [i if i in self.null_kept_ids else self.null_pad_id for i in ids]
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "JanusConfig":

@@ -134,9 +134,6 @@ class JanusImageModel(nn.Module):
         self.generation_aligner = aligner(config)
         self.generation_head = GenerationMLP([config.hidden_size, config.gen_aligner_dim, config.codebook_size],
                                              config.gen_act, ["proj_out", "vision_head"])
-        n = config.codebook_size
-        self.keep_in_null = (n + config.bos_token_id, n + config.boi_token_id)
-        self.null_id = n + config.pad_token_id
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         n = self.config.codebook_size
@@ -147,9 +144,9 @@ class JanusImageModel(nn.Module):
 
     def embed_pair(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] ids -> [2T, hidden]: each token's conditional row, then its unconditional row (the padded prompt)."""
-        bos, boi = self.keep_in_null
+        bos, boi = self.config.null_kept_ids
         keep = (input_ids < self.config.codebook_size) | (input_ids == bos) | (input_ids == boi)
-        null = torch.where(keep, input_ids, self.null_id)
+        null = torch.where(keep, input_ids, self.config.null_pad_id)
         return self.embed_input_ids(torch.stack([input_ids, null], dim=1).reshape(-1))
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
