@@ -6,8 +6,8 @@ admission rule only; `reserve`): pinning host memory costs about 3 GB/s of wall 
 30 MB), which per swap, inside a step, cost more than the copy itself. A swap-out takes slots (few runs of
 consecutive slots), gathers each layer's blocks and copies each run into its slots; a swap-in copies them back into
 the fresh blocks and returns the slots. (PyTorch's caching host allocator rounds a pinned allocation up to a power
-of two of bytes: docs/settings.md tells users to pick 4, 8, 16 or 32 GiB.) TopK-V's per-block summaries travel with the blocks (worker/summaries.py), so
-the resumed sequence scores exactly as before without re-reading its blocks.
+of two of bytes: docs/settings.md tells users to pick 4, 8, 16 or 32 GiB.) TopK-V's per-block summaries travel with
+the blocks (worker/summaries.py), so the resumed sequence scores exactly as before without re-reading its blocks.
 
 On the GPU every copy is queued on the current stream, before the step's forward: the copy out reads the blocks
 before any new owner writes them, the copy back lands before the forward reads them, and a slot returned at a
@@ -100,7 +100,7 @@ class HostKV:
             for layer, cache in enumerate(caches):
                 self.kv[layer, first:first + count].copy_(cache.index_select(0, ids), non_blocking=nb)
         summ = None
-        if summaries is not None:   # a few bytes a block: the caching host allocator serves these
+        if summaries is not None:   # 1/32 of the blocks' KV (bf16), still pinned per swap: not in the buffer yet
             summ = torch.empty((len(physical), *summaries.shape[1:]), dtype=summaries.dtype, pin_memory=nb)
             summ.copy_(summaries.index_select(0, on_device(physical, dev, torch.long)), non_blocking=nb)
         self.copies[req_id] = HostCopy(list(logical), slots, summ)
