@@ -54,8 +54,8 @@ def parse_mode(mode: str, policy: str, budget: float):
     """"adsa:streaming:0.25" -> ("adsa", "streaming", 0.25); "llama-sw:0.25" -> ("llama-sw", policy, 0.25);
     missing parts come from --policy / --budget; a part "fp8" (any mode) sets that mode's KV cache dtype, a part
     "token" an ADSA mode's granularity (e.g. "adsa:topk_v:0.5:token"), "cfg" guided pairs with ADSA on top
-    ("adsa:random:0.5:cfg", against mode "cfg": the plugin's CFG with full attention), "peak" / "average" the
-    ADSA admission rule (default: the plugin's, "average")."""
+    ("adsa:random:0.5:cfg", against mode "cfg": the plugin's CFG with full attention), "peak" / "average" /
+    "overcommit" the ADSA admission rule (default: the plugin's, "peak")."""
     parts = mode.split(":")
     base = parts[0]
     for p in parts[1:]:
