@@ -70,8 +70,14 @@ def test_summaries_travel_with_their_blocks():
     host = _host(caches, slots=4)
     host.swap_out("a", [0, 1, 2], [3, 9, 1], caches, table)
     table.zero_()
+    table[5] = 7.0
+    host.swap_out("b", [0], [5], caches, table)     # into the same host summary buffer, other slots
+    buffer = host.summaries
     host.swap_in("a", [0, 2], [11, 12], caches, table)
     assert torch.equal(table[[11, 12]], old[[3, 1]])
+    host.swap_out("c", [0, 1], [7, 8], caches, old)    # a's slots again: b's summary stays
+    host.swap_in("b", [0], [13], caches, table)
+    assert torch.equal(table[13], torch.full((5,), 7.0)) and host.summaries is buffer   # pinned once, not per swap
 
 
 def test_discard_returns_slots_and_a_missing_block_is_named():

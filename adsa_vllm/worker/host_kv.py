@@ -7,7 +7,9 @@ admission rule only; `reserve`): pinning host memory costs about 3 GB/s of wall 
 consecutive slots), gathers each layer's blocks and copies each run into its slots; a swap-in copies them back into
 the fresh blocks and returns the slots. (PyTorch's caching host allocator rounds a pinned allocation up to a power
 of two of bytes: docs/settings.md tells users to pick 4, 8, 16 or 32 GiB.) TopK-V's per-block summaries travel with
-the blocks (worker/summaries.py), so the resumed sequence scores exactly as before without re-reading its blocks.
+the blocks (worker/summaries.py), so the resumed sequence scores exactly as before without re-reading its blocks:
+they sit in a second host buffer with the same slots, 1/32 of the first (a block's [L, H, D] summary against its
+[L, 2, 16, H, D] keys and values), pinned once at the first swap-out that has a summary table.
 
 On the GPU every copy is queued on the current stream, before the step's forward: the copy out reads the blocks
 before any new owner writes them, the copy back lands before the forward reads them, and a slot returned at a
@@ -29,7 +31,7 @@ from adsa_vllm.worker.device_copy import on_device
 class HostCopy:
     logical: list[int]               # logical blocks ...
     slots: list[int]                 # ... and the host slot holding each
-    summaries: torch.Tensor | None   # [n, ...] their TopK-V summaries, if the sequence had any table
+    summaries: bool                  # their TopK-V summaries are in HostKV.summaries (a table existed at swap-out)
 
 
 class SlotPool:
@@ -73,6 +75,7 @@ def runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
 class HostKV:
     copies: dict[str, HostCopy] = field(default_factory=dict)
     kv: torch.Tensor | None = None    # [layers, slots, ...] pinned on a GPU worker; None until reserved
+    summaries: torch.Tensor | None = None   # [slots, L, H, D] TopK-V summaries; None until a swap-out needs it
     slots: SlotPool | None = None
     bytes_out: int = 0
     bytes_in: int = 0
@@ -95,15 +98,16 @@ class HostKV:
         dev = caches[0].device
         nb = dev.type == "cuda"
         slots = self.slots.take(len(physical))
+        if summaries is not None and self.summaries is None:
+            self.summaries = torch.empty((self.slots.size, *summaries.shape[1:]), dtype=summaries.dtype,
+                                         pin_memory=nb)
         for first, count, blocks in runs(list(zip(slots, physical))):
             ids = on_device(blocks, dev, torch.long)
             for layer, cache in enumerate(caches):
                 self.kv[layer, first:first + count].copy_(cache.index_select(0, ids), non_blocking=nb)
-        summ = None
-        if summaries is not None:   # 1/32 of the blocks' KV (bf16), still pinned per swap: not in the buffer yet
-            summ = torch.empty((len(physical), *summaries.shape[1:]), dtype=summaries.dtype, pin_memory=nb)
-            summ.copy_(summaries.index_select(0, on_device(physical, dev, torch.long)), non_blocking=nb)
-        self.copies[req_id] = HostCopy(list(logical), slots, summ)
+            if summaries is not None:
+                self.summaries[first:first + count].copy_(summaries.index_select(0, ids), non_blocking=nb)
+        self.copies[req_id] = HostCopy(list(logical), slots, summaries is not None)
         self.bytes_out += len(physical) * self._block_bytes()
 
     def swap_in(self, req_id: str, logical: list[int], physical: list[int], caches: list[torch.Tensor],
@@ -116,14 +120,13 @@ class HostKV:
             raise RuntimeError(f"swap-in of {req_id}: logical blocks {missing} were never swapped out")
         dev = caches[0].device
         nb = dev.type == "cuda"
+        with_summaries = summaries is not None and copy.summaries
         for first, count, blocks in runs([(copy.slots[where[j]], p) for j, p in zip(logical, physical)]):
             ids = on_device(blocks, dev, torch.long)
             for layer, cache in enumerate(caches):
                 cache.index_copy_(0, ids, self.kv[layer, first:first + count].to(dev, non_blocking=nb))
-        if summaries is not None and copy.summaries is not None:
-            pick = on_device([where[j] for j in logical], dev, torch.long)
-            src = copy.summaries.to(dev, non_blocking=nb)
-            summaries.index_copy_(0, on_device(physical, dev, torch.long), src.index_select(0, pick))
+            if with_summaries:
+                summaries.index_copy_(0, ids, self.summaries[first:first + count].to(dev, non_blocking=nb))
         self.slots.give(copy.slots)   # later copies into them are queued after these reads
         self.bytes_in += len(logical) * self._block_bytes()
 
