@@ -28,6 +28,10 @@ Files: quality_measure.py (the measurements), quality_report.py (tables, plots, 
   # and a sample row per policy and granularity (a CFG pair shares its selection in both modes)
   python benchmarks/quality.py --device cpu --limit 32 --budgets 0.25 0.5 --granularities block token --parts bits
   python benchmarks/quality.py --device cuda --budgets 0.25 0.5 0.75 --granularities block token --tag q_gran
+  # Budget split (issue 24): local window of 1..6 image rows + 1 token (rows '<policy>@L<n>'), prefix of the
+  # condition + 0..1 rows ('@P<n>'), each with its paired delta vs the default split; the rest goes to top-k
+  python benchmarks/quality.py --device cpu --limit 64 --parts bits --budgets 0.17 0.25 --local-rows 1 2 3 4 6
+  python benchmarks/quality.py --device cpu --limit 64 --parts bits --budgets 0.17 0.25 --prefix-rows 0 1 --local-rows 1
   # CPU smoke run (~2 min on 2 cores)
   python benchmarks/quality.py --device cpu --limit 64 --policies random --samples-per-policy 10 --out-dir /tmp/q
 """
@@ -53,7 +57,8 @@ for p in (str(ROOT), str(HERE)):
 from adsa_vllm.llamagen.convert import load_reference  # noqa: E402
 from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
 from quality_measure import (BUDGETS, POLICIES, adsa_config, check_layout, exact_check,  # noqa: E402
-                             parse_row_label, row_label, sample_tokens, token_nll)
+                             parse_row_label, row_label, sample_tokens, token_nll,
+                             default_split_row, split_label)
 from quality_report import markdown, merge, write_outputs  # noqa: E402
 
 
@@ -88,6 +93,12 @@ def main(argv=None):
     ap.add_argument("--granularities", nargs="+", choices=("block", "token"), default=["block"],
                     help="bits/token only: selection unit(s); token = per (layer, KV head) tokens, rows "
                     "'<policy>/token', each with its paired delta vs the same policy's block row")
+    ap.add_argument("--local-rows", type=int, nargs="+", default=None,
+                    help="bits/token and the exact check: local window of N image rows + 1 token (default 1), rows "
+                    "'<policy>@L<N>', each with its paired delta vs the same policy's default split if measured")
+    ap.add_argument("--prefix-rows", type=int, nargs="+", default=None,
+                    help="as --local-rows, for the prefix: the condition + N image rows (default 1), rows "
+                    "'<policy>@P<N>' ('@P<N>L<M>' with both)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--batch", type=int, default=None, help="rows per scoring batch (default 2000 CUDA, 64 CPU)")
     ap.add_argument("--samples-per-policy", type=int, default=1000)
@@ -121,6 +132,8 @@ def main(argv=None):
     a.gen_batch = a.gen_batch or (1000 if cuda else 64)
     a.gen_dtype = a.gen_dtype or ("bfloat16" if cuda else "float32")
     a.sample_rows = a.sample_rows or ["full"] + [row_label(p, g) for p in a.policies for g in a.granularities]
+    splits = [split_label(p, pr, lr) for p in a.policies for pr in a.prefix_rows or [None]
+              for lr in a.local_rows or [None]]
     if cuda:  # full float32 matmuls: TF32 would add ~1e-3 relative noise to every score
         torch.backends.cuda.matmul.allow_tf32 = False
     from adsa_vllm.data import classifier as clf
@@ -151,12 +164,12 @@ def main(argv=None):
         bits = rep["bits"] = {"images": len(tokens), "full": {"bits_per_token": float(full.mean()),
                                                               "seconds": time.time() - t0}, "policies": {}}
         print(f"full attention: {full.mean():.4f} bits/token ({time.time() - t0:.1f} s)", flush=True)
-        per_image = {}   # (row, budget) -> per-image bits, for the token-vs-block pairing
-        for pol, g in [(p, g) for p in a.policies for g in a.granularities]:
+        per_image = {}   # (row, budget) -> per-image bits, for the token-vs-block and split-vs-default pairings
+        for pol, g in [(p, g) for p in splits for g in a.granularities]:
             lab = row_label(pol, g)
             bits["policies"][lab] = {}
             for b in a.budgets:
-                adsa = adsa_config(pol, b, g)
+                adsa = adsa_config(pol, b, g, config)
                 why = check_layout(adsa, config, a.block_size)
                 if why is not None:
                     bits["policies"][lab][str(b)] = {"skipped": why}
@@ -167,13 +180,21 @@ def main(argv=None):
                                   grid_size=config.grid_size)
                 row = bits["policies"][lab][str(b)] = {
                     "bits_per_token": float(per.mean()), **paired(per, full, "full"),
-                    "kept_blocks": lay.budget_blocks, "topk_blocks": lay.topk_blocks, "seconds": time.time() - t1}
+                    "kept_blocks": lay.budget_blocks, "topk_blocks": lay.topk_blocks,
+                    "token_edges": lay.token_edges, "seconds": time.time() - t1}
                 if g != "block" and (pol, b) in per_image:
                     row.update(paired(per, per_image[pol, b], "block"))
                 print(f"{lab} @ {b}: {per.mean():.4f} bits/token ({row['delta_vs_full']:+.4f}) "
                       f"({time.time() - t1:.1f} s)", flush=True)
                 rep["timings_s"]["bits"] = time.time() - t0
                 save()
+        defaults = {}   # (row without its split, budget) -> per-image bits with the default split
+        for (lab, b), per in per_image.items():
+            if (d := default_split_row(lab))[1]:
+                defaults.setdefault((d[0], b), per)
+        for (lab, b), per in per_image.items():   # every other split vs its policy's default, same images
+            if not (d := default_split_row(lab))[1] and (d[0], b) in defaults:
+                bits["policies"][lab][str(b)].update(paired(per, defaults[d[0], b], "default"))
         rep["timings_s"]["bits"] = time.time() - t0
         save()
 
@@ -195,7 +216,7 @@ def main(argv=None):
                                                                          device=a.device)
         for lab in a.sample_rows:
             pol, g = parse_row_label(lab)
-            adsa = None if lab == "full" else adsa_config(pol, a.sample_budget, g)
+            adsa = None if lab == "full" else adsa_config(pol, a.sample_budget, g, config)
             if adsa is not None and (why := check_layout(adsa, config, a.block_size)):
                 results[lab] = {"skipped": why}
                 continue
@@ -216,7 +237,7 @@ def main(argv=None):
         t0 = time.time()
         n = min(a.check_exact, len(tokens))
         rep["exact_check"] = {"images": n, "budget": a.sample_budget,
-                              **exact_check(model, labels[:n], tokens[:n], a.block_size, a.policies,
+                              **exact_check(model, labels[:n], tokens[:n], a.block_size, splits,
                                             a.sample_budget)}
         rep["timings_s"]["exact_check"] = time.time() - t0
         print("exact check:", json.dumps(rep["exact_check"]), flush=True)

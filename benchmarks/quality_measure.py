@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -24,10 +25,35 @@ POLICIES = {"topk_v_diverse": dict(policy="topk_v", keep="diverse"),
             "row_anchored": dict(policy="row_anchored"),
             "head_split": dict(policy="head_split", heads=json.loads(HEAD_CLASSES.read_text())["heads"])}
 BUDGETS = (0.10, 0.25, 0.50, 0.75)
+# A policy label with a budget split other than the default (`split_label`): '<key>@P<p>L<l>', either part optional.
+SPLIT_LABEL = re.compile(r"(?P<policy>[a-z_]+)(?:@(?:P(?P<prefix>\d+))?(?:L(?P<local>\d+))?)?")
 
 
-def adsa_config(policy_label: str, budget, granularity: str = "block") -> ADSAConfig:
-    return ADSAConfig(budget=budget, granularity=granularity, **POLICIES[policy_label])
+def adsa_config(policy_label: str, budget, granularity: str = "block", model=None) -> ADSAConfig:
+    """policy_label: a POLICIES key, or `split_label`'s '<key>@P<p>L<l>' (either part optional): a prefix of the
+    condition + p image rows and a local window of l image rows + 1 token (the defaults are p = l = 1); model: the
+    LlamaGen config whose rows those are."""
+    m = SPLIT_LABEL.fullmatch(policy_label)
+    split = {}
+    if m["prefix"] is not None:
+        split["prefix"] = model.cls_token_num + int(m["prefix"]) * model.grid_size
+    if m["local"] is not None:
+        split["local"] = int(m["local"]) * model.grid_size + 1
+    return ADSAConfig(budget=budget, granularity=granularity, **POLICIES[m["policy"]], **split)
+
+
+def split_label(policy_label: str, prefix_rows: int | None = None, local_rows: int | None = None) -> str:
+    """The policy label with a prefix of the condition + `prefix_rows` image rows and a local window of
+    `local_rows` rows + 1 token; None: that part's default."""
+    split = "".join(f"{k}{v}" for k, v in (("P", prefix_rows), ("L", local_rows)) if v is not None)
+    return f"{policy_label}@{split}" if split else policy_label
+
+
+def default_split_row(label: str) -> tuple[str, bool]:
+    """(the row label without its split, whether its split is the default one: each part absent or 1 row)."""
+    policy, granularity = parse_row_label(label)
+    m = SPLIT_LABEL.fullmatch(policy)
+    return row_label(m["policy"], granularity), m["prefix"] in (None, "1") and m["local"] in (None, "1")
 
 
 def row_label(policy_label: str, granularity: str) -> str:
@@ -81,7 +107,7 @@ def exact_check(model, class_ids, tokens, block_size, labels, budget) -> dict:
     out = {}
     c = [int(x) for x in class_ids]
     for label in labels:
-        adsa = adsa_config(label, budget)
+        adsa = adsa_config(label, budget, model=model.config)
         ref = score_tokens(model, c, tokens, adsa=adsa, block_size=block_size, return_result=True)
         lp, dec = score_tokens_batched(model, c, tokens, adsa=adsa, block_size=block_size, return_state=True)
         same = [tr.evicted == ev for tr, ev in zip(ref.trackers or [], dec.evicted_sets())]

@@ -19,7 +19,11 @@ COLORS = {"full": (0, 0, 0), "topk_v_diverse": (214, 39, 40), "topk_v_similar": 
 
 
 def _colour(label: str):
-    return COLORS.get(label.split("/")[0], (148, 103, 189))
+    """The policy's colour; a row with a window of n image rows ('<policy>@L<n>') lighter the wider it is."""
+    policy, _, split = label.split("/")[0].partition("@")
+    rows = split.partition("L")[2]
+    col, light = COLORS.get(policy, (148, 103, 189)), min(0.75, 0.15 * (int(rows or 1) - 1))
+    return tuple(int(c + (255 - c) * light) for c in col)
 
 
 def _segment(d, a, b, col, dashed: bool, width: int = 2) -> None:
@@ -104,6 +108,10 @@ def sample_grid(rows: dict[str, np.ndarray], class_ids: np.ndarray, path: Path, 
     img.save(path)
 
 
+def _budget(b: float) -> str:
+    return f"{b:.2f}" if round(b, 2) == b else f"{b:g}"   # 0.10, 0.25; a finer budget in full (0.184)
+
+
 def markdown(rep: dict) -> str:
     a = rep["args"]
     bits = rep.get("bits")
@@ -115,7 +123,7 @@ def markdown(rep: dict) -> str:
     if bits:
         budgets = sorted({float(b) for per in bits["policies"].values() for b in per})
         lines += ["## Teacher-forced bits/token (delta vs full attention, paired standard error)", "",
-                  "| policy | " + " | ".join(f"budget {b:.2f}" for b in budgets) + " |",
+                  "| policy | " + " | ".join(f"budget {_budget(b)}" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
         for lab, per in bits["policies"].items():
             cells = []
@@ -124,19 +132,21 @@ def markdown(rep: dict) -> str:
                 cells.append("not run" if v is None else "skipped" if "skipped" in v else
                              f"{v['bits_per_token']:.4f} ({v['delta_vs_full']:+.4f} ± {v['delta_se']:.4f})")
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
-        vs_block = [(lab, per) for lab, per in bits["policies"].items()
-                    if any("delta_vs_block" in v for v in per.values())]
-        if vs_block:
-            lines += ["", "### Token vs block granularity (token minus block, same images, paired standard error)",
-                      "", "| policy | " + " | ".join(f"budget {b:.2f}" for b in budgets) + " |",
-                      "|---|" + "---|" * len(budgets)]
-            for lab, per in vs_block:
-                cells = [f"{v['delta_vs_block']:+.4f} ± {v['delta_se_block']:.4f}"
-                         if (v := per.get(str(b))) and "delta_vs_block" in v else "" for b in budgets]
+        for ref, title in (("block", "Token vs block granularity (token minus block"),
+                           ("default", "Budget split vs the default split (prefix = condition + 1 image row, "
+                                       "window = 1 row + 1; row minus the same policy's default-split row")):
+            rows = [(lab, per) for lab, per in bits["policies"].items()
+                    if any(f"delta_vs_{ref}" in v for v in per.values())]
+            if rows:
+                lines += ["", f"### {title}, same images, paired standard error)",
+                          "", "| policy | " + " | ".join(f"budget {_budget(b)}" for b in budgets) + " |",
+                          "|---|" + "---|" * len(budgets)]
+            for lab, per in rows:
+                cells = [f"{v[f'delta_vs_{ref}']:+.4f} ± {v[f'delta_se_{ref}']:.4f}"
+                         if (v := per.get(str(b))) and f"delta_vs_{ref}" in v else "" for b in budgets]
                 lines.append(f"| {lab} | " + " | ".join(cells) + " |")
-        skipped = {b: v["skipped"] for per in bits["policies"].values() for b, v in per.items() if "skipped" in v}
-        for b, why in skipped.items():
-            lines += ["", f"Budget {b} skipped: {why}"]
+        for lab, per in bits["policies"].items():
+            lines += [f"\n{lab} at budget {b} skipped: {v['skipped']}" for b, v in per.items() if "skipped" in v]
     if rep.get("samples"):
         s = rep["samples"]
         lines += ["", f"## Samples ({s['per_policy']} per policy, CFG {a['cfg_scale']}, top-k {a['top_k']}, "
