@@ -65,15 +65,25 @@ def attention_in_cuda_graphs(compilation_config, engine: EngineSettings) -> bool
     return mode.has_full_cudagraphs() or not compilation_config.splitting_ops_contain_attention()
 
 
-def check_tensor_parallel(layout: BlockLayout, tensor_parallel_size: int) -> None:
-    """head_split at block granularity reads its head classes by the query heads a rank holds, with no rank offset
-    (policy/head_split.py); under tensor parallelism it would misread them silently, so it is refused there
-    (engine start: the defaults; each request: its own settings)."""
-    if tensor_parallel_size > 1 and layout.policy == "head_split" and layout.granularity == "block":
+def check_tensor_parallel(layout: BlockLayout, tensor_parallel_size: int, kv_heads: int) -> None:
+    """Per-head selection under tensor parallelism needs each rank to know which of the model's heads it holds.
+    head_split at block granularity reads its head classes by the query heads a rank holds, with no rank offset
+    (policy/head_split.py); token granularity offsets by rank, assuming the KV heads are split evenly
+    (worker/token_gather.head_offset), which vLLM does not do when there are fewer KV heads than ranks (it
+    replicates them). Either would select by the wrong heads silently, so they are refused (engine start: the
+    defaults; each request: its own settings)."""
+    if tensor_parallel_size <= 1:
+        return
+    if layout.policy == "head_split" and layout.granularity == "block":
         raise ADSAConfigError(
             f"adsa.policy 'head_split' at block granularity cannot run at tensor_parallel_size "
             f"{tensor_parallel_size}: each rank holds a slice of the heads and the block form has no head offset; "
             'use {"granularity": "token"} (each rank scores its own heads) or tensor_parallel_size 1')
+    if layout.granularity == "token" and kv_heads % tensor_parallel_size:
+        raise ADSAConfigError(
+            f"adsa granularity 'token' selects per KV head, and this model's {kv_heads} KV heads do not split evenly "
+            f"over tensor_parallel_size {tensor_parallel_size} (vLLM replicates them); use "
+            '{"granularity": "block"} or a tensor_parallel_size that divides the KV heads')
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,7 @@ def validate_settings(extra_args, limits: EngineLimits, prompt_len: int | None =
     layout = None
     if limits.engine.adsa is not None:
         layout = limits.engine.adsa.layout(overrides, prompt_len)   # its ADSAConfig resolved the scorers
-        check_tensor_parallel(layout, limits.tensor_parallel_size)
+        check_tensor_parallel(layout, limits.tensor_parallel_size, limits.model.kv_heads)
         if limits.attention_in_cuda_graphs and needs_query(layout):
             raise ADSAConfigError(
                 f"adsa.policy={layout.policy!r} scores with each step's query inside the attention forward, which this "

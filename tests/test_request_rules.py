@@ -179,3 +179,18 @@ def test_head_split_blocks_are_refused_under_tensor_parallelism(tensor_parallel_
                     validate_settings(extra, limits)
             else:
                 assert validate_settings(extra, limits).layout.policy == policy
+
+
+def test_token_granularity_is_refused_where_tensor_parallelism_replicates_kv_heads():
+    """One KV head over two ranks: vLLM replicates it, and token granularity's per-rank head offset
+    (worker/token_gather.head_offset) would name a head the model does not have; refused naming the block form."""
+    gqa = LlamaGenConfig(dim=64, n_layer=2, n_head=2, n_kv_head=1, codebook_size=512, num_classes=10, grid_size=16)
+    for tensor_parallel_size, refused in ((1, False), (2, True)):
+        limits = EngineLimits(model=gqa, engine=_engine(), tensor_parallel_size=tensor_parallel_size)
+        assert validate_settings({"adsa": {"granularity": "block"}}, limits).layout.granularity == "block"
+        token = {"adsa": {"granularity": "token"}}
+        if refused:
+            with pytest.raises(SettingsError, match=r'1 KV heads .* tensor_parallel_size 2 .*"granularity": "block"'):
+                validate_settings(token, limits)
+        else:
+            assert validate_settings(token, limits).layout.granularity == "token"

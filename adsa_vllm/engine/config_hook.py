@@ -91,7 +91,7 @@ class ADSAConfigHook(VerifyAndUpdateConfig):
                                 cls_token_num=spec.cls_token_num, grid_size=spec.grid_size,
                                 lag=int(bool(vllm_config.scheduler_config.async_scheduling)),
                                 admission=choice.admission, swap_space_gib=choice.swap_space_gib)
-            check_tensor_parallel(adsa.layout(), vllm_config.parallel_config.tensor_parallel_size)
+            check_tensor_parallel(adsa.layout(), vllm_config.parallel_config.tensor_parallel_size, spec.kv_heads)
             cache.enable_prefix_caching = False
             model_config.disable_cascade_attn = True  # a cascade prefix would be read through uncompacted tables
             graphs_cover_max_num_seqs(vllm_config)
