@@ -7,7 +7,10 @@ ramp to the bound, then flat); one token per step; a pool of P blocks (vLLM's wa
   peak        admit while the exact future peak of the running requests plus the new one fits (`DemandProfile`);
   average     admit while the running requests' life-average footprints fit, and the swap guarantee holds;
   overcommit  vLLM's own rule (blocks free now), and the swap guarantee holds;
-  stock       full attention under vLLM's own rule (its preemptions modelled as progress kept: optimistic for stock).
+  stock       full attention under vLLM's own rule (its preemptions modelled as progress kept: optimistic for stock);
+  paced       peak, and at most one admission every `pace` steps (`--paced`; not in the engine): the rate at which
+              life-average footprints exactly fill the pool is one per final * life / pool steps, which keeps the
+              running requests' phases staggered instead of locked in cohorts (see --paced's table).
 When the running requests outgrow the pool the newest is preempted (vLLM's order) and parked (swap); parked
 requests resume first, oldest progress first, when their blocks fit now and the running requests with them fit for
 the next RESUME_HORIZON steps (hysteresis); new requests wait behind them (FCFS).
@@ -45,8 +48,9 @@ class Request:
 
 
 def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, swap_blocks: int = 1 << 30,
-             gap: float = 0.0, resume_horizon: int = RESUME_HORIZON) -> dict:
-    """One run; `gap` > 0: request i arrives at step i * gap (open loop); `resume_horizon` 0: no hysteresis."""
+             gap: float = 0.0, resume_horizon: int = RESUME_HORIZON, pace: float = 0.0) -> dict:
+    """One run; `gap` > 0: request i arrives at step i * gap (open loop); `resume_horizon` 0: no hysteresis;
+    `pace` > 0 (rule "paced"): at most one admission every `pace` steps."""
     watermark = int(0.01 * pool)
     life = life_average(1, final, bound, BS)
     arrivals = [int(i * gap) for i in range(num)]
@@ -55,6 +59,7 @@ def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, s
     parked: list[Request] = []
     demand = DemandProfile(BS)
     step = done = swaps = max_host = nxt = running_sum = 0
+    credit = 1.0   # rule "paced": admissions allowed now (one more every `pace` steps, at most one banked)
     finished_at = []
     while done < num:
         while nxt < num and arrivals[nxt] <= step:
@@ -79,13 +84,19 @@ def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, s
             demand.add(str(r.rid), r.length, r.final, r.bound)
         on_host = sum(r.held() for r in parked)
         max_host = max(max_host, on_host)
+        if rule == "paced":
+            credit = min(1.0, credit + 1.0 / pace)
         while waiting and not parked:
             new = waiting[0]
             if pool - used < new.held() + watermark:
                 break
             peak = demand.peak_with(new.length, new.final, new.bound)
-            if rule == "peak" and peak + watermark > pool:
+            if rule in ("peak", "paced") and peak + watermark > pool:
                 break
+            if rule == "paced":
+                if credit < 1.0:
+                    break
+                credit -= 1.0
             if rule in ("average", "overcommit") and peak + on_host + watermark > pool + swap_blocks:
                 break
             if rule == "average" and (len(running) + 1) * life + watermark > pool:
@@ -116,7 +127,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
     ap.add_argument("--resume-horizon", type=int, default=RESUME_HORIZON, help="0: resume as soon as blocks fit")
+    ap.add_argument("--paced", action="store_true", help="instead: peak vs paced admission in closed runs of 256 to "
+                    "2,048 requests (XL, 8 GiB), the pace at 0.8 / 1.0 / 1.2 x the exact rate")
     args = ap.parse_args()
+    if args.paced:
+        return paced_table(args.out)
     # (requests, pool, swap blocks): the CPU engine run; (a) XL 1024 tokens, 8 GiB on an H100 (2,912 blocks of
     # 2.9 MB; swap 4 GiB = 1,400 blocks, 16 GiB = 5,600); a long closed run; steady arrivals above saturation.
     # Bounds: budget + 1 block, what a request holds at its peak in the engine (the async lag's second slack block
@@ -135,6 +150,23 @@ def main():
                 print(json.dumps(r), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+def paced_table(out: str | None) -> None:
+    """Peak against paced admission, closed runs (all requests at once), pool 2,912 (XL, 8 GiB on an H100)."""
+    pool, final, rows = 2912, 1025, []
+    for label, bound in (("50%", 33), ("25%", 17)):
+        exact = (final - 2) * life_average(1, final, bound, BS) / (pool - int(0.01 * pool))
+        for num in (256, 1024, 2048):
+            peak = simulate(num, pool, bound, "peak", final=final)
+            for factor in (0.8, 1.0, 1.2):
+                r = simulate(num, pool, bound, "paced", final=final, pace=factor * exact)
+                r.update(budget=label, pace_factor=factor, pace=factor * exact, peak_steps=peak["steps"],
+                         peak_mean_running=peak["mean_running"], steps_vs_peak=peak["steps"] / r["steps"])
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
