@@ -39,6 +39,11 @@ from adsa_vllm.engine.demand import RESUME_HORIZON, DemandProfile, held_curve, l
 BS = 16
 
 
+def watermark_blocks(pool: int) -> int:
+    """vLLM's admission watermark (1% of the pool), which every rule keeps free."""
+    return int(0.01 * pool)
+
+
 class Request:
     def __init__(self, rid: int, final: int, bound: int):
         self.rid, self.final, self.bound, self.length = rid, final, bound, 1   # the condition token is prefilled
@@ -51,7 +56,7 @@ def simulate(num: int, pool: int, bound: int, rule: str, *, final: int = 1025, s
              gap: float = 0.0, resume_horizon: int = RESUME_HORIZON, pace: float = 0.0) -> dict:
     """One run; `gap` > 0: request i arrives at step i * gap (open loop); `resume_horizon` 0: no hysteresis;
     `pace` > 0 (rule "paced"): at most one admission every `pace` steps."""
-    watermark = int(0.01 * pool)
+    watermark = watermark_blocks(pool)
     life = life_average(1, final, bound, BS)
     arrivals = [int(i * gap) for i in range(num)]
     waiting: list[Request] = []
@@ -156,7 +161,7 @@ def paced_table(out: str | None) -> None:
     """Peak against paced admission, closed runs (all requests at once), pool 2,912 (XL, 8 GiB on an H100)."""
     pool, final, rows = 2912, 1025, []
     for label, bound in (("50%", 33), ("25%", 17)):
-        exact = (final - 2) * life_average(1, final, bound, BS) / (pool - int(0.01 * pool))
+        exact = (final - 2) * life_average(1, final, bound, BS) / (pool - watermark_blocks(pool))
         for num in (256, 1024, 2048):
             peak = simulate(num, pool, bound, "peak", final=final)
             for factor in (0.8, 1.0, 1.2):
