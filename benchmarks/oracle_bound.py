@@ -119,55 +119,36 @@ def bits_per_token(model, class_ids: torch.Tensor, tokens: torch.Tensor, mask_of
         h = h + layer.feed_forward(layer.ffn_norm(h))
     lp = F.log_softmax(model.output(model.norm(h)).float()[:, T - 1:], dim=-1)
     bits = -lp.gather(-1, tokens[..., None])[..., 0].mean(1).double() / LN2
-    return (bits, *([mass] if mass_bs else []), *([torch.stack(per_head, 1)] if head_mass else [])) \
-        if mass_bs or head_mass else bits
+    extras = ([mass] if mass_bs else []) + ([torch.stack(per_head, 1)] if head_mass else [])
+    return (bits, *extras) if extras else bits
 
 
-def hindsight_evictions(layout, future_mass: torch.Tensor, first: int) -> torch.Tensor:
-    """ADSA's block form with foresight: at each of its selections (the same schedule, candidates and top-k
-    count), keep the candidates that full attention will attend most from that step on. future_mass [B, S, blocks]:
-    at [b, s, j], the attention of queries s.. of image b to block j (summed over layers and heads).
-    -> [B, blocks] int64: the first query position for which block j is evicted (S: never)."""
-    B, S, nb = future_mass.shape
-    evicted_at = torch.full((B, nb), S, dtype=torch.int64, device=future_mass.device)
+def hindsight_evictions(layout, future: torch.Tensor, first: int, keys_per_block: int = 1) -> torch.Tensor:
+    """ADSA with foresight: at each of its selections (the block schedule and candidates, policy/layout.py), keep
+    the `topk_blocks x keys_per_block` candidates that full attention will attend most from that step on.
+    future [..., S, K]: at [..., s, k], the attention of queries s.. to candidate unit k. Block form
+    (keys_per_block 1): [B, S, blocks], summed over layers and heads, one set per image. Token form
+    (policy/token_select.py; keys_per_block = block_size): [B, L, H, S, S], each (layer, head) its own tokens.
+    -> [..., K] int64: the first query position for which unit k is evicted (S: never)."""
+    *lead, S, K = future.shape
+    evicted_at = torch.full((*lead, K), S, dtype=torch.int64, device=future.device)
     for p in sorted(selection_schedule(layout, first)):
         s = p + 1                                   # scores requested at p, the selection made at p + 1
-        cands = torch.tensor(list(layout.candidate_range(s)), device=future_mass.device)
-        gone = evicted_at[:, cands] < S
-        score = future_mass[:, s, cands].masked_fill(gone, float("-inf"))
-        drop = torch.ones_like(gone)
-        drop.scatter_(1, score.topk(layout.topk_blocks, dim=1).indices, False)
-        evicted_at[:, cands] = torch.where(drop & ~gone, s, evicted_at[:, cands])
-    return evicted_at
-
-
-def hindsight_token_evictions(layout, future: torch.Tensor, first: int) -> torch.Tensor:
-    """ADSA's token form (policy/token_select.py) with foresight: at each selection of the block schedule, every
-    (layer, head) keeps `topk_blocks x block_size` of its candidate tokens, those its own future queries attend
-    most. future [B, L, H, S, S]: at [..., s, k], the attention of queries s.. to key k in that head.
-    -> [B, L, H, S] int64: the first query position for which key k is evicted (S: never)."""
-    *lead, S, _ = future.shape
-    evicted_at = torch.full((*lead, S), S, dtype=torch.int64, device=future.device)
-    bs = layout.block_size
-    for p in sorted(selection_schedule(layout, first)):
-        s = p + 1
         r = layout.candidate_range(s)
-        lo, hi = r.start * bs, r.stop * bs
+        lo, hi = r.start * keys_per_block, r.stop * keys_per_block
         gone = evicted_at[..., lo:hi] < S
         score = future[..., s, lo:hi].masked_fill(gone, float("-inf"))
         drop = torch.ones_like(gone)
-        drop.scatter_(-1, score.topk(layout.topk_blocks * bs, dim=-1).indices, False)
+        drop.scatter_(-1, score.topk(layout.topk_blocks * keys_per_block, dim=-1).indices, False)
         evicted_at[..., lo:hi] = torch.where(drop & ~gone, s, evicted_at[..., lo:hi])
     return evicted_at
 
 
-def forced_keys(model, S: int, device) -> torch.Tensor:
-    """[S, S] bool: ADSA's default prefix (condition + one image row) and window (one row + 1 token) per query."""
-    c = model.config
-    prefix, local = c.cls_token_num + c.grid_size, c.grid_size + 1
+def forced_keys(layout, S: int, device) -> torch.Tensor:
+    """[S, S] bool: the layout's prefix and local window, per query."""
     q = torch.arange(S, device=device)[:, None]
     key = torch.arange(S, device=device)[None, :]
-    return (key < prefix) | (key > q - local)
+    return (key < layout.prefix_tokens) | (key > q - layout.local_tokens)
 
 
 def main(argv=None):
@@ -195,7 +176,6 @@ def main(argv=None):
     c = model.config
     S = c.cls_token_num + tokens.shape[1] - 1
     bs = a.block_size
-    forced = forced_keys(model, S, a.device)
     first = 0 if c.cls_token_num == 1 else c.cls_token_num   # as the reference decoders (reference/decoder.py)
     batches = [slice(i, i + a.batch) for i in range(0, len(tokens), a.batch)]
     full, future = [], []
@@ -208,13 +188,14 @@ def main(argv=None):
 
     def mask_of(name: str, keep: int, layout, i: int):
         unit, per_head, pw = ORACLES[name]
+        forced = forced_keys(layout, S, a.device)
         if unit == "token":
             return lambda _, logits: token_mask(logits, keep, forced if pw else None)
         if unit == "block":
             return lambda _, logits: block_mask(logits, keep, forced, bs, per_head)
         if per_head:   # the whole attention of a batch, [B, L, H, S, S]: only here, as it is large
             _, probs = bits_per_token(model, labels[batches[i]], tokens[batches[i]], head_mass=True)
-            evicted_at = hindsight_token_evictions(layout, probs.flip(-2).cumsum(-2).flip(-2), first)
+            evicted_at = hindsight_evictions(layout, probs.flip(-2).cumsum(-2).flip(-2), first, keys_per_block=bs)
             del probs
             return lambda layer, logits: (q < evicted_at[:, layer, :, None, :]) & layout.attended(q, key)
         evicted_at = hindsight_evictions(layout, future[i], first).repeat_interleave(bs, dim=-1)[:, None, None, :S]

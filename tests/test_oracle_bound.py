@@ -40,7 +40,7 @@ def test_full_path_is_the_models_forward_and_a_covering_budget_changes_nothing()
     own = -lp.gather(-1, tokens[..., None])[..., 0].mean(1).double() / ob.LN2
     torch.testing.assert_close(full, own, rtol=0, atol=1e-5)
     S = tokens.shape[1]
-    forced = ob.forced_keys(model, S, "cpu")
+    forced = ob.forced_keys(layout(0.5, grid=GRID), S, "cpu")
     for mask_of in (lambda _, lg: ob.token_mask(lg, S, forced), lambda _, lg: ob.block_mask(lg, S, forced, BS, False)):
         torch.testing.assert_close(ob.bits_per_token(model, labels, tokens, mask_of), full, rtol=0, atol=1e-6)
     # a small budget does change the result (the check above can fail)
@@ -106,7 +106,7 @@ def test_token_hindsight_keeps_the_same_count_per_head():
     S = HINDSIGHT_GRID ** 2
     g = torch.Generator().manual_seed(4)
     future = torch.rand(1, 2, 2, S, S, generator=g)
-    evicted_at = ob.hindsight_token_evictions(lay, future, first=0)
+    evicted_at = ob.hindsight_evictions(lay, future, first=0, keys_per_block=BS)
     last = max(selection_schedule(lay, 0)) + 1
     r = lay.candidate_range(last)
     alive = (evicted_at[..., r.start * BS:r.stop * BS] > last).sum(-1)
