@@ -17,7 +17,7 @@ import pytest
 from adsa_vllm.client import completion_token_ids, image_request
 from adsa_vllm.config import POLICIES, ADSAConfig
 from hang_up import paused_engine, send_post, wait_for_log
-from metrics_util import assert_preemptions_were_swaps, scrape, wait_idle
+from metrics_util import Scrape, assert_preemptions_were_swaps, scrape, wait_idle
 from server_util import adsa_server
 
 BUDGET = 0.5
@@ -26,7 +26,6 @@ POLICY_OF_REQUEST = ["topk_v", "topk_v", "streaming", "random", "attention_mass"
 # Forty requests queue for a pool that runs two at a time: twenty waves of 256 steps, during nearly all of which a
 # running request is past its first eviction.
 REQUESTS_PER_ROUND = 40
-ROUNDS = 3   # see test_gauges_move_during_generation_and_return_to_idle: a round may be inconclusive, never wrong
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,7 @@ def _conclusive(m) -> bool:
 
 def _round(server, seed: int):
     """REQUESTS_PER_ROUND requests handed to a paused engine, then scraped with the engine paused until one scrape
-    is conclusive (then without); returns that scrape, or the last paused one. Every scrape of the round must be a
+    is conclusive (then without); returns that scrape, or None if none was. Every scrape of the round must be a
     consistent state."""
     base, config = server["base"], server["config"]
     before = scrape(base)   # the previous round is over: these totals are final
@@ -127,34 +126,29 @@ def _round(server, seed: int):
         toks = completion_token_ids(json.loads(resp.read()))
         conn.close()
         assert len(toks) == config.image_tokens and all(0 <= t < config.codebook_size for t in toks), i
-    return frozen
+    return frozen if frozen is not None and _conclusive(frozen) else None
 
 
 def test_gauges_move_during_generation_and_return_to_idle(server):
-    """Scrape while forty requests run, and with the engine frozen mid-eviction.
+    """Scrape while forty requests run, then at rest: every scrape is one consistent state, the totals add up.
 
-    Polling alone cannot promise a scrape between the first eviction and the last finish: on a loaded 2-core box
-    the engine can finish a whole round before a /metrics answer or a /pause reaches it (seen: 40 requests still
-    being taken in while the first ones ran, a 6 s scrape, a pause landing after the last finish, in every round).
-    So the engine only moves while the client lets it: the requests are handed to a paused engine (vLLM's /pause,
-    dev mode; the API process logs "Added request" for each), and it is paused again around every scrape until one
-    is conclusive. A paused engine's last step's stats stay on /metrics, one consistent state. A state is
-    conclusive when a running request is past its first eviction; every ADSA gauge must then show it. Forty
-    requests queue for 24 blocks (two requests' bounds at a time): thousands of steps. If the engine still
-    finishes the round between two pauses, a working engine can produce that, so the round is run again; one that
-    never shows an eviction fails every round.
+    The requests are handed to a paused engine (vLLM's /pause, dev mode; the API process logs "Added request" for
+    each) and the engine is paused around every scrape until one catches a running request past its first eviction;
+    every ADSA gauge must then show it. A scrape can only catch that state if the API process answers while the
+    engine works, and on a loaded 2-core box it may not: the API process falls behind the EngineCore's outputs and
+    answers /resume, /pause and /metrics only once the engine has run out of work (seen: a /resume answered 10 s
+    late, after all forty images). So this test does not require the catch. The mid-eviction state is asserted for
+    sure in-process by test_gauges_show_a_request_mid_eviction; the stats' trip over the process boundary by
+    test_adsa_stats_survive_the_engine_to_api_process_codec and by the totals below, which only the EngineCore has.
     """
     base, config = server["base"], server["config"]
-    for rounds in range(1, ROUNDS + 1):
-        frozen = _round(server, seed=rounds * 1000)
-        held, full = frozen.total("adsa:blocks_held"), frozen.total("adsa:full_attention_blocks")
-        if held < full:
-            break
-    assert held < full, f"no frozen scrape in {ROUNDS} rounds had a request past its first eviction: " + \
-        str(frozen.lines("adsa:") + frozen.lines("vllm:num_requests"))
-    assert held > 0, "adsa:blocks_held is 0 while requests hold blocks: " + str(frozen.lines("adsa:"))
-    assert frozen.total("adsa:kept_ratio") == pytest.approx(held / full), frozen.lines("adsa:")
-    assert frozen.total("adsa:blocks_freed_total") > 0, "adsa:blocks_freed_total was still 0 mid-eviction"
+    caught = _round(server, seed=1000)
+    if caught is not None:
+        held, full = caught.total("adsa:blocks_held"), caught.total("adsa:full_attention_blocks")
+        assert held > 0, "adsa:blocks_held is 0 while requests hold blocks: " + str(caught.lines("adsa:"))
+        assert caught.total("adsa:kept_ratio") == pytest.approx(held / full), caught.lines("adsa:")
+        assert caught.total("adsa:blocks_freed_total") > 0, "adsa:blocks_freed_total was still 0 mid-eviction"
+    print(f"\nmid-eviction scrape caught: {caught is not None}")
 
     m = wait_idle(base)
     assert m.total("adsa:blocks_held") == 0 and m.total("adsa:full_attention_blocks") == 0, m.lines("adsa:")
@@ -162,9 +156,9 @@ def test_gauges_move_during_generation_and_return_to_idle(server):
     assert m.total("vllm:kv_cache_usage_perc") == 0.0
     # Each finished image allocated cdiv(256, 16) = 16 logical blocks and never held more than its bound.
     full_blocks = -(-(config.cls_token_num + config.image_tokens - 1) // 16)
-    assert m.total("adsa:blocks_freed_total") >= REQUESTS_PER_ROUND * rounds * (full_blocks - server["bound"])
+    assert m.total("adsa:blocks_freed_total") >= REQUESTS_PER_ROUND * (full_blocks - server["bound"])
     per_round = [POLICY_OF_REQUEST[i % len(POLICY_OF_REQUEST)] for i in range(REQUESTS_PER_ROUND)]
-    sent = {p: float(per_round.count(p) * rounds) for p in POLICIES}
+    sent = {p: float(per_round.count(p)) for p in POLICIES}
     assert m.by_label("adsa:requests_total", "policy") == sent
     finished = m.by_label("adsa:requests_finished_total", "reason")
     assert finished["length"] == sum(sent.values()) and finished["abort"] == 0, finished
@@ -174,3 +168,51 @@ def test_gauges_move_during_generation_and_return_to_idle(server):
     assert m.total("adsa:admission_waits_total") > 0
     assert_preemptions_were_swaps(m)
     print("\n".join(m.lines("adsa:")))
+
+
+def test_gauges_show_a_request_mid_eviction(model16):
+    """The exported gauges at a step where a running request is past its first eviction equal the scheduler's own
+    count. In-process (vLLM's LLMEngine with ADSAStatLogger, the class the server loads through the entry point,
+    as its stat logger) and stepped by the test, so the state is reached for sure whatever the machine's load; the
+    text is prometheus_client's, what /metrics serves."""
+    from prometheus_client import REGISTRY, generate_latest
+    from vllm import EngineArgs, SamplingParams
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from adsa_vllm.metrics import ADSAStatLogger
+    model_dir, config = model16
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(model=str(model_dir), dtype="float32", enforce_eager=True, block_size=16, skip_tokenizer_init=True,
+                   attention_backend="adsa", additional_config={"adsa": {"budget": BUDGET}},
+                   num_gpu_blocks_override=POOL_BLOCKS, disable_log_stats=False),
+        stat_loggers=[ADSAStatLogger])
+    try:
+        sched = engine.engine_core.engine_core.scheduler
+        for i in range(3):   # three requests for two bounds' worth of blocks: one waits at the gate
+            engine.add_request(f"mid-{i}", {"prompt_token_ids": config.prompt(i)},
+                               SamplingParams(max_tokens=config.image_tokens, detokenize=False,
+                                              extra_args={"adsa": {"policy": POLICY_OF_REQUEST[i]}}))
+        truth = None
+        for _ in range(3 * config.image_tokens):
+            engine.step()
+            truth = sched.adsa_step_stats()
+            if truth.blocks_held < truth.blocks_full_attention:
+                break
+        assert truth is not None and truth.blocks_held < truth.blocks_full_attention, \
+            f"no running request was past its first eviction in {3 * config.image_tokens} steps: {truth}"
+        m = Scrape(generate_latest(REGISTRY).decode())
+        assert m.total("adsa:blocks_held") == truth.blocks_held > 0, m.lines("adsa:")
+        assert m.total("adsa:full_attention_blocks") == truth.blocks_full_attention, m.lines("adsa:")
+        assert m.total("adsa:kept_ratio") == pytest.approx(truth.blocks_held / truth.blocks_full_attention)
+        assert m.total("adsa:blocks_freed_total") == truth.blocks_freed > 0, m.lines("adsa:")
+        layout = ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=config.cls_token_num,
+                                                  grid_size=config.grid_size)
+        assert truth.blocks_held <= layout.held_bound * len(sched.running) <= POOL_BLOCKS
+        assert m.total("adsa:admission_waits_total") == truth.admission_waits > 0, m.lines("adsa:")
+        assert m.by_label("adsa:requests_total", "policy") == \
+            {p: float(truth.requests_by_policy.get(p, 0)) for p in POLICIES}, m.lines("adsa:requests")
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert sched.adsa_step_stats().blocks_held == 0
+    finally:
+        engine.engine_core.shutdown()
