@@ -179,6 +179,7 @@ def test_gauges_show_a_request_mid_eviction(model16):
     from vllm import EngineArgs, SamplingParams
     from vllm.v1.engine.llm_engine import LLMEngine
 
+    from adsa_vllm.engine.observe import engine_scheduler
     from adsa_vllm.metrics import ADSAStatLogger
     model_dir, config = model16
     engine = LLMEngine.from_engine_args(
@@ -187,7 +188,7 @@ def test_gauges_show_a_request_mid_eviction(model16):
                    num_gpu_blocks_override=POOL_BLOCKS, disable_log_stats=False),
         stat_loggers=[ADSAStatLogger])
     try:
-        sched = engine.engine_core.engine_core.scheduler
+        sched = engine_scheduler(engine)
         for i in range(3):   # three requests for two bounds' worth of blocks: one waits at the gate
             engine.add_request(f"mid-{i}", {"prompt_token_ids": config.prompt(i)},
                                SamplingParams(max_tokens=config.image_tokens, detokenize=False,

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 
 def engine_scheduler(llm):
-    """The scheduler of a `vllm.LLM` whose EngineCore runs in this process."""
+    """The scheduler of a `vllm.LLM` (or its `LLMEngine`) whose EngineCore runs in this process."""
     try:
-        return llm.llm_engine.engine_core.engine_core.scheduler
+        return getattr(llm, "llm_engine", llm).engine_core.engine_core.scheduler
     except AttributeError:   # a client of an EngineCore in another process has no `engine_core`
         raise RuntimeError("watching the scheduler needs the EngineCore in this process: set "
                            "VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM is imported") from None
