@@ -172,6 +172,24 @@ def run_vllm(args, config) -> dict:
     return res
 
 
+def _static_cache(model, max_len: int) -> dict:
+    """The static cache Janus's image generate() would make, made here and handed in. Why: in some transformers
+    releases (the GPU image's, 2026-12) JanusForConditionalGeneration.generate calls GenerationMixin's
+    _prepare_static_cache without the prefill_chunk_size argument that release's GenerationMixin requires (TypeError);
+    generate() builds no cache of its own when one is given. The keyword is the one the installed generate() reads
+    (`cache` in transformers 5.25, `past_key_values` before the rename); the cache sizes itself to the batch (cond +
+    uncond rows) on first use, as the one generate() makes."""
+    import inspect
+    import re
+
+    from transformers import JanusForConditionalGeneration, StaticCache
+    source = inspect.getsource(JanusForConditionalGeneration.generate)
+    read = re.findall(r'model_kwargs\.get\("(cache|past_key_values)"', source)
+    if len(set(read)) != 1:
+        raise RuntimeError(f"cannot tell which cache keyword this transformers' Janus generate() reads: {read}")
+    return {read[0]: StaticCache(config=model.config.get_text_config(), max_cache_len=max_len)}
+
+
 def run_hf(args, config) -> dict:
     """transformers' own loop at each batch size of --hf-batches (one generate call of that many images each, after a
     4-token warm-up at the same batch); stops at the first out-of-memory."""
@@ -200,7 +218,7 @@ def run_hf(args, config) -> dict:
                                guidance_scale=args.cfg_scale, generation_kwargs={"boi_token_id": config.boi_token_id})
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                                 generation_config=gen)
+                                 generation_config=gen, **_static_cache(model, ids.shape[1] + tokens))
         if device == "cuda":
             torch.cuda.synchronize()
         if tuple(out.shape) != (len(ids), tokens):
