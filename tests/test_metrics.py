@@ -189,7 +189,7 @@ def test_gauges_show_a_request_mid_eviction(model16):
         stat_loggers=[ADSAStatLogger])
     try:
         sched = engine_scheduler(engine)
-        for i in range(3):   # three requests for two bounds' worth of blocks: one waits at the gate
+        for i in range(3):   # three bounds exceed the 24 blocks: the gate holds one back for a while
             engine.add_request(f"mid-{i}", {"prompt_token_ids": config.prompt(i)},
                                SamplingParams(max_tokens=config.image_tokens, detokenize=False,
                                               extra_args={"adsa": {"policy": POLICY_OF_REQUEST[i]}}))
