@@ -172,30 +172,30 @@ def run_vllm(args, config) -> dict:
     return res
 
 
-def _static_cache(model, max_len: int) -> dict:
-    """The static cache Janus's image generate() would make, made here and handed in. Why: in some transformers
+def _cache_keyword() -> str:
+    """The keyword under which Janus's image generate() takes a ready cache. Why hand it one: in some transformers
     releases (the GPU image's, 2026-12) JanusForConditionalGeneration.generate calls GenerationMixin's
     _prepare_static_cache without the prefill_chunk_size argument that release's GenerationMixin requires (TypeError);
     generate() builds no cache of its own when one is given. The keyword is the one the installed generate() reads
-    (`cache` in transformers 5.25, `past_key_values` before the rename); the cache sizes itself to the batch (cond +
-    uncond rows) on first use, as the one generate() makes."""
+    (`cache` in transformers 5.25, `past_key_values` before the rename)."""
     import inspect
     import re
 
-    from transformers import JanusForConditionalGeneration, StaticCache
+    from transformers import JanusForConditionalGeneration
     source = inspect.getsource(JanusForConditionalGeneration.generate)
     read = re.findall(r'model_kwargs\.get\("(cache|past_key_values)"', source)
     if len(set(read)) != 1:
         raise RuntimeError(f"cannot tell which cache keyword this transformers' Janus generate() reads: {read}")
-    return {read[0]: StaticCache(config=model.config.get_text_config(), max_cache_len=max_len)}
+    return read[0]
 
 
 def run_hf(args, config) -> dict:
     """transformers' own loop at each batch size of --hf-batches (one generate call of that many images each, after a
     4-token warm-up at the same batch); stops at the first out-of-memory."""
     import torch
-    from transformers import GenerationConfig, JanusForConditionalGeneration
+    from transformers import GenerationConfig, JanusForConditionalGeneration, StaticCache
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache_keyword = _cache_keyword()
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     default = torch.get_default_dtype()
@@ -217,8 +217,10 @@ def run_hf(args, config) -> dict:
         gen = GenerationConfig(bos_token_id=text.bos_token_id, pad_token_id=text.pad_token_id, do_sample=False,
                                guidance_scale=args.cfg_scale, generation_kwargs={"boi_token_id": config.boi_token_id})
         with torch.no_grad():
+            # the static cache generate() would make (it sizes itself to the cond + uncond rows on first use)
+            cache = StaticCache(config=model.config.get_text_config(), max_cache_len=ids.shape[1] + tokens)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                                 generation_config=gen, **_static_cache(model, ids.shape[1] + tokens))
+                                 generation_config=gen, **{cache_keyword: cache})
         if device == "cuda":
             torch.cuda.synchronize()
         if tuple(out.shape) != (len(ids), tokens):
