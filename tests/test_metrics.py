@@ -33,10 +33,13 @@ def server(tmp_path_factory):
     for srv in adsa_server(tmp_path_factory, "metrics_server", {"adsa": {"budget": BUDGET}},
                            "--num-gpu-blocks-override", str(POOL_BLOCKS), "--enable-log-requests", grid_size=16,
                            env={"VLLM_SERVER_DEV_MODE": "1"}):   # /pause, /resume
-        config = srv["config"]
-        layout = ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=config.cls_token_num,
-                                                  grid_size=config.grid_size)
-        yield {**srv, "bound": layout.held_bound}
+        yield {**srv, "bound": _held_bound(srv["config"])}
+
+
+def _held_bound(config) -> int:
+    """The most blocks one request may hold at BUDGET (budget + slack)."""
+    return ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=config.cls_token_num,
+                                            grid_size=config.grid_size).held_bound
 
 
 def test_adsa_stats_survive_the_engine_to_api_process_codec():
@@ -206,9 +209,7 @@ def test_gauges_show_a_request_mid_eviction(model16):
         assert m.total("adsa:full_attention_blocks") == truth.blocks_full_attention, m.lines("adsa:")
         assert m.total("adsa:kept_ratio") == pytest.approx(truth.blocks_held / truth.blocks_full_attention)
         assert m.total("adsa:blocks_freed_total") == truth.blocks_freed > 0, m.lines("adsa:")
-        layout = ADSAConfig(budget=BUDGET).layout(block_size=16, cls_token_num=config.cls_token_num,
-                                                  grid_size=config.grid_size)
-        assert truth.blocks_held <= layout.held_bound * len(sched.running) <= POOL_BLOCKS
+        assert truth.blocks_held <= _held_bound(config) * len(sched.running) <= POOL_BLOCKS
         assert m.total("adsa:admission_waits_total") == truth.admission_waits > 0, m.lines("adsa:")
         assert m.by_label("adsa:requests_total", "policy") == \
             {p: float(truth.requests_by_policy.get(p, 0)) for p in POLICIES}, m.lines("adsa:requests")
