@@ -12,7 +12,7 @@ parsed with the same code the worker and scheduler run (`ADSASettings.layout`, `
 fully: the ADSA layout is built here with the request's own condition length, and the scorers that would run are
 resolved (`adsa_vllm.policy.resolve_scorers`), so whatever passes is a setting the worker can use. What only the
 engine's configuration decides is checked too: a query-dependent policy cannot run where attention replays from
-CUDA graphs (`attention_in_cuda_graphs`).
+CUDA graphs that save no query, nor token edges where it replays from any (`attention_in_cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ class RequestSettings:
 
 
 def attention_in_cuda_graphs(compilation_config, engine: EngineSettings) -> bool:
-    """Whether this engine's attention layers run inside CUDA graphs, so that Python in their forward (where a
-    query-dependent policy scores, `needs_query`) runs only while a graph is captured: a per-request attention-mass
-    selection would never happen (block granularity) or fail in the worker (token granularity).
+    """Whether this engine's attention layers run inside CUDA graphs, so that Python in their forward runs only while
+    a graph is captured. Two kinds of request need it to run: a query-dependent policy (`needs_query`) on an engine
+    whose default policy needs none (its graphs capture no copy of the query: worker/saved_queries.py), whose
+    selection would fail in the worker; and a layout with token edges (worker/token_edges.py).
 
     Read from vLLM's CompilationConfig (duck-typed) as `VllmConfig.__post_init__` left it, which is what the API
     process holds (the config hook runs at its start, before the mode is resolved):
@@ -52,12 +53,11 @@ def attention_in_cuda_graphs(compilation_config, engine: EngineSettings) -> bool
         whole forwards, attention included;
       * PIECEWISE: attention runs eagerly between the captured pieces when the attention ops are splitting ops
         (vLLM's default), else it is inside a piece.
-    An engine whose default policy needs the query, or whose default layout has token edges (their attention runs
-    in Python, worker/token_edges.py), has none: its backend reports AttentionCGSupport.NEVER
+    An engine whose default layout has token edges has none: its backend reports AttentionCGSupport.NEVER
     (worker/backend.py), so vLLM's worker drops full graphs to PIECEWISE, or refuses to start. The answer is
     conservative where vLLM's worker later lowers the mode for another reason (an inner kernel without graph
     support): such an engine refuses what it could have run."""
-    if engine.adsa is None or needs_query(engine.adsa.defaults) or engine.adsa.layout().token_edges:
+    if engine.adsa is None or engine.adsa.layout().token_edges:
         return False
     mode = compilation_config.cudagraph_mode
     if mode is None or mode.name == "NONE":
@@ -118,10 +118,10 @@ def validate_settings(extra_args, limits: EngineLimits, prompt_len: int | None =
     if limits.engine.adsa is not None:
         layout = limits.engine.adsa.layout(overrides, prompt_len)   # its ADSAConfig resolved the scorers
         check_tensor_parallel(layout, limits.tensor_parallel_size, limits.model.kv_heads)
-        if limits.attention_in_cuda_graphs and needs_query(layout):
+        if limits.attention_in_cuda_graphs and needs_query(layout) and not needs_query(limits.engine.adsa.defaults):
             raise ADSAConfigError(
-                f"adsa.policy={layout.policy!r} scores with each step's query inside the attention forward, which this "
-                "engine runs in CUDA graphs, where that scoring never runs; start the engine with it as the default "
+                f"adsa.policy={layout.policy!r} scores with each step's query, which this engine's CUDA graphs do not "
+                "save (its default policy needs none); start the engine with it as the default "
                 f"policy (--additional-config '{{\"adsa\": {{\"policy\": \"{layout.policy}\"}}}}') or with "
                 "--enforce-eager (offline: LLM(..., enforce_eager=True))")
         if limits.attention_in_cuda_graphs and layout.token_edges:

@@ -14,8 +14,13 @@ the same tokens in another order changes no greedy token; in bf16 it does): stre
 granularities, but at token granularity every selection moves slot entries on the device, so its images must equal
 block granularity's token for token (a write in the wrong place changes them). TopK-V and random at token
 granularity free blocks within the bound; their agreement with the fp32 reference is reported.
-Prints one JSON line; exits non-zero if (1), (3), (4), (5), (6)'s equality or a bound fails. `--checks basic cfg
-fp8 token` runs a subset ((1)-(3), (4), (5), (6)), e.g. one per GPU.
+(7) query-dependent policies in CUDA graphs (adsa_vllm/worker/saved_queries.py), float32 on TRITON_ATTN: an engine
+whose default is attention_mass must keep vLLM's FULL_AND_PIECEWISE mode, and every query policy at both
+granularities (per request) must give, token for token, the images of the same engine in PIECEWISE mode, where
+attention and the query copy run eagerly between the same compiled pieces (a copy missing from the full graphs
+would score stale queries); both free blocks within the bound; agreement with the fp32 reference is reported.
+Prints one JSON line; exits non-zero if (1), (3), (4), (5), (6), (7)'s equality or a bound fails. `--checks basic
+cfg fp8 token query` runs a subset ((1)-(3), (4), (5), (6), (7)), e.g. one per GPU.
 """
 
 from __future__ import annotations
@@ -40,24 +45,25 @@ CFG_SCALE = 3.0
 
 
 def run(model_dir, config, classes, adsa: dict | None, guided: bool = False, kv_cache_dtype: str = "auto",
-        overrides: list | None = None, dtype: str = "bfloat16"):
+        overrides: list | None = None, dtype: str = "bfloat16", engine_kw: dict | None = None):
     """One engine in a fresh process (vLLM does not give all GPU memory back, and a later engine's memory
     profiling in the same process trips over the earlier one's memory being returned). `overrides`: each
-    request's extra_args["adsa"] (one per class)."""
+    request's extra_args["adsa"] (one per class); `engine_kw`: more arguments of vllm.LLM."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         toks, stats, restored, lps = pool.submit(_run_engine, model_dir, config, classes, adsa, guided,
-                                                 kv_cache_dtype, overrides, dtype).result()
+                                                 kv_cache_dtype, overrides, dtype, engine_kw).result()
     return torch.tensor(toks), stats, restored, torch.tensor(lps)
 
 
-def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype, overrides=None, dtype="bfloat16"):
+def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype, overrides=None, dtype="bfloat16",
+                engine_kw=None):
     extra = {"cfg": {"scale": CFG_SCALE}} if guided else {}
     kw = dict(attention_backend="adsa", additional_config={"adsa": adsa, **extra}) if adsa is not None else \
         dict(additional_config=extra)
     llm = LLM(model=str(model_dir), dtype=dtype, block_size=16, gpu_memory_utilization=0.3, seed=0,
-              kv_cache_dtype=kv_cache_dtype, **kw)
+              kv_cache_dtype=kv_cache_dtype, **kw, **(engine_kw or {}))
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     free0 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     params = [SamplingParams(temperature=0.0, max_tokens=config.image_tokens, detokenize=False, logprobs=0,
@@ -67,6 +73,7 @@ def _run_engine(model_dir, config, classes, adsa, guided, kv_cache_dtype, overri
     toks = [list(o.outputs[0].token_ids) for o in outs]
     lps = [[s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
     stats = sched.adsa_stats() if hasattr(sched, "adsa_stats") else {}
+    stats["cudagraph_mode"] = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode.name
     free1 = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     return toks, stats, free0 == free1, lps
 
@@ -81,7 +88,7 @@ def main():
     d = make_random_model_dir(tempfile.mkdtemp(), config, seed=0, std=0.1)
     classes = list(range(8))
     out = {"device": torch.cuda.get_device_name(0), "checks": args.checks}
-    ref_model = load_reference(d, device="cuda") if {"basic", "cfg", "token"} & set(args.checks) else None
+    ref_model = load_reference(d, device="cuda") if {"basic", "cfg", "token", "query"} & set(args.checks) else None
     for name in args.checks:
         out.update(CHECKS[name](d, config, classes, ref_model))
     print("GPUCHECK " + json.dumps(out), flush=True)
@@ -111,6 +118,12 @@ def _verdicts(out: dict) -> dict:
     if "fp8_budget_none_equals_fp8_full" in out:
         v.update(fp8_budget_none_equals_fp8_full=out["fp8_budget_none_equals_fp8_full"],
                  fp8_pool_restored=out["fp8_pool_restored"], fp8_adsa50_freed=out["fp8_adsa50_freed_blocks"] > 0)
+    if "query_graphs_equal_piecewise" in out:
+        v.update(query_graphs_equal_piecewise=out["query_graphs_equal_piecewise"],
+                 query_full_graphs_kept=out["query_cudagraph_mode"] == "FULL_AND_PIECEWISE",
+                 query_pool_restored=out["query_pool_restored"],
+                 query_within_bound=out["query_peak_held"] <= out["query_bound"],
+                 query_freed=out["query_freed_blocks"] > 0)
     return v
 
 
@@ -185,7 +198,35 @@ def check_token(d, config, classes, ref_model) -> dict:
     return out
 
 
-CHECKS = {"basic": check_basic, "cfg": check_guidance, "fp8": check_fp8, "token": check_token}
+def check_query(d, config, classes, ref_model) -> dict:
+    """Query-dependent policies with attention in CUDA graphs: FULL_AND_PIECEWISE vs PIECEWISE, same engine
+    settings, every query policy at both granularities as per-request overrides on an attention_mass default."""
+    cases = {f"{policy}_{g}": {"policy": policy, "granularity": g}
+             for policy in ("attention_mass", "head_split", "row_anchored") for g in ("block", "token")}
+    reqs = [(name, c) for name in cases for c in classes]
+    adsa = {"budget": 0.5, "policy": "attention_mass", "inner_backend": "TRITON_ATTN"}
+    runs = {}
+    for mode in ("FULL_AND_PIECEWISE", "PIECEWISE"):
+        runs[mode] = run(d, config, [c for _, c in reqs], adsa, overrides=[cases[n] for n, _ in reqs],
+                         dtype="float32", engine_kw={"compilation_config": {"cudagraph_mode": mode}})
+    (full, st, ok_full, _), (piece, st_p, ok_piece, _) = runs["FULL_AND_PIECEWISE"], runs["PIECEWISE"]
+    reqs_st = list(st["requests"].values())
+    out = {"query_graphs_equal_piecewise": bool(torch.equal(full, piece)),
+           "query_cudagraph_mode": st["cudagraph_mode"], "query_piecewise_mode": st_p["cudagraph_mode"],
+           "query_pool_restored": ok_full and ok_piece, "query_freed_blocks": st["total_freed_blocks"],
+           "query_peak_held": max(r["peak_held_blocks"] for r in reqs_st),
+           "query_bound": max(r["budget_blocks"] + r["slack_blocks"] for r in reqs_st),
+           "query_cases_equal": {name: bool(torch.equal(full[i * len(classes):(i + 1) * len(classes)],
+                                                        piece[i * len(classes):(i + 1) * len(classes)]))
+                                 for i, name in enumerate(cases)}}
+    for i, (name, case) in enumerate(cases.items()):
+        ref = generate(ref_model, classes, greedy=True, adsa=ADSAConfig(budget=0.5, **case)).tokens.cpu()
+        got = full[i * len(classes):(i + 1) * len(classes)]
+        out[f"query_{name}_vs_reference_fp32_matching_prefix"] = (got == ref).float().cumprod(1).sum(1).tolist()
+    return out
+
+
+CHECKS = {"basic": check_basic, "cfg": check_guidance, "fp8": check_fp8, "token": check_token, "query": check_query}
 
 if __name__ == "__main__":
     main()

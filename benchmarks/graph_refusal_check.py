@@ -1,7 +1,8 @@
 """GPU check of issue 22's CUDA-graph rule: a per-request query-dependent policy (attention_mass, block and token
 granularity) on three engines built with the shipped model: default policy random with vLLM's default graphs
 (attention inside FULL graphs: the request must be refused naming the fix, and the engine keep serving), the same
-with --enforce-eager, and attention_mass as the default (vLLM drops to PIECEWISE: attention outside the graphs).
+with --enforce-eager, and attention_mass as the default (its graphs capture the query copy,
+adsa_vllm/worker/saved_queries.py: vLLM keeps FULL_AND_PIECEWISE; before that copy it dropped to PIECEWISE).
 Both of the latter must accept it and free blocks. Prints a line per engine and `RESULT {json}`; a CPU engine has
 no graphs, so this runs on a GPU only:  python benchmarks/graph_refusal_check.py
 """

@@ -233,12 +233,12 @@ TOUCHPOINTS = (
                 ("seq_lens_cpu_upper_bound", "_seq_lens_cpu", "_num_computed_tokens_cpu",
                  "_num_computed_tokens_cache")),)),
     Touchpoint(
-        "attn-metadata-scoring", "the inner backends' attention metadata (CPU_ATTN, FLASH_ATTN, TRITON_ATTN): "
-        "attributes adsa_scoring, adsa_token_scoring, adsa_edges",
-        ("adsa_vllm/worker/backend.py",), ("adsa_scoring", "adsa_token_scoring", "adsa_edges"),
-        "Query-dependent scoring (block and token granularity) and token edges (worker/token_edges.py) run inside each "
-        "layer's forward and need the step's plan; the metadata object the inner builder returns is the only per-step "
-        "object the forward receives.",
+        "attn-metadata-edges", "the inner backends' attention metadata (CPU_ATTN, FLASH_ATTN, TRITON_ATTN): "
+        "attribute adsa_edges",
+        ("adsa_vllm/worker/backend.py",), ("adsa_edges",),
+        "Token edges (worker/token_edges.py) run inside each layer's forward and need the step's plan; the metadata "
+        "object the inner builder returns is the only per-step object the forward receives. (Query-dependent scoring "
+        "needs none: the forward saves the query rows a persistent index names, worker/saved_queries.py.)",
         "an extension field on attention metadata for wrapping backends",
         (OpenInstances("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata"),
          OpenInstances("vllm.v1.attention.backends.triton_attn:TritonAttentionMetadata"),
@@ -290,12 +290,13 @@ TOUCHPOINTS = (
     Touchpoint(
         "cudagraph-mode-read", "vllm.config.CompilationConfig.cudagraph_mode as VllmConfig resolved it, "
         "CUDAGraphMode.has_full_cudagraphs, CompilationConfig.splitting_ops_contain_attention",
-        ("adsa_vllm/request_validation.py", "benchmarks/graph_refusal_check.py"),
+        ("adsa_vllm/request_validation.py", "benchmarks/graph_refusal_check.py", "benchmarks/gpu_check.py"),
         ("cudagraph_mode", "has_full_cudagraphs", "splitting_ops_contain_attention"),
-        "A query-dependent policy scores in Python inside each attention forward, which a CUDA graph replay never "
-        "runs; the API process refuses such a per-request policy where attention runs in graphs, and decides where "
-        "that is from the resolved compilation config: any full-graph mode, or piecewise graphs whose split points "
-        "leave attention inside a piece (request_validation.attention_in_cuda_graphs).",
+        "Token edges run Python inside each attention forward, and a query-dependent policy needs a query copy that "
+        "only engines with such a default capture; a CUDA graph replay runs neither, so the API process refuses such "
+        "per-request settings where attention runs in graphs, and decides where that is from the resolved "
+        "compilation config: any full-graph mode, or piecewise graphs whose split points leave attention inside a "
+        "piece (request_validation.attention_in_cuda_graphs). The GPU checks record the mode an engine resolved.",
         "a per-backend way to run Python in the forward under CUDA graphs, or a documented query of which ops "
         "run in graphs",
         (Fields("vllm.config:CompilationConfig", ("cudagraph_mode", "splitting_ops")),

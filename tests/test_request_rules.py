@@ -2,11 +2,12 @@
 (issue 22), tested without a server: the one scorer resolver (`adsa_vllm.policy.resolve_scorers`) and the CUDA-graph
 rule (`adsa_vllm.request_validation.attention_in_cuda_graphs`).
 
-A query-dependent policy (attention_mass) scores in Python inside each attention forward, which a CUDA graph replay
-never runs. No engine on this CPU machine runs attention in CUDA graphs (vLLM sets cudagraph_mode NONE on a
-platform without static graphs, with or without --enforce-eager), so no CPU server can be made to give that refusal:
-the rule is tested here on vLLM's own CompilationConfig resolution, as a GPU engine resolves it. tests/test_server.py
-checks over HTTP every refusal a CPU server can give.
+A query-dependent policy (attention_mass) scores with the decode query, which each attention forward saves with a
+copy that only an engine whose default policy needs the query captures in its CUDA graphs
+(adsa_vllm/worker/saved_queries.py). No engine on this CPU machine runs attention in CUDA graphs (vLLM sets
+cudagraph_mode NONE on a platform without static graphs, with or without --enforce-eager), so no CPU server can be
+made to give that refusal: the rule is tested here on vLLM's own CompilationConfig resolution, as a GPU engine
+resolves it. tests/test_server.py checks over HTTP every refusal a CPU server can give.
 """
 
 from __future__ import annotations
@@ -107,26 +108,28 @@ def test_the_worker_resolves_the_same_scorers_once_per_setting():
 def test_attention_in_cuda_graphs_follows_vllms_resolved_mode(mode, splitting_ops, in_graphs):
     compilation = _compilation(mode, splitting_ops)
     assert attention_in_cuda_graphs(compilation, _engine()) == in_graphs
-    # An engine whose default policy needs the query keeps attention out of graphs at either granularity.
+    # A query-dependent default no longer keeps attention out of graphs (its graphs capture the query's copy).
     for granularity in GRANULARITIES:
-        assert not attention_in_cuda_graphs(compilation, _engine(policy="attention_mass", granularity=granularity))
+        assert attention_in_cuda_graphs(compilation, _engine(policy="attention_mass", granularity=granularity)) \
+            == in_graphs
     assert not attention_in_cuda_graphs(compilation, EngineSettings(adsa=None, guidance=GuidanceSettings(False)))
 
 
-def test_a_query_dependent_default_makes_vllm_drop_full_graphs():
-    """Why such an engine has attention out of graphs: the ADSA backend reports NEVER, and vLLM's worker resolves
-    the GPU default FULL_AND_PIECEWISE to PIECEWISE, where attention runs between the pieces."""
+def test_a_query_dependent_default_keeps_the_kernels_graph_support():
+    """The ADSA builder answers what its inner kernel's builder answers for a query-dependent default (no NEVER:
+    vLLM keeps the GPU default FULL_AND_PIECEWISE), and NEVER only for token edges."""
     from vllm.v1.attention.backend import AttentionCGSupport
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     from adsa_vllm.worker.backend import make_adsa_backend
+    inner = CPUAttentionBackend.get_builder_cls()
     builder = make_adsa_backend(CPUAttentionBackend).get_builder_cls()
     for granularity in GRANULARITIES:
         spec = SimpleNamespace(adsa=_engine(policy="attention_mass", granularity=granularity).adsa)
-        assert builder.get_cudagraph_support(None, spec) == AttentionCGSupport.NEVER
-    compilation = _compilation("FULL_AND_PIECEWISE")
-    assert compilation.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.NEVER, "ADSA").name == "PIECEWISE"
-    assert not attention_in_cuda_graphs(compilation, _engine())
+        assert builder.get_cudagraph_support(None, spec) == inner.get_cudagraph_support(None, spec)
+    edges = SimpleNamespace(adsa=_engine(policy="attention_mass", budget=40).adsa)
+    assert edges.adsa.layout().token_edges
+    assert builder.get_cudagraph_support(None, edges) == AttentionCGSupport.NEVER
 
 
 @pytest.mark.parametrize("graphs", [False, True])

@@ -54,3 +54,34 @@ def test_bad_request_in_the_worker_fails_alone(bad, guided, monkeypatch):
     # And the engine keeps serving.
     again = [list(o.outputs[0].token_ids) for o in llm.generate(good, _params(config), use_tqdm=False)]
     assert again == alone
+
+
+@pytest.mark.parametrize("granularity", ["block", "token"])
+def test_a_query_policy_whose_forward_saved_no_query_fails_alone(granularity, guided, monkeypatch):
+    """As on a GPU engine with a query-free default whose attention replays from CUDA graphs (validation refuses
+    such requests there; switched off here): the forward saves no query, so the selection cannot be scored. The
+    request fails instead of scoring stale queries; the others run on unharmed. The first forward that asks does save
+    (its buffers then exist, as after an eager step of a real engine), no later one does."""
+    from adsa_vllm.worker.saved_queries import SavedQueries
+    real_save = SavedQueries.save
+
+    def save_once(self, layer, query, planned=True):
+        if self.buffers[layer] is None:
+            real_save(self, layer, query, planned)
+    llm, config = guided
+    good = [{"prompt_token_ids": config.prompt(c)} for c in (1, 2)]
+    alone = [list(o.outputs[0].token_ids) for o in llm.generate(good, _params(config), use_tqdm=False)]
+    free0 = _free_blocks(llm)
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    failures0 = sched.num_worker_failures
+
+    monkeypatch.setattr(request_validation, "validate_request", lambda params, limits, prompt_len=None: None)
+    monkeypatch.setattr(SavedQueries, "save", save_once)
+    query_policy = {"adsa": {"policy": "attention_mass", "granularity": granularity}}
+    outs = llm.generate([good[0], {"prompt_token_ids": config.prompt(3)}, good[1]],
+                        [_params(config), _params(config, query_policy), _params(config)], use_tqdm=False)
+    monkeypatch.undo()
+
+    assert outs[1].outputs[0].finish_reason == "error", outs[1].outputs[0]
+    assert [list(outs[i].outputs[0].token_ids) for i in (0, 2)] == alone
+    assert _free_blocks(llm) == free0 and sched.num_worker_failures > failures0

@@ -56,8 +56,8 @@ def resolve_scorers(settings) -> tuple[BlockScorer, TokenScorer | None]:
 
 
 def needs_query(settings) -> bool:
-    """Whether the scorers of `settings` score inside each attention layer's forward, with the step's query (Python
-    that a CUDA graph replay never runs: see worker/backend.py and request_validation.py)."""
+    """Whether the scorers of `settings` score with the step's decode query, which each attention layer's forward
+    must save for them (worker/saved_queries.py; request_validation.py says where it cannot)."""
     return any(s is not None and s.needs_query for s in resolve_scorers(settings))
 
 

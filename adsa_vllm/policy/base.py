@@ -40,7 +40,7 @@ def from_settings(cls: type, settings: dict):
 
 class BlockScorer:
     name: ClassVar[str]
-    needs_query: ClassVar[bool] = False   # scored inside the forward, with the decode query
+    needs_query: ClassVar[bool] = False   # scored with the decode query (saved by the forward)
     reads_kv: ClassVar[bool] = True       # False: the score depends on positions only; computed once, not per layer
     registry: ClassVar[dict[str, type["BlockScorer"]]] = {}
 

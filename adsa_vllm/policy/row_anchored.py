@@ -10,7 +10,7 @@ the prefix or window counts only its candidate part).
          28x28 model is 28 tokens, 1.75 blocks of 16, so the top blocks are the high-mass rows, nearly whole.
   token: each (layer, KV head) rates every candidate token with its own row mass, so a head keeps whole rows of
          its own (ties inside a row go to the more recent token).
-Both need the decode query (attention runs outside CUDA graphs), like attention_mass. Rows come from the layout
+Both need the decode query, like attention_mass (worker/saved_queries.py). Rows come from the layout
 (`cond_tokens`, `row_tokens`): image row of position p = (p - cond_tokens) // row_tokens.
 """
 

@@ -42,7 +42,7 @@ class TokenInputs:
 
 class TokenScorer:
     name: ClassVar[str]
-    needs_query: ClassVar[bool] = False   # scored inside the forward, with the decode query
+    needs_query: ClassVar[bool] = False   # scored with the decode query (saved by the forward)
     reads: ClassVar[tuple[str, ...]] = ()  # of the candidates' "keys" / "values", what score() uses
     registry: ClassVar[dict[str, type["TokenScorer"]]] = {}
 

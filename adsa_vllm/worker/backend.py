@@ -6,8 +6,9 @@ ChunkedLocalAttention), so `get_name()` and the KV layout stay the inner ones:
     then gets a compacted block table [kept blocks...] and compacted seq_lens (every kept block is full except the
     tail, which is all a paged kernel needs; K/V writes still go to the positional slot). Both live in persistent
     buffers, so the addresses a CUDA graph captured stay valid on every replay.
-  * Impl.forward: the inner kernel; only for query-dependent policies it also scores the candidates of its layer,
-    and only for layouts with token edges it recomputes the attention of the rows concerned (worker/token_edges.py).
+  * Impl.forward: the inner kernel; it also saves the decode query rows that query-dependent policies score with
+    after the step (worker/saved_queries.py: one copy, which CUDA graphs capture), and only for layouts with token
+    edges it recomputes the attention of the rows concerned (worker/token_edges.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, CommonAttentionMetadata
 
 from adsa_vllm.worker.kept_tables import KeptTables
-from adsa_vllm.worker.planner import plan_step, score_layer
+from adsa_vllm.worker.planner import plan_step
 
 
 @functools.lru_cache
@@ -30,11 +31,9 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
     class ADSAMetadataBuilder(inner_builder):  # type: ignore[misc, valid-type]
         @classmethod
         def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-            from adsa_vllm.policy import needs_query
-            if needs_query(kv_cache_spec.adsa.defaults) or kv_cache_spec.adsa.layout().token_edges:
-                # Scoring or token edges (worker/token_edges.py) run Python inside each layer's forward: keep
-                # attention out of CUDA graphs. (Other engines refuse such per-request settings:
-                # request_validation.attention_in_cuda_graphs.)
+            if kv_cache_spec.adsa.layout().token_edges:
+                # Token edges (worker/token_edges.py) run Python inside each layer's forward: keep attention out of
+                # CUDA graphs. (Other engines refuse such per-request settings: request_validation.py.)
                 return AttentionCGSupport.NEVER
             return super().get_cudagraph_support(vllm_config, kv_cache_spec)
 
@@ -50,8 +49,6 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
             runtime.stats.host_s += time.perf_counter() - t0
             runtime.stats.steps += 1
             metadata = super().build(common_prefix_len, cm, fast_build)
-            metadata.adsa_scoring = plan.scoring
-            metadata.adsa_token_scoring = plan.token_scoring
             metadata.adsa_edges = plan.edges
             return metadata
 
@@ -74,11 +71,7 @@ def make_adsa_backend(inner: type[AttentionBackend]) -> type[AttentionBackend]:
     class ADSAImpl(inner_impl):  # type: ignore[misc, valid-type]
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
             out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-            scoring = getattr(attn_metadata, "adsa_scoring", None)
-            if scoring is not None:
-                score_layer(scoring, query, kv_cache, backend_name, self.head_size, self.scale)
-            for tokens in getattr(attn_metadata, "adsa_token_scoring", None) or ():
-                tokens.score_layer(query, kv_cache, backend_name, self.head_size, self.scale)
+            layer.adsa_runtime.queries.save(layer.adsa_index, query, planned=attn_metadata is not None)
             edges = getattr(attn_metadata, "adsa_edges", None)
             if edges is not None:   # prefix and window at token granularity (worker/token_edges.py)
                 edges.attend(query, kv_cache, output, backend_name, self.head_size, self.scale)

@@ -28,7 +28,8 @@ def make_runtime(vllm_config: VllmConfig, model_cfg) -> ADSARuntime | None:
         from vllm.distributed import get_tp_group
         tp_group = get_tp_group()
     return ADSARuntime(settings=settings, num_layers=model_cfg.n_layer, tp_group=tp_group,
-                       branches=2 if engine.guidance.enabled else 1)
+                       branches=2 if engine.guidance.enabled else 1,
+                       max_rows=vllm_config.scheduler_config.max_num_seqs)
 
 
 class ADSAAttention(Attention):
@@ -38,6 +39,7 @@ class ADSAAttention(Attention):
         super().__init__(num_heads, head_size, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          prefix=prefix, attn_backend=make_adsa_backend(inner))
         self.adsa_runtime = runtime
+        self.adsa_index = len(runtime.layers)   # its buffer of saved queries (worker/saved_queries.py)
         runtime.layers.append(self)   # swap preemption copies every ADSA layer's blocks (worker/host_kv.py)
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig):

@@ -8,8 +8,9 @@ finished, so their K/V no longer change):
     KV cache, and copied to pinned memory behind an event; the build of step p+1 picks them up. Nothing waits on
     the GPU in between (async scheduling stays overlapped) and the forward runs no ADSA code, so full CUDA graphs
     capture it.
-  * policies that need the decode query (attention mass): scored inside each layer's forward (`score_layer`);
-    those engines run attention outside CUDA graphs.
+  * policies that need the decode query (attention mass, head_split, row_anchored): the forward of step p saves
+    the query rows named here (worker/saved_queries.py: one copy a CUDA graph replays), and
+    `score_saved_queries` scores them from there at the start of step p + 1, before anything writes a block.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ class StepPlan:
     rows: np.ndarray                # [k] batch rows that attend to fewer than all their blocks
     offsets: np.ndarray | None      # [k] their runner's seq_len minus their compacted seq_len
     seq_lens: np.ndarray            # [num_reqs] seq_lens as the kernel must see them (compacted for those rows)
-    scoring: ScoringBatch | None    # rows scored inside this forward (query-dependent policies only)
-    token_scoring: list[TokenScoring] = ()   # the same for token granularity (worker/token_gather.py)
     edges: EdgeRows | None = None   # rows whose kept blocks hold tokens they do not attend (worker/token_edges.py)
     # Equal keys on two steps: equal compacted tables (`key`, given the same runner table) / offsets (`offset_key`).
     # None: not comparable (a row ADSA does not manage, or a prefill chunk): always rebuilt.
@@ -51,7 +50,10 @@ class StepPlan:
 def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, backend: str) -> StepPlan:
     """Decide the selections due at this step, request the next ones, and compact the kept blocks, for all rows at
     once (SlotTrackers); only rows at or past their `wake` position take part in the first two."""
+    runtime.backend = backend
+    score_saved_queries(runtime)   # normally done at the start of the step; here for builds outside execute_model
     runtime.absorb_scores()
+    runtime.queries.begin_step()
     n = cm.num_reqs
     qsl = cm.query_start_loc_cpu[: n + 1].numpy()
     seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
@@ -63,11 +65,10 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     live = (slots >= 0) & (qsl[1:] - qsl[:-1] == 1)
     live_slots = np.where(live, slots, 0)
     pos = seq_lens - 1
-    scoring, token_scoring = None, []
     at_event = np.nonzero(live & (pos >= trackers.wake[live_slots]))[0]
     if len(at_event):
-        scoring, token_scoring = _events(runtime, bt, qsl, sequences, at_event, slots[at_event], pos[at_event],
-                                         layers, backend)
+        _events(runtime, bt, qsl, sequences, at_event, slots[at_event], pos[at_event], layers, backend)
+    runtime.queries.commit(bt.device)
 
     bs = runtime.block_size
     edges = None
@@ -89,7 +90,7 @@ def plan_step(runtime: ADSARuntime, cm: CommonAttentionMetadata, layers: list, b
     # Every TP rank plans every step (same SchedulerOutput), so this count, the cadence of the ranks' eviction
     # check (a collective), advances identically on all of them.
     runtime.end_plan_step()
-    return StepPlan(rows, offsets, seq_lens, scoring, token_scoring, edges, key, offset_key, index_of)
+    return StepPlan(rows, offsets, seq_lens, edges, key, offset_key, index_of)
 
 
 def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: list, rows: np.ndarray,
@@ -109,28 +110,76 @@ def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: 
             runtime.record_evictions(sequences[rows[r]], blocks.tolist())
     asked, cand = trackers.request(slots, pos)
     if not len(asked):
-        return None, []
-    token_scoring = []
+        return
+    queries = runtime.queries
     by_token = np.array([sequences[r].token_scorer is not None for r in rows[asked]])
     if by_token.any():
         i = asked[by_token]
-        token_scoring = tokens.request(bt, sequences, rows[i], pos[i], cand[by_token], qsl[rows[i]] - qsl[0],
-                                       runtime.num_layers)
+        runtime.token_scoring += tokens.request(bt, sequences, rows[i], pos[i], cand[by_token],
+                                                qsl[rows[i]] - qsl[0], runtime.num_layers,
+                                                lambda q: queries.ask(q, bt.device), queries.step)
     needs_query = np.array([sequences[r].scorer.needs_query for r in rows[asked]])
-    scoring = None
-    for in_forward in (False, True):
-        part = needs_query == in_forward
+    for with_query in (False, True):
+        part = needs_query == with_query
         if not part.any():
             continue
         i = asked[part]
         batch = scoring_batch(bt, rows[i], [sequences[r] for r in rows[i]], slots[i], trackers.epoch[slots[i]],
-                              pos[i], cand[part], qsl[rows[i]] - qsl[0] if in_forward else None)
-        if in_forward:
-            scoring = batch
+                              pos[i], cand[part])
+        if with_query:
+            batch.token_index = queries.ask(qsl[rows[i]] - qsl[0], bt.device)
+            batch.query_step = queries.step
             runtime.pending.append(batch)
         else:
             _launch_scoring(runtime, bt, batch, layers, backend)
-    return scoring, token_scoring
+
+
+@torch.inference_mode()   # called before the runner's own inference mode, on tensors made inside it
+def score_saved_queries(runtime: ADSARuntime) -> None:
+    """Score the query-dependent requests of the last forward from its saved queries, every layer (at the start of
+    the next step: nothing has written a block since that forward). Scores the block requests into their
+    ScoringBatch (shipped to the host, absorbed at the build) and the token requests into their TokenRequests (read
+    at the decision). Requests whose forward did not save its queries fail, naming the fix."""
+    batches = [b for b in runtime.pending if b.query_step is not None and b.layers_done == 0]
+    token_scoring, runtime.token_scoring = runtime.token_scoring, []
+    if not (batches or token_scoring):
+        return
+    t0 = time.perf_counter()
+    queries, layers = runtime.queries, runtime.layers
+    stale = [job for job in batches + token_scoring if not queries.saved(job.query_step)]
+    for job in stale:
+        for seq in job.sequences:
+            runtime.fail(seq.req_id, RuntimeError(
+                f"policy {seq.layout.policy!r} scores with the decode query, which this engine's forward did not "
+                "save (its attention ran in a CUDA graph that has no copy of it: the engine's default policy needs "
+                "no query); start the engine with this policy as its default, or with --enforce-eager"))
+    batches = [b for b in batches if b not in stale]
+    token_scoring = [t for t in token_scoring if t not in stale]
+    started = None
+    if batches and batches[0].acc.is_cuda:
+        started = torch.cuda.Event(enable_timing=True)
+        started.record()
+    for job in batches + token_scoring:
+        try:
+            for i, layer in enumerate(layers):
+                q = queries.buffers[i]
+                if isinstance(job, TokenScoring):
+                    job.score_layer(q, layer.kv_cache, runtime.backend, layer.head_size, layer.impl.scale)
+                else:
+                    score_layer(job, q, layer.kv_cache, runtime.backend, layer.head_size, layer.impl.scale,
+                                layer_index=i)
+        except Exception as e:  # noqa: BLE001 - fail these requests, not the engine
+            for seq in job.sequences:
+                runtime.fail(seq.req_id, e)
+            if not isinstance(job, TokenScoring):
+                job.layers_done = -1   # never absorbed
+    for batch in batches:
+        if batch.layers_done == runtime.num_layers:
+            batch.started = started
+            runtime.ship_to_host(batch)
+            runtime.stats.scored_rows += len(batch.sequences)
+    if started is None:
+        runtime.stats.scoring_s += time.perf_counter() - t0
 
 
 def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, batch: ScoringBatch, layers: list, backend: str) -> None:
@@ -191,7 +240,7 @@ def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, lay
 
 
 def scoring_batch(bt: torch.Tensor, rows: np.ndarray, sequences: list, slots: np.ndarray, epochs: np.ndarray,
-                  pos: np.ndarray, cand: np.ndarray, token_rows: np.ndarray | None) -> ScoringBatch:
+                  pos: np.ndarray, cand: np.ndarray) -> ScoringBatch:
     """Rows requesting a selection at pos + 1, with their candidate masks [R, W] -> padded candidate tensors (each
     row's candidates ascending, then padding) on bt's device."""
     dev = bt.device
@@ -202,19 +251,19 @@ def scoring_batch(bt: torch.Tensor, rows: np.ndarray, sequences: list, slots: np
     valid_dev = torch.from_numpy(valid).to(dev, non_blocking=True)
     rows_dev = torch.from_numpy(rows).to(dev, non_blocking=True)
     block_ids = torch.where(valid_dev, torch.gather(bt[rows_dev].long(), 1, index_dev), 0)
-    token_index = np.zeros(len(rows), dtype=np.int64) if token_rows is None else token_rows.astype(np.int64)
     return ScoringBatch(
         sequences=sequences, slots=slots, epochs=epochs, at_pos=pos + 1,
         candidate_stops=index[np.arange(len(rows)), counts - 1] + 1, host_index=index, host_valid=valid,
-        token_index=torch.from_numpy(token_index).to(dev, non_blocking=True), block_ids=block_ids,
+        block_ids=block_ids,
         block_index=index_dev, valid=valid_dev, positions=torch.from_numpy(pos.copy()).to(dev, non_blocking=True),
         acc=torch.zeros(index.shape, dtype=torch.float32, device=dev), groups=_groups_by_scorer(sequences, dev))
 
 
 def score_layer(batch: ScoringBatch, query: torch.Tensor | None, kv_cache: torch.Tensor, backend: str,
                 head_size: int, scale: float, groups=None, layer_index: int | None = None) -> None:
-    """Add one layer's scores of every candidate block to `batch.acc` (one batched call per scorer). The layer's
-    index is layer_index, else (inside the forward, layers in order) the count of layers scored so far."""
+    """Add one layer's scores of every candidate block to `batch.acc` (one batched call per scorer). query: the
+    saved decode queries (`batch.token_index` rows of it), None for query-free scorers. The layer's index is
+    layer_index, else the count of layers scored so far."""
     r, c = batch.block_ids.shape
     _check_layout(kv_cache, backend, head_size)
     keys, values = gather_blocks(kv_cache, batch.block_ids.reshape(-1), backend, head_size)

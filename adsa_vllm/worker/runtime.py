@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from adsa_vllm.policy import BlockLayout, BlockScorer, resolve_scorers
+from adsa_vllm.policy import BlockLayout, BlockScorer, needs_query, resolve_scorers
 from adsa_vllm.policy.slot_trackers import SlotTrackers
 from adsa_vllm.policy.token_scores import TokenScorer
 from adsa_vllm.settings import ADSASettings, request_overrides
@@ -33,6 +33,7 @@ from adsa_vllm.worker.failures import RequestFailures
 from adsa_vllm.worker.host_kv import HostKV
 from adsa_vllm.worker.new_requests import prompt_length
 from adsa_vllm.worker.rank_agreement import RankAgreement
+from adsa_vllm.worker.saved_queries import SavedQueries
 from adsa_vllm.worker.summaries import BlockSummaries
 from adsa_vllm.worker.token_gather import TokenSelections
 
@@ -57,7 +58,8 @@ class LiveSequence:
 
 @dataclass
 class ScoringBatch:
-    """Sequences scored in this step's forward; every ADSA layer adds its scores into `acc` ([R, C] on device)."""
+    """Sequences whose selection is scored for one step; every ADSA layer adds its scores into `acc` ([R, C] on
+    device)."""
     sequences: list[LiveSequence]
     slots: np.ndarray            # [R] their SlotTrackers slots ...
     epochs: np.ndarray           # [R] ... and the slots' epochs (scores reach only the sequence that asked)
@@ -65,7 +67,6 @@ class ScoringBatch:
     candidate_stops: np.ndarray  # [R] 1 + each sequence's last candidate's logical index
     host_index: np.ndarray       # [R, C] block_index on the host
     host_valid: np.ndarray       # [R, C] valid on the host
-    token_index: torch.Tensor    # [R] row of each sequence's decode query in the batch
     block_ids: torch.Tensor      # [R, C] physical block ids (padding: the null block 0)
     block_index: torch.Tensor    # [R, C] logical block indices
     valid: torch.Tensor          # [R, C]
@@ -73,6 +74,8 @@ class ScoringBatch:
     acc: torch.Tensor            # [R, C] float32
     groups: list                 # [(scorer, row selector)]: rows sharing a scorer are scored in one call
     layers_done: int = 0
+    token_index: torch.Tensor | None = None   # [R] query-dependent: each sequence's row in the saved queries ...
+    query_step: int | None = None             # ... of this plan (SavedQueries.step); None: query-free
     host_acc: torch.Tensor | None = None   # pinned copy of acc, valid once `ready` has fired
     ready: torch.cuda.Event | None = None  # CUDA event recorded after the copy (None on CPU: already done)
     started: torch.cuda.Event | None = None   # CUDA event recorded before the scoring kernels (device timing)
@@ -96,6 +99,7 @@ class ADSARuntime:
     num_layers: int = 1                          # a ScoringBatch counts only once every layer has scored it
     branches: int = 1                            # 2 under CFG: a layer's KV heads are [conditional, null]
     tp_group: GroupCoordinator | None = None     # all-reduce group for scores under tensor parallelism
+    max_rows: int = 256                          # decode rows in one step at most (max_num_seqs)
     batch_req_ids: Callable[[int], list] | None = None   # n -> the first n request ids in batch order, if known
     _by_req: dict = field(default_factory=dict)
     _by_block: dict = field(default_factory=dict)
@@ -108,6 +112,9 @@ class ADSARuntime:
     _outbox: dict = field(default_factory=dict)
     failures: RequestFailures = field(default_factory=RequestFailures)
     pending: list = field(default_factory=list)  # ScoringBatches of the last forward, absorbed by the next build
+    token_scoring: list = field(default_factory=list)   # TokenScorings asked of the last forward's saved queries
+    queries: SavedQueries | None = None          # the decode queries query-dependent policies score (post_init)
+    backend: str = ""                            # the inner attention backend's name (set by each plan)
     summaries: BlockSummaries = field(default_factory=BlockSummaries)
     trackers: SlotTrackers = field(default_factory=SlotTrackers)
     stats: PlannerStats = field(default_factory=PlannerStats)
@@ -119,6 +126,7 @@ class ADSARuntime:
     def __post_init__(self):
         rank = 0 if self.tp_group is None else self.tp_group.rank_in_group
         self.tokens = TokenSelections(self.block_size, self.branches, rank)
+        self.queries = SavedQueries(self.num_layers, self.max_rows, needs_query(self.settings.defaults))
 
     @property
     def block_size(self) -> int:
@@ -259,7 +267,7 @@ class ADSARuntime:
         """Hand the scores computed last step to the trackers (they decide at this step's build)."""
         for batch in self.pending:
             if batch.layers_done != self.num_layers:
-                continue  # no complete forward ran (profiling, dummy batch): the trackers ask again next step
+                continue  # not scored (its requests failed): the trackers ask again next step
             if batch.host_acc is None:
                 self.ship_to_host(batch)
             if batch.ready is not None:

@@ -12,7 +12,8 @@ reference's `TokenTrackers`).
 
 Timing, as the reference's (requested at step p, decided at step p + 1):
   * `request` (build of step p): remember each sequence's candidates. A query-dependent scorer (attention mass)
-    scores them in this step's forward, layer by layer (`TokenScoring.score_layer`), into a device buffer.
+    scores them from this step's saved queries (worker/saved_queries.py) at the start of step p + 1, layer by layer
+    (`TokenScoring.score_layer`), into a device buffer.
   * `decide` (build of step p + 1, right after the trackers evicted): per layer, read what the scorer needs of the
     candidates, score them (query-free scorers: their K/V no longer change, so the scores equal step p's), and
     write each head's winning new tokens over its losing slot entries. These kernels run before step p + 1's forward and before the freed blocks reach the
@@ -49,15 +50,20 @@ class TokenRequest:
 
 @dataclass
 class TokenScoring:
-    """The query-dependent requests of one step, scored by every layer of its forward (in layer order)."""
+    """The query-dependent requests of one step, scored from its saved queries by every layer (in layer order)."""
     requests: list[TokenRequest]
-    token_index: torch.Tensor        # [R] each row's decode query in the batch
+    token_index: torch.Tensor        # [R] each row's query in the saved queries (SavedQueries)
     block_ids: torch.Tensor          # [R, C] physical candidate blocks
     positions: torch.Tensor          # [R, layers, kv_heads, C * bs]
     query_pos: torch.Tensor          # [R]
     branches: int
     tp_rank: int = 0
+    query_step: int = 0              # the plan whose saved queries these are
     layer: int = 0
+
+    @property
+    def sequences(self) -> list:
+        return [req.seq for req in self.requests]
 
     def score_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, backend: str, head_size: int,
                     scale: float) -> None:
@@ -122,10 +128,10 @@ class TokenSelections:
     pending: dict = field(default_factory=dict)
 
     def request(self, bt: torch.Tensor, sequences: list, rows: np.ndarray, pos: np.ndarray, cand: np.ndarray,
-                token_rows: np.ndarray, num_layers: int) -> list[TokenScoring]:
+                token_rows: np.ndarray, num_layers: int, ask_queries, query_step: int) -> list[TokenScoring]:
         """Rows (batch rows of token-granularity sequences) requesting a selection at pos + 1, with their candidate
-        masks [R, W] -> the TokenScorings of the query-dependent ones for this step's forward, one per (scorer,
-        candidate count)."""
+        masks [R, W] and query rows in this step's forward -> the TokenScorings of the query-dependent ones, one per
+        (scorer, candidate count); `ask_queries(query rows)` has those rows saved (-> their saved rows)."""
         groups: dict = {}
         for i, r in enumerate(rows):
             seq = sequences[r]
@@ -138,9 +144,9 @@ class TokenSelections:
             idx = np.array([i for i, _ in members])
             reqs = [req for _, req in members]
             block_ids, positions = self._inputs(bt, rows[idx], reqs, num_layers)
-            out.append(TokenScoring(reqs, torch.from_numpy(token_rows[idx].astype(np.int64)).to(dev), block_ids,
-                                    positions, torch.from_numpy(pos[idx].astype(np.int64)).to(dev), self.branches,
-                                    self.tp_rank))
+            out.append(TokenScoring(reqs, ask_queries(token_rows[idx]), block_ids, positions,
+                                    torch.from_numpy(pos[idx].astype(np.int64)).to(dev), self.branches,
+                                    self.tp_rank, query_step))
         return out
 
     def decide(self, bt: torch.Tensor, sequences: list, rows: np.ndarray, pos: np.ndarray, decided: np.ndarray,
@@ -235,9 +241,9 @@ class TokenSelections:
         if scorer.needs_query:
             if any(req.layers_scored != n_layers for req in reqs):
                 raise RuntimeError(
-                    f"policy {reqs[0].seq.layout.policy!r} scores inside the forward, which did not run ADSA code "
-                    "(attention ran in a CUDA graph: this engine's default policy needs no query); start the engine "
-                    "with this policy as its default, or with --enforce-eager")
+                    f"policy {reqs[0].seq.layout.policy!r}: the scores of this selection were not computed (its "
+                    "forward's queries were not saved); start the engine with this policy as its default, or with "
+                    "--enforce-eager")
             scores = torch.stack([req.scores for req in reqs], 1).reshape(-1, heads, n)
         else:
             scores = self._query_free_scores(scorer, block_ids, positions, pos, layers, backend)
