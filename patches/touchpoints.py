@@ -245,7 +245,7 @@ TOUCHPOINTS = (
          OpenInstances("vllm.v1.attention.backends.flash_attn:FlashAttentionMetadata"))),
     Touchpoint(
         "cpu-attn-isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa",
-        ("adsa_vllm/worker/planner.py",), ("_get_attn_isa",),
+        ("adsa_vllm/worker/kv_views.py",), ("_get_attn_isa",),
         "The CPU kernel's KV layout depends on the instruction set it picked; ADSA reads the cache for scoring and "
         "checks that layout once per kind (worker/kv_views.py).",
         "a public accessor for the CPU attention ISA / cache layout",

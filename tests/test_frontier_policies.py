@@ -187,3 +187,17 @@ def test_an_engine_defaults_to_the_head_classes_of_its_model_folder(tmp_path):
     assert model_head_classes(ADSAConfig(), str(SHIPPED_DIR)).heads == shipped
     assert model_head_classes(ADSAConfig(heads="LS/SL"), str(SHIPPED_DIR)).heads == "LS/SL"   # the user's win
     assert model_head_classes(ADSAConfig(), str(tmp_path)).heads is None                        # none measured
+
+
+@pytest.mark.parametrize("scorer", [AttentionMass(), HeadSplit(heads="LS/SL"), RowAnchored(cond_tokens=1, row_tokens=6)],
+                         ids=lambda s: s.name)
+def test_query_block_scorers_score_rows_of_several_layers_as_each_layer_alone(scorer):
+    """The vLLM path scores every layer in one call, rows = layers x requests with a layer per row
+    (worker/query_scoring.py): each row must get what its layer's call alone gives."""
+    x0, x1 = block_inputs(seed=1, layer=0), block_inputs(seed=2, layer=1)
+    both = ScoreInputs(keys=torch.cat([x0.keys, x1.keys]), values=None, valid=torch.cat([x0.valid, x1.valid]),
+                       block_index=torch.cat([x0.block_index, x1.block_index]),
+                       positions=torch.cat([x0.positions, x1.positions]), query=torch.cat([x0.query, x1.query]),
+                       scale=x0.scale, layer=torch.tensor([0, 0, 1, 1]))
+    got = scorer.score(both)
+    torch.testing.assert_close(got, torch.cat([scorer.score(x0), scorer.score(x1)]), rtol=1e-6, atol=1e-7)

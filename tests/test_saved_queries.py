@@ -74,3 +74,14 @@ def test_more_rows_than_a_step_can_hold_is_an_error():
     saved.ask(np.array([0, 1]), "cpu")
     with pytest.raises(RuntimeError, match="at most 2"):
         saved.ask(np.array([2]), "cpu")
+
+
+@pytest.mark.parametrize("num_layers,per_layer,limit", [(36, 100, 1000), (36, 5000, 1000), (7, 1, 1 << 30)])
+def test_layer_chunks_cover_every_layer_once_within_the_scratch(num_layers, per_layer, limit, monkeypatch):
+    """Query scoring runs a chunk of layers per scorer call (worker/query_scoring.py, token_gather.py)."""
+    import adsa_vllm.worker.token_gather as token_gather
+    monkeypatch.setattr(token_gather, "SCRATCH_BYTES", limit)
+    chunks = token_gather.layer_chunks(num_layers, per_layer)
+    assert [i for c in chunks for i in c] == list(range(num_layers))
+    assert all(len(c) * per_layer <= limit or len(c) == 1 for c in chunks)
+    assert len(chunks) == -(-num_layers // max(1, limit // per_layer))

@@ -558,3 +558,24 @@ def test_block_size_32_equals_reference(engines, model16, reference):
         layout = rec.layout[rid]
         assert layout.block_size == 32 and max(held) <= layout.budget_blocks + layout.slack_blocks
 
+
+
+# ====================================================================== query scoring, one layer per scorer call
+
+def test_query_policies_equal_reference_with_one_layer_per_scoring_call(engines, model16, reference, monkeypatch):
+    """The saved-query scoring folds layers into one scorer call (worker/query_scoring.py); with the scratch limit
+    at one layer per call every chunk boundary is crossed, and the images still equal the reference's. The engine's
+    default needs the query, so its forward copies on every step (what its CUDA graphs replay on a GPU)."""
+    import adsa_vllm.worker.token_gather as token_gather
+    monkeypatch.setattr(token_gather, "SCRATCH_BYTES", 1)
+    model_dir, config = model16
+    llm = engines.get("adsa16_query_chunk1", model_dir, **ADSA_ON,
+                      additional_config={"adsa": {"budget": 0.5, "policy": "attention_mass"}})
+    cases = [("attention_mass", None),
+             ("head_split_token", {"policy": "head_split", "heads": "SL/LS", "granularity": "token"}),
+             ("row_anchored", {"policy": "row_anchored"})]
+    run = recorded_run(llm, config, [(label, C16[0], ov) for label, ov in cases])
+    for label, ov in cases:
+        adsa = ADSAConfig(budget=0.5, policy="attention_mass").merged(ov)
+        _assert_matches(reference, model_dir, run["tokens"][f"{label}/{C16[0]}"], (C16[0],), adsa, label)
+    assert run["freed"] > 0 and run["free_after"] == run["free_before"]

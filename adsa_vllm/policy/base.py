@@ -24,12 +24,13 @@ import torch
 class ScoreInputs:
     keys: torch.Tensor | None    # [R, C, block_size, num_kv_heads, head_dim] candidate blocks of one layer (post-RoPE);
     values: torch.Tensor | None  # [R, C, block_size, num_kv_heads, head_dim]   None for scorers with reads_kv False
+                                 #   and for query-dependent ones (they read keys and the query)
     valid: torch.Tensor          # [R, C] bool, False on padding
     block_index: torch.Tensor    # [R, C] int64 logical block indices
     positions: torch.Tensor      # [R] int64 position of each row's query
     query: torch.Tensor | None   # [R, num_heads, head_dim] decode queries (post-RoPE); None unless needs_query
     scale: float                 # softmax scale of the attention
-    layer: int = 0               # the layer scored (per-layer settings, e.g. head_split's head classes)
+    layer: int | torch.Tensor = 0   # the layer scored, or [R] int64 one per row (head_split's head classes)
 
 
 def from_settings(cls: type, settings: dict):

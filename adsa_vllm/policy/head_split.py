@@ -59,9 +59,10 @@ class HeadSplit(BlockScorer):
         if h % per_layer:
             raise ValueError(f"adsa.heads has {per_layer} heads per layer; this layer scores {h}: run "
                              "benchmarks/head_calibration.py on this model and pass its adsa.heads")
-        sink = sink_heads(self.heads, x.layer, torch.arange(h, device=x.query.device) % per_layer).float()   # [H]
+        sink = sink_heads(self.heads, x.layer, torch.arange(h, device=x.query.device) % per_layer).float()
+        sink = sink.expand(r, h)                                                # [H] or [R, H] (a layer per row)
         mass = candidate_probs(x).reshape(r, h, c, bs).sum(-1)                  # [R, H, C]
-        return torch.einsum("rhc,h->rc", mass, sink) / sink.sum().clamp(min=1)
+        return torch.einsum("rhc,rh->rc", mass, sink) / sink.sum(-1, keepdim=True).clamp(min=1)
 
 
 @dataclass(frozen=True)

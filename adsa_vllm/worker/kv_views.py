@@ -79,3 +79,21 @@ def check_cpu_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: i
         raise NotImplementedError(
             f"ADSA cannot read the CPU KV layout of ISA {isa!r} ({dtype}, block {block_size}); "
             "run with --dtype float32 or --block-size 16, whose layouts are supported")
+
+
+def check_layout(kv_cache: torch.Tensor, backend: str, head_size: int) -> None:
+    """Before reading the CPU kernel's cache: its layout depends on the ISA (checked once per kind, cached)."""
+    if backend == "CPU_ATTN":
+        check_cpu_layout(_cpu_isa(kv_cache.dtype, kv_cache.shape[2], head_size), kv_cache.dtype,
+                         kv_cache.shape[2], head_size)
+
+
+_ISA: dict = {}
+
+
+def _cpu_isa(dtype, block_size, head_size) -> str:
+    key = (dtype, block_size, head_size)
+    if key not in _ISA:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+        _ISA[key] = _get_attn_isa(dtype, block_size, head_size, "auto")
+    return _ISA[key]

@@ -10,7 +10,7 @@ finished, so their K/V no longer change):
     capture it.
   * policies that need the decode query (attention mass, head_split, row_anchored): the forward of step p saves
     the query rows named here (worker/saved_queries.py: one copy a CUDA graph replays), and
-    `score_saved_queries` scores them from there at the start of step p + 1, before anything writes a block.
+    worker/query_scoring.py scores them from there at the start of step p + 1, before anything writes a block.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from adsa_vllm.policy import ScoreInputs, pack_rows
-from adsa_vllm.worker.kv_views import check_cpu_layout, gather_blocks
+from adsa_vllm.worker.kv_views import check_layout, gather_blocks
 from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
+from adsa_vllm.worker.query_scoring import score_saved_queries
 from adsa_vllm.worker.token_edges import EdgeRows, plan_edges
-from adsa_vllm.worker.token_gather import TokenScoring
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: 
     evict_rows, evict_blocks = trackers.decide(slots, pos)
     tokens = runtime.tokens
     if tokens.pending:   # token granularity: each head's winners go into the slots before the blocks are freed
-        _check_layout(layers[0].kv_cache, backend, layers[0].head_size)
+        check_layout(layers[0].kv_cache, backend, layers[0].head_size)
         tokens.decide(bt, sequences, rows, pos, np.isin(np.arange(len(rows)), evict_rows), layers, backend,
                       runtime.fail)
     if len(evict_rows):
@@ -134,54 +134,6 @@ def _events(runtime: ADSARuntime, bt: torch.Tensor, qsl: np.ndarray, sequences: 
             _launch_scoring(runtime, bt, batch, layers, backend)
 
 
-@torch.inference_mode()   # called before the runner's own inference mode, on tensors made inside it
-def score_saved_queries(runtime: ADSARuntime) -> None:
-    """Score the query-dependent requests of the last forward from its saved queries, every layer (at the start of
-    the next step: nothing has written a block since that forward). Scores the block requests into their
-    ScoringBatch (shipped to the host, absorbed at the build) and the token requests into their TokenRequests (read
-    at the decision). Requests whose forward did not save its queries fail, naming the fix."""
-    batches = [b for b in runtime.pending if b.query_step is not None and b.layers_done == 0]
-    token_scoring, runtime.token_scoring = runtime.token_scoring, []
-    if not (batches or token_scoring):
-        return
-    t0 = time.perf_counter()
-    queries, layers = runtime.queries, runtime.layers
-    stale = [job for job in batches + token_scoring if not queries.saved(job.query_step)]
-    for job in stale:
-        for seq in job.sequences:
-            runtime.fail(seq.req_id, RuntimeError(
-                f"policy {seq.layout.policy!r} scores with the decode query, which this engine's forward did not "
-                "save (its attention ran in a CUDA graph that has no copy of it: the engine's default policy needs "
-                "no query); start the engine with this policy as its default, or with --enforce-eager"))
-    batches = [b for b in batches if b not in stale]
-    token_scoring = [t for t in token_scoring if t not in stale]
-    started = None
-    if batches and batches[0].acc.is_cuda:
-        started = torch.cuda.Event(enable_timing=True)
-        started.record()
-    for job in batches + token_scoring:
-        try:
-            for i, layer in enumerate(layers):
-                q = queries.buffers[i]
-                if isinstance(job, TokenScoring):
-                    job.score_layer(q, layer.kv_cache, runtime.backend, layer.head_size, layer.impl.scale)
-                else:
-                    score_layer(job, q, layer.kv_cache, runtime.backend, layer.head_size, layer.impl.scale,
-                                layer_index=i)
-        except Exception as e:  # noqa: BLE001 - fail these requests, not the engine
-            for seq in job.sequences:
-                runtime.fail(seq.req_id, e)
-            if not isinstance(job, TokenScoring):
-                job.layers_done = -1   # never absorbed
-    for batch in batches:
-        if batch.layers_done == runtime.num_layers:
-            batch.started = started
-            runtime.ship_to_host(batch)
-            runtime.stats.scored_rows += len(batch.sequences)
-    if started is None:
-        runtime.stats.scoring_s += time.perf_counter() - t0
-
-
 def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, batch: ScoringBatch, layers: list, backend: str) -> None:
     """Score query-free candidates now (all layers at once); the next build reads the result without waiting."""
     t0 = time.perf_counter()
@@ -205,7 +157,7 @@ def _launch_scoring(runtime: ADSARuntime, bt: torch.Tensor, batch: ScoringBatch,
 
 def _score_group(runtime: ADSARuntime, batch: ScoringBatch, scorer, sel, layers: list, backend: str) -> None:
     if not scorer.reads_kv:        # position-only scores: once per selection, no KV read
-        batch.acc[sel] += scorer.score(_inputs(batch, sel, None, None, None, 0.0))
+        batch.acc[sel] += scorer.score(_inputs(batch, sel, None, None, 0.0))
     elif hasattr(scorer, "score_summaries"):
         _summarize_new_blocks(runtime, batch, scorer, layers, backend)
         per_call = runtime.summaries.rows_per_chunk(batch.acc.shape[1])
@@ -217,14 +169,13 @@ def _score_group(runtime: ADSARuntime, batch: ScoringBatch, scorer, sel, layers:
                                                       batch.valid[part], runtime.block_size)
     else:                          # any other KV-reading scorer: every layer's candidates, as in the forward
         for i, layer in enumerate(layers):
-            score_layer(batch, None, layer.kv_cache, backend, layer.head_size, layer.impl.scale,
-                        groups=[(scorer, sel)], layer_index=i)
+            score_layer(batch, layer.kv_cache, backend, layer.head_size, layer.impl.scale, scorer, sel, i)
 
 
 def _summarize_new_blocks(runtime: ADSARuntime, batch: ScoringBatch, scorer, layers, backend) -> None:
     """Summarise the candidates that no earlier selection of their sequence has seen (each block once).
     Which ones is known on the host (no device sync); only their physical ids are gathered on the device."""
-    _check_layout(layers[0].kv_cache, backend, layers[0].head_size)
+    check_layout(layers[0].kv_cache, backend, layers[0].head_size)
     mine = np.array([seq.scorer is scorer for seq in batch.sequences])
     first_new = np.array([seq.summarized for seq in batch.sequences], dtype=np.int64)
     fresh = batch.host_valid & (batch.host_index >= first_new[:, None]) & mine[:, None]
@@ -256,33 +207,27 @@ def scoring_batch(bt: torch.Tensor, rows: np.ndarray, sequences: list, slots: np
         candidate_stops=index[np.arange(len(rows)), counts - 1] + 1, host_index=index, host_valid=valid,
         block_ids=block_ids,
         block_index=index_dev, valid=valid_dev, positions=torch.from_numpy(pos.copy()).to(dev, non_blocking=True),
-        acc=torch.zeros(index.shape, dtype=torch.float32, device=dev), groups=_groups_by_scorer(sequences, dev))
+        acc=torch.zeros(index.shape, dtype=torch.float32, device=dev), groups=groups_by_scorer(sequences, dev))
 
 
-def score_layer(batch: ScoringBatch, query: torch.Tensor | None, kv_cache: torch.Tensor, backend: str,
-                head_size: int, scale: float, groups=None, layer_index: int | None = None) -> None:
-    """Add one layer's scores of every candidate block to `batch.acc` (one batched call per scorer). query: the
-    saved decode queries (`batch.token_index` rows of it), None for query-free scorers. The layer's index is
-    layer_index, else the count of layers scored so far."""
+def score_layer(batch: ScoringBatch, kv_cache: torch.Tensor, backend: str, head_size: int, scale: float, scorer,
+                sel, layer: int) -> None:
+    """Add one layer's scores of the candidate blocks of rows `sel` (those of `scorer`, a query-free scorer that
+    reads K/V and has no summaries) to `batch.acc`."""
     r, c = batch.block_ids.shape
-    _check_layout(kv_cache, backend, head_size)
+    check_layout(kv_cache, backend, head_size)
     keys, values = gather_blocks(kv_cache, batch.block_ids.reshape(-1), backend, head_size)
-    keys = keys.reshape((r, c) + tuple(keys.shape[1:]))
-    values = values.reshape((r, c) + tuple(values.shape[1:]))
-    for scorer, sel in groups or batch.groups:
-        batch.acc[sel] += scorer.score(_inputs(batch, sel, keys, values, query, scale,
-                                               batch.layers_done if layer_index is None else layer_index))
-    if groups is None:
-        batch.layers_done += 1
+    keys = keys.reshape((r, c) + tuple(keys.shape[1:]))[sel]
+    values = values.reshape((r, c) + tuple(values.shape[1:]))[sel]
+    batch.acc[sel] += scorer.score(_inputs(batch, sel, keys, values, scale, layer))
 
 
-def _inputs(batch: ScoringBatch, sel, keys, values, query, scale, layer: int = 0) -> ScoreInputs:
-    return ScoreInputs(keys=None if keys is None else keys[sel], values=None if values is None else values[sel],
-                       valid=batch.valid[sel], block_index=batch.block_index[sel], positions=batch.positions[sel],
-                       query=None if query is None else query[batch.token_index[sel]], scale=scale, layer=layer)
+def _inputs(batch: ScoringBatch, sel, keys, values, scale, layer: int = 0) -> ScoreInputs:
+    return ScoreInputs(keys=keys, values=values, valid=batch.valid[sel], block_index=batch.block_index[sel],
+                       positions=batch.positions[sel], query=None, scale=scale, layer=layer)
 
 
-def _groups_by_scorer(sequences, device):
+def groups_by_scorer(sequences, device):
     """Requests may override the policy: the rows of each scorer, scored in one call per layer."""
     groups: dict[int, tuple[object, list[int]]] = {}
     for i, seq in enumerate(sequences):
@@ -292,21 +237,3 @@ def _groups_by_scorer(sequences, device):
         (scorer, _), = groups.values()
         return [(scorer, slice(None))]
     return [(s, torch.tensor(rows).to(device, non_blocking=True)) for s, rows in groups.values()]
-
-
-def _check_layout(kv_cache: torch.Tensor, backend: str, head_size: int) -> None:
-    """Before reading the CPU kernel's cache: its layout depends on the ISA (checked once per kind, cached)."""
-    if backend == "CPU_ATTN":
-        check_cpu_layout(_cpu_isa(kv_cache.dtype, kv_cache.shape[2], head_size), kv_cache.dtype,
-                         kv_cache.shape[2], head_size)
-
-
-_ISA: dict = {}
-
-
-def _cpu_isa(dtype, block_size, head_size) -> str:
-    key = (dtype, block_size, head_size)
-    if key not in _ISA:
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-        _ISA[key] = _get_attn_isa(dtype, block_size, head_size, "auto")
-    return _ISA[key]

@@ -28,7 +28,8 @@ class SavedQueries:
         self.max_rows = max_rows            # rows asked in one step: at most the decode rows, max_num_seqs
         self.in_graphs = in_graphs          # the engine's default policy needs the query: the copy is captured
         self.rows: torch.Tensor | None = None                 # [max_rows] int64 query row of each saved row (0: none)
-        self.buffers: list[torch.Tensor | None] = [None] * num_layers   # per layer [max_rows, heads, head_size]
+        self.stacked: torch.Tensor | None = None              # [layers, max_rows, heads, head_size]
+        self.buffers: list[torch.Tensor | None] = [None] * num_layers   # its per-layer views
         self.step = 0                       # the plan being built (bumped by `begin_step`)
         self.saved_step = [-1] * num_layers  # the plan whose queries each layer's buffer holds, as far as Python saw
         self._asked: list[np.ndarray] = []
@@ -68,8 +69,9 @@ class SavedQueries:
         planned: the forward has attention metadata (False in vLLM's profiling run, which only allocates)."""
         if not (self.in_graphs or self.live):
             return
-        if self.buffers[layer] is None:   # in_graphs: by the profiling run, before any capture (fixed addresses)
-            self.buffers[layer] = query.new_zeros((self.max_rows,) + tuple(query.shape[1:]))
+        if self.stacked is None:   # in_graphs: by the profiling run, before any capture (fixed addresses)
+            self.stacked = query.new_zeros((len(self.buffers), self.max_rows) + tuple(query.shape[1:]))
+            self.buffers = list(self.stacked.unbind(0))
             if self.rows is None:
                 self.rows = torch.zeros(self.max_rows, dtype=torch.int64, device=query.device)
         if planned:   # in_graphs: every step, as a replay does (rows not asked read query row 0)

@@ -44,7 +44,7 @@ class TokenRequest:
     seq: object                      # its LiveSequence
     at_pos: int
     blocks: np.ndarray               # [C] logical indices of its candidate blocks, ascending (slots first)
-    scores: torch.Tensor | None = None   # [layers, kv_heads, C * bs] from the forward (query-dependent scorers)
+    scores: torch.Tensor | None = None   # [layers, kv_heads, C * bs] from the saved queries (query-dependent)
     layers_scored: int = 0
 
 
@@ -59,26 +59,51 @@ class TokenScoring:
     branches: int
     tp_rank: int = 0
     query_step: int = 0              # the plan whose saved queries these are
-    layer: int = 0
 
     @property
     def sequences(self) -> list:
         return [req.seq for req in self.requests]
 
-    def score_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, backend: str, head_size: int,
-                    scale: float) -> None:
-        scorer = self.requests[0].seq.token_scorer
-        keys, values = _candidates(kv_cache, self.block_ids, scorer.reads, backend, head_size)
-        positions = self.positions[:, self.layer].expand(-1, kv_cache.shape[1], -1)
-        s = head_scores(scorer, keys, values, positions, self.query_pos,
-                        query[self.token_index], scale, self.layer, self.branches,
-                        head_offset(self.tp_rank, kv_cache.shape[1], self.branches))
-        for r, req in enumerate(self.requests):
-            if req.scores is None:
-                req.scores = s.new_empty((len(self.positions[0]),) + tuple(s.shape[1:]))   # [layers, H, N]
-            req.scores[self.layer] = s[r]
-            req.layers_scored += 1
-        self.layer += 1
+    def score_saved(self, layers: list, stacked: torch.Tensor, backend: str) -> None:
+        """Every layer's scores of these requests from the saved queries `stacked` [layers, rows, heads, D]
+        (worker/query_scoring.py)."""
+        r, num_layers, n = len(self.requests), len(layers), self.positions.shape[-1]
+        kv_heads = layers[0].kv_cache.shape[1]
+        positions = self.positions.expand(-1, -1, kv_heads, -1).transpose(0, 1).reshape(-1, kv_heads, n)
+        scores = scores_by_layer(self.requests[0].seq.token_scorer, layers, self.block_ids, positions, self.query_pos,
+                                 stacked[:, self.token_index], backend, self.branches, self.tp_rank)
+        scores = scores.reshape(num_layers, r, kv_heads, n)
+        for i, req in enumerate(self.requests):
+            req.scores = scores[:, i]                                          # [layers, H, N]
+            req.layers_scored = num_layers
+
+
+def scores_by_layer(scorer, layers: list, block_ids: torch.Tensor, positions: torch.Tensor, query_pos: torch.Tensor,
+                    query: torch.Tensor | None, backend: str, branches: int, tp_rank: int) -> torch.Tensor:
+    """[L * R, H, N] scores of R requests' candidates [R, C] in every layer, rows layer-major (row l * R + i is
+    request i's layer l), given each candidate's position per row [L * R, H, N], the requesting steps [R] and the
+    saved queries [L, R, Hq, D] (None for query-free scorers): as many layers per scorer call as keep its float32
+    copies within SCRATCH_BYTES."""
+    r, n = block_ids.shape[0], positions.shape[-1]
+    kv_heads, head_size = layers[0].kv_cache.shape[1], layers[0].head_size
+    heads = kv_heads if query is None else max(kv_heads, query.shape[2])
+    parts = []
+    for chunk in layer_chunks(len(layers), 4 * r * n * heads * (head_size * len(scorer.reads) + 3)):
+        reads = [_candidates(layers[i].kv_cache, block_ids, scorer.reads, backend, head_size) for i in chunk]
+        keys, values = (None if reads[0][j] is None else torch.cat([x[j] for x in reads]) for j in (0, 1))
+        q = None if query is None else query[chunk.start:chunk.stop].reshape(-1, *query.shape[2:])
+        layer_of = torch.arange(chunk.start, chunk.stop, device=block_ids.device).repeat_interleave(r)
+        parts.append(head_scores(scorer, keys, values, positions[chunk.start * r:chunk.stop * r],
+                                 query_pos.repeat(len(chunk)), q, layers[chunk.start].impl.scale, layer_of, branches,
+                                 head_offset(tp_rank, kv_heads, branches)))
+    return torch.cat(parts)
+
+
+def layer_chunks(num_layers: int, bytes_per_layer: int) -> list[range]:
+    """Consecutive layer ranges, as many layers each as keep a scorer's float32 copies within SCRATCH_BYTES (at
+    least one)."""
+    step = max(1, SCRATCH_BYTES // max(1, bytes_per_layer))
+    return [range(l0, min(num_layers, l0 + step)) for l0 in range(0, num_layers, step)]
 
 
 def head_offset(tp_rank: int, kv_heads: int, branches: int) -> int:
@@ -204,21 +229,9 @@ class TokenSelections:
     def _query_free_scores(self, scorer, block_ids, positions, pos, layers, backend) -> torch.Tensor:
         """[L * R, H, N] scores of every layer's candidates (rows layer-major), a chunk of layers per call: as many
         as keep the float32 copies the scorer makes within SCRATCH_BYTES (at least one layer)."""
-        dev, r, n = block_ids.device, block_ids.shape[0], positions.shape[-1]
-        heads, head_size = layers[0].kv_cache.shape[1], layers[0].head_size
-        per_layer = max(1, r * n * heads * head_size * 4 * len(scorer.reads))
-        step = max(1, SCRATCH_BYTES // per_layer)
-        query_pos = torch.from_numpy(pos.astype(np.int64) - 1).to(dev)       # the step that requested
-        parts = []
-        for l0 in range(0, len(layers), step):
-            chunk = layers[l0:l0 + step]
-            reads = [_candidates(layer.kv_cache, block_ids, scorer.reads, backend, head_size) for layer in chunk]
-            keys, values = (None if reads[0][i] is None else torch.cat([x[i] for x in reads]) for i in (0, 1))
-            layer_of = torch.arange(l0, l0 + len(chunk), device=dev).repeat_interleave(r)
-            parts.append(head_scores(scorer, keys, values, positions[l0 * r:(l0 + len(chunk)) * r],
-                                     query_pos.repeat(len(chunk)), None, chunk[0].impl.scale, layer_of,
-                                     self.branches, head_offset(self.tp_rank, heads, self.branches)))
-        return torch.cat(parts)
+        query_pos = torch.from_numpy(pos.astype(np.int64) - 1).to(block_ids.device)   # the step that requested
+        return scores_by_layer(scorer, layers, block_ids, positions, query_pos, None, backend, self.branches,
+                               self.tp_rank)
 
     def _copy_winners(self, bt, rows, pos, reqs, layers, backend) -> None:
         """Score every layer's candidates at once (rows = layers x requests), pick each head's replacements at once,
