@@ -28,8 +28,8 @@ def candidate_probs(x: ScoreInputs) -> torch.Tensor:
     (padding candidates 0); grouped-query heads share their KV head. The query-dependent block scorers
     (attention_mass, head_split, row_anchored) all start from it."""
     r, c, bs, hkv, d = x.keys.shape
-    q = x.query.float()                                                         # [R, H, D]
-    k = x.keys.float().reshape(r, c * bs, hkv, d).repeat_interleave(q.shape[1] // hkv, dim=2)   # [R, C*bs, H, D]
-    logits = torch.einsum("rhd,rthd->rht", q, k) * x.scale                      # [R, H, C*bs]
+    q = x.query.float().reshape(r, hkv, -1, d)                                  # [R, Hkv, rep, D]: GQA groups
+    k = x.keys.float().reshape(r, c * bs, hkv, d)                               # no copy per query head
+    logits = torch.einsum("rgkd,rtgd->rgkt", q, k).reshape(r, -1, c * bs) * x.scale   # [R, H, C*bs]
     tok_valid = x.valid[:, None, :, None].expand(r, 1, c, bs).reshape(r, 1, c * bs)
     return logits.masked_fill(~tok_valid, float("-inf")).softmax(-1)

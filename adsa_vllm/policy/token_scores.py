@@ -84,9 +84,10 @@ class TokenAttentionMass(TokenScorer):
 def query_probs(x: TokenInputs) -> torch.Tensor:
     """[R, Hq, N] float32: each query head's softmax probability of each candidate token under the current query
     (over that head's own candidates: its KV head's, repeated for GQA); a head with no candidate: 0."""
-    q = x.query.float()                                                          # [R, Hq, D]
-    rep = q.shape[1] // x.keys.shape[2]
-    logits = torch.einsum("rhd,rnhd->rhn", q, x.keys.float().repeat_interleave(rep, dim=2)) * x.scale
+    r, n, hkv, d = x.keys.shape
+    q = x.query.float().reshape(r, hkv, -1, d)                                   # [R, Hkv, rep, D]: GQA groups
+    rep = q.shape[2]
+    logits = torch.einsum("rgkd,rngd->rgkn", q, x.keys.float()).reshape(r, -1, n) * x.scale   # [R, Hq, N]
     valid = x.valid.repeat_interleave(rep, dim=1)                                # [R, Hq, N]
     return logits.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
 
