@@ -82,8 +82,8 @@ def identity(run: EvalRun, setting: Setting) -> dict:
 def engine_kwargs(run: EvalRun) -> dict:
     """vllm.LLM's arguments for every setting of the run: ADSA backend, guidance on when cfg != 1. Each request
     names its whole setting; the engine default matters only for a query-dependent policy (attention_mass), which
-    vLLM runs per request only where the engine's default is one (the plugin then keeps attention out of CUDA
-    graphs)."""
+    vLLM runs per request only where the engine's default is one (its CUDA graphs then save the decode query:
+    adsa_vllm/worker/saved_queries.py)."""
     import torch
 
     from adsa_vllm.cli_common import BLOCK_SIZE

@@ -167,7 +167,7 @@ def _score_group(runtime: ADSARuntime, batch: ScoringBatch, scorer, sel, layers:
         for part in parts:
             batch.acc[part] += scorer.score_summaries(runtime.summaries.read(batch.block_ids[part]),
                                                       batch.valid[part], runtime.block_size)
-    else:                          # any other KV-reading scorer: every layer's candidates, as in the forward
+    else:                          # any other KV-reading scorer: every layer's candidates, layer by layer
         for i, layer in enumerate(layers):
             score_layer(batch, layer.kv_cache, backend, layer.head_size, layer.impl.scale, scorer, sel, i)
 
