@@ -189,8 +189,8 @@ def test_an_engine_defaults_to_the_head_classes_of_its_model_folder(tmp_path):
     assert model_head_classes(ADSAConfig(), str(tmp_path)).heads is None                        # none measured
 
 
-@pytest.mark.parametrize("scorer", [AttentionMass(), HeadSplit(heads="LS/SL"), RowAnchored(cond_tokens=1, row_tokens=6)],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize("scorer", [AttentionMass(), HeadSplit(heads="LS/SL"),
+                                    RowAnchored(cond_tokens=1, row_tokens=6)], ids=lambda s: s.name)
 def test_query_block_scorers_score_rows_of_several_layers_as_each_layer_alone(scorer):
     """The vLLM path scores every layer in one call, rows = layers x requests with a layer per row
     (worker/query_scoring.py): each row must get what its layer's call alone gives."""

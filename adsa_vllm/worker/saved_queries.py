@@ -5,7 +5,7 @@ the step that requested the selection (step p; the trackers decide at the build 
 forward would keep attention out of CUDA graphs, since a replay runs no Python. Instead each layer's forward does one
 thing a graph can replay: it gathers the query rows the builder named (`rows`, a persistent index) into a
 persistent buffer of its own (`save`: one index_select into fixed addresses). The scoring runs from those buffers at
-the start of the next step (`planner.score_saved_queries`), before that step's schedule can write any block (a
+the start of the next step (worker/query_scoring.py), before that step's schedule can write any block (a
 swap-in) and before its forward overwrites the buffers. The scores are the ones the forward would have computed:
 the same query, and the same K/V (the candidates were complete before step p).
 

@@ -1,8 +1,9 @@
 """Worker classes that connect the model's runtimes to the step loop (installed by the config hook when ADSA or
 classifier-free guidance is on): the `ADSARuntime` and the `GuidanceRuntime` (adsa_vllm/guidance/runtime.py).
 
-Before each step the ADSA runtime scores the selections the last forward saved queries for (worker/saved_queries.py),
-and the runtimes learn which requests started, resumed, were preempted or finished (from the SchedulerOutput); after the step, the evictions its builder decided ride back to the scheduler as
+Before each step the ADSA runtime scores the selections the last forward saved queries for
+(worker/saved_queries.py), and the runtimes learn which requests started, resumed, were preempted or finished (from
+the SchedulerOutput); after the step, the evictions its builder decided ride back to the scheduler as
 `ModelRunnerOutput.adsa_evictions`, and requests that failed inside the worker as `adsa_failed`
 (ModelRunnerOutput is a plain dataclass, pickled with its __dict__; touchpoint `runner-output-report`). Under
 tensor parallelism every rank decides the same evictions (scores are all-reduced; the ranks compare digests of them,
