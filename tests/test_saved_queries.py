@@ -37,19 +37,19 @@ def test_asked_rows_are_saved_in_order_for_every_layer():
     (first, second), q = _step(saved, [[5, 2], [7]], tokens=9)
     assert first.tolist() == [0, 1] and second.tolist() == [2]
     for layer in range(2):
-        assert torch.equal(saved.buffers[layer][first], q[[5, 2]])
-        assert torch.equal(saved.buffers[layer][second], q[[7]])
+        assert torch.equal(saved.stacked[layer][first], q[[5, 2]])
+        assert torch.equal(saved.stacked[layer][second], q[[7]])
     assert saved.saved(saved.step) and not saved.saved(saved.step - 1)
 
 
 def test_an_engine_without_captured_copies_saves_only_when_asked():
     saved = SavedQueries(num_layers=2, max_rows=8, in_graphs=False)
     _step(saved, [], tokens=4)
-    assert saved.buffers == [None, None]      # nothing asked yet: no memory, no copy
+    assert saved.stacked is None              # nothing asked yet: no memory, no copy
     _step(saved, [[1]], tokens=4)
-    before = saved.buffers[0].clone()
+    before = saved.stacked[0].clone()
     _step(saved, [], tokens=4)                # a step that asks nothing copies nothing
-    assert torch.equal(saved.buffers[0], before) and not saved.saved(saved.step)
+    assert torch.equal(saved.stacked[0], before) and not saved.saved(saved.step)
 
 
 def test_a_captured_copy_runs_every_step_and_survives_smaller_batches():
@@ -58,13 +58,13 @@ def test_a_captured_copy_runs_every_step_and_survives_smaller_batches():
     its tokens."""
     saved = SavedQueries(num_layers=1, max_rows=6, in_graphs=True)
     saved.save(0, _query(64, 0), planned=False)    # vLLM's profiling run
-    buffer, rows = saved.buffers[0], saved.rows
+    buffer, rows = saved.stacked[0], saved.rows
     assert buffer.shape == (6, HEADS, DIM) and not buffer.any()
     (got,), q = _step(saved, [[40, 3]], tokens=48, layers=1)
     assert torch.equal(buffer[got], q[[40, 3]])
     _, q = _step(saved, [], tokens=2, layers=1)    # row 40 would be out of range here
     assert saved.rows.tolist() == [0] * 6 and torch.equal(buffer, q[[0] * 6])
-    assert saved.buffers[0] is buffer and saved.rows is rows    # the addresses a graph captured
+    assert saved.stacked[0].data_ptr() == buffer.data_ptr() and saved.rows is rows   # the addresses captured
     assert saved.saved(saved.step - 5)              # a replay updates no Python state: always taken as saved
 
 

@@ -61,12 +61,12 @@ def test_a_query_policy_whose_forward_saved_no_query_fails_alone(granularity, gu
     """As on a GPU engine with a query-free default whose attention replays from CUDA graphs (validation refuses
     such requests there; switched off here): the forward saves no query, so the selection cannot be scored. The
     request fails instead of scoring stale queries; the others run on unharmed. The first forward that asks does save
-    (its buffers then exist, as after an eager step of a real engine), no later one does."""
+    (its buffer then exists, as after an eager step of a real engine), no later one does."""
     from adsa_vllm.worker.saved_queries import SavedQueries
     real_save = SavedQueries.save
 
     def save_once(self, layer, query, planned=True):
-        if self.buffers[layer] is None:
+        if self.saved_step[layer] == -1:
             real_save(self, layer, query, planned)
     llm, config = guided
     good = [{"prompt_token_ids": config.prompt(c)} for c in (1, 2)]

@@ -6,9 +6,9 @@ p are scored from the queries its forward saved (worker/saved_queries.py): block
 
 All layers are scored together: each layer's candidate keys are gathered (one read per layer), then the scorer runs
 once over rows = layers x requests (layer-major), as many layers per call as keep its float32 copies within
-SCRATCH_BYTES. Scoring layer by layer was ~15 small kernels per layer and request group, launched from the host at
-every step that decides a selection. The per-layer scores are then added in layer order, as the reference's
-trackers add them.
+SCRATCH_BYTES; the per-layer scores are then added in layer order, as the reference's trackers add them. (Against
+scoring layer by layer this changed no measured throughput, benchmarks/results/throughput_query_h100.md: the ~1.3 ms
+per step is reading the keys, not launching kernels; it does launch far fewer.)
 """
 
 from __future__ import annotations

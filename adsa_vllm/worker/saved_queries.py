@@ -25,11 +25,11 @@ import torch
 
 class SavedQueries:
     def __init__(self, num_layers: int, max_rows: int, in_graphs: bool):
+        self.num_layers = num_layers
         self.max_rows = max_rows            # rows asked in one step: at most the decode rows, max_num_seqs
         self.in_graphs = in_graphs          # the engine's default policy needs the query: the copy is captured
         self.rows: torch.Tensor | None = None                 # [max_rows] int64 query row of each saved row (0: none)
         self.stacked: torch.Tensor | None = None              # [layers, max_rows, heads, head_size]
-        self.buffers: list[torch.Tensor | None] = [None] * num_layers   # its per-layer views
         self.step = 0                       # the plan being built (bumped by `begin_step`)
         self.saved_step = [-1] * num_layers  # the plan whose queries each layer's buffer holds, as far as Python saw
         self._asked: list[np.ndarray] = []
@@ -49,7 +49,7 @@ class SavedQueries:
         if start + len(query_rows) > self.max_rows:
             raise RuntimeError(f"{start + len(query_rows)} query rows asked in one step; at most {self.max_rows}")
         self._asked.append(np.asarray(query_rows, dtype=np.int64))
-        return torch.arange(start, start + len(query_rows), dtype=torch.int64).to(device, non_blocking=True)
+        return torch.arange(start, start + len(query_rows), dtype=torch.int64, device=device)
 
     def commit(self, device) -> None:
         """Write this step's row index before its forward (stream order); rows not asked read query row 0."""
@@ -70,12 +70,11 @@ class SavedQueries:
         if not (self.in_graphs or self.live):
             return
         if self.stacked is None:   # in_graphs: by the profiling run, before any capture (fixed addresses)
-            self.stacked = query.new_zeros((len(self.buffers), self.max_rows) + tuple(query.shape[1:]))
-            self.buffers = list(self.stacked.unbind(0))
+            self.stacked = query.new_zeros((self.num_layers, self.max_rows) + tuple(query.shape[1:]))
             if self.rows is None:
                 self.rows = torch.zeros(self.max_rows, dtype=torch.int64, device=query.device)
         if planned:   # in_graphs: every step, as a replay does (rows not asked read query row 0)
-            torch.index_select(query, 0, self.rows, out=self.buffers[layer])
+            torch.index_select(query, 0, self.rows, out=self.stacked[layer])
             self.saved_step[layer] = self.step
 
     def saved(self, step: int) -> bool:

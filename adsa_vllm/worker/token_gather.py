@@ -12,8 +12,8 @@ reference's `TokenTrackers`).
 
 Timing, as the reference's (requested at step p, decided at step p + 1):
   * `request` (build of step p): remember each sequence's candidates. A query-dependent scorer (attention mass)
-    scores them from this step's saved queries (worker/saved_queries.py) at the start of step p + 1, layer by layer
-    (`TokenScoring.score_layer`), into a device buffer.
+    scores them from this step's saved queries (worker/saved_queries.py) at the start of step p + 1, every layer
+    in a few calls (`TokenScoring.score_saved`), into a device buffer.
   * `decide` (build of step p + 1, right after the trackers evicted): per layer, read what the scorer needs of the
     candidates, score them (query-free scorers: their K/V no longer change, so the scores equal step p's), and
     write each head's winning new tokens over its losing slot entries. These kernels run before step p + 1's forward and before the freed blocks reach the
