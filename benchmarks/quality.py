@@ -4,10 +4,11 @@
     topk_v keep=similar, streaming, random, attention_mass) at budgets 0.10/0.25/0.50/0.75 of the image tokens.
     Every policy keeps the same number of blocks at a budget; budgets below prefix + local window are invalid
     (ADSAConfigError) and reported as skipped with the reason.
-(b) CFG samples for full attention and each policy at --sample-budget (0.5): FID between classifier features
+(b) CFG samples for full attention and each policy at each --sample-budgets (0.5): FID between classifier features
     (adsa_vllm.data.classifier) of the samples and of the test images, and classifier accuracy on the intended class.
 (c) <out-dir>/<tag>.json, <tag>.md (tables), <tag>_bits.png (bits/token vs budget, one line per policy) and
-    <tag>_samples.png (rows: full attention then each policy, columns: classes).
+    <tag>_samples.png (rows: full attention then each policy, columns: classes; one <tag>_samples_<budget>.png per
+    sample budget when there are several).
 
 Selection code. The reference `score_tokens` / `generate` drive one `SequenceTracker` per row in Python at every
 step: exact, but ~10k rows x 784 steps x 16 configurations is hours even on an H100. This benchmark runs the same
@@ -59,7 +60,7 @@ from adsa_vllm.data import fashion_mnist as fm  # noqa: E402
 from quality_measure import (BUDGETS, POLICIES, adsa_config, check_layout, exact_check,  # noqa: E402
                              parse_row_label, row_label, sample_tokens, token_nll,
                              default_split_row, split_label)
-from quality_report import markdown, merge, write_outputs  # noqa: E402
+from quality_report import markdown, merge, sample_key, write_outputs  # noqa: E402
 
 
 def paired(x: torch.Tensor, y: torch.Tensor, name: str) -> dict:
@@ -69,7 +70,9 @@ def paired(x: torch.Tensor, y: torch.Tensor, name: str) -> dict:
     return {f"delta_vs_{name}": float(d.mean()), "delta_se" if name == "full" else f"delta_se_{name}": se}
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, defaults resolved (model, batches, sample rows) and `splits`: the policy labels measured
+    (with their budget splits)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default=None,
                     help="model folder (config.json + model.safetensors; default: the shipped Fashion-MNIST model)")
@@ -102,7 +105,9 @@ def main(argv=None):
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--batch", type=int, default=None, help="rows per scoring batch (default 2000 CUDA, 64 CPU)")
     ap.add_argument("--samples-per-policy", type=int, default=1000)
-    ap.add_argument("--sample-budget", type=float, default=0.5)
+    ap.add_argument("--sample-budgets", "--sample-budget", dest="sample_budgets", type=float, nargs="+",
+                    default=[0.5], help="budgets of the sample rows (every sample row at each); the exact check "
+                    "runs at the first")
     ap.add_argument("--gen-batch", type=int, default=None, help="samples per generation batch (default 1000 CUDA, "
                     "64 CPU; CFG doubles the rows)")
     ap.add_argument("--cfg-scale", type=float, default=2.0)
@@ -111,19 +116,17 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check-exact", type=int, default=4, help="test images compared against the reference "
-                    "trackers (score_tokens) at the sample budget, after the other parts; 0 = skip")
+                    "trackers (score_tokens) at the first sample budget, after the other parts; 0 = skip")
     ap.add_argument("--exact", action="store_true", help="use the reference score_tokens/generate (slow)")
     ap.add_argument("--classifier", default=None, help="classifier checkpoint (default adsa_vllm/assets/...)")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--tag", default="fashion_quality")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge these reports into <out-dir>/<tag>.* and exit")
+    ap.add_argument("--workers", type=int, default=1, help="run the measurements as jobs in this many processes "
+                    "at once (one device), then merge (benchmarks/quality_workers.py)")
     a = ap.parse_args(argv)
-    out_dir = Path(a.out_dir)
     if a.merge:
-        rep = merge(a.merge, out_dir, a.tag)
-        print(markdown(rep))
-        print(f"merged {len(a.merge)} reports into {out_dir}/{a.tag}.*")
-        return
+        return a
     if a.model is None:
         from adsa_vllm.default_model import default_model_dir
         a.model = str(default_model_dir())
@@ -132,8 +135,24 @@ def main(argv=None):
     a.gen_batch = a.gen_batch or (1000 if cuda else 64)
     a.gen_dtype = a.gen_dtype or ("bfloat16" if cuda else "float32")
     a.sample_rows = a.sample_rows or ["full"] + [row_label(p, g) for p in a.policies for g in a.granularities]
-    splits = [split_label(p, pr, lr) for p in a.policies for pr in a.prefix_rows or [None]
-              for lr in a.local_rows or [None]]
+    a.splits = [split_label(p, pr, lr) for p in a.policies for pr in a.prefix_rows or [None]
+                for lr in a.local_rows or [None]]
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    out_dir = Path(a.out_dir)
+    if a.merge:
+        rep = merge(a.merge, out_dir, a.tag)
+        print(markdown(rep))
+        print(f"merged {len(a.merge)} reports into {out_dir}/{a.tag}.*")
+        return
+    if a.workers > 1:
+        import quality_workers
+        quality_workers.run(a, sys.argv[1:] if argv is None else list(argv))
+        return
+    splits, cuda = a.splits, a.device.startswith("cuda")
     if cuda:  # full float32 matmuls: TF32 would add ~1e-3 relative noise to every score
         torch.backends.cuda.matmul.allow_tf32 = False
     from adsa_vllm.data import classifier as clf
@@ -214,20 +233,25 @@ def main(argv=None):
                           "real_floor": floor, "results": results}
         gen_model = model if a.gen_dtype == a.dtype else load_reference(a.model, dtype=getattr(torch, a.gen_dtype),
                                                                          device=a.device)
-        for lab in a.sample_rows:
+        # results["full"] = metrics; results[<row>][<budget>] = metrics, as bits["policies"] (quality_report)
+        for lab, b in [(lab, b) for lab in a.sample_rows
+                       for b in ([None] if lab == "full" else a.sample_budgets)]:
             pol, g = parse_row_label(lab)
-            adsa = None if lab == "full" else adsa_config(pol, a.sample_budget, g, config)
+            adsa = None if b is None else adsa_config(pol, b, g, config)
             if adsa is not None and (why := check_layout(adsa, config, a.block_size)):
-                results[lab] = {"skipped": why}
+                results.setdefault(lab, {})[str(b)] = {"skipped": why}
                 continue
             t1 = time.time()
             toks = sample_tokens(gen_model, [int(c) for c in class_ids], adsa, a, a.exact)
             imgs = fm.detokenize(toks)
-            samples[lab] = imgs
-            results[lab] = {"fid": clf.fid(clf.features(imgs, net), ref_feat),
-                            "class_accuracy": float((clf.predict(imgs, net) == class_ids).mean()),
-                            "seconds": time.time() - t1}
-            print(f"samples {lab}: FID {results[lab]['fid']:.3f}, class acc {results[lab]['class_accuracy']:.3f} "
+            samples[sample_key(lab, b)] = imgs
+            v = {"fid": clf.fid(clf.features(imgs, net), ref_feat),
+                 "class_accuracy": float((clf.predict(imgs, net) == class_ids).mean()), "seconds": time.time() - t1}
+            if b is None:
+                results[lab] = v
+            else:
+                results.setdefault(lab, {})[str(b)] = v
+            print(f"samples {sample_key(lab, b)}: FID {v['fid']:.3f}, class acc {v['class_accuracy']:.3f} "
                   f"({time.time() - t1:.1f} s)", flush=True)
             rep["timings_s"]["samples"] = time.time() - t0
             save()
@@ -236,9 +260,9 @@ def main(argv=None):
     if a.check_exact and not a.exact:
         t0 = time.time()
         n = min(a.check_exact, len(tokens))
-        rep["exact_check"] = {"images": n, "budget": a.sample_budget,
+        rep["exact_check"] = {"images": n, "budget": a.sample_budgets[0],
                               **exact_check(model, labels[:n], tokens[:n], a.block_size, splits,
-                                            a.sample_budget)}
+                                            a.sample_budgets[0])}
         rep["timings_s"]["exact_check"] = time.time() - t0
         print("exact check:", json.dumps(rep["exact_check"]), flush=True)
 

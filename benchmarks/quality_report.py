@@ -149,14 +149,22 @@ def markdown(rep: dict) -> str:
             lines += [f"\n{lab} at budget {b} skipped: {v['skipped']}" for b, v in per.items() if "skipped" in v]
     if rep.get("samples"):
         s = rep["samples"]
-        lines += ["", f"## Samples ({s['per_policy']} per policy, CFG {a['cfg_scale']}, top-k {a['top_k']}, "
-                      f"temperature {a['temperature']}, budget {a['sample_budget']}, {a['gen_dtype']})", "",
-                  "| rows | FID (classifier features) | class accuracy |", "|---|---|---|"]
-        for lab, v in s["results"].items():
-            lines.append(f"| {lab} | skipped | |" if "skipped" in v else
-                         f"| {lab} | {v['fid']:.3f} | {v['class_accuracy']:.3f} |")
-        lines.append(f"| real train images (floor) | {s['real_floor']['fid']:.3f} | "
-                     f"{s['real_floor']['class_accuracy']:.3f} |")
+        res = s["results"]
+        budgets = sorted({float(b) for lab, per in res.items() if lab != "full" for b in per})
+        lines += ["", f"## Samples ({s['per_policy']} per row, CFG {a['cfg_scale']}, top-k {a['top_k']}, "
+                      f"temperature {a['temperature']}, {a['gen_dtype']}): FID on classifier features / class "
+                      "accuracy", "",
+                  "| rows | " + " | ".join(f"budget {_budget(b)}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for lab, per in res.items():
+            if lab == "full":
+                continue
+            cells = ["not run" if (v := per.get(str(b))) is None else "skipped" if "skipped" in v else
+                     f"{v['fid']:.3f} / {v['class_accuracy']:.3f}" for b in budgets]
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        for lab, v in (("full attention", res.get("full")), ("real train images (floor)", s["real_floor"])):
+            if v:
+                lines.append(f"| {lab} | {v['fid']:.3f} / {v['class_accuracy']:.3f} |" + " |" * (len(budgets) - 1))
     if rep.get("exact_check"):
         lines += ["", "## Batched path vs reference trackers", "", "```",
                   json.dumps(rep["exact_check"], indent=1), "```"]
@@ -176,8 +184,28 @@ def write_outputs(rep: dict, samples: dict, class_ids, out_dir: Path, tag: str) 
                   bits["full"]["bits_per_token"], out_dir / f"{tag}_bits.png",
                   f"Fashion-MNIST LlamaGen, {bits['images']} test images: bits/token vs ADSA budget")
     if samples:
-        sample_grid(samples, class_ids, out_dir / f"{tag}_samples.png")
+        by_budget: dict[str, dict] = {}   # one grid per sample budget, full attention on top of each
+        for key, imgs in samples.items():
+            lab, _, b = key.partition(" ")
+            by_budget.setdefault(b, {})[lab] = imgs
+        full = by_budget.pop("", {})
+        for b, rows in by_budget.items() or [("", {})]:
+            name = f"{tag}_samples.png" if len(by_budget) <= 1 else f"{tag}_samples_{b}.png"
+            sample_grid({**full, **rows}, class_ids, out_dir / name)
         np.savez_compressed(out_dir / f"{tag}_samples.npz", class_ids=class_ids, **samples)
+
+
+def sample_key(row: str, budget: float | None) -> str:
+    """The key of a row of samples in <tag>_samples.npz: the row label, + ' <budget>' for an ADSA row."""
+    return row if budget is None else f"{row} {budget:g}"
+
+
+def _nested_samples(s: dict, budget: float) -> dict:
+    """A samples report of before several sample budgets (an ADSA row's metrics directly under its label, at the
+    run's one budget) in today's layout (results[row][budget]); today's reports pass unchanged."""
+    res = {lab: v if lab == "full" or not ("fid" in v or "skipped" in v) else {str(budget): v}
+           for lab, v in s["results"].items()}
+    return dict(s, results=res)
 
 
 def _shape(model: dict) -> dict:
@@ -205,17 +233,28 @@ def merge(paths: list[str], out_dir: Path, tag: str) -> dict:
             for lab, per in r["bits"]["policies"].items():
                 b["policies"].setdefault(lab, {}).update(per)
         if r.get("samples"):
-            s = out.setdefault("samples", {k: v for k, v in r["samples"].items() if k != "results"})
-            s.setdefault("results", {}).update(r["samples"]["results"])
+            old_budget = r["args"].get("sample_budget")   # reports of before --sample-budgets
+            rs = _nested_samples(r["samples"], old_budget) if old_budget is not None else r["samples"]
+            s = out.setdefault("samples", {k: v for k, v in rs.items() if k != "results"})
+            for lab, v in rs["results"].items():
+                if lab == "full":
+                    s.setdefault("results", {})[lab] = v
+                else:
+                    s.setdefault("results", {}).setdefault(lab, {}).update(v)
             npz = Path(p).with_name(Path(p).stem + "_samples.npz")
             if npz.is_file():
                 with np.load(npz) as z:
                     class_ids = z["class_ids"]
-                    samples.update({k: z[k] for k in z.files if k != "class_ids"})
+                    samples.update({k if k == "full" or old_budget is None else sample_key(k, old_budget): z[k]
+                                    for k in z.files if k != "class_ids"})
         if r.get("exact_check"):
             out["exact_check"] = r["exact_check"]
     if "bits" in out:
         out["args"]["budgets"] = sorted({float(b) for per in out["bits"]["policies"].values() for b in per})
         out["args"]["policies"] = list(out["bits"]["policies"])
+    if "samples" in out:
+        out["args"].pop("sample_budget", None)
+        out["args"]["sample_budgets"] = sorted({float(b) for lab, per in out["samples"]["results"].items()
+                                                if lab != "full" for b in per})
     write_outputs(out, samples, class_ids, out_dir, tag)
     return out

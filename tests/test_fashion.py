@@ -166,22 +166,69 @@ def test_merge_combines_parts_of_a_split_run(tmp_path):
     samples = dict(base, samples={"per_policy": 4, "real_floor": {"fid": 0.1, "class_accuracy": 0.9},
                                   "results": {"full": {"fid": 0.2, "class_accuracy": 1.0},
                                               "random/token": {"fid": 0.3, "class_accuracy": 0.5}}})
+    # a report of today's layout (several sample budgets: results[row][budget]) beside the one above, written
+    # before there were several (one budget, args["sample_budget"], metrics directly under the row)
+    new_args = {k: v for k, v in base["args"].items() if k != "sample_budget"} | {"sample_budgets": [0.25]}
+    at_025 = {"random/token": {"0.25": {"fid": 0.7, "class_accuracy": 0.25}}}
+    low = dict(base, args=new_args, samples={"per_policy": 4, "real_floor": {"fid": 0.1, "class_accuracy": 0.9},
+                                             "results": at_025})
     paths = []
-    for name, rep in (("a", bits), ("b", more), ("c", samples)):
+    for name, rep in (("a", bits), ("b", more), ("c", samples), ("d", low)):
         (tmp_path / f"{name}.json").write_text(json.dumps(rep))
         paths.append(str(tmp_path / f"{name}.json"))
     imgs = np.zeros((4, 28, 28), np.uint8)
     np.savez(tmp_path / "c_samples.npz", class_ids=np.arange(4), full=imgs, **{"random/token": imgs + 1})
+    np.savez(tmp_path / "d_samples.npz", class_ids=np.arange(4), **{"random/token 0.25": imgs + 2})
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--merge", *paths,
                     "--out-dir", str(tmp_path / "out"), "--tag", "m"], check=True, capture_output=True)
     out = json.loads((tmp_path / "out" / "m.json").read_text())
     assert set(out["bits"]["policies"]["random"]) == {"0.5", "0.1", "0.75"}
     assert out["args"]["budgets"] == [0.1, 0.5, 0.75] and out["samples"]["results"]["full"]["fid"] == 0.2
-    assert len(out["runs"]) == 3
+    assert out["args"]["sample_budgets"] == [0.25, 0.5] and len(out["runs"]) == 4
+    assert out["samples"]["results"]["random/token"]["0.5"]["fid"] == 0.3
     md = (tmp_path / "out" / "m.md").read_text()
-    assert "0.8950 (+0.0100" in md and "| full | 0.200 | 1.000 |" in md and "skipped" in md
-    assert "| random/token | 0.300 | 0.500 |" in md
+    assert "0.8950 (+0.0100" in md and "| full attention | 0.200 / 1.000 |" in md and "skipped" in md
+    assert "| random/token | 0.700 / 0.250 | 0.300 / 0.500 |" in md
     with np.load(tmp_path / "out" / "m_samples.npz") as z:   # a '/' in a row label survives the npz round trip
-        assert (z["random/token"] == 1).all() and (z["full"] == 0).all()
-    for f in ("m.json", "m_bits.png", "m_samples.png", "m_samples.npz"):
+        assert (z["random/token 0.5"] == 1).all() and (z["random/token 0.25"] == 2).all() and (z["full"] == 0).all()
+    # one grid per sample budget, full attention on top of each
+    assert {f.name for f in (tmp_path / "out").glob("m_samples*.png")} == {"m_samples_0.25.png", "m_samples_0.5.png"}
+    for f in ("m.json", "m_bits.png", "m_samples.npz"):
         assert (tmp_path / "out" / f).is_file(), f
+
+
+
+def test_quality_workers_split_a_run_into_jobs_that_measure_each_unit_once():
+    """quality.py --workers: every bits row x budget, sample row x budget and the exact check is measured by exactly
+    one job, and no job spreads again."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+    import quality_workers
+    from quality_measure import row_label
+
+    def units(a):
+        out = []
+        if "bits" in a.parts:
+            out += [("bits", row_label(p, g), b) for p in a.splits for g in a.granularities for b in a.budgets]
+        if "samples" in a.parts and a.samples_per_policy > 0:
+            out += [("samples", r, b) for r in a.sample_rows for b in ([None] if r == "full" else a.sample_budgets)]
+        if a.check_exact and not a.exact:
+            out.append(("exact", min(a.check_exact, a.limit), a.sample_budgets[0]))
+        return out
+
+    argv = ["--device", "cpu", "--policies", "random", "head_split", "--granularities", "block", "token",
+            "--budgets", "0.1", "0.25", "--sample-budgets", "0.1", "0.5", "--local-rows", "1", "2",
+            "--check-exact", "2", "--workers", "3"]
+    a = quality.parse_args(argv)
+    base = quality_workers.without_workers(argv)
+    assert base == argv[:-2]
+    jobs = quality_workers.jobs(a, ["random", "head_split"])
+    assert [n for n, _ in jobs] == ["samples_0.1", "samples_0.5", "samples_full", "bits_random", "bits_head_split",
+                                    "exact"]
+    measured = []
+    for name, extra in jobs:
+        sub = quality.parse_args(base + extra + ["--out-dir", "/tmp/x", "--tag", name])
+        assert sub.workers == 1
+        measured += units(sub)
+    assert sorted(measured, key=str) == sorted(units(a), key=str)
+    assert len(measured) == 2 * 2 * 2 * 2 + 1 + 2 * 2 * 2 + 1   # bits + full + sample rows x budgets + exact

@@ -1,0 +1,112 @@
+"""quality.py --workers N: one run's measurements as independent jobs, N processes at a time, then one --merge.
+
+The measurements are per-step loops over small batched kernels: one process leaves most of a GPU (and the host's
+other cores) idle, so N processes on one device finish a 10k-image sweep several times sooner. Each job is quality.py
+itself with the run's own arguments and a subset of the work, so every number is what a single process would give:
+- bits/token: one job per policy label (both granularities, every budget: the token-vs-block and split-vs-default
+  pairings stay inside one process); each job also scores full attention, the reference its deltas pair with;
+- samples: full attention alone, then one job per sample budget with every ADSA row;
+- the exact check against the reference trackers: a job of its own.
+Jobs write <out-dir>/<tag>_parts/<job>.{json,log,...}; a job that fails leaves its log and is reported; the merge
+takes the jobs that wrote a report (a partial one included: quality.py saves after every measured unit).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quality_report import markdown, merge
+
+
+def jobs(a, policies: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, extra arguments) of every job, the longest first so that the tail of the run is short; policies: the
+    POLICIES labels measured (a split label's prefix / local rows travel as the run's own options)."""
+    out = []
+    if "samples" in a.parts and a.samples_per_policy > 0:
+        rows = [r for r in a.sample_rows if r != "full"]
+        for b in a.sample_budgets if rows else []:
+            out.append((f"samples_{b:g}", ["--parts", "samples", "--sample-budgets", str(b),
+                                           "--sample-rows", *rows, "--check-exact", "0"]))
+        if "full" in a.sample_rows:
+            out.append(("samples_full", ["--parts", "samples", "--sample-rows", "full", "--check-exact", "0"]))
+    if "bits" in a.parts:
+        for p in policies:
+            out.append((f"bits_{p}", ["--parts", "bits", "--policies", p, "--check-exact", "0",
+                                      *(["--local-rows", *map(str, a.local_rows)] if a.local_rows else []),
+                                      *(["--prefix-rows", *map(str, a.prefix_rows)] if a.prefix_rows else [])]))
+    if a.check_exact and not a.exact:
+        out.append(("exact", ["--parts", "samples", "--samples-per-policy", "0", "--limit", str(a.check_exact)]))
+    return out
+
+
+def without_workers(argv: list[str]) -> list[str]:
+    """The run's own arguments less --workers: what every job starts from (argparse lets later options win, so a
+    job's own options go after them)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--workers":
+            skip = True
+        elif not x.startswith("--workers="):
+            out.append(x)
+    return out
+
+
+def run(a, argv: list[str]) -> dict:
+    """Run the jobs of `a` (parsed from `argv`), a.workers at a time, and merge their reports into <tag>.*."""
+    parts = Path(a.out_dir) / f"{a.tag}_parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    base = without_workers(argv)
+    todo = jobs(a, list(dict.fromkeys(s.partition("@")[0] for s in a.splits)))
+    names = [(name, i) for i, (name, _) in enumerate(todo)]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed, t0 = [], time.time()
+    signal.signal(signal.SIGTERM, _interrupt)   # a time limit's SIGTERM: stop the jobs, merge what they saved
+    try:
+        _drain(todo, running, failed, base, parts, a.workers, t0)
+    except KeyboardInterrupt:
+        for name, (proc, _) in running.items():
+            proc.terminate()
+            proc.wait()
+            failed.append(f"{name} (stopped)")
+        print(f"[workers] stopped after {time.time() - t0:.0f} s; merging what the jobs saved", flush=True)
+    # merge in job order (bits rows in the order of --policies, full attention first among the samples)
+    order = [n for n, _ in sorted(names, key=lambda j: (not j[0].startswith("bits_"), j[0] != "samples_full", j[1]))]
+    reports = [str(parts / f"{n}.json") for n in order if (parts / f"{n}.json").is_file()]
+    if not reports:
+        raise SystemExit(f"[workers] no job wrote a report; logs under {parts}")
+    rep = merge(reports, Path(a.out_dir), a.tag)
+    print(markdown(rep))
+    print(f"[workers] merged {len(reports)} reports into {a.out_dir}/{a.tag}.* in {time.time() - t0:.0f} s"
+          + (f"; failed: {', '.join(failed)} (logs under {parts})" if failed else ""))
+    return rep
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _drain(todo, running, failed, base, parts: Path, workers: int, t0: float) -> None:
+    """Start jobs from `todo`, `workers` at a time, until all have ended; failed: names of those that failed."""
+    while todo or running:
+        while todo and len(running) < workers:
+            name, extra = todo.pop(0)
+            cmd = [sys.executable, str(Path(__file__).with_name("quality.py")), *base, *extra,
+                   "--out-dir", str(parts), "--tag", name]
+            log = open(parts / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time())
+            log.close()
+        time.sleep(1.0)
+        for name, (proc, t1) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                ok = proc.returncode == 0
+                if not ok:
+                    failed.append(name)
+                print(f"[workers] {name}: {'done' if ok else f'FAILED (exit {proc.returncode})'} in "
+                      f"{time.time() - t1:.0f} s ({time.time() - t0:.0f} s since the start)", flush=True)
