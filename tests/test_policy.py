@@ -458,3 +458,22 @@ def test_tracker_fast_path_changes_nothing(kw, grid, bs):
             fast.add_layer_scores(scores)
             slow.add_layer_scores(scores)
     assert requested > 0 or not lay.evicts
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(
+                                              not torch.cuda.is_available(), reason="the half-precision branch "
+                                              "(bmm with float32 output) runs on CUDA only"))])
+def test_query_key_logits_are_the_float32_logits_of_each_query_head_against_its_kv_head(device, dtype):
+    """GQA: query head h scores against KV head h // (Hq / Hkv); half-precision inputs give the float32 logits of
+    their values (the CUDA branch multiplies them without upcasting: products of bf16 values are exact in float32)."""
+    from adsa_vllm.policy.dense_attention import query_key_logits
+    g = torch.Generator().manual_seed(0)
+    r, n, hkv, rep, d = 3, 40, 2, 4, 64
+    query = torch.randn(r, hkv * rep, d, generator=g).to(device, dtype)
+    keys = torch.randn(r, n, hkv, d, generator=g).to(device, dtype)
+    got = query_key_logits(query, keys, 0.125)
+    assert got.dtype == torch.float32 and got.shape == (r, hkv * rep, n)
+    q, k = query.double().cpu(), keys.double().cpu()
+    want = torch.stack([torch.stack([q[i, h] @ k[i, :, h // rep].T for h in range(hkv * rep)]) for i in range(r)])
+    torch.testing.assert_close(got.double().cpu(), want * 0.125, rtol=1e-5, atol=1e-5)

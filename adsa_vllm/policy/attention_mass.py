@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from adsa_vllm.policy.base import BlockScorer, ScoreInputs
+from adsa_vllm.policy.dense_attention import query_key_logits
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,6 @@ def candidate_probs(x: ScoreInputs) -> torch.Tensor:
     (padding candidates 0); grouped-query heads share their KV head. The query-dependent block scorers
     (attention_mass, head_split, row_anchored) all start from it."""
     r, c, bs, hkv, d = x.keys.shape
-    q = x.query.float().reshape(r, hkv, -1, d)                                  # [R, Hkv, rep, D]: GQA groups
-    k = x.keys.float().reshape(r, c * bs, hkv, d)                               # no copy per query head
-    logits = torch.einsum("rgkd,rtgd->rgkt", q, k).reshape(r, -1, c * bs) * x.scale   # [R, H, C*bs]
+    logits = query_key_logits(x.query, x.keys.reshape(r, c * bs, hkv, d), x.scale)   # [R, H, C*bs]
     tok_valid = x.valid[:, None, :, None].expand(r, 1, c, bs).reshape(r, 1, c * bs)
     return logits.masked_fill(~tok_valid, float("-inf")).softmax(-1)

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from adsa_vllm.policy.base import from_settings
+from adsa_vllm.policy.dense_attention import query_key_logits
 
 _MASK = (1 << 31) - 1
 
@@ -84,11 +85,8 @@ class TokenAttentionMass(TokenScorer):
 def query_probs(x: TokenInputs) -> torch.Tensor:
     """[R, Hq, N] float32: each query head's softmax probability of each candidate token under the current query
     (over that head's own candidates: its KV head's, repeated for GQA); a head with no candidate: 0."""
-    r, n, hkv, d = x.keys.shape
-    q = x.query.float().reshape(r, hkv, -1, d)                                   # [R, Hkv, rep, D]: GQA groups
-    rep = q.shape[2]
-    logits = torch.einsum("rgkd,rngd->rgkn", q, x.keys.float()).reshape(r, -1, n) * x.scale   # [R, Hq, N]
-    valid = x.valid.repeat_interleave(rep, dim=1)                                # [R, Hq, N]
+    logits = query_key_logits(x.query, x.keys, x.scale)                          # [R, Hq, N]
+    valid = x.valid.repeat_interleave(logits.shape[1] // x.keys.shape[2], dim=1)  # [R, Hq, N]
     return logits.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
 
 

@@ -75,7 +75,7 @@ def _score_blocks(runtime: ADSARuntime, batch: ScoringBatch, stacked: torch.Tens
     for scorer, sel in batch.groups:
         ids = batch.block_ids[sel]
         r = ids.shape[0]
-        heads = query.shape[2]   # float32 keys (at most one per query head) and ~3 float32 [heads] per token
+        heads = query.shape[2]   # float32 keys off CUDA (policy/dense_attention.py) and ~3 float32 [heads] per token
         per_layer = 4 * r * c * runtime.block_size * heads * (layer0.head_size + 3)
         for chunk in layer_chunks(len(layers), per_layer):
             n = len(chunk)
