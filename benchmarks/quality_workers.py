@@ -3,22 +3,27 @@
 The measurements are per-step loops over small batched kernels: one process leaves most of a GPU (and the host's
 other cores) idle, so N processes on one device finish a 10k-image sweep several times sooner. Each job is quality.py
 itself with the run's own arguments and a subset of the work, so every number is what a single process would give:
-- bits/token: one job per policy label (both granularities, every budget: the token-vs-block and split-vs-default
-  pairings stay inside one process); each job also scores full attention, the reference its deltas pair with;
-- samples: full attention alone, then one job per sample budget with every ADSA row;
+- bits/token: one job per policy label and budget (both granularities and every budget split: the token-vs-block
+  and split-vs-default pairings stay inside one process); each also scores full attention, which its deltas pair
+  with (a few seconds a job);
+- samples: full attention alone, then one job per sample budget and granularity;
 - the exact check against the reference trackers: a job of its own.
 Jobs write <out-dir>/<tag>_parts/<job>.{json,log,...}; a job that fails leaves its log and is reported; the merge
-takes the jobs that wrote a report (a partial one included: quality.py saves after every measured unit).
+takes every job that wrote a report (a partial one included: quality.py saves after every measured unit).
+Resumable: a job that finished leaves <job>.done with its command; rerunning the same command (e.g. after a time
+limit stopped it) runs only the jobs without one.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from quality_measure import parse_row_label
 from quality_report import markdown, merge
 
 
@@ -27,17 +32,23 @@ def jobs(a, policies: list[str]) -> list[tuple[str, list[str]]]:
     POLICIES labels measured (a split label's prefix / local rows travel as the run's own options)."""
     out = []
     if "samples" in a.parts and a.samples_per_policy > 0:
-        rows = [r for r in a.sample_rows if r != "full"]
-        for b in a.sample_budgets if rows else []:
-            out.append((f"samples_{b:g}", ["--parts", "samples", "--sample-budgets", str(b),
-                                           "--sample-rows", *rows, "--check-exact", "0"]))
+        by_granularity: dict[str, list[str]] = {}
+        for r in a.sample_rows:
+            if r != "full":
+                by_granularity.setdefault(parse_row_label(r)[1], []).append(r)
+        for b in a.sample_budgets:
+            for g, rows in by_granularity.items():
+                out.append((f"samples_{b:g}_{g}", ["--parts", "samples", "--sample-budgets", str(b),
+                                                   "--sample-rows", *rows, "--check-exact", "0"]))
         if "full" in a.sample_rows:
             out.append(("samples_full", ["--parts", "samples", "--sample-rows", "full", "--check-exact", "0"]))
     if "bits" in a.parts:
+        split = [*(["--local-rows", *map(str, a.local_rows)] if a.local_rows else []),
+                 *(["--prefix-rows", *map(str, a.prefix_rows)] if a.prefix_rows else [])]
         for p in policies:
-            out.append((f"bits_{p}", ["--parts", "bits", "--policies", p, "--check-exact", "0",
-                                      *(["--local-rows", *map(str, a.local_rows)] if a.local_rows else []),
-                                      *(["--prefix-rows", *map(str, a.prefix_rows)] if a.prefix_rows else [])]))
+            for b in a.budgets:
+                out.append((f"bits_{p}_{b:g}", ["--parts", "bits", "--policies", p, "--budgets", str(b),
+                                                "--check-exact", "0", *split]))
     if a.check_exact and not a.exact:
         out.append(("exact", ["--parts", "samples", "--samples-per-policy", "0", "--limit", str(a.check_exact)]))
     return out
@@ -64,13 +75,13 @@ def run(a, argv: list[str]) -> dict:
     base = without_workers(argv)
     todo = jobs(a, list(dict.fromkeys(s.partition("@")[0] for s in a.splits)))
     names = [(name, i) for i, (name, _) in enumerate(todo)]
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, float, list[str]]] = {}
     failed, t0 = [], time.time()
     signal.signal(signal.SIGTERM, _interrupt)   # a time limit's SIGTERM: stop the jobs, merge what they saved
     try:
         _drain(todo, running, failed, base, parts, a.workers, t0)
     except KeyboardInterrupt:
-        for name, (proc, _) in running.items():
+        for name, (proc, *_) in running.items():
             proc.terminate()
             proc.wait()
             failed.append(f"{name} (stopped)")
@@ -96,17 +107,24 @@ def _drain(todo, running, failed, base, parts: Path, workers: int, t0: float) ->
     while todo or running:
         while todo and len(running) < workers:
             name, extra = todo.pop(0)
-            cmd = [sys.executable, str(Path(__file__).with_name("quality.py")), *base, *extra,
-                   "--out-dir", str(parts), "--tag", name]
+            args = [*base, *extra, "--out-dir", str(parts), "--tag", name]
+            done = parts / f"{name}.done"
+            if done.is_file() and json.loads(done.read_text()) == args:
+                print(f"[workers] {name}: done by an earlier run of this command", flush=True)
+                continue
             log = open(parts / f"{name}.log", "w")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time())
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("quality.py")), *args],
+                                    stdout=log, stderr=subprocess.STDOUT)
+            running[name] = (proc, time.time(), args)
             log.close()
         time.sleep(1.0)
-        for name, (proc, t1) in list(running.items()):
+        for name, (proc, t1, args) in list(running.items()):
             if proc.poll() is not None:
                 del running[name]
                 ok = proc.returncode == 0
-                if not ok:
+                if ok:
+                    (parts / f"{name}.done").write_text(json.dumps(args))
+                else:
                     failed.append(name)
                 print(f"[workers] {name}: {'done' if ok else f'FAILED (exit {proc.returncode})'} in "
                       f"{time.time() - t1:.0f} s ({time.time() - t0:.0f} s since the start)", flush=True)

@@ -223,8 +223,9 @@ def test_quality_workers_split_a_run_into_jobs_that_measure_each_unit_once():
     base = quality_workers.without_workers(argv)
     assert base == argv[:-2]
     jobs = quality_workers.jobs(a, ["random", "head_split"])
-    assert [n for n, _ in jobs] == ["samples_0.1", "samples_0.5", "samples_full", "bits_random", "bits_head_split",
-                                    "exact"]
+    assert [n for n, _ in jobs] == ["samples_0.1_block", "samples_0.1_token", "samples_0.5_block", "samples_0.5_token",
+                                    "samples_full", "bits_random_0.1", "bits_random_0.25", "bits_head_split_0.1",
+                                    "bits_head_split_0.25", "exact"]
     measured = []
     for name, extra in jobs:
         sub = quality.parse_args(base + extra + ["--out-dir", "/tmp/x", "--tag", name])
@@ -232,3 +233,28 @@ def test_quality_workers_split_a_run_into_jobs_that_measure_each_unit_once():
         measured += units(sub)
     assert sorted(measured, key=str) == sorted(units(a), key=str)
     assert len(measured) == 2 * 2 * 2 * 2 + 1 + 2 * 2 * 2 + 1   # bits + full + sample rows x budgets + exact
+
+
+def test_quality_workers_rerun_runs_only_the_jobs_not_done_and_merges_all(tmp_path, monkeypatch):
+    """A job that finished leaves <job>.done with its arguments: the same command again starts no process for it
+    (here: none at all) and still merges every job's report."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+    import quality_workers
+    argv = ["--device", "cpu", "--policies", "random", "--budgets", "0.5", "--parts", "bits", "--check-exact", "0",
+            "--out-dir", str(tmp_path), "--tag", "q", "--workers", "2"]
+    a = quality.parse_args(argv)
+    (name, extra), = quality_workers.jobs(a, ["random"])
+    parts = tmp_path / "q_parts"
+    parts.mkdir()
+    args = [*quality_workers.without_workers(argv), *extra, "--out-dir", str(parts), "--tag", name]
+    (parts / f"{name}.done").write_text(json.dumps(args))
+    v = {"bits_per_token": 0.9, "delta_vs_full": 0.01, "delta_se": 0.001}
+    (parts / f"{name}.json").write_text(json.dumps({
+        "model": {"folder": "m", "codebook_size": fm.NUM_LEVELS}, "device": "cpu", "timings_s": {"total": 1},
+        "args": {"dtype": "float32", "block_size": 16, "budgets": [0.5]},
+        "bits": {"images": 10, "full": {"bits_per_token": 0.89}, "policies": {"random": {"0.5": v}}}}))
+    monkeypatch.setattr(quality_workers.subprocess, "Popen", lambda *x, **k: pytest.fail("a job ran again"))
+    quality.main(argv)
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert out["bits"]["policies"]["random"]["0.5"]["bits_per_token"] == 0.9
