@@ -223,9 +223,9 @@ def test_quality_workers_split_a_run_into_jobs_that_measure_each_unit_once():
     base = quality_workers.without_workers(argv)
     assert base == argv[:-2]
     jobs = quality_workers.jobs(a, ["random", "head_split"])
-    assert [n for n, _ in jobs] == ["samples_0.1_block", "samples_0.1_token", "samples_0.5_block", "samples_0.5_token",
-                                    "samples_full", "bits_random_0.1", "bits_random_0.25", "bits_head_split_0.1",
-                                    "bits_head_split_0.25", "exact"]
+    assert [n for n, _ in jobs] == ["samples_0.1_block", "samples_0.1_token", "samples_0.5_block",
+                                    "samples_0.5_token", "samples_full", "bits_random_0.1", "bits_random_0.25",
+                                    "bits_head_split_0.1", "bits_head_split_0.25", "exact"]
     measured = []
     for name, extra in jobs:
         sub = quality.parse_args(base + extra + ["--out-dir", "/tmp/x", "--tag", name])
