@@ -22,6 +22,12 @@ Files: quality_measure.py (the measurements), quality_report.py (tables, plots, 
   # 10-17 s per ADSA configuration for the 10k test images (float32), 12-13 s per row of 1000 CFG samples (bf16;
   # the first row 63 s, warm-up included), exact check 46 s. Default model: the shipped one (adsa_vllm/assets/).
   ADSA_FASHION_MNIST_DIR=... python benchmarks/quality.py --device cuda --tag fashion_quality_h200
+  # Every policy at 10-50%, both granularities, samples at each budget, as jobs in 12 processes on one GPU (the
+  # measurements are launch-bound: one process leaves the device mostly idle); rerun the same command to finish
+  # the jobs a time limit stopped (benchmarks/quality_workers.py)
+  python benchmarks/quality.py --device cuda --budgets 0.1 0.17 0.25 0.5 --sample-budgets 0.1 0.17 0.25 0.5 \
+      --policies random streaming topk_v_diverse attention_mass row_anchored head_split --granularities block token \
+      --batch 400 --gen-batch 500 --workers 12 --tag fashion_frontier_gpu
   # A run that may not fit one time-limited call: measure in parts, then merge (tables and plots of the union)
   python benchmarks/quality.py --parts bits --tag q_bits && python benchmarks/quality.py --parts samples --tag q_s
   python benchmarks/quality.py --merge benchmarks/results/q_bits.json benchmarks/results/q_s.json --tag q
