@@ -154,8 +154,8 @@ def markdown(rep: dict) -> str:
         lines += ["", f"## Samples ({s['per_policy']} per row, CFG {a['cfg_scale']}, top-k {a['top_k']}, "
                       f"temperature {a['temperature']}, {a['gen_dtype']}): FID on classifier features / class "
                       "accuracy", "",
-                  "| rows | " + " | ".join(f"budget {_budget(b)}" for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
+                  "| rows | " + " | ".join([f"budget {_budget(b)}" for b in budgets] or ["samples"]) + " |",
+                  "|---|" + "---|" * max(len(budgets), 1)]
         for lab, per in res.items():
             if lab == "full":
                 continue
@@ -164,7 +164,8 @@ def markdown(rep: dict) -> str:
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         for lab, v in (("full attention", res.get("full")), ("real train images (floor)", s["real_floor"])):
             if v:
-                lines.append(f"| {lab} | {v['fid']:.3f} / {v['class_accuracy']:.3f} |" + " |" * (len(budgets) - 1))
+                pad = " |" * max(len(budgets) - 1, 0)
+                lines.append(f"| {lab} | {v['fid']:.3f} / {v['class_accuracy']:.3f} |{pad}")
     if rep.get("exact_check"):
         lines += ["", "## Batched path vs reference trackers", "", "```",
                   json.dumps(rep["exact_check"], indent=1), "```"]
