@@ -27,9 +27,9 @@ from quality_measure import parse_row_label
 from quality_report import markdown, merge
 
 
-def jobs(a, policies: list[str]) -> list[tuple[str, list[str]]]:
-    """(name, extra arguments) of every job, the longest first so that the tail of the run is short; policies: the
-    POLICIES labels measured (a split label's prefix / local rows travel as the run's own options)."""
+def jobs(a) -> list[tuple[str, list[str]]]:
+    """(name, extra arguments) of every job of the run `a`, the longest first so that the tail of the run is short
+    (a budget split's prefix / local rows travel as the run's own options)."""
     out = []
     if "samples" in a.parts and a.samples_per_policy > 0:
         by_granularity: dict[str, list[str]] = {}
@@ -45,7 +45,7 @@ def jobs(a, policies: list[str]) -> list[tuple[str, list[str]]]:
     if "bits" in a.parts:
         split = [*(["--local-rows", *map(str, a.local_rows)] if a.local_rows else []),
                  *(["--prefix-rows", *map(str, a.prefix_rows)] if a.prefix_rows else [])]
-        for p in policies:
+        for p in a.policies:
             for b in a.budgets:
                 out.append((f"bits_{p}_{b:g}", ["--parts", "bits", "--policies", p, "--budgets", str(b),
                                                 "--check-exact", "0", *split]))
@@ -73,8 +73,9 @@ def run(a, argv: list[str]) -> dict:
     parts = Path(a.out_dir) / f"{a.tag}_parts"
     parts.mkdir(parents=True, exist_ok=True)
     base = without_workers(argv)
-    todo = jobs(a, list(dict.fromkeys(s.partition("@")[0] for s in a.splits)))
-    names = [(name, i) for i, (name, _) in enumerate(todo)]
+    todo = jobs(a)
+    # merge in job order (bits rows in the order of --policies, full attention first among the samples)
+    order = sorted((name for name, _ in todo), key=lambda n: (not n.startswith("bits_"), n != "samples_full"))
     running: dict[str, tuple[subprocess.Popen, float, list[str]]] = {}
     failed, t0 = [], time.time()
     signal.signal(signal.SIGTERM, _interrupt)   # a time limit's SIGTERM: stop the jobs, merge what they saved
@@ -86,8 +87,6 @@ def run(a, argv: list[str]) -> dict:
             proc.wait()
             failed.append(f"{name} (stopped)")
         print(f"[workers] stopped after {time.time() - t0:.0f} s; merging what the jobs saved", flush=True)
-    # merge in job order (bits rows in the order of --policies, full attention first among the samples)
-    order = [n for n, _ in sorted(names, key=lambda j: (not j[0].startswith("bits_"), j[0] != "samples_full", j[1]))]
     reports = [str(parts / f"{n}.json") for n in order if (parts / f"{n}.json").is_file()]
     if not reports:
         raise SystemExit(f"[workers] no job wrote a report; logs under {parts}")

@@ -222,7 +222,7 @@ def test_quality_workers_split_a_run_into_jobs_that_measure_each_unit_once():
     a = quality.parse_args(argv)
     base = quality_workers.without_workers(argv)
     assert base == argv[:-2]
-    jobs = quality_workers.jobs(a, ["random", "head_split"])
+    jobs = quality_workers.jobs(a)
     assert [n for n, _ in jobs] == ["samples_0.1_block", "samples_0.1_token", "samples_0.5_block",
                                     "samples_0.5_token", "samples_full", "bits_random_0.1", "bits_random_0.25",
                                     "bits_head_split_0.1", "bits_head_split_0.25", "exact"]
@@ -244,7 +244,7 @@ def test_quality_workers_rerun_runs_only_the_jobs_not_done_and_merges_all(tmp_pa
     argv = ["--device", "cpu", "--policies", "random", "--budgets", "0.5", "--parts", "bits", "--check-exact", "0",
             "--out-dir", str(tmp_path), "--tag", "q", "--workers", "2"]
     a = quality.parse_args(argv)
-    (name, extra), = quality_workers.jobs(a, ["random"])
+    (name, extra), = quality_workers.jobs(a)
     parts = tmp_path / "q_parts"
     parts.mkdir()
     args = [*quality_workers.without_workers(argv), *extra, "--out-dir", str(parts), "--tag", name]
