@@ -8,8 +8,11 @@ itself with the run's own arguments and a subset of the work, so every number is
   with (a few seconds a job);
 - samples: full attention alone, then one job per sample budget and granularity;
 - the exact check against the reference trackers: a job of its own.
-Jobs write <out-dir>/<tag>_parts/<job>.{json,log,...}; a job that fails leaves its log and is reported; the merge
-takes every job that wrote a report (a partial one included: quality.py saves after every measured unit).
+Jobs write <out-dir>/<tag>_parts/<job>.{json,log,...}; a job that fails leaves its log and is reported with the end of
+it; the merge takes every job that wrote a report (a partial one included: quality.py saves after every measured
+unit). A job that ran out of device memory (N jobs at a time did not fit) runs again later (OOM_RETRIES times at
+most): the limit drops to the jobs still running when it failed (they fit) and grows back by one with each job that
+finishes (seen on an H100: 12 jobs of the 10k sweep at once did not fit in 80 GB, 8 did).
 Resumable: a job that finished leaves <job>.done with its command; rerunning the same command (e.g. after a time
 limit stopped it) runs only the jobs without one.
 """
@@ -82,6 +85,8 @@ def run(a, argv: list[str]) -> dict:
     try:
         _drain(todo, running, failed, base, parts, a.workers, t0)
     except KeyboardInterrupt:
+        # `timeout` signals its whole process group: this process may get a second SIGTERM while it stops the jobs
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for name, (proc, *_) in running.items():
             proc.terminate()
             proc.wait()
@@ -101,11 +106,32 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+OOM_RETRIES = 3
+_OOM_MARKERS = ("out of memory", "outofmemoryerror")
+
+
+def log_tail(log: Path, lines: int = 4) -> str:
+    """The last non-empty lines of a job's log (where its error is)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return "\n".join([x[:300] for x in text.splitlines() if x.strip()][-lines:])
+
+
+def ran_out_of_memory(log: Path) -> bool:
+    text = log.read_text(errors="replace").lower() if log.is_file() else ""
+    return any(m in text for m in _OOM_MARKERS)
+
+
 def _drain(todo, running, failed, base, parts: Path, workers: int, t0: float) -> None:
-    """Start jobs from `todo`, `workers` at a time, until all have ended; failed: names of those that failed."""
+    """Start jobs from `todo`, `workers` at a time, until all have ended; failed: names of those that failed. A job
+    that ran out of device memory goes to the back of `todo` (OOM_RETRIES per job) and the limit drops to the jobs
+    still running then (they fit); each job that finishes raises it by one, up to `workers`."""
+    retries: dict[str, int] = {}
+    limit = workers
+    extras: dict[str, list[str]] = {}
     while todo or running:
-        while todo and len(running) < workers:
+        while todo and len(running) < limit:
             name, extra = todo.pop(0)
+            extras[name] = extra
             args = [*base, *extra, "--out-dir", str(parts), "--tag", name]
             done = parts / f"{name}.done"
             if done.is_file() and json.loads(done.read_text()) == args:
@@ -117,13 +143,25 @@ def _drain(todo, running, failed, base, parts: Path, workers: int, t0: float) ->
             running[name] = (proc, time.time(), args)
             log.close()
         time.sleep(1.0)
-        for name, (proc, t1, args) in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                ok = proc.returncode == 0
-                if ok:
-                    (parts / f"{name}.done").write_text(json.dumps(args))
-                else:
-                    failed.append(name)
-                print(f"[workers] {name}: {'done' if ok else f'FAILED (exit {proc.returncode})'} in "
-                      f"{time.time() - t1:.0f} s ({time.time() - t0:.0f} s since the start)", flush=True)
+        finished = [name for name, (proc, *_) in running.items() if proc.poll() is not None]
+        fit = len(running) - len(finished)
+        for name in finished:
+            proc, t1, args = running[name]
+            del running[name]
+            ok = proc.returncode == 0
+            log = parts / f"{name}.log"
+            retry = not ok and ran_out_of_memory(log) and retries.get(name, 0) < OOM_RETRIES
+            if ok:
+                (parts / f"{name}.done").write_text(json.dumps(args))
+                limit = min(workers, limit + 1)
+            elif retry:
+                retries[name] = retries.get(name, 0) + 1
+                todo.append((name, extras[name]))
+                limit = max(1, min(limit, fit))
+            else:
+                failed.append(name)
+            state = "done" if ok else f"FAILED (exit {proc.returncode})"
+            print(f"[workers] {name}: {state} in {time.time() - t1:.0f} s ({time.time() - t0:.0f} s since the start)"
+                  + (f"; out of device memory: again later, {limit} at a time" if retry else ""), flush=True)
+            if not ok and not retry:
+                print("    " + log_tail(log).replace("\n", "\n    "), flush=True)

@@ -258,3 +258,52 @@ def test_quality_workers_rerun_runs_only_the_jobs_not_done_and_merges_all(tmp_pa
     quality.main(argv)
     out = json.loads((tmp_path / "q.json").read_text())
     assert out["bits"]["policies"]["random"]["0.5"]["bits_per_token"] == 0.9
+
+
+def test_quality_workers_retry_a_job_that_ran_out_of_device_memory_and_show_why_others_failed(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """A job whose log says the device ran out of memory runs again (fewer at a time); a job that failed otherwise
+    is not retried and the end of its log is printed; the merge takes every report."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+    import quality_workers
+    argv = ["--device", "cpu", "--policies", "random", "--budgets", "0.25", "0.5", "0.75", "--parts", "bits",
+            "--check-exact", "0", "--out-dir", str(tmp_path), "--tag", "q", "--workers", "3"]
+    starts: list[str] = []
+
+    class FakeJob:
+        def __init__(self, cmd, stdout, stderr):
+            args = cmd[2:]   # the job's own --tag and --out-dir come last (argparse: the last one wins)
+            name = args[len(args) - args[::-1].index("--tag")]
+            parts = Path(args[len(args) - args[::-1].index("--out-dir")])
+            budget = name.rsplit("_", 1)[1]
+            starts.append(name)
+            if budget == "0.25" and starts.count(name) == 1:
+                stdout.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+                self.returncode = 1
+            elif budget == "0.75":
+                stdout.write("Traceback (most recent call last):\nValueError: the bad job's own error\n")
+                self.returncode = 1
+            else:
+                v = {"bits_per_token": 0.9 + float(budget), "delta_vs_full": 0.01, "delta_se": 0.001}
+                (parts / f"{name}.json").write_text(json.dumps({
+                    "model": {"folder": "m", "codebook_size": fm.NUM_LEVELS}, "device": "cpu",
+                    "timings_s": {"total": 1}, "args": {"dtype": "float32", "block_size": 16, "budgets": [budget]},
+                    "bits": {"images": 10, "full": {"bits_per_token": 0.89},
+                             "policies": {"random": {budget: v}}}}))
+                self.returncode = 0
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(quality_workers.subprocess, "Popen", FakeJob)
+    monkeypatch.setattr(quality_workers.time, "sleep", lambda s: None)
+    quality.main(argv)
+    out = capsys.readouterr().out
+    assert starts.count("bits_random_0.25") == 2 and starts.count("bits_random_0.75") == 1
+    assert "bits_random_0.25: FAILED (exit 1)" in out and "out of device memory: again later" in out
+    assert "ValueError: the bad job's own error" in out and "failed: bits_random_0.75" in out
+    merged = json.loads((tmp_path / "q.json").read_text())["bits"]["policies"]["random"]
+    assert sorted(merged) == ["0.25", "0.5"]
+    assert (tmp_path / "q_parts" / "bits_random_0.25.done").is_file()
+    assert not (tmp_path / "q_parts" / "bits_random_0.75.done").is_file()
