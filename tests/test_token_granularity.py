@@ -21,7 +21,7 @@ from adsa_vllm.policy.token_select import TokenTrackers, replacements, select, w
 from adsa_vllm.reference import LlamaGenReference, generate, score_tokens, score_tokens_batched
 from adsa_vllm.reference.token_decoder import TokenDecoder
 from adsa_vllm.settings import ADSASettings, EngineSettings
-from adsa_vllm.worker.kv_views import gather_blocks, gather_part, write_tokens
+from adsa_vllm.worker.kv_views import copy_tokens, gather_blocks, gather_part
 
 
 def tiny(grid=8, kv=None, seed=0, layers=2) -> LlamaGenReference:
@@ -297,19 +297,22 @@ def test_replacements_leave_the_slots_holding_exactly_the_winners():
 
 
 @pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
-def test_token_writes_and_partial_reads_agree_with_whole_block_reads(backend):
-    """write_tokens puts one head's K/V of one token where gather_blocks reads it (and nothing else changes);
-    gather_part returns gather_blocks' keys or values alone. gather_blocks itself is checked against the CPU
-    kernel's own writer (check_cpu_layout) and on the GPU by benchmarks/gpu_check.py --checks token."""
+def test_token_copies_and_partial_reads_agree_with_whole_block_reads(backend):
+    """copy_tokens puts one head's K/V of one token where gather_blocks reads it, taken from where gather_blocks
+    reads the source (and nothing else changes); gather_part returns gather_blocks' keys or values alone.
+    gather_blocks itself is checked against the CPU kernel's own writer (check_cpu_layout) and on the GPU by
+    benchmarks/gpu_check.py --checks token."""
     nb, h, bs, d = 6, 3, 16, 8
     kv = torch.randn(nb, h, bs, 2 * d)
     before = kv.clone()
+    keys0, values0 = gather_blocks(before, torch.arange(nb), backend, d)
+    src_b, src_o = torch.tensor([2, 3, 2]), torch.tensor([7, 0, 15])
     blocks, heads, offsets = torch.tensor([4, 1, 4]), torch.tensor([0, 2, 1]), torch.tensor([3, 15, 0])
-    k, v = torch.randn(3, d), torch.randn(3, d)
-    write_tokens(kv, blocks, heads, offsets, k, v, backend, d)
+    copy_tokens(kv, src_b, src_o, heads, blocks, offsets, backend, d)
     keys, values = gather_blocks(kv, blocks, backend, d)
     for i in range(3):
-        assert torch.equal(keys[i, offsets[i], heads[i]], k[i]) and torch.equal(values[i, offsets[i], heads[i]], v[i])
+        assert torch.equal(keys[i, offsets[i], heads[i]], keys0[src_b[i], src_o[i], heads[i]])
+        assert torch.equal(values[i, offsets[i], heads[i]], values0[src_b[i], src_o[i], heads[i]])
     assert int((kv != before).sum()) == 3 * 2 * d
     ids = torch.tensor([5, 0, 4])
     keys, values = gather_blocks(kv, ids, backend, d)

@@ -1,4 +1,4 @@
-"""Read whole K/V blocks of a paged cache (for scoring) and write single tokens of one head into it (token
+"""Read whole K/V blocks of a paged cache (for scoring) and copy single tokens of one head inside it (token
 granularity's slot replacements), in each inner kernel's layout.
 
 Returned shapes: keys, values [n, block_size, num_kv_heads, head_dim] for the n requested physical blocks.
@@ -40,19 +40,21 @@ def gather_part(kv_cache: torch.Tensor, block_ids: torch.Tensor, part: str, back
     return half[block_ids].transpose(1, 2)
 
 
-def write_tokens(kv_cache: torch.Tensor, block_ids: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor,
-                 keys: torch.Tensor, values: torch.Tensor, backend: str, head_size: int) -> None:
-    """Write one head's K and V of single tokens, in place: entry i goes to (physical block block_ids[i], KV head
-    heads[i], slot offsets[i]); keys, values [n, head_dim]. Used by token granularity to replace slot entries."""
+def copy_tokens(kv_cache: torch.Tensor, src_blocks: torch.Tensor, src_offsets: torch.Tensor, heads: torch.Tensor,
+                dst_blocks: torch.Tensor, dst_offsets: torch.Tensor, backend: str, head_size: int) -> None:
+    """Copy one head's K and V of single tokens inside one layer's cache, in place: entry i goes from (block
+    src_blocks[i], KV head heads[i], slot src_offsets[i]) to (dst_blocks[i], heads[i], dst_offsets[i]). Sources and
+    destinations must not overlap (token granularity copies newly aged tokens over slot entries: other blocks)."""
     if backend == "CPU_ATTN":   # per (block, head): keys transposed [D, bs], then values [bs, D]
         nb, h, bs, _ = kv_cache.shape
         flat = kv_cache.view(nb, h, 2 * bs * head_size)
         d = torch.arange(head_size, device=kv_cache.device)
-        b, hh, o = block_ids[:, None], heads[:, None], offsets[:, None]
-        flat[b, hh, d * bs + o] = keys.to(kv_cache.dtype)
-        flat[b, hh, bs * head_size + o * head_size + d] = values.to(kv_cache.dtype)
+        hh, src_o, dst_o = heads[:, None], src_offsets[:, None], dst_offsets[:, None]
+        for dst_at, src_at in ((d * bs + dst_o, d * bs + src_o),                                 # keys, then values
+                               (bs * head_size + dst_o * head_size + d, bs * head_size + src_o * head_size + d)):
+            flat[dst_blocks[:, None], hh, dst_at] = flat[src_blocks[:, None], hh, src_at]
         return
-    kv_cache[block_ids, heads, offsets] = torch.cat([keys, values], dim=-1).to(kv_cache.dtype)
+    kv_cache[dst_blocks, heads, dst_offsets] = kv_cache[src_blocks, heads, src_offsets]
 
 
 def value_blocks(kv_cache: torch.Tensor, backend: str, head_size: int) -> torch.Tensor:

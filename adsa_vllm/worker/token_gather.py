@@ -14,9 +14,10 @@ Timing, as the reference's (requested at step p, decided at step p + 1):
   * `request` (build of step p): remember each sequence's candidates. A query-dependent scorer (attention mass)
     scores them from this step's saved queries (worker/saved_queries.py) at the start of step p + 1, every layer
     in a few calls (`TokenScoring.score_saved`), into a device buffer.
-  * `decide` (build of step p + 1, right after the trackers evicted): per layer, read what the scorer needs of the
+  * `decide` (build of step p + 1, right after the trackers evicted): read what the scorer needs of the
     candidates, score them (query-free scorers: their K/V no longer change, so the scores equal step p's), and
-    write each head's winning new tokens over its losing slot entries. These kernels run before step p + 1's forward and before the freed blocks reach the
+    copy each head's winning new tokens over its losing slot entries, every layer in one kernel on a GPU
+    (worker/token_copy.py). These kernels run before step p + 1's forward and before the freed blocks reach the
     pool (the evictions ride back on this step's output), so no freed block is read or written.
   * each sequence keeps `token_positions` [layers, kv_heads, topk_tokens], the position of every slot entry (the
     random and streaming scores and the tie-break use positions).
@@ -33,7 +34,8 @@ import torch
 
 from adsa_vllm.policy.token_scores import TokenInputs
 from adsa_vllm.policy.token_select import replacements
-from adsa_vllm.worker.kv_views import gather_blocks, gather_part, write_tokens
+from adsa_vllm.worker.kv_views import gather_blocks, gather_part
+from adsa_vllm.worker.token_copy import copy_tokens_all_layers
 
 SCRATCH_BYTES = 256 << 20   # temporary device memory for scoring one chunk of layers (see _query_free_scores)
 
@@ -212,16 +214,17 @@ class TokenSelections:
         blocks = np.stack([req.blocks for req in reqs])
         natural = (blocks[:, :, None] * bs + np.arange(bs)).reshape(len(reqs), -1)
         positions = torch.from_numpy(natural).to(dev)[:, None, None, :]
-        heads = None
-        for req in reqs:
-            if req.seq.token_positions is not None:
-                heads = req.seq.token_positions.shape[1]
-        positions = positions.expand(len(reqs), num_layers, heads or 1, natural.shape[1])
-        if heads is not None:
+        slots = [req.seq.token_positions for req in reqs]
+        have = [r for r, t in enumerate(slots) if t is not None]
+        heads = slots[have[0]].shape[1] if have else 1
+        positions = positions.expand(len(reqs), num_layers, heads, natural.shape[1])
+        if have:
             positions = positions.clone()
-            for r, req in enumerate(reqs):
-                if req.seq.token_positions is not None:
-                    positions[r, :, :, : req.seq.token_positions.shape[2]] = req.seq.token_positions
+            if len(have) == len(reqs) and all(t.shape == slots[0].shape for t in slots):   # one copy for all
+                positions[..., :slots[0].shape[2]] = torch.stack(slots)
+            else:
+                for r in have:
+                    positions[r, :, :, :slots[r].shape[2]] = slots[r]
         rows_dev = torch.from_numpy(rows.astype(np.int64)).to(dev)
         block_ids = bt[rows_dev[:, None], torch.from_numpy(blocks).to(dev)].long()
         return block_ids, positions
@@ -235,7 +238,7 @@ class TokenSelections:
 
     def _copy_winners(self, bt, rows, pos, reqs, layers, backend) -> None:
         """Score every layer's candidates at once (rows = layers x requests), pick each head's replacements at once,
-        then write the winning new tokens layer by layer (one KV tensor per layer): a few kernels per layer."""
+        then copy the winning new tokens over the losing slot entries in every layer at once."""
         k_blocks, bs = reqs[0].seq.layout.topk_blocks, self.block_size
         for req in reqs:   # the trackers keep the oldest candidates: the slots, right after the request's prefix
             prefix = req.seq.layout.prefix_blocks
@@ -262,19 +265,19 @@ class TokenSelections:
             scores = self._query_free_scores(scorer, block_ids, positions, pos, layers, backend)
         dst, src, valid = replacements(scores, positions, k)                  # [L * R, H, W]
         positions.scatter_(2, dst, torch.where(valid, positions.gather(2, src), positions.gather(2, dst)))
-        # Where each pair goes; pairs that are not real go to the null block 0, which no kernel reads (shapes stay
-        # data-independent: nothing waits for the device).
+        # Where each pair comes from and goes; pairs that are not real go to the null block 0, which no kernel
+        # reads (shapes stay data-independent: nothing waits for the device). One copy over all layers
+        # (worker/token_copy.py).
         w = dst.shape[-1]
         r_idx = torch.arange(r, device=dev).repeat(n_layers)[:, None, None].expand(-1, heads, w)
         h_idx = torch.arange(heads, device=dev)[None, :, None].expand_as(r_idx)
-        block = torch.where(valid, block_ids[r_idx, dst // bs], 0).reshape(n_layers, -1)
-        offset, src_r = (dst % bs).reshape(n_layers, -1), r_idx.reshape(n_layers, -1)
-        src_t, src_h = (src - k).reshape(n_layers, -1), h_idx.reshape(n_layers, -1)
-        for li, layer in enumerate(layers):
-            new_k, new_v = _candidates(layer.kv_cache, block_ids[:, k_blocks:], ("keys", "values"), backend,
-                                       layer.head_size)                      # [R, new tokens, H, D]
-            write_tokens(layer.kv_cache, block[li], src_h[li], offset[li], new_k[src_r[li], src_t[li], src_h[li]],
-                         new_v[src_r[li], src_t[li], src_h[li]], backend, layer.head_size)
-        kept = positions.reshape(n_layers, r, heads, n)[..., :k].transpose(0, 1)
-        for i, req in enumerate(reqs):
-            req.seq.token_positions = kept[i].clone()
+        dst_block = torch.where(valid, block_ids[r_idx, dst // bs], 0)
+
+        def per_layer(t):
+            return t.reshape(n_layers, -1)
+        copy_tokens_all_layers([layer.kv_cache for layer in layers], per_layer(block_ids[r_idx, src // bs]),
+                               per_layer(src % bs), per_layer(h_idx), per_layer(dst_block), per_layer(dst % bs),
+                               backend, layers[0].head_size)
+        kept = positions.reshape(n_layers, r, heads, n)[..., :k].transpose(0, 1).contiguous()   # one copy
+        for req, slots in zip(reqs, kept.unbind(0)):
+            req.seq.token_positions = slots

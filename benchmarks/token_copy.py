@@ -1,0 +1,98 @@
+"""Host and device time of token granularity's slot refill: one Triton kernel over all layers
+(worker/token_copy.py, today) vs one torch copy per layer (before), on LlamaGen-XL's cache shapes.
+
+A selection copies each head's winning new tokens over its losing slot entries in every layer: R requests x KV heads x
+up to a block of entries per head, 36 layers. Pure torch + Triton (no vLLM): runs on the GPU machine without staging.
+  python benchmarks/token_copy.py --out benchmarks/results/token_copy_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from adsa_vllm.worker.token_copy import copy_tokens_all_layers  # noqa: E402
+
+
+def caches(layers: int, blocks: int, heads: int, bs: int, d: int, dev) -> list[torch.Tensor]:
+    """vLLM's FLASH_ATTN caches: logical (blocks, heads, slots, 2 x head_size), stored NHD, one tensor a layer."""
+    return [torch.randn(blocks, bs, heads, 2 * d, device=dev).to(torch.bfloat16).permute(0, 2, 1, 3)
+            for _ in range(layers)]
+
+
+def timed(fn, sync, reps: int = 50) -> tuple[float, float]:
+    """Median (host ms: until the call returns, total ms: until its work is done)."""
+    for _ in range(5):
+        fn()
+    host, total = [], []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        sync()
+        host.append((t1 - t0) * 1e3)
+        total.append((time.perf_counter() - t0) * 1e3)
+    return sorted(host)[reps // 2], sorted(total)[reps // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, nargs="+", default=[4, 16, 64], help="sequences selecting in one step")
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--heads", type=int, default=20)
+    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=2048, help="blocks per layer's cache")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run in Triton's interpreter (TRITON_INTERPRET=1)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    bs, h, d, n_layers = a.block_size, a.heads, a.head_size, a.layers
+    fused_caches, loop_caches = (caches(n_layers, a.blocks, h, bs, d, dev) for _ in range(2))
+    for f, lp in zip(fused_caches, loop_caches):
+        lp.copy_(f)
+    results = []
+    for r in a.requests:
+        g = torch.Generator(device=dev).manual_seed(r)
+        entries = r * h * bs                                   # a block's worth of winners per request and head
+        # each request: sources in its 2 newly aged blocks, destinations in its own slot blocks (distinct per head)
+        req = torch.arange(r, device=dev).repeat_interleave(h * bs).expand(n_layers, -1)
+        heads = torch.arange(h, device=dev).repeat_interleave(bs).repeat(r).expand(n_layers, -1)
+        slot = torch.arange(bs, device=dev).repeat(r * h).expand(n_layers, -1)
+        src_b = 1 + 4 * req + torch.randint(0, 2, (n_layers, entries), device=dev, generator=g)
+        src_o = torch.randint(0, bs, (n_layers, entries), device=dev, generator=g)
+        dst_b = 3 + 4 * req
+        args = [t.contiguous() for t in (src_b, src_o, heads, dst_b, slot)]
+        copy_tokens_all_layers(fused_caches, *args, "FLASH_ATTN", d, fused=True)
+        copy_tokens_all_layers(loop_caches, *args, "FLASH_ATTN", d, fused=False)
+        same = all(torch.equal(f, lp) for f, lp in zip(fused_caches, loop_caches))
+        fh, ft = timed(lambda: copy_tokens_all_layers(fused_caches, *args, "FLASH_ATTN", d, fused=True), sync)
+        lh, lt = timed(lambda: copy_tokens_all_layers(loop_caches, *args, "FLASH_ATTN", d, fused=False), sync)
+        row = {"requests": r, "entries_per_layer": entries, "same_caches": same, "per_layer_host_ms": lh,
+               "per_layer_total_ms": lt, "fused_host_ms": fh, "fused_total_ms": ft,
+               "host_speedup": lh / fh, "total_speedup": lt / ft}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    rep = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__, "layers": n_layers, "kv_heads": h,
+           "head_size": d, "block_size": bs, "results": results}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(rep, indent=2) + "\n")
+    print("| requests | entries / layer | per-layer host / total ms | one kernel host / total ms | same caches |")
+    print("|---|---|---|---|---|")
+    for x in results:
+        print(f"| {x['requests']} | {x['entries_per_layer']} | {x['per_layer_host_ms']:.3f} / "
+              f"{x['per_layer_total_ms']:.3f} | {x['fused_host_ms']:.3f} / {x['fused_total_ms']:.3f} | "
+              f"{x['same_caches']} |")
+
+
+if __name__ == "__main__":
+    main()
