@@ -24,12 +24,15 @@ CHECK = textwrap.dedent("""
     def caches(layers, nb, h, bs, d, dtype, dev, seed):
         # vLLM's FLASH_ATTN cache: logical (blocks, heads, slots, 2 x head_size), stored NHD (blocks, slots, heads, .)
         g = torch.Generator().manual_seed(seed)
-        return [torch.randn(nb, bs, h, 2 * d, generator=g).to(dtype).to(dev).permute(0, 2, 1, 3)
+        return [torch.randint(0, 255, (nb, bs, h, 2 * d), generator=g).to(dtype).to(dev).permute(0, 2, 1, 3)
+                if dtype == torch.uint8 else
+                torch.randn(nb, bs, h, 2 * d, generator=g).to(dtype).to(dev).permute(0, 2, 1, 3)
                 for _ in range(layers)]
 
     dev = "{dev}"
-    for dtype in (torch.float32, torch.bfloat16):
-        layers, nb, h, bs, d, n = 3, 9, 4, 16, 8, 37
+    # words of 8 bytes (float32, bfloat16 at head_size 8), of 2 bytes (an fp8-sized cache at head_size 3)
+    for dtype, d in ((torch.float32, 8), (torch.bfloat16, 8), (torch.uint8, 3)):
+        layers, nb, h, bs, n = 3, 9, 4, 16, 37
         g = torch.Generator().manual_seed(1)
         src_b = torch.randint(5, nb, (layers, n), generator=g)      # sources: blocks 5..8, destinations 0..4
         dst_b = torch.randint(0, 5, (layers, n), generator=g)
