@@ -4,11 +4,12 @@ At the start of step p + 1 (before its schedule's swap-ins can write a block, wo
 p are scored from the queries its forward saved (worker/saved_queries.py): block requests into their ScoringBatch
 (shipped to the host, absorbed at the build), token requests into their TokenRequests (read at the decision).
 
-All layers are scored together: each layer's candidate keys are gathered (one read per layer), then the scorer runs
-once over rows = layers x requests (layer-major), as many layers per call as keep its float32 copies within
-SCRATCH_BYTES; the per-layer scores are then added in layer order, as the reference's trackers add them. (Against
-scoring layer by layer this changed no measured throughput, benchmarks/results/throughput_query_h100.md: the ~1.3 ms
-per step is reading the keys, not launching kernels; it does launch far fewer.)
+All layers are scored together: the candidate keys of a chunk of layers are gathered in one kernel on a GPU
+(worker/layer_gather.py), then the scorer runs once over rows = layers x requests (layer-major), as many layers per
+call as keep its float32 copies within SCRATCH_BYTES; the per-layer scores are then added in layer order, as the
+reference's trackers add them. (Against scoring layer by layer this changed no measured throughput,
+benchmarks/results/throughput_query_h100.md: the ~1.3 ms per step is reading the keys, not launching kernels; it
+does launch far fewer.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 import torch
 
 from adsa_vllm.policy import ScoreInputs
-from adsa_vllm.worker.kv_views import check_layout, gather_part
+from adsa_vllm.worker.kv_views import check_layout
+from adsa_vllm.worker.layer_gather import gather_part_all_layers
 from adsa_vllm.worker.runtime import ADSARuntime, ScoringBatch
 from adsa_vllm.worker.token_gather import TokenScoring, layer_chunks
 
@@ -79,8 +81,8 @@ def _score_blocks(runtime: ADSARuntime, batch: ScoringBatch, stacked: torch.Tens
         per_layer = 4 * r * c * runtime.block_size * heads * (layer0.head_size + 3)
         for chunk in layer_chunks(len(layers), per_layer):
             n = len(chunk)
-            keys = torch.cat([gather_part(layers[i].kv_cache, ids.reshape(-1), "keys", backend, layer0.head_size)
-                              for i in chunk])                              # [n * r * c, bs, kv heads, D]
+            keys = gather_part_all_layers([layers[i].kv_cache for i in chunk], ids.reshape(-1), "keys", backend,
+                                          layer0.head_size)                 # [n * r * c, bs, kv heads, D]
             keys = keys.reshape(n * r, c, *keys.shape[1:])
             x = ScoreInputs(keys=keys, values=None, valid=batch.valid[sel].repeat(n, 1),
                             block_index=batch.block_index[sel].repeat(n, 1), positions=batch.positions[sel].repeat(n),

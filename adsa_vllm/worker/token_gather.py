@@ -34,7 +34,7 @@ import torch
 
 from adsa_vllm.policy.token_scores import TokenInputs
 from adsa_vllm.policy.token_select import replacements
-from adsa_vllm.worker.kv_views import gather_blocks, gather_part
+from adsa_vllm.worker.layer_gather import gather_part_all_layers
 from adsa_vllm.worker.token_copy import copy_tokens_all_layers
 
 SCRATCH_BYTES = 256 << 20   # temporary device memory for scoring one chunk of layers (see _query_free_scores)
@@ -91,8 +91,10 @@ def scores_by_layer(scorer, layers: list, block_ids: torch.Tensor, positions: to
     heads = kv_heads if query is None else max(kv_heads, query.shape[2])
     parts = []
     for chunk in layer_chunks(len(layers), 4 * r * n * heads * (head_size * len(scorer.reads) + 3)):
-        reads = [_candidates(layers[i].kv_cache, block_ids, scorer.reads, backend, head_size) for i in chunk]
-        keys, values = (None if reads[0][j] is None else torch.cat([x[j] for x in reads]) for j in (0, 1))
+        caches = [layers[i].kv_cache for i in chunk]
+        keys, values = (None if part not in scorer.reads else   # [chunk * R, N, H, D], layer-major
+                        gather_part_all_layers(caches, block_ids.reshape(-1), part, backend, head_size)
+                        .reshape(len(chunk) * r, n, kv_heads, head_size) for part in ("keys", "values"))
         q = None if query is None else query[chunk.start:chunk.stop].reshape(-1, *query.shape[2:])
         layer_of = torch.arange(chunk.start, chunk.stop, device=block_ids.device).repeat_interleave(r)
         parts.append(head_scores(scorer, keys, values, positions[chunk.start * r:chunk.stop * r],
@@ -133,17 +135,6 @@ def head_scores(scorer, keys, values, positions, query_pos, query, scale: float,
     if branches == 2:
         s = (s[:r] + s[r:]).repeat(1, 2, 1)
     return s
-
-
-def _candidates(kv_cache, block_ids, parts, backend, head_size):
-    """[R, C] physical blocks -> keys, values [R, C * bs, H, D], each only if in `parts` (else None)."""
-    r = block_ids.shape[0]
-    ids = block_ids.reshape(-1)
-    if set(parts) == {"keys", "values"}:
-        got = dict(zip(("keys", "values"), gather_blocks(kv_cache, ids, backend, head_size)))
-    else:
-        got = {p: gather_part(kv_cache, ids, p, backend, head_size) for p in parts}
-    return tuple(None if p not in got else got[p].reshape(r, -1, *got[p].shape[2:]) for p in ("keys", "values"))
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Host and device time of token granularity's slot refill: one Triton kernel over all layers
-(worker/token_copy.py, today) vs one torch copy per layer (before), on LlamaGen-XL's cache shapes.
-
-A selection copies each head's winning new tokens over its losing slot entries in every layer: R requests x KV heads x
-up to a block of entries per head, 36 layers. Pure torch + Triton (no vLLM): runs on the GPU machine without staging.
-  python benchmarks/token_copy.py --out benchmarks/results/token_copy_h100.json
+"""Host and device time of the kernels over every layer's cache (worker/cache_table.py) against the per-layer
+torch paths they replace, on LlamaGen-XL's cache shapes:
+- copy: token granularity's slot refill (worker/token_copy.py): a selection copies each head's winning new tokens
+  over its losing slot entries in every layer, R requests x KV heads x a block of entries per head;
+- gather: the candidate keys a query-dependent scorer reads (worker/layer_gather.py), R requests x C blocks, every
+  layer (per-layer: a gather per layer, then `cat`).
+Pure torch + Triton (no vLLM): runs on the GPU machine without staging.
+  python benchmarks/layer_kernels.py --out benchmarks/results/layer_kernels_h100.json
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from adsa_vllm.worker.layer_gather import gather_part_all_layers  # noqa: E402
 from adsa_vllm.worker.token_copy import copy_tokens_all_layers  # noqa: E402
 
 
@@ -50,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--head-size", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=2048, help="blocks per layer's cache")
+    ap.add_argument("--candidates", type=int, default=16, help="candidate blocks per request (gather)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run in Triton's interpreter (TRITON_INTERPRET=1)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -76,9 +80,19 @@ def main(argv=None):
         same = all(torch.equal(f, lp) for f, lp in zip(fused_caches, loop_caches))
         fh, ft = timed(lambda: copy_tokens_all_layers(fused_caches, *args, "FLASH_ATTN", d, fused=True), sync)
         lh, lt = timed(lambda: copy_tokens_all_layers(loop_caches, *args, "FLASH_ATTN", d, fused=False), sync)
-        row = {"requests": r, "entries_per_layer": entries, "same_caches": same, "per_layer_host_ms": lh,
-               "per_layer_total_ms": lt, "fused_host_ms": fh, "fused_total_ms": ft,
-               "host_speedup": lh / fh, "total_speedup": lt / ft}
+        row = {"kernel": "copy", "requests": r, "entries_per_layer": entries, "same": same,
+               "per_layer_host_ms": lh, "per_layer_total_ms": lt, "fused_host_ms": fh, "fused_total_ms": ft}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        ids = torch.randint(1, a.blocks, (r * a.candidates,), device=dev, generator=g)
+
+        def gather(fused):
+            return gather_part_all_layers(fused_caches, ids, "keys", "FLASH_ATTN", d, fused=fused)
+        fh, ft = timed(lambda: gather(True), sync)
+        lh, lt = timed(lambda: gather(False), sync)
+        row = {"kernel": "gather", "requests": r, "entries_per_layer": r * a.candidates * bs * h,
+               "same": torch.equal(gather(True), gather(False)), "per_layer_host_ms": lh, "per_layer_total_ms": lt,
+               "fused_host_ms": fh, "fused_total_ms": ft}
         results.append(row)
         print(json.dumps(row), flush=True)
     rep = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__, "layers": n_layers, "kv_heads": h,
@@ -86,13 +100,11 @@ def main(argv=None):
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(rep, indent=2) + "\n")
-    print("| requests | entries / layer | per-layer host / total ms | one kernel host / total ms | same caches |")
-    print("|---|---|---|---|---|")
+    print("| kernel | requests | entries / layer | per-layer host / total ms | one kernel host / total ms | same |")
+    print("|---|---|---|---|---|---|")
     for x in results:
-        print(f"| {x['requests']} | {x['entries_per_layer']} | {x['per_layer_host_ms']:.3f} / "
-              f"{x['per_layer_total_ms']:.3f} | {x['fused_host_ms']:.3f} / {x['fused_total_ms']:.3f} | "
-              f"{x['same_caches']} |")
-
+        print(f"| {x['kernel']} | {x['requests']} | {x['entries_per_layer']} | {x['per_layer_host_ms']:.3f} / "
+              f"{x['per_layer_total_ms']:.3f} | {x['fused_host_ms']:.3f} / {x['fused_total_ms']:.3f} | {x['same']} |")
 
 if __name__ == "__main__":
     main()

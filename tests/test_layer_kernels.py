@@ -1,4 +1,5 @@
-"""The one-kernel slot refill over all layers (adsa_vllm/worker/token_copy.py) equals the per-layer torch copy.
+"""The kernels over every layer's cache (adsa_vllm/worker/cache_table.py) equal the per-layer torch paths: the slot
+refill (token_copy.py) and the candidate reads (layer_gather.py).
 
 The kernel is Triton; on a machine without a GPU it runs in Triton's interpreter (TRITON_INTERPRET=1, set before
 the kernel is defined, hence a fresh process). On a GPU the compiled kernel is checked the same way, and the whole
@@ -19,6 +20,7 @@ pytest.importorskip("triton")
 
 CHECK = textwrap.dedent("""
     import torch
+    from adsa_vllm.worker.layer_gather import gather_part_all_layers
     from adsa_vllm.worker.token_copy import copy_tokens_all_layers
 
     def caches(layers, nb, h, bs, d, dtype, dev, seed):
@@ -30,8 +32,8 @@ CHECK = textwrap.dedent("""
                 for _ in range(layers)]
 
     dev = "{dev}"
-    # words of 8 bytes (float32, bfloat16 at head_size 8), of 2 bytes (an fp8-sized cache at head_size 3)
-    for dtype, d in ((torch.float32, 8), (torch.bfloat16, 8), (torch.uint8, 3)):
+    # words of 8 bytes (float32, bfloat16 at head_size 8), 2 and 1 bytes (fp8-sized caches at head_size 2, 3)
+    for dtype, d in ((torch.float32, 8), (torch.bfloat16, 8), (torch.uint8, 2), (torch.uint8, 3)):
         layers, nb, h, bs, n = 3, 9, 4, 16, 37
         g = torch.Generator().manual_seed(1)
         src_b = torch.randint(5, nb, (layers, n), generator=g)      # sources: blocks 5..8, destinations 0..4
@@ -55,6 +57,11 @@ CHECK = textwrap.dedent("""
             assert torch.equal(f[real], l[real]), dtype
             assert not torch.equal(f[real], b[real])
         assert torch.equal(caches(1, nb, h, bs, d, dtype, dev, 0)[0][5:], fused[0][5:].cpu())  # sources intact
+        ids = torch.tensor([7, 2, 2, 8, 0], device=dev)
+        for part in ("keys", "values"):
+            got = gather_part_all_layers(fused, ids, part, "FLASH_ATTN", d, fused=True)
+            want = gather_part_all_layers(fused, ids, part, "FLASH_ATTN", d, fused=False)
+            assert got.shape == (layers * 5, bs, h, d) and got.is_contiguous() and torch.equal(got, want), part
     print("ok")
 """)
 
@@ -65,10 +72,10 @@ def _run(dev: str, env: dict) -> None:
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
 
 
-def test_one_kernel_copy_equals_the_per_layer_copy_in_triton_interpreter():
+def test_one_kernel_copy_and_gather_equal_the_per_layer_torch_in_triton_interpreter():
     _run("cpu", {"TRITON_INTERPRET": "1"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter case runs everywhere)")
-def test_one_kernel_copy_equals_the_per_layer_copy_on_gpu():
+def test_one_kernel_copy_and_gather_equal_the_per_layer_torch_on_gpu():
     _run("cuda", {})
