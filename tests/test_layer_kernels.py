@@ -79,3 +79,24 @@ def test_one_kernel_copy_and_gather_equal_the_per_layer_torch_in_triton_interpre
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter case runs everywhere)")
 def test_one_kernel_copy_and_gather_equal_the_per_layer_torch_on_gpu():
     _run("cuda", {})
+
+
+def test_a_kernel_that_fails_is_turned_off_and_the_torch_path_gives_the_result(monkeypatch, caplog):
+    """Chosen by default, a kernel that raises (e.g. it does not compile on this Triton) warns once, returns the
+    per-layer result, and is not tried again in the process; forced (`fused=True`, tests and benchmarks) it raises."""
+    from adsa_vllm.worker import cache_table
+    monkeypatch.setattr(cache_table, "_failed", [])
+    monkeypatch.setattr(cache_table, "applies", lambda c, b: not cache_table._failed)   # as on a GPU with Triton
+    caches = [torch.zeros(2, 1, 16, 4)]
+    tries = []
+
+    def kernel():
+        tries.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    assert cache_table.run(kernel, lambda: "torch", None, caches, "FLASH_ATTN") == "torch"
+    assert cache_table.run(kernel, lambda: "torch", None, caches, "FLASH_ATTN") == "torch"
+    assert len(tries) == 1 and "PassManager::run failed" in caplog.text
+    assert len(cache_table._failed) == 1                           # `applies` says no for the rest of the process
+    with pytest.raises(RuntimeError, match="PassManager"):
+        cache_table.run(kernel, lambda: "torch", True, caches, "FLASH_ATTN")

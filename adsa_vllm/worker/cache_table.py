@@ -12,6 +12,7 @@ transposed) and the CPU keep the per-layer torch paths of kv_views.py, which are
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,16 +24,35 @@ except ImportError:   # a CPU install without Triton: the per-layer torch paths
     triton = tl = None
 
 WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+logger = logging.getLogger(__name__)
+_failed: list[str] = []   # why the kernels were turned off in this process (a compile error), if they were
 
 
 def applies(caches: list[torch.Tensor], backend: str) -> bool:
     """Whether one kernel can address these caches (else: per-layer torch)."""
-    if triton is None or backend == "CPU_ATTN" or not caches:
+    if triton is None or _failed or backend == "CPU_ATTN" or not caches:
         return False
     first = caches[0]
     return (first.device.type == "cuda" and first.stride(-1) == 1
             and all(c.shape == first.shape and c.stride() == first.stride() and c.dtype == first.dtype
                     for c in caches))
+
+
+def run(kernel, fallback, fused: bool | None, caches: list[torch.Tensor], backend: str):
+    """`kernel()` where it applies (or `fused` is True), else `fallback()`. Chosen by default (`fused` None), a
+    kernel that fails (it compiles on first use: a Triton or driver this code was not tried on) is turned off for
+    the process with a warning, and the per-layer torch path runs instead: slower, the same result."""
+    if fused is not None:
+        return kernel() if fused else fallback()
+    if not applies(caches, backend):
+        return fallback()
+    try:
+        return kernel()
+    except Exception as e:  # noqa: BLE001 - the torch path gives the same result
+        _failed.append(repr(e))
+        logger.warning("ADSA: the Triton kernels over all layers' KV caches failed (%r); using per-layer torch "
+                       "copies from now on (same results, slower)", e)
+        return fallback()
 
 
 @dataclass(frozen=True)

@@ -39,23 +39,25 @@ def gather_part_all_layers(caches: list[torch.Tensor], block_ids: torch.Tensor, 
     """[layers * n, block_size, kv_heads, head_size]: `kv_views.gather_part` of the n blocks `block_ids` ("keys" or
     "values") in each cache, layer-major, as `torch.cat` of the per-layer reads would give. `fused`: force (True) or
     forbid (False) the one kernel; by default it runs where it applies."""
-    if fused is None:
-        fused = cache_table.applies(caches, backend)
-    if not fused:
+    def per_layer():
         return torch.cat([gather_part(c, block_ids, part, backend, head_size) for c in caches])
-    first = caches[0]
-    _, heads, bs, _ = first.shape
-    n, layers = block_ids.numel(), len(caches)
-    out = torch.empty(layers * n, bs, heads, head_size, dtype=first.dtype, device=first.device)
-    if out.numel() == 0:
+
+    def one_kernel():
+        first = caches[0]
+        _, heads, bs, _ = first.shape
+        n, layers = block_ids.numel(), len(caches)
+        out = torch.empty(layers * n, bs, heads, head_size, dtype=first.dtype, device=first.device)
+        if out.numel() == 0:
+            return out
+        t = cache_table.cache_table(caches, head_size)
+        dev = block_ids.device
+        src = (block_ids.reshape(-1, 1, 1).long() * t.block + torch.arange(bs, device=dev)[None, :, None] * t.slot
+               + torch.arange(heads, device=dev)[None, None, :] * t.head + (t.half if part == "values" else 0))
+        per_layer_entries = n * bs * heads                   # entries in the order of `out`: (block, slot, head)
+        total = layers * per_layer_entries
+        _gather_entries[(triton.cdiv(total, ENTRIES_PER_PROGRAM),)](
+            t.addresses, src.reshape(-1), out.view(cache_table.WORD_DTYPES[t.word]), per_layer_entries, total,
+            ENTRY_WORDS=t.half, WORDS_BLOCK=triton.next_power_of_2(t.half), ENTRIES=ENTRIES_PER_PROGRAM, WORD=t.word)
         return out
-    t = cache_table.cache_table(caches, head_size)
-    dev = block_ids.device
-    src = (block_ids.reshape(-1, 1, 1).long() * t.block + torch.arange(bs, device=dev)[None, :, None] * t.slot
-           + torch.arange(heads, device=dev)[None, None, :] * t.head + (t.half if part == "values" else 0))
-    per_layer = n * bs * heads                               # entries in the order of `out`: (block, slot, head)
-    total = layers * per_layer
-    _gather_entries[(triton.cdiv(total, ENTRIES_PER_PROGRAM),)](
-        t.addresses, src.reshape(-1), out.view(cache_table.WORD_DTYPES[t.word]), per_layer, total,
-        ENTRY_WORDS=t.half, WORDS_BLOCK=triton.next_power_of_2(t.half), ENTRIES=ENTRIES_PER_PROGRAM, WORD=t.word)
-    return out
+
+    return cache_table.run(one_kernel, per_layer, fused, caches, backend)

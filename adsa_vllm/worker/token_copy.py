@@ -41,20 +41,21 @@ def copy_tokens_all_layers(caches: list[torch.Tensor], src_blocks: torch.Tensor,
                            head_size: int, fused: bool | None = None) -> None:
     """For every layer l: copy entry i of row l (arguments [layers, entries]) as `kv_views.copy_tokens` does in
     caches[l]. `fused`: force (True) or forbid (False) the one kernel; by default it runs where it applies."""
-    if fused is None:
-        fused = cache_table.applies(caches, backend)
-    if not fused:
+    def per_layer():
         for li, cache in enumerate(caches):
             copy_tokens(cache, src_blocks[li], src_offsets[li], heads[li], dst_blocks[li], dst_offsets[li], backend,
                         head_size)
-        return
-    if src_blocks.numel() == 0:
-        return
-    t = cache_table.cache_table(caches, head_size)
-    src = src_blocks * t.block + heads * t.head + src_offsets * t.slot
-    dst = dst_blocks * t.block + heads * t.head + dst_offsets * t.slot
-    total, entry_words = src.numel(), 2 * t.half                     # K and V of one token and head
-    _copy_entries[(triton.cdiv(total, ENTRIES_PER_PROGRAM),)](
-        t.addresses, src.reshape(-1).contiguous(), dst.reshape(-1).contiguous(), src.shape[1], total,
-        ENTRY_WORDS=entry_words, WORDS_BLOCK=triton.next_power_of_2(entry_words), ENTRIES=ENTRIES_PER_PROGRAM,
-        WORD=t.word)
+
+    def one_kernel():
+        if src_blocks.numel() == 0:
+            return
+        t = cache_table.cache_table(caches, head_size)
+        src = src_blocks * t.block + heads * t.head + src_offsets * t.slot
+        dst = dst_blocks * t.block + heads * t.head + dst_offsets * t.slot
+        total, entry_words = src.numel(), 2 * t.half                 # K and V of one token and head
+        _copy_entries[(triton.cdiv(total, ENTRIES_PER_PROGRAM),)](
+            t.addresses, src.reshape(-1).contiguous(), dst.reshape(-1).contiguous(), src.shape[1], total,
+            ENTRY_WORDS=entry_words, WORDS_BLOCK=triton.next_power_of_2(entry_words), ENTRIES=ENTRIES_PER_PROGRAM,
+            WORD=t.word)
+
+    cache_table.run(one_kernel, per_layer, fused, caches, backend)
