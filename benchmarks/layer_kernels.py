@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernel_report import save_and_print  # noqa: E402
 from adsa_vllm.worker.layer_gather import gather_part_all_layers  # noqa: E402
 from adsa_vllm.worker.token_copy import copy_tokens_all_layers  # noqa: E402
 
@@ -95,16 +96,15 @@ def main(argv=None):
                "fused_host_ms": fh, "fused_total_ms": ft}
         results.append(row)
         print(json.dumps(row), flush=True)
-    rep = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__, "layers": n_layers, "kv_heads": h,
-           "head_size": d, "block_size": bs, "results": results}
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(rep, indent=2) + "\n")
-    print("| kernel | requests | entries / layer | per-layer host / total ms | one kernel host / total ms | same |")
-    print("|---|---|---|---|---|---|")
-    for x in results:
-        print(f"| {x['kernel']} | {x['requests']} | {x['entries_per_layer']} | {x['per_layer_host_ms']:.3f} / "
-              f"{x['per_layer_total_ms']:.3f} | {x['fused_host_ms']:.3f} / {x['fused_total_ms']:.3f} | {x['same']} |")
+    rep = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)",
+           "torch": torch.__version__, "layers": n_layers, "kv_heads": h, "head_size": d, "block_size": bs,
+           "results": results}
+    save_and_print(rep, a.out, ["kernel", "requests", "entries / layer", "per-layer host / total ms",
+                                "one kernel host / total ms", "same"],
+                   [[x["kernel"], str(x["requests"]), str(x["entries_per_layer"]),
+                     f"{x['per_layer_host_ms']:.3f} / {x['per_layer_total_ms']:.3f}",
+                     f"{x['fused_host_ms']:.3f} / {x['fused_total_ms']:.3f}", str(x["same"])] for x in results])
+
 
 if __name__ == "__main__":
     main()

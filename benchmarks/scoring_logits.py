@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernel_report import save_and_print  # noqa: E402
 from adsa_vllm.policy import ScoreInputs  # noqa: E402
 from adsa_vllm.policy.attention_mass import AttentionMass  # noqa: E402
 
@@ -69,14 +70,10 @@ def main(argv=None):
             results.append(row)
             print(json.dumps(row), flush=True)
     rep = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(rep, indent=2) + "\n")
-    print("| rows | candidate blocks | keys MB | upcast ms | bmm ms | speedup | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
-    for x in results:
-        print(f"| {x['rows']} | {x['candidate_blocks']} | {x['key_MB']:.0f} | {x['upcast_ms']:.3f} "
-              f"| {x['bmm_ms']:.3f} | {x['speedup']:.2f}x | {x['max_abs_diff']:.1e} |")
+    save_and_print(rep, a.out, ["rows", "candidate blocks", "keys MB", "upcast ms", "bmm ms", "speedup",
+                                "max abs diff"],
+                   [[str(x["rows"]), str(x["candidate_blocks"]), f"{x['key_MB']:.0f}", f"{x['upcast_ms']:.3f}",
+                     f"{x['bmm_ms']:.3f}", f"{x['speedup']:.2f}x", f"{x['max_abs_diff']:.1e}"] for x in results])
 
 
 if __name__ == "__main__":
