@@ -86,17 +86,17 @@ def test_a_kernel_that_fails_is_turned_off_and_the_torch_path_gives_the_result(m
     per-layer result, and is not tried again in the process; forced (`fused=True`, tests and benchmarks) it raises."""
     from adsa_vllm.worker import cache_table
     monkeypatch.setattr(cache_table, "_failed", [])
-    monkeypatch.setattr(cache_table, "applies", lambda c, b: not cache_table._failed)   # as on a GPU with Triton
+    monkeypatch.setattr(cache_table, "applies", lambda c, b, d: not cache_table._failed)   # as on a GPU + Triton
     caches = [torch.zeros(2, 1, 16, 4)]
     tries = []
 
-    def kernel():
-        tries.append(1)
+    def kernel(table):
+        tries.append(table.word)
         raise RuntimeError("PassManager::run failed")
 
-    assert cache_table.run(kernel, lambda: "torch", None, caches, "FLASH_ATTN") == "torch"
-    assert cache_table.run(kernel, lambda: "torch", None, caches, "FLASH_ATTN") == "torch"
+    assert cache_table.run(kernel, lambda: "torch", None, caches, "FLASH_ATTN", 2) == "torch"
+    assert cache_table.run(kernel, lambda: "torch", None, caches, "FLASH_ATTN", 2) == "torch"
     assert len(tries) == 1 and "PassManager::run failed" in caplog.text
     assert len(cache_table._failed) == 1                           # `applies` says no for the rest of the process
     with pytest.raises(RuntimeError, match="PassManager"):
-        cache_table.run(kernel, lambda: "torch", True, caches, "FLASH_ATTN")
+        cache_table.run(kernel, lambda: "torch", True, caches, "FLASH_ATTN", 2)

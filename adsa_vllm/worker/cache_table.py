@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adsa_vllm.worker.device_copy import on_device
+
 try:
     import triton
     import triton.language as tl
@@ -28,33 +30,6 @@ logger = logging.getLogger(__name__)
 _failed: list[str] = []   # why the kernels were turned off in this process (a compile error), if they were
 
 
-def applies(caches: list[torch.Tensor], backend: str) -> bool:
-    """Whether one kernel can address these caches (else: per-layer torch)."""
-    if triton is None or _failed or backend == "CPU_ATTN" or not caches:
-        return False
-    first = caches[0]
-    return (first.device.type == "cuda" and first.stride(-1) == 1
-            and all(c.shape == first.shape and c.stride() == first.stride() and c.dtype == first.dtype
-                    for c in caches))
-
-
-def run(kernel, fallback, fused: bool | None, caches: list[torch.Tensor], backend: str):
-    """`kernel()` where it applies (or `fused` is True), else `fallback()`. Chosen by default (`fused` None), a
-    kernel that fails (it compiles on first use: a Triton or driver this code was not tried on) is turned off for
-    the process with a warning, and the per-layer torch path runs instead: slower, the same result."""
-    if fused is not None:
-        return kernel() if fused else fallback()
-    if not applies(caches, backend):
-        return fallback()
-    try:
-        return kernel()
-    except Exception as e:  # noqa: BLE001 - the torch path gives the same result
-        _failed.append(repr(e))
-        logger.warning("ADSA: the Triton kernels over all layers' KV caches failed (%r); using per-layer torch "
-                       "copies from now on (same results, slower)", e)
-        return fallback()
-
-
 @dataclass(frozen=True)
 class CacheTable:
     addresses: torch.Tensor     # [layers] int64 base addresses, on the caches' device
@@ -63,6 +38,7 @@ class CacheTable:
     head: int
     slot: int
     half: int                   # head_size values (where V starts in an entry) in words
+    alike: bool                 # CUDA caches of one shape, stride and dtype, each entry contiguous: one kernel fits
 
 
 _TABLES: dict = {}
@@ -70,19 +46,46 @@ _TABLES: dict = {}
 
 def cache_table(caches: list[torch.Tensor], head_size: int) -> CacheTable:
     """The table of these caches, made once per set of caches (vLLM allocates them once; a new allocation gives
-    new addresses and so a new table)."""
+    new addresses and so a new table): on the hot path a call only reads the caches' addresses."""
     first = caches[0]
-    key = (tuple(c.data_ptr() for c in caches), first.stride(), first.dtype, head_size)
+    key = (tuple(c.data_ptr() for c in caches), first.shape, first.stride(), first.dtype, head_size)
     table = _TABLES.get(key)
     if table is None:
         size = first.element_size()
         strides = [x * size for x in first.stride()[:3]]
         word = next(w for w in WORD_DTYPES if all(x % w == 0 for x in (*strides, *key[0], head_size * size)))
+        alike = (first.device.type == "cuda" and first.stride(-1) == 1
+                 and all(c.shape == first.shape and c.stride() == first.stride() and c.dtype == first.dtype
+                         for c in caches))
         if len(_TABLES) > 8:
             _TABLES.clear()
-        table = _TABLES[key] = CacheTable(torch.tensor(key[0], dtype=torch.int64, device=first.device), word,
-                                          *(x // word for x in strides), head_size * size // word)
+        table = _TABLES[key] = CacheTable(on_device(key[0], first.device, torch.int64), word,
+                                          *(x // word for x in strides), head_size * size // word, alike)
     return table
+
+
+def applies(caches: list[torch.Tensor], backend: str, head_size: int) -> bool:
+    """Whether one kernel can address these caches (else: per-layer torch)."""
+    if triton is None or _failed or backend == "CPU_ATTN" or not caches:
+        return False
+    return cache_table(caches, head_size).alike
+
+
+def run(kernel, fallback, fused: bool | None, caches: list[torch.Tensor], backend: str, head_size: int):
+    """`kernel(table)` where it applies (or `fused` is True), else `fallback()`. Chosen by default (`fused` None), a
+    kernel that fails (it compiles on first use: a Triton or driver this code was not tried on) is turned off for
+    the process with a warning, and the per-layer torch path runs instead: slower, the same result."""
+    if fused is not None:
+        return kernel(cache_table(caches, head_size)) if fused else fallback()
+    if not applies(caches, backend, head_size):
+        return fallback()
+    try:
+        return kernel(cache_table(caches, head_size))
+    except Exception as e:  # noqa: BLE001 - the torch path gives the same result
+        _failed.append(repr(e))
+        logger.warning("ADSA: the Triton kernels over all layers' KV caches failed (%r); using per-layer torch "
+                       "copies from now on (same results, slower)", e)
+        return fallback()
 
 
 if triton is not None:

@@ -42,14 +42,13 @@ def gather_part_all_layers(caches: list[torch.Tensor], block_ids: torch.Tensor, 
     def per_layer():
         return torch.cat([gather_part(c, block_ids, part, backend, head_size) for c in caches])
 
-    def one_kernel():
+    def one_kernel(t: cache_table.CacheTable):
         first = caches[0]
         _, heads, bs, _ = first.shape
         n, layers = block_ids.numel(), len(caches)
         out = torch.empty(layers * n, bs, heads, head_size, dtype=first.dtype, device=first.device)
         if out.numel() == 0:
             return out
-        t = cache_table.cache_table(caches, head_size)
         dev = block_ids.device
         src = (block_ids.reshape(-1, 1, 1).long() * t.block + torch.arange(bs, device=dev)[None, :, None] * t.slot
                + torch.arange(heads, device=dev)[None, None, :] * t.head + (t.half if part == "values" else 0))
@@ -60,4 +59,4 @@ def gather_part_all_layers(caches: list[torch.Tensor], block_ids: torch.Tensor, 
             ENTRY_WORDS=t.half, WORDS_BLOCK=triton.next_power_of_2(t.half), ENTRIES=ENTRIES_PER_PROGRAM, WORD=t.word)
         return out
 
-    return cache_table.run(one_kernel, per_layer, fused, caches, backend)
+    return cache_table.run(one_kernel, per_layer, fused, caches, backend, head_size)

@@ -46,10 +46,9 @@ def copy_tokens_all_layers(caches: list[torch.Tensor], src_blocks: torch.Tensor,
             copy_tokens(cache, src_blocks[li], src_offsets[li], heads[li], dst_blocks[li], dst_offsets[li], backend,
                         head_size)
 
-    def one_kernel():
+    def one_kernel(t: cache_table.CacheTable):
         if src_blocks.numel() == 0:
             return
-        t = cache_table.cache_table(caches, head_size)
         src = src_blocks * t.block + heads * t.head + src_offsets * t.slot
         dst = dst_blocks * t.block + heads * t.head + dst_offsets * t.slot
         total, entry_words = src.numel(), 2 * t.half                 # K and V of one token and head
@@ -58,4 +57,4 @@ def copy_tokens_all_layers(caches: list[torch.Tensor], src_blocks: torch.Tensor,
             ENTRY_WORDS=entry_words, WORDS_BLOCK=triton.next_power_of_2(entry_words), ENTRIES=ENTRIES_PER_PROGRAM,
             WORD=t.word)
 
-    cache_table.run(one_kernel, per_layer, fused, caches, backend)
+    cache_table.run(one_kernel, per_layer, fused, caches, backend, head_size)
