@@ -110,15 +110,13 @@ OOM_RETRIES = 3
 _OOM_MARKERS = ("out of memory", "outofmemoryerror")
 
 
-def log_tail(log: Path, lines: int = 4) -> str:
+def log_tail(log: str, lines: int = 4) -> str:
     """The last non-empty lines of a job's log (where its error is)."""
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    return "\n".join([x[:300] for x in text.splitlines() if x.strip()][-lines:])
+    return "\n".join([x[:300] for x in log.splitlines() if x.strip()][-lines:])
 
 
-def ran_out_of_memory(log: Path) -> bool:
-    text = log.read_text(errors="replace").lower() if log.is_file() else ""
-    return any(m in text for m in _OOM_MARKERS)
+def ran_out_of_memory(log: str) -> bool:
+    return any(m in log.lower() for m in _OOM_MARKERS)
 
 
 def _drain(todo, running, failed, base, parts: Path, workers: int, t0: float) -> None:
@@ -127,11 +125,9 @@ def _drain(todo, running, failed, base, parts: Path, workers: int, t0: float) ->
     still running then (they fit); each job that finishes raises it by one, up to `workers`."""
     retries: dict[str, int] = {}
     limit = workers
-    extras: dict[str, list[str]] = {}
     while todo or running:
         while todo and len(running) < limit:
             name, extra = todo.pop(0)
-            extras[name] = extra
             args = [*base, *extra, "--out-dir", str(parts), "--tag", name]
             done = parts / f"{name}.done"
             if done.is_file() and json.loads(done.read_text()) == args:
@@ -140,23 +136,22 @@ def _drain(todo, running, failed, base, parts: Path, workers: int, t0: float) ->
             log = open(parts / f"{name}.log", "w")
             proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("quality.py")), *args],
                                     stdout=log, stderr=subprocess.STDOUT)
-            running[name] = (proc, time.time(), args)
+            running[name] = (proc, time.time(), args, extra)
             log.close()
         time.sleep(1.0)
         finished = [name for name, (proc, *_) in running.items() if proc.poll() is not None]
         fit = len(running) - len(finished)
         for name in finished:
-            proc, t1, args = running[name]
-            del running[name]
+            proc, t1, args, extra = running.pop(name)
             ok = proc.returncode == 0
-            log = parts / f"{name}.log"
+            log = "" if ok else (parts / f"{name}.log").read_text(errors="replace")
             retry = not ok and ran_out_of_memory(log) and retries.get(name, 0) < OOM_RETRIES
             if ok:
                 (parts / f"{name}.done").write_text(json.dumps(args))
                 limit = min(workers, limit + 1)
             elif retry:
                 retries[name] = retries.get(name, 0) + 1
-                todo.append((name, extras[name]))
+                todo.append((name, extra))
                 limit = max(1, min(limit, fit))
             else:
                 failed.append(name)
