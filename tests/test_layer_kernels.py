@@ -56,7 +56,7 @@ CHECK = textwrap.dedent("""
             real = slice(1, None)    # block 0 is the null block: what lands there is undefined
             assert torch.equal(f[real], l[real]), dtype
             assert not torch.equal(f[real], b[real])
-        assert torch.equal(caches(1, nb, h, bs, d, dtype, dev, 0)[0][5:], fused[0][5:].cpu())  # sources intact
+        assert torch.equal(caches(1, nb, h, bs, d, dtype, dev, 0)[0][5:], fused[0][5:])  # sources intact
         ids = torch.tensor([7, 2, 2, 8, 0], device=dev)
         for part in ("keys", "values"):
             got = gather_part_all_layers(fused, ids, part, "FLASH_ATTN", d, fused=True)
