@@ -213,20 +213,34 @@ def _shape(model: dict) -> dict:
     return {k: v for k, v in model.items() if k != "folder"}   # the same model may sit at another path
 
 
+def _merge_exact_checks(old: dict | list | None, new: dict | list) -> dict | list:
+    """The batched-vs-reference checks of two reports: policies of a check on the same images and budget join one
+    entry (the later wins on overlap), other checks are kept beside it; one check stays a dict, as a run writes it."""
+    checks = [dict(c) for c in (old if isinstance(old, list) else [old] if old else [])]
+    for c in new if isinstance(new, list) else [new]:
+        same = next((k for k in checks if (k["images"], k["budget"]) == (c["images"], c["budget"])), None)
+        if same is None:
+            checks.append(dict(c))
+        else:
+            same.update(c)
+    return checks[0] if len(checks) == 1 else checks
+
+
 def merge(paths: list[str], out_dir: Path, tag: str) -> dict:
     """Combine the reports of runs that measured different parts / policies / sample rows of the same model and
     settings (e.g. two calls of a time-limited GPU machine) into one <tag>.{json,md,png}. Later files win on
     overlap; the per-run args, devices and timings are kept under `runs`."""
     reps = [json.loads(Path(p).read_text()) for p in paths]
     first = reps[0]
-    out = {"model": first["model"], "device": "; ".join(dict.fromkeys(r["device"] for r in reps)),
+    devices = [d for r in reps for d in r["device"].split("; ")]   # a merged report's are "A; B": none twice
+    out = {"model": first["model"], "device": "; ".join(dict.fromkeys(devices)),
            "args": dict(first["args"]), "timings_s": {}, "runs": []}
     samples, class_ids = {}, None
     for p, r in zip(paths, reps):
         if _shape(r["model"]) != _shape(first["model"]):
             raise SystemExit(f"{p}: another model than {paths[0]}")
-        out["runs"].append({"file": Path(p).name, "device": r["device"], "args": r["args"],
-                            "timings_s": r["timings_s"]})
+        out["runs"] += r.get("runs") or [{"file": Path(p).name, "device": r["device"], "args": r["args"],
+                                          "timings_s": r["timings_s"]}]   # a merged report brings its runs
         if r.get("bits"):
             b = out.setdefault("bits", {"images": r["bits"]["images"], "full": r["bits"]["full"], "policies": {}})
             if b["images"] != r["bits"]["images"]:
@@ -249,7 +263,7 @@ def merge(paths: list[str], out_dir: Path, tag: str) -> dict:
                     samples.update({k if k == "full" or old_budget is None else sample_key(k, old_budget): z[k]
                                     for k in z.files if k != "class_ids"})
         if r.get("exact_check"):
-            out["exact_check"] = r["exact_check"]
+            out["exact_check"] = _merge_exact_checks(out.get("exact_check"), r["exact_check"])
     if "bits" in out:
         out["args"]["budgets"] = sorted({float(b) for per in out["bits"]["policies"].values() for b in per})
         out["args"]["policies"] = list(out["bits"]["policies"])

@@ -172,6 +172,12 @@ def test_merge_combines_parts_of_a_split_run(tmp_path):
     at_025 = {"random/token": {"0.25": {"fid": 0.7, "class_accuracy": 0.25}}}
     low = dict(base, args=new_args, samples={"per_policy": 4, "real_floor": {"fid": 0.1, "class_accuracy": 0.9},
                                              "results": at_025})
+    # devices and batched-vs-reference checks of several calls: each device once; checks on the same images and
+    # budget join, others stay beside them
+    exact = {"max_abs_logprob_diff": 1e-5, "evicted_sets_identical": "4/4"}
+    bits["exact_check"] = {"images": 4, "budget": 0.5, "random": exact}
+    more.update(device="gpu; cpu", exact_check={"images": 4, "budget": 0.5, "streaming": exact})
+    low["exact_check"] = {"images": 4, "budget": 0.1, "random": exact}
     paths = []
     for name, rep in (("a", bits), ("b", more), ("c", samples), ("d", low)):
         (tmp_path / f"{name}.json").write_text(json.dumps(rep))
@@ -186,6 +192,13 @@ def test_merge_combines_parts_of_a_split_run(tmp_path):
     assert out["args"]["budgets"] == [0.1, 0.5, 0.75] and out["samples"]["results"]["full"]["fid"] == 0.2
     assert out["args"]["sample_budgets"] == [0.25, 0.5] and len(out["runs"]) == 4
     assert out["samples"]["results"]["random/token"]["0.5"]["fid"] == 0.3
+    assert out["device"] == "gpu; cpu"
+    again = [str(tmp_path / "out" / "m.json"), paths[0], "--out-dir", str(tmp_path / "again"), "--tag", "m"]
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--merge", *again], check=True,
+                   capture_output=True)
+    assert len(json.loads((tmp_path / "again" / "m.json").read_text())["runs"]) == 5   # a merge of a merge
+    assert out["exact_check"] == [{"images": 4, "budget": 0.5, "random": exact, "streaming": exact},
+                                  {"images": 4, "budget": 0.1, "random": exact}]
     md = (tmp_path / "out" / "m.md").read_text()
     assert "0.8950 (+0.0100" in md and "| full attention | 0.200 / 1.000 |" in md and "skipped" in md
     assert "| random/token | 0.700 / 0.250 | 0.300 / 0.500 |" in md
