@@ -3,6 +3,7 @@
     adsa-vllm generate sneaker bag --cfg 2 --budget 0.5 --out pics/       # offline vllm.LLM with ADSA
     adsa-vllm client http://127.0.0.1:8000 sneaker bag --out pics/          # a running `api_server`
     adsa-vllm eval --settings full adsa:topk_v:0.5 --ref ref.npz           # FID / IS / P / R per setting
+    adsa-vllm calibrate-heads models/llamagen-XL                          # head classes of head_split
     python -m adsa_vllm.cli generate --model models/llamagen-B 207 360 --vq vq_ds16_c2i.pt
 
 CLASSES are class ids or, for the shipped Fashion-MNIST model, class names ("sneaker", "t-shirt/top", "ankle boot").
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ev)
     ev.set_defaults(command_parser=ev)
+    from adsa_vllm import calibrate_heads
+    cal = sub.add_parser("calibrate-heads", help="measure which heads attend locally / to sinks and write the "
+                                                  "head_split classes into the model folder",
+                         description=calibrate_heads.__doc__.split("\n\n")[0], epilog=calibrate_heads.USAGE,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    calibrate_heads.add_arguments(cal)
+    cal.set_defaults(command_parser=cal)
     return ap
 
 
@@ -127,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "eval":
         from adsa_vllm.eval.command import run_command
         return run_command(args, args.command_parser)
+    if args.command == "calibrate-heads":
+        from adsa_vllm.calibrate_heads import run_command
+        run_command(args, args.command_parser)
+        return
     from adsa_vllm.config import ADSAConfig
     from adsa_vllm.family import family_tool, load_config
     from adsa_vllm.default_model import default_model_dir

@@ -50,7 +50,7 @@ class ADSAConfig:
     granularity: str = "block"
     # head_split only: each attention head's class, "L" (local: keeps the window) or "S" (sink: keeps its
     # top-attended tokens), one character per head, layers separated by "/" (e.g. "LSLS/SSLL"); measured by
-    # benchmarks/head_calibration.py. None: every head a sink head (head_split then equals attention_mass).
+    # `adsa-vllm calibrate-heads MODEL_DIR`. None: every head a sink head (head_split then equals attention_mass).
     heads: str | None = None
 
     def __post_init__(self):
@@ -81,8 +81,8 @@ class ADSAConfig:
             rows = self.heads.split("/") if isinstance(self.heads, str) else None
             if not rows or any(not r or set(r) - {"L", "S"} for r in rows) or len(set(map(len, rows))) != 1:
                 raise ADSAConfigError(f"adsa.heads={self.heads!r}: use one 'L' (local) or 'S' (sink) per head, the "
-                                      "same count per layer, layers separated by '/' (benchmarks/head_calibration.py "
-                                      "writes it)")
+                                      "same count per layer, layers separated by '/' (`adsa-vllm calibrate-heads "
+                                      "MODEL_DIR` measures it)")
         resolve_scorers(self)   # the policy has a scorer at this granularity (else the error names the fix)
 
     @classmethod

@@ -55,6 +55,9 @@ class ModelFamily(Protocol):
     text_prompts: str | None         # (model_dir, texts) -> prompt ids per text; None: the prompt is a class id
     image_decoder: str | None        # (model_dir, codes [N, grid**2]) -> uint8 RGB [N, H, W, 3]; None:
                                      # adsa_vllm.images.tokens_to_images (grey levels, or the VQ-16 decoder)
+    head_calibration: str | None     # (model_dir, images=, device=, seed=) -> {"window_mass": [layer][head],
+                                     # ...}: where each head looks under full attention (adsa-vllm calibrate-heads);
+                                     # None: the family has none (its users set adsa.heads by hand)
 
     def load_config(self, hf_config: dict) -> ModelSpec: ...  # config.json as a dict -> the spec; ValueError
 
@@ -91,8 +94,8 @@ def model_spec(model_config) -> ModelSpec | None:
 
 
 def family_tool(model_dir: str | Path, name: str):
-    """A model folder's family tool (`text_prompts` or `image_decoder`, ModelFamily) as a function; None where its
-    family has none."""
+    """A model folder's family tool (`text_prompts`, `image_decoder` or `head_calibration`, ModelFamily) as a
+    function; None where its family has none."""
     family = _family_of_dir(model_dir)[0]
     entry = getattr(family, name, None)
     if entry is None:

@@ -56,6 +56,7 @@ class FakeFamily:
     converter: str = "tests.fake:convert"
     text_prompts: str | None = None
     image_decoder: str | None = None
+    head_calibration: str | None = None
 
     def load_config(self, hf_config: dict) -> FakeSpec:
         return FakeSpec(**hf_config["fake"])

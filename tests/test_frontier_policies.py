@@ -132,11 +132,11 @@ def test_token_head_split_reads_its_rank_slice_of_the_classes():
 
 
 def test_head_classes_that_do_not_fit_the_model_are_refused_naming_the_calibration():
-    with pytest.raises(ValueError, match="head_calibration"):
+    with pytest.raises(ValueError, match="calibrate-heads"):
         TokenHeadSplit(heads="SL").score(token_inputs(h=4))
-    with pytest.raises(ValueError, match="head_calibration"):
+    with pytest.raises(ValueError, match="calibrate-heads"):
         HeadSplit(heads="SLS").score(block_inputs(h=4))
-    with pytest.raises(ValueError, match="head_calibration"):
+    with pytest.raises(ValueError, match="calibrate-heads"):
         HeadSplit(heads="SLSL").score(block_inputs(h=4, layer=1))
 
 
@@ -166,9 +166,7 @@ def test_shipped_head_classes_fit_the_shipped_model_and_follow_the_rule():
 
 
 def test_calibration_masses_on_a_tiny_model():
-    import sys
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from head_calibration import head_masses
+    from adsa_vllm.llamagen.head_calibration import head_masses
     from adsa_vllm.llamagen.config import LlamaGenConfig
     from adsa_vllm.reference.model import LlamaGenReference
     cfg = LlamaGenConfig(dim=32, n_layer=2, n_head=2, codebook_size=16, num_classes=3, grid_size=6)
@@ -178,6 +176,64 @@ def test_calibration_masses_on_a_tiny_model():
         m = head_masses(model, torch.tensor([0, 2]), tokens, prefix=7, local=7)
     assert m.shape == (2, 2, 2) and bool((m >= 0).all()) and bool((m.sum(-1) <= 1 + 1e-5).all())
     assert bool((m[..., 0] > 0.05).all())   # a query always attends to itself, inside the window
+
+
+def test_a_head_with_no_query_spreads_its_attention_evenly_and_the_masses_say_so():
+    """Oracle: a head whose query weights are zero has logits 0, so query t attends uniformly to keys 0..t: its
+    window mass is mean_t(local / (t + 1)) and its prefix mass mean_t(prefix / (t + 1)) over the measured t."""
+    from adsa_vllm.llamagen.config import LlamaGenConfig
+    from adsa_vllm.llamagen.head_calibration import head_masses
+    from adsa_vllm.reference.model import LlamaGenReference
+    cfg = LlamaGenConfig(dim=32, n_layer=2, n_head=2, codebook_size=16, num_classes=3, grid_size=6)
+    model = LlamaGenReference(cfg).init_random_(seed=3).eval()
+    with torch.no_grad():
+        model.layers[1].attention.wqkv.weight[cfg.head_dim:2 * cfg.head_dim] = 0     # layer 1, head 1: no query
+        model.layers[1].attention.wqkv.weight[:cfg.head_dim] *= 1000                # head 0: a sharp one
+        tokens = torch.randint(0, 16, (2, 36), generator=torch.Generator().manual_seed(0))
+        m = head_masses(model, torch.tensor([1, 2]), tokens, prefix=7, local=7)
+    t = torch.arange(7 + 7, 1 + 35).double()                    # fed positions: the condition + 35 image tokens
+    assert m[1, 1, 0].item() == pytest.approx((7 / (t + 1)).mean().item(), abs=1e-5)
+    assert m[1, 1, 1].item() == pytest.approx((7 / (t + 1)).mean().item(), abs=1e-5)
+    assert abs(m[1, 0, 0].item() - m[1, 1, 0].item()) > 0.05                  # the sharp head is not even
+
+
+def test_classify_heads_is_the_rule_and_refuses_a_share_outside_0_1():
+    from adsa_vllm.policy.head_split import classify_heads
+    assert classify_heads([[0.5, 0.49], [0.9, 0.1]]) == "LS/LS"
+    assert classify_heads([[0.5, 0.49]], local_share=0.4) == "LL"
+    with pytest.raises(ValueError, match="local_share"):
+        classify_heads([[0.5]], local_share=0)
+
+
+def test_calibrate_heads_writes_the_classes_an_engine_on_the_folder_uses(tmp_path, capsys):
+    """`adsa-vllm calibrate-heads MODEL_DIR` on a c2i checkpoint: its own samples, no data; the classes land in the
+    folder, fit the model and follow the rule; a t2i model and a family without the tool are refused, naming the
+    fix."""
+    from adsa_vllm.cli import main
+    from adsa_vllm.default_model import make_random_model_dir
+    from adsa_vllm.engine.config_hook import model_head_classes
+    from adsa_vllm.llamagen.config import LlamaGenConfig
+    cfg = LlamaGenConfig(dim=32, n_layer=3, n_head=2, codebook_size=16, num_classes=4, grid_size=4)
+    d = make_random_model_dir(tmp_path / "c2i", cfg, seed=0, std=0.3)
+    main(["calibrate-heads", str(d), "--images", "3", "--device", "cpu", "--local-share", "0.3"])
+    got = json.loads((d / "head_classes.json").read_text())
+    rows = got["heads"].split("/")
+    assert len(rows) == 3 and {len(r) for r in rows} == {2} and "samples of the model itself" in got["images"]
+    assert rows == ["".join("L" if w >= 0.3 else "S" for w in layer) for layer in got["window_mass"]]
+    assert model_head_classes(ADSAConfig(), str(d)).heads == got["heads"]
+    assert "wrote" in capsys.readouterr().out
+    t2i = make_random_model_dir(tmp_path / "t2i", LlamaGenConfig(dim=32, n_layer=2, n_head=2, codebook_size=16,
+                                                                  grid_size=4, model_type="t2i", cls_token_num=4,
+                                                                  caption_dim=32), seed=0)
+    with pytest.raises(SystemExit):
+        main(["calibrate-heads", str(t2i), "--device", "cpu"])
+    assert "text-to-image" in capsys.readouterr().err and not (t2i / "head_classes.json").exists()
+    janus = tmp_path / "janus"
+    janus.mkdir()
+    (janus / "config.json").write_text('{"architectures": ["JanusForConditionalGeneration"]}')
+    with pytest.raises(SystemExit):
+        main(["calibrate-heads", str(janus)])
+    assert "no head calibration; set adsa.heads by hand" in capsys.readouterr().err
 
 
 def test_an_engine_defaults_to_the_head_classes_of_its_model_folder(tmp_path):

@@ -101,7 +101,7 @@ class ADSAConfigHook(VerifyAndUpdateConfig):
 
 def model_head_classes(defaults, model: str):
     """The engine's defaults, with head_split's head classes measured for this model (its folder's
-    head_classes.json, written by benchmarks/head_calibration.py) unless the user gave `heads`."""
+    head_classes.json, written by `adsa-vllm calibrate-heads`) unless the user gave `heads`."""
     import dataclasses
     import json
     from pathlib import Path

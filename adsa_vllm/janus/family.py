@@ -15,6 +15,7 @@ class JanusFamily:
     converter: str = "adsa_vllm.janus.convert:main"
     text_prompts: str | None = "adsa_vllm.janus.prompts:text_prompts"
     image_decoder: str | None = "adsa_vllm.janus.images:decode_images"
+    head_calibration: str | None = None   # not yet: adsa.heads by hand, or every head a sink head
 
     def load_config(self, hf_config: dict) -> JanusConfig:
         return JanusConfig.from_hf_dict(hf_config)

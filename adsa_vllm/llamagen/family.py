@@ -14,6 +14,7 @@ class LlamaGenFamily:
     converter: str = "adsa_vllm.llamagen.convert:main"
     text_prompts: str | None = None     # class ids (a t2i caption is features, made by the user's T5)
     image_decoder: str | None = None    # adsa_vllm.images: grey levels or the VQ-16 decoder
+    head_calibration: str | None = "adsa_vllm.llamagen.head_calibration:measure"
 
     def load_config(self, hf_config: dict) -> LlamaGenConfig:
         return LlamaGenConfig.from_hf_dict(hf_config)

@@ -1,11 +1,11 @@
 """Head split (after SSD, arXiv 2510.18716): spatial-locality heads keep only their recent window; semantic-sink
 heads keep the tokens they attend to most.
 
-Which head is which is measured, not chosen: `benchmarks/head_calibration.py` runs full attention on a few training
-images and classes a head "L" (local) when most of its attention falls inside the local window, else "S" (sink); the
-classes reach the policy as the setting `adsa.heads` ("LSLS/SSLL": one character per head, layers split by "/";
-an engine whose model folder holds head_classes.json, as the shipped model's does, defaults to its classes:
-engine/config_hook.py). None: every head is a sink head.
+Which head is which is measured, not chosen: `adsa-vllm calibrate-heads MODEL_DIR` runs full attention on a few of
+the model's own samples and classes a head "L" (local) when most of its attention falls inside the local window,
+else "S" (sink: `classify_heads`); the classes reach the policy as the setting `adsa.heads` ("LSLS/SSLL": one
+character per head, layers split by "/"; an engine whose model folder holds head_classes.json, as the shipped
+model's does, defaults to its classes: engine/config_hook.py). None: every head is a sink head.
   token: per (layer, KV head), the granularity this policy is made for. A sink head rates its candidates by its
          own softmax probability under the current query (token attention_mass); a local head by position, so
          its top-k slots hold the newest aged tokens, i.e. its window continues (slots are shared blocks: a local
@@ -29,6 +29,15 @@ from adsa_vllm.policy.base import BlockScorer, ScoreInputs
 from adsa_vllm.policy.token_scores import TokenInputs, TokenScorer, query_probs
 
 HEAD_CLASSES_FILE = "head_classes.json"   # in a model folder: its measured classes, the engine's default `heads`
+CALIBRATE = "run `adsa-vllm calibrate-heads MODEL_DIR` on this model (it writes the classes the engine reads)"
+
+
+def classify_heads(window_mass: list[list[float]], local_share: float = 0.5) -> str:
+    """The `adsa.heads` string of measured window masses ([layer][head]: the share of a head's attention inside the
+    local window): "L" (local) where it is at least `local_share`, else "S" (sink); layers split by "/"."""
+    if not 0 < local_share <= 1:
+        raise ValueError(f"local_share={local_share}: a share of attention in (0, 1]")
+    return "/".join("".join("L" if w >= local_share else "S" for w in layer) for layer in window_mass)
 
 
 def sink_heads(heads: str | None, layer, head_index: torch.Tensor) -> torch.Tensor:
@@ -41,8 +50,7 @@ def sink_heads(heads: str | None, layer, head_index: torch.Tensor) -> torch.Tens
     layer = torch.as_tensor(layer, dtype=torch.int64, device=head_index.device)
     if int(layer.max()) >= table.shape[0] or int(head_index.max()) >= table.shape[1]:
         raise ValueError(f"adsa.heads classes {table.shape[0]} layers x {table.shape[1]} heads; the model has "
-                         f"layer {int(layer.max())}, head {int(head_index.max())}: run benchmarks/head_calibration.py "
-                         "on this model and pass its adsa.heads")
+                         f"layer {int(layer.max())}, head {int(head_index.max())}: {CALIBRATE}")
     return table[layer][..., head_index]
 
 
@@ -57,8 +65,7 @@ class HeadSplit(BlockScorer):
         h = x.query.shape[1]
         per_layer = len(self.heads.split("/")[0]) if self.heads else h
         if h % per_layer:
-            raise ValueError(f"adsa.heads has {per_layer} heads per layer; this layer scores {h}: run "
-                             "benchmarks/head_calibration.py on this model and pass its adsa.heads")
+            raise ValueError(f"adsa.heads has {per_layer} heads per layer; this layer scores {h}: {CALIBRATE}")
         sink = sink_heads(self.heads, x.layer, torch.arange(h, device=x.query.device) % per_layer).float()
         sink = sink.expand(r, h)                                                # [H] or [R, H] (a layer per row)
         mass = candidate_probs(x).reshape(r, h, c, bs).sum(-1)                  # [R, H, C]
