@@ -36,6 +36,7 @@ def run_command(args, parser: argparse.ArgumentParser) -> dict:
     from adsa_vllm.policy.head_split import HEAD_CLASSES_FILE, classify_heads
     model_dir = str(args.model)
     try:
+        classify_heads([], args.local_share)           # a bad share fails before the (slow) measurement
         measure = family_tool(model_dir, "head_calibration")
         if measure is None:
             raise ValueError(f"{model_dir}: this model family has no head calibration; set adsa.heads by hand (one "
@@ -43,7 +44,7 @@ def run_command(args, parser: argparse.ArgumentParser) -> dict:
         config = load_config(model_dir)
         result = measure(model_dir, images=args.images, device=args.device, seed=args.seed)
         heads = classify_heads(result["window_mass"], args.local_share)
-    except ValueError as e:
+    except (ValueError, OSError) as e:               # OSError: a folder without its weights
         parser.error(str(e))
     result.update(local_share=args.local_share, heads=heads)
     out = Path(args.out) if args.out else Path(model_dir) / HEAD_CLASSES_FILE

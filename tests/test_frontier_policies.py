@@ -234,6 +234,9 @@ def test_calibrate_heads_writes_the_classes_an_engine_on_the_folder_uses(tmp_pat
     with pytest.raises(SystemExit):
         main(["calibrate-heads", str(janus)])
     assert "no head calibration; set adsa.heads by hand" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate-heads", str(d), "--local-share", "1.5"])
+    assert "local_share=1.5" in capsys.readouterr().err
 
 
 def test_an_engine_defaults_to_the_head_classes_of_its_model_folder(tmp_path):
