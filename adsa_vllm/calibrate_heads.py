@@ -32,7 +32,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_command(args, parser: argparse.ArgumentParser) -> dict:
-    from adsa_vllm.family import family_tool, load_config
+    from adsa_vllm.family import family_tool
     from adsa_vllm.policy.head_split import HEAD_CLASSES_FILE, classify_heads
     model_dir = str(args.model)
     try:
@@ -41,7 +41,6 @@ def run_command(args, parser: argparse.ArgumentParser) -> dict:
         if measure is None:
             raise ValueError(f"{model_dir}: this model family has no head calibration; set adsa.heads by hand (one "
                              "L or S per head, layers split by '/') or leave it unset (every head a sink head)")
-        config = load_config(model_dir)
         result = measure(model_dir, images=args.images, device=args.device, seed=args.seed)
         heads = classify_heads(result["window_mass"], args.local_share)
     except (ValueError, OSError) as e:               # OSError: a folder without its weights
@@ -49,8 +48,7 @@ def run_command(args, parser: argparse.ArgumentParser) -> dict:
     result.update(local_share=args.local_share, heads=heads)
     out = Path(args.out) if args.out else Path(model_dir) / HEAD_CLASSES_FILE
     out.write_text(json.dumps(result, indent=1) + "\n")
-    local = heads.count("L")
-    print(f"[adsa-vllm] {local} of {config.n_layer * config.n_head} heads local (window share >= "
+    print(f"[adsa-vllm] {heads.count('L')} of {len(heads.replace('/', ''))} heads local (window share >= "
           f"{args.local_share}), per layer: {heads}\n[adsa-vllm] wrote {out}"
           + ("" if args.out else " (engines on this folder default head_split to these classes)"), flush=True)
     return result

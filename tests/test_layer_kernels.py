@@ -86,7 +86,8 @@ def test_a_kernel_that_fails_is_turned_off_and_the_torch_path_gives_the_result(m
     per-layer result, and is not tried again in the process; forced (`fused=True`, tests and benchmarks) it raises."""
     from adsa_vllm.worker import cache_table
     monkeypatch.setattr(cache_table, "_failed", [])
-    monkeypatch.setattr(cache_table, "applies", lambda c, b, d: not cache_table._failed)   # as on a GPU + Triton
+    monkeypatch.setattr(cache_table, "applies",                                  # as on a GPU + Triton
+                        lambda c, b, d: None if cache_table._failed else cache_table.cache_table(c, d))
     caches = [torch.zeros(2, 1, 16, 4)]
     tries = []
 

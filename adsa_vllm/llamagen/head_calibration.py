@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from adsa_vllm.llamagen.convert import load_reference
+from adsa_vllm.llamagen.convert import load_config, load_reference
 
 
 def head_masses(model, cond: torch.Tensor, tokens: torch.Tensor, prefix: int, local: int) -> torch.Tensor:
@@ -55,14 +55,14 @@ def measure(model_dir: str, *, images: int = 16, device: str | None = None, seed
             top_k: int | None = None, cond: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> dict:
     """Per (layer, head) window and prefix attention mass of the model in `model_dir`, on `images` samples of its own
     (full attention, top-k sampling, classes spread over all) or on the given `cond` class ids + `tokens` images."""
-    model = load_reference(model_dir, device="cpu").eval()
-    cfg = model.config
+    cfg = load_config(model_dir)                  # checked before the (large) weights load
     if cfg.is_t2i:
         raise ValueError(f"{model_dir} is a text-to-image model: calibrate-heads samples a class-conditional model "
                          "from class ids and has no captions to condition on; pass adsa.heads by hand (one L or S "
                          "per head, layers split by '/') or leave it unset (every head a sink head)")
     if images < 1 or batch < 1:
         raise ValueError(f"images={images}, batch={batch}: both must be at least 1")
+    model = load_reference(model_dir, device="cpu").eval()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cpu":
         model = model.float()                      # bf16 matmuls are slow on CPU and the masses are float32 anyway

@@ -64,11 +64,12 @@ def cache_table(caches: list[torch.Tensor], head_size: int) -> CacheTable:
     return table
 
 
-def applies(caches: list[torch.Tensor], backend: str, head_size: int) -> bool:
-    """Whether one kernel can address these caches (else: per-layer torch)."""
+def applies(caches: list[torch.Tensor], backend: str, head_size: int) -> CacheTable | None:
+    """The table of these caches where one kernel can address them, else None (per-layer torch)."""
     if triton is None or _failed or backend == "CPU_ATTN" or not caches:
-        return False
-    return cache_table(caches, head_size).alike
+        return None
+    table = cache_table(caches, head_size)
+    return table if table.alike else None
 
 
 def run(kernel, fallback, fused: bool | None, caches: list[torch.Tensor], backend: str, head_size: int):
@@ -77,10 +78,11 @@ def run(kernel, fallback, fused: bool | None, caches: list[torch.Tensor], backen
     the process with a warning, and the per-layer torch path runs instead: slower, the same result."""
     if fused is not None:
         return kernel(cache_table(caches, head_size)) if fused else fallback()
-    if not applies(caches, backend, head_size):
+    table = applies(caches, backend, head_size)
+    if table is None:
         return fallback()
     try:
-        return kernel(cache_table(caches, head_size))
+        return kernel(table)
     except Exception as e:  # noqa: BLE001 - the torch path gives the same result
         _failed.append(repr(e))
         logger.warning("ADSA: the Triton kernels over all layers' KV caches failed (%r); using per-layer torch "
